@@ -1,0 +1,1 @@
+//! ledger stage (being built).

@@ -1,0 +1,14 @@
+//! ocpp-lago-bridge relays OCPP-J between charge points and SteVe, taps the billing messages
+//! (StartTransaction, MeterValues, StopTransaction), accounts every charging session and turns
+//! its energy into Lago usage events. Data flows proxy → tap → ledger → spool → shipper → lago;
+//! the only thing flowing back is the commit acknowledgement that releases a held reply.
+
+pub mod app;
+pub mod config;
+pub mod event;
+pub mod ledger;
+pub mod ocpp;
+pub mod proxy;
+pub mod shutdown;
+pub mod tap;
+pub mod telemetry;

@@ -1,0 +1,1 @@
+//! ocpp stage (being built).

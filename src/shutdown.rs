@@ -1,0 +1,1 @@
+//! shutdown (being built).

@@ -1,0 +1,1 @@
+//! tap stage (being built).
