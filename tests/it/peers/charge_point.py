@@ -1,0 +1,193 @@
+#!/usr/bin/env python3
+"""An OCPP 1.6-J charge point built on the PyPI package `ocpp`, driven by CLI arguments.
+
+Each connection does BootNotification, Heartbeat, then N charging sessions (StartTransaction,
+MeterValues in Wh and kWh, StopTransaction), and answers the central system's
+RemoteStartTransaction, Reset and GetConfiguration. With --expect-central-calls it waits for
+those three calls before closing. With --connections N it opens N connections concurrently
+(ids "{id}-{i}") in one asyncio process. It prints one JSON line summary on stdout and exits 0
+only if every connection completed its flow.
+"""
+
+import argparse
+import asyncio
+import base64
+import json
+import sys
+import time
+from datetime import datetime, timezone
+
+import websockets
+from ocpp.routing import on
+from ocpp.v16 import ChargePoint as Cp
+from ocpp.v16 import call, call_result
+from ocpp.v16.enums import Action
+
+CENTRAL_CALLS = ("RemoteStartTransaction", "Reset", "GetConfiguration")
+
+
+def now_iso():
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+class ChargePoint(Cp):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.sent = {}
+        self.received_calls = {}
+        self.central_calls_seen = asyncio.Event()
+
+    def _saw(self, action):
+        self.received_calls[action] = self.received_calls.get(action, 0) + 1
+        if all(a in self.received_calls for a in CENTRAL_CALLS):
+            self.central_calls_seen.set()
+
+    async def send(self, payload):
+        """Sends a CALL, counts it, and fails loudly on a CALLERROR (suppress=False)."""
+        name = payload.__class__.__name__
+        self.sent[name] = self.sent.get(name, 0) + 1
+        return await self.call(payload, suppress=False)
+
+    @on(Action.remote_start_transaction)
+    def on_remote_start(self, id_tag, **kwargs):
+        self._saw("RemoteStartTransaction")
+        return call_result.RemoteStartTransaction(status="Accepted")
+
+    @on(Action.reset)
+    def on_reset(self, type, **kwargs):
+        self._saw("Reset")
+        return call_result.Reset(status="Accepted")
+
+    @on(Action.get_configuration)
+    def on_get_configuration(self, key=None, **kwargs):
+        self._saw("GetConfiguration")
+        known = {"HeartbeatInterval": "300", "MeterValueSampleInterval": "60"}
+        wanted = key if key else list(known)
+        return call_result.GetConfiguration(
+            configuration_key=[{"key": k, "readonly": False, "value": known[k]} for k in wanted if k in known],
+            unknown_key=[k for k in wanted if k not in known],
+        )
+
+
+def sampled(value, unit, measurand="Energy.Active.Import.Register"):
+    return {"value": value, "unit": unit, "measurand": measurand, "context": "Sample.Periodic"}
+
+
+async def run_flow(cp, sessions, meter_values_per_session, expect_central_calls, id_tag):
+    result = {"charge_box_id": cp.id, "transaction_ids": [], "meter_wh": []}
+    boot = await cp.send(call.BootNotification(charge_point_model="ItPy", charge_point_vendor="lago-bridge-it"))
+    result["boot_status"] = str(boot.status)
+    await cp.send(call.Heartbeat())
+    meter_wh = 1_000
+    for session in range(sessions):
+        start = await cp.send(
+            call.StartTransaction(connector_id=1, id_tag=id_tag, meter_start=meter_wh, timestamp=now_iso())
+        )
+        if str(start.id_tag_info["status"]) != "Accepted":
+            raise RuntimeError(f"StartTransaction refused: {start.id_tag_info}")
+        tx = start.transaction_id
+        result["transaction_ids"].append(tx)
+        meter_start_wh = meter_wh
+        for i in range(meter_values_per_session):
+            meter_wh += 250 + i
+            # Alternate units: a billing tap must handle both Wh and kWh readings.
+            if i % 2 == 0:
+                values = [sampled(str(meter_wh), "Wh")]
+            else:
+                values = [sampled(f"{meter_wh / 1000:.3f}", "kWh")]
+            await cp.send(
+                call.MeterValues(
+                    connector_id=1,
+                    transaction_id=tx,
+                    meter_value=[{"timestamp": now_iso(), "sampledValue": values}],
+                )
+            )
+        meter_wh += 100
+        await cp.send(
+            call.StopTransaction(
+                meter_stop=meter_wh, timestamp=now_iso(), transaction_id=tx, id_tag=id_tag, reason="Local"
+            )
+        )
+        result["meter_wh"].append([meter_start_wh, meter_wh])
+    if expect_central_calls:
+        await cp.central_calls_seen.wait()
+    return result
+
+
+async def one_connection(args, charge_box_id, timeout_s):
+    url = f"{args.url.rstrip('/')}/{charge_box_id}"
+    headers = {}
+    if args.password is not None:
+        token = base64.b64encode(f"{charge_box_id}:{args.password}".encode()).decode()
+        headers["Authorization"] = f"Basic {token}"
+    summary = {"charge_box_id": charge_box_id, "ok": False}
+    try:
+        async with asyncio.timeout(timeout_s):
+            async with websockets.connect(
+                url,
+                subprotocols=args.subprotocols.split(","),
+                additional_headers=headers,
+                open_timeout=timeout_s,
+                max_size=16 * 2**20,
+            ) as ws:
+                summary["subprotocol"] = ws.subprotocol
+                cp = ChargePoint(charge_box_id, ws, response_timeout=timeout_s)
+                reader = asyncio.create_task(cp.start())
+                try:
+                    flow = await run_flow(
+                        cp, args.sessions, args.meter_values, args.expect_central_calls, args.id_tag
+                    )
+                finally:
+                    reader.cancel()
+                summary.update(flow)
+                summary["sent"] = cp.sent
+                summary["received_calls"] = cp.received_calls
+                summary["ok"] = True
+    except BaseException as e:  # noqa: BLE001 - the summary must say what failed, whatever it was
+        if isinstance(e, (KeyboardInterrupt, SystemExit)):
+            raise
+        summary["error"] = f"{type(e).__name__}: {e}"
+    return summary
+
+
+async def main():
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--url", required=True, help="base URL; the charge box id is appended as a path segment")
+    p.add_argument("--id", required=True, help="charge box id (with --connections > 1: a prefix)")
+    p.add_argument("--sessions", type=int, default=1)
+    p.add_argument("--meter-values", type=int, default=3, help="MeterValues per session")
+    p.add_argument("--connections", type=int, default=1, help="concurrent connections in this process")
+    p.add_argument("--expect-central-calls", action="store_true", help="wait for RemoteStart, Reset, GetConfiguration")
+    p.add_argument("--subprotocols", default="ocpp1.6")
+    p.add_argument("--password", default=None, help="send HTTP basic auth with username = charge box id")
+    p.add_argument("--id-tag", default="TAG-IT-1")
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds for each connection's whole flow")
+    p.add_argument("--details", action="store_true", help="with --connections > 1: include every connection")
+    args = p.parse_args()
+
+    started = time.monotonic()
+    if args.connections == 1:
+        summary = await one_connection(args, args.id, args.timeout)
+        print(json.dumps(summary), flush=True)
+        return 0 if summary["ok"] else 1
+
+    results = await asyncio.gather(
+        *(one_connection(args, f"{args.id}-{i}", args.timeout) for i in range(args.connections))
+    )
+    failed = [r for r in results if not r["ok"]]
+    summary = {
+        "connections": args.connections,
+        "ok_connections": args.connections - len(failed),
+        "failed": failed[:10],
+        "transactions": sum(len(r.get("transaction_ids", [])) for r in results),
+        "elapsed_s": round(time.monotonic() - started, 3),
+        "ok": not failed,
+    }
+    if args.details:
+        summary["results"] = results
+    print(json.dumps(summary), flush=True)
+    return 0 if not failed else 1
+
+
+if __name__ == "__main__":
+    sys.exit(asyncio.run(main()))
