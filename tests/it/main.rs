@@ -1,0 +1,7 @@
+//! The one integration test binary: the built `ocpp-lago-bridge` as a child process, talking
+//! over real loopback sockets to independent OCPP peers (PyPI `ocpp`, npm `ocpp-rpc`) and to a
+//! byte-recording upstream. Peers are installed by `.ci/run`.
+
+mod peers_selfcheck;
+mod relay;
+mod support;
