@@ -1,1 +1,658 @@
-//! config (being built).
+//! TOML + flags → a validated [`Config`]. Parsing is two-staged (ripgrep style): the file is read
+//! as a plain TOML table, then every key is taken out of it one by one, so that one run reports
+//! every problem (unknown keys with their path, wrong types, invalid values) instead of the first.
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use tokio_tungstenite::tungstenite::http::Uri;
+
+/// The config file used when `--config` is not given; absent means "all defaults".
+pub const DEFAULT_CONFIG_PATH: &str = "config/ocpp-lago-bridge.toml";
+
+/// The placeholders the `[billing]` templates may use.
+pub const TEMPLATE_PLACEHOLDERS: &[&str] = &[
+    "transaction_id",
+    "charge_box_id",
+    "connector_id",
+    "id_tag",
+    "started_at",
+];
+
+/// A validated configuration: it cannot hold an invalid value.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub proxy: ProxyConfig,
+    pub lago: LagoConfig,
+    pub billing: BillingConfig,
+    pub spool: SpoolConfig,
+    pub admin: AdminConfig,
+    pub log: LogConfig,
+}
+
+/// `[proxy]`: where chargers connect and where SteVe is.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProxyConfig {
+    pub listen: SocketAddr,
+    /// Chargers connect to `{path_prefix}/{chargeBoxId}`; no trailing slash.
+    pub path_prefix: String,
+    /// The bridge dials `{upstream_url}/{chargeBoxId}`; no trailing slash.
+    pub upstream_url: String,
+    /// How long SteVe may take to answer our handshake before the charger gets 504.
+    pub upstream_handshake_timeout: Duration,
+    /// How long a charger may take to send its HTTP upgrade request.
+    pub handshake_timeout: Duration,
+    /// Largest frame or message accepted from either side (SteVe's own limit is 8 MiB).
+    pub max_frame_size: usize,
+    /// How often each side is pinged to keep it (and NAT mappings) alive.
+    pub ping_interval: Duration,
+    /// A side that sent nothing (not even a pong) for `ping_interval + pong_timeout` is dead.
+    pub pong_timeout: Duration,
+    /// After SIGTERM, how long connected chargers keep being relayed before they get 1001.
+    pub shutdown_grace: Duration,
+}
+
+/// `[lago]`: the Lago events API.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LagoConfig {
+    pub api_url: String,
+    /// File holding the API key; `None` means the `LAGO_API_KEY` environment variable.
+    pub api_key_file: Option<PathBuf>,
+    pub metric_code: String,
+    pub batch_max_events: usize,
+    pub batch_linger: Duration,
+    pub max_requests_per_second: u32,
+    pub request_timeout: Duration,
+    pub retry_max_delay: Duration,
+}
+
+/// How energy is turned into events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BillingMode {
+    /// One event per session, at StopTransaction.
+    Session,
+    /// One event per new register reading, plus a final one at StopTransaction.
+    Incremental,
+}
+
+/// `[billing]`: how sessions become Lago events.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BillingConfig {
+    pub mode: BillingMode,
+    pub transaction_id: String,
+    pub external_subscription_id: String,
+    pub subscription_map_file: Option<PathBuf>,
+    /// A charger timestamp further in the future than this is implausible.
+    pub future_timestamp_tolerance: Duration,
+}
+
+/// `[spool]`: the durable SQLite spool.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SpoolConfig {
+    pub path: PathBuf,
+}
+
+/// `[admin]`: the metrics and health listener.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdminConfig {
+    pub listen: SocketAddr,
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Json,
+    Text,
+}
+
+/// `[log]`: level filter and format.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LogConfig {
+    /// A `RUST_LOG`-style filter, e.g. `info,ocpp_lago_bridge::proxy=debug`.
+    pub level: String,
+    pub format: LogFormat,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            proxy: ProxyConfig {
+                listen: "0.0.0.0:8180".parse().expect("literal address"),
+                path_prefix: "/steve/websocket/CentralSystemService".into(),
+                upstream_url: "ws://127.0.0.1:8080/steve/websocket/CentralSystemService".into(),
+                upstream_handshake_timeout: Duration::from_secs(5),
+                handshake_timeout: Duration::from_secs(10),
+                max_frame_size: 8 << 20,
+                ping_interval: Duration::from_secs(30),
+                pong_timeout: Duration::from_secs(30),
+                shutdown_grace: Duration::from_secs(5),
+            },
+            lago: LagoConfig {
+                api_url: "http://127.0.0.1:3000".into(),
+                api_key_file: None,
+                metric_code: "charging_energy_kwh".into(),
+                batch_max_events: 100,
+                batch_linger: Duration::from_secs(1),
+                max_requests_per_second: 10,
+                request_timeout: Duration::from_secs(30),
+                retry_max_delay: Duration::from_secs(10),
+            },
+            billing: BillingConfig {
+                mode: BillingMode::Session,
+                transaction_id: "{transaction_id}".into(),
+                external_subscription_id: "{id_tag}".into(),
+                subscription_map_file: None,
+                future_timestamp_tolerance: Duration::from_secs(600),
+            },
+            spool: SpoolConfig {
+                path: PathBuf::from("data/spool.db"),
+            },
+            admin: AdminConfig {
+                listen: "127.0.0.1:9180".parse().expect("literal address"),
+            },
+            log: LogConfig {
+                level: "info".into(),
+                format: LogFormat::Json,
+            },
+        }
+    }
+}
+
+/// Every problem found in one config, each naming the key it concerns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigErrors {
+    pub source: String,
+    pub problems: Vec<String>,
+}
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "{}: {} problem(s) in the configuration:",
+            self.source,
+            self.problems.len()
+        )?;
+        for problem in &self.problems {
+            writeln!(f, "  - {problem}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+impl Config {
+    /// Loads `path`, or the built-in defaults when `path` is `None` and the default file is absent.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigErrors> {
+        let (source, text) = match path {
+            Some(path) => (path.display().to_string(), read(path)?),
+            None => {
+                let default = Path::new(DEFAULT_CONFIG_PATH);
+                if !default.exists() {
+                    return Ok(Config::default());
+                }
+                (DEFAULT_CONFIG_PATH.to_string(), read(default)?)
+            }
+        };
+        Config::parse(&text).map_err(|problems| ConfigErrors { source, problems })
+    }
+
+    /// Parses and validates TOML text, reporting every problem.
+    pub fn parse(text: &str) -> Result<Config, Vec<String>> {
+        let table: toml::Table = toml::from_str(text).map_err(|e| vec![format!("TOML: {e}")])?;
+        let mut reader = Reader {
+            table,
+            problems: Vec::new(),
+        };
+        let config = reader.read_all();
+        if reader.problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(reader.problems)
+        }
+    }
+}
+
+fn read(path: &Path) -> Result<String, ConfigErrors> {
+    std::fs::read_to_string(path).map_err(|e| ConfigErrors {
+        source: path.display().to_string(),
+        problems: vec![format!("cannot read the config file: {e}")],
+    })
+}
+
+/// Takes keys out of the TOML table, recording a problem per bad or unknown key.
+struct Reader {
+    table: toml::Table,
+    problems: Vec<String>,
+}
+
+impl Reader {
+    fn read_all(&mut self) -> Config {
+        let d = Config::default();
+        let known_sections = ["proxy", "lago", "billing", "spool", "admin", "log"];
+        for (name, value) in &self.table {
+            if !known_sections.contains(&name.as_str()) {
+                self.problems.push(format!("unknown key `{name}`"));
+            } else if !value.is_table() {
+                self.problems
+                    .push(format!("`{name}` must be a table (a [{name}] section)"));
+            }
+        }
+
+        let proxy = ProxyConfig {
+            listen: self.addr("proxy", "listen", d.proxy.listen),
+            path_prefix: self.path_prefix(d.proxy.path_prefix),
+            upstream_url: self.url(
+                "proxy",
+                "upstream_url",
+                &["ws", "wss"],
+                d.proxy.upstream_url,
+            ),
+            upstream_handshake_timeout: self.duration(
+                "proxy",
+                "upstream_handshake_timeout",
+                d.proxy.upstream_handshake_timeout,
+            ),
+            handshake_timeout: self.duration(
+                "proxy",
+                "handshake_timeout",
+                d.proxy.handshake_timeout,
+            ),
+            max_frame_size: self.bounded(
+                "proxy",
+                "max_frame_size",
+                d.proxy.max_frame_size,
+                1024..=(256 << 20),
+            ),
+            ping_interval: self.duration("proxy", "ping_interval", d.proxy.ping_interval),
+            pong_timeout: self.duration("proxy", "pong_timeout", d.proxy.pong_timeout),
+            shutdown_grace: self.duration_allow_zero(
+                "proxy",
+                "shutdown_grace",
+                d.proxy.shutdown_grace,
+            ),
+        };
+        let lago = LagoConfig {
+            api_url: self.url("lago", "api_url", &["http", "https"], d.lago.api_url),
+            api_key_file: self.optional_path("lago", "api_key_file"),
+            metric_code: self.non_empty("lago", "metric_code", d.lago.metric_code),
+            batch_max_events: self.bounded(
+                "lago",
+                "batch_max_events",
+                d.lago.batch_max_events,
+                1..=10_000,
+            ),
+            batch_linger: self.duration_allow_zero("lago", "batch_linger", d.lago.batch_linger),
+            max_requests_per_second: self.bounded(
+                "lago",
+                "max_requests_per_second",
+                d.lago.max_requests_per_second as usize,
+                1..=100_000,
+            ) as u32,
+            request_timeout: self.duration("lago", "request_timeout", d.lago.request_timeout),
+            retry_max_delay: self.duration("lago", "retry_max_delay", d.lago.retry_max_delay),
+        };
+        let billing = BillingConfig {
+            mode: self.mode(d.billing.mode),
+            transaction_id: self.template("transaction_id", d.billing.transaction_id),
+            external_subscription_id: self.template(
+                "external_subscription_id",
+                d.billing.external_subscription_id,
+            ),
+            subscription_map_file: self.optional_path("billing", "subscription_map_file"),
+            future_timestamp_tolerance: self.duration(
+                "billing",
+                "future_timestamp_tolerance",
+                d.billing.future_timestamp_tolerance,
+            ),
+        };
+        let spool = SpoolConfig {
+            path: self.optional_path("spool", "path").unwrap_or(d.spool.path),
+        };
+        let admin = AdminConfig {
+            listen: self.addr("admin", "listen", d.admin.listen),
+        };
+        let log = LogConfig {
+            level: self.log_level(d.log.level),
+            format: self.log_format(d.log.format),
+        };
+        self.reject_unknown_keys();
+        Config {
+            proxy,
+            lago,
+            billing,
+            spool,
+            admin,
+            log,
+        }
+    }
+
+    /// Removes `section.key` from the table and deserialises it; `None` when absent or wrong.
+    fn take<T: DeserializeOwned>(&mut self, section: &str, key: &str, expected: &str) -> Option<T> {
+        let value = self.table.get_mut(section)?.as_table_mut()?.remove(key)?;
+        match value.clone().try_into::<T>() {
+            Ok(v) => Some(v),
+            Err(_) => {
+                self.problems.push(format!(
+                    "`{section}.{key}` must be {expected}, found {}",
+                    value.type_str()
+                ));
+                None
+            }
+        }
+    }
+
+    fn reject_unknown_keys(&mut self) {
+        for (section, value) in &self.table {
+            if let Some(table) = value.as_table() {
+                for key in table.keys() {
+                    self.problems.push(format!("unknown key `{section}.{key}`"));
+                }
+            }
+        }
+    }
+
+    fn addr(&mut self, section: &str, key: &str, default: SocketAddr) -> SocketAddr {
+        let Some(text) = self.take::<String>(section, key, "a string like \"127.0.0.1:8180\"")
+        else {
+            return default;
+        };
+        text.parse().unwrap_or_else(|_| {
+            self.problems.push(format!(
+                "`{section}.{key}` = {text:?} is not an IP address with a port (e.g. \"0.0.0.0:8180\")"
+            ));
+            default
+        })
+    }
+
+    fn path_prefix(&mut self, default: String) -> String {
+        let Some(text) = self.take::<String>("proxy", "path_prefix", "a string") else {
+            return default;
+        };
+        let trimmed = text.trim_end_matches('/').to_string();
+        if !text.starts_with('/') || text.contains(['?', '#', ' ']) {
+            self.problems.push(format!(
+                "`proxy.path_prefix` = {text:?} must be an absolute URL path such as \"/steve/websocket/CentralSystemService\""
+            ));
+            return default;
+        }
+        trimmed
+    }
+
+    fn url(&mut self, section: &str, key: &str, schemes: &[&str], default: String) -> String {
+        let Some(text) = self.take::<String>(section, key, "a URL string") else {
+            return default;
+        };
+        let valid = text.parse::<Uri>().ok().filter(|uri| {
+            uri.scheme_str().is_some_and(|s| schemes.contains(&s))
+                && uri.host().is_some_and(|h| !h.is_empty())
+                && uri.query().is_none()
+        });
+        match valid {
+            Some(_) => text.trim_end_matches('/').to_string(),
+            None => {
+                self.problems.push(format!(
+                    "`{section}.{key}` = {text:?} is not a {} URL with a host and no query",
+                    schemes.join("/")
+                ));
+                default
+            }
+        }
+    }
+
+    fn duration(&mut self, section: &str, key: &str, default: Duration) -> Duration {
+        let d = self.duration_allow_zero(section, key, default);
+        if d.is_zero() {
+            self.problems
+                .push(format!("`{section}.{key}` must be longer than zero"));
+            return default;
+        }
+        d
+    }
+
+    fn duration_allow_zero(&mut self, section: &str, key: &str, default: Duration) -> Duration {
+        let Some(text) =
+            self.take::<String>(section, key, "a duration string like \"1s\" or \"250ms\"")
+        else {
+            return default;
+        };
+        humantime::parse_duration(&text).unwrap_or_else(|e| {
+            self.problems.push(format!(
+                "`{section}.{key}` = {text:?} is not a duration ({e}); write e.g. \"1s\", \"250ms\", \"5m\""
+            ));
+            default
+        })
+    }
+
+    fn bounded(
+        &mut self,
+        section: &str,
+        key: &str,
+        default: usize,
+        range: std::ops::RangeInclusive<usize>,
+    ) -> usize {
+        let Some(n) = self.take::<i64>(section, key, "an integer") else {
+            return default;
+        };
+        match usize::try_from(n) {
+            Ok(n) if range.contains(&n) => n,
+            _ => {
+                self.problems.push(format!(
+                    "`{section}.{key}` = {n} is out of range {}..={}",
+                    range.start(),
+                    range.end()
+                ));
+                default
+            }
+        }
+    }
+
+    fn non_empty(&mut self, section: &str, key: &str, default: String) -> String {
+        let Some(text) = self.take::<String>(section, key, "a string") else {
+            return default;
+        };
+        if text.trim().is_empty() {
+            self.problems
+                .push(format!("`{section}.{key}` must not be empty"));
+            return default;
+        }
+        text
+    }
+
+    fn optional_path(&mut self, section: &str, key: &str) -> Option<PathBuf> {
+        let text = self.take::<String>(section, key, "a file path string")?;
+        (!text.is_empty()).then(|| PathBuf::from(text))
+    }
+
+    fn mode(&mut self, default: BillingMode) -> BillingMode {
+        match self
+            .take::<String>("billing", "mode", "\"session\" or \"incremental\"")
+            .as_deref()
+        {
+            None => default,
+            Some("session") => BillingMode::Session,
+            Some("incremental") => BillingMode::Incremental,
+            Some(other) => {
+                self.problems.push(format!(
+                    "`billing.mode` = {other:?} must be \"session\" or \"incremental\""
+                ));
+                default
+            }
+        }
+    }
+
+    fn template(&mut self, key: &str, default: String) -> String {
+        let Some(text) = self.take::<String>("billing", key, "a template string") else {
+            return default;
+        };
+        match template_placeholders(&text) {
+            Ok(used) if used.is_empty() => {
+                self.problems.push(format!(
+                    "`billing.{key}` = {text:?} uses no placeholder: every session would get the same value"
+                ));
+                default
+            }
+            Ok(_) => text,
+            Err(e) => {
+                self.problems
+                    .push(format!("`billing.{key}` = {text:?}: {e}"));
+                default
+            }
+        }
+    }
+
+    fn log_level(&mut self, default: String) -> String {
+        let Some(text) = self.take::<String>("log", "level", "a filter string like \"info\"")
+        else {
+            return default;
+        };
+        match tracing_subscriber::EnvFilter::builder().parse(&text) {
+            Ok(_) => text,
+            Err(e) => {
+                self.problems
+                    .push(format!("`log.level` = {text:?} is not a valid filter: {e}"));
+                default
+            }
+        }
+    }
+
+    fn log_format(&mut self, default: LogFormat) -> LogFormat {
+        match self
+            .take::<String>("log", "format", "\"json\" or \"text\"")
+            .as_deref()
+        {
+            None => default,
+            Some("json") => LogFormat::Json,
+            Some("text") => LogFormat::Text,
+            Some(other) => {
+                self.problems.push(format!(
+                    "`log.format` = {other:?} must be \"json\" or \"text\""
+                ));
+                default
+            }
+        }
+    }
+}
+
+/// The placeholders a `[billing]` template uses, or why it is invalid.
+pub fn template_placeholders(template: &str) -> Result<BTreeSet<&str>, String> {
+    let mut used = BTreeSet::new();
+    let mut rest = template;
+    while let Some(open) = rest.find(['{', '}']) {
+        if rest[open..].starts_with('}') {
+            return Err("has a `}` without a matching `{`".into());
+        }
+        let after = &rest[open + 1..];
+        let close = after
+            .find('}')
+            .ok_or_else(|| "has a `{` without a matching `}`".to_string())?;
+        let name = &after[..close];
+        if !TEMPLATE_PLACEHOLDERS.contains(&name) {
+            return Err(format!(
+                "unknown placeholder `{{{name}}}` (known: {})",
+                TEMPLATE_PLACEHOLDERS
+                    .iter()
+                    .map(|p| format!("{{{p}}}"))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            ));
+        }
+        used.insert(name);
+        rest = &after[close + 1..];
+    }
+    Ok(used)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_is_the_defaults() {
+        assert_eq!(Config::parse("").unwrap(), Config::default());
+    }
+
+    #[test]
+    fn the_documented_example_parses() {
+        let text = std::fs::read_to_string(DEFAULT_CONFIG_PATH).unwrap();
+        assert_eq!(Config::parse(&text).unwrap(), Config::default());
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once() {
+        let text = r#"
+            colour = "blue"
+            [proxy]
+            listen = "nowhere"
+            upstream_url = "http://steve"
+            extra = 1
+            [lago]
+            batch_linger = "soon"
+            batch_max_events = 0
+            max_requests_per_second = "ten"
+            [billing]
+            mode = "hourly"
+            transaction_id = "{session}"
+        "#;
+        let problems = Config::parse(text).unwrap_err();
+        let expected = [
+            "unknown key `colour`",
+            "`proxy.listen`",
+            "`proxy.upstream_url`",
+            "unknown key `proxy.extra`",
+            "`lago.batch_linger`",
+            "`lago.batch_max_events`",
+            "`lago.max_requests_per_second`",
+            "`billing.mode`",
+            "`billing.transaction_id`",
+        ];
+        assert_eq!(problems.len(), expected.len(), "{problems:#?}");
+        for needle in expected {
+            assert!(
+                problems.iter().any(|p| p.contains(needle)),
+                "no problem mentions {needle}: {problems:#?}"
+            );
+        }
+    }
+
+    #[test]
+    fn values_are_read() {
+        let config = Config::parse(
+            r#"
+            [proxy]
+            listen = "127.0.0.1:1"
+            path_prefix = "/ocpp/"
+            upstream_url = "wss://steve.example/ws/"
+            ping_interval = "250ms"
+            [billing]
+            mode = "incremental"
+            transaction_id = "{charge_box_id}-{transaction_id}-{started_at}"
+            [log]
+            format = "text"
+            level = "debug,hyper=warn"
+        "#,
+        )
+        .unwrap();
+        assert_eq!(config.proxy.listen, "127.0.0.1:1".parse().unwrap());
+        assert_eq!(config.proxy.path_prefix, "/ocpp");
+        assert_eq!(config.proxy.upstream_url, "wss://steve.example/ws");
+        assert_eq!(config.proxy.ping_interval, Duration::from_millis(250));
+        assert_eq!(config.billing.mode, BillingMode::Incremental);
+        assert_eq!(config.log.format, LogFormat::Text);
+    }
+
+    #[test]
+    fn templates_are_checked() {
+        assert!(template_placeholders("{transaction_id}").is_ok());
+        assert!(template_placeholders("cp-{charge_box_id}:{transaction_id}").is_ok());
+        assert!(template_placeholders("{nope}").is_err());
+        assert!(template_placeholders("{transaction_id").is_err());
+        assert!(template_placeholders("x}").is_err());
+        assert!(template_placeholders("plain").unwrap().is_empty());
+    }
+}

@@ -1,1 +1,150 @@
-//! telemetry (being built).
+//! Logs (JSON lines on stderr, fields at the top level), the metrics registry, and the admin
+//! HTTP listener serving `/metrics`, `/healthz` and `/readyz`.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::sync::{Arc, Mutex};
+
+use http_body_util::Full;
+use hyper::body::{Bytes, Incoming};
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing_subscriber::EnvFilter;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+
+use crate::config::LogFormat;
+
+/// Installs the global tracing subscriber writing to stderr (stdout is for command output).
+pub fn init_logging(format: LogFormat, level: &str) -> Result<(), String> {
+    let filter = EnvFilter::builder()
+        .parse(level)
+        .map_err(|e| format!("invalid log filter {level:?}: {e}"))?;
+    let registry = tracing_subscriber::registry().with(filter);
+    let result = match format {
+        LogFormat::Json => {
+            let mut layer = json_subscriber::JsonLayer::stderr();
+            layer.with_timer("timestamp", tracing_subscriber::fmt::time::SystemTime);
+            layer.with_level("level");
+            layer.with_target("target");
+            // Event fields and the fields of every enclosing span (charge_box_id) at the top
+            // level, so `jq 'select(.charge_box_id=="CP1")'` works on any line.
+            layer.with_flattened_event();
+            layer.with_top_level_flattened_span_list();
+            registry.with(layer).try_init()
+        }
+        LogFormat::Text => registry
+            .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+            .try_init(),
+    };
+    result.map_err(|e| e.to_string())
+}
+
+/// Installs the global metrics recorder; the handle renders `/metrics`.
+pub fn init_metrics() -> Result<PrometheusHandle, String> {
+    let handle = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .install_recorder()
+        .map_err(|e| e.to_string())?;
+    metrics::gauge!("ocpp_lago_bridge_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+    Ok(handle)
+}
+
+/// Named reasons the daemon is not ready; empty means ready.
+#[derive(Debug, Clone, Default)]
+pub struct Readiness {
+    problems: Arc<Mutex<BTreeMap<&'static str, String>>>,
+}
+
+impl Readiness {
+    /// Records that `check` fails for `reason`.
+    pub fn set_problem(&self, check: &'static str, reason: impl Into<String>) {
+        self.lock().insert(check, reason.into());
+    }
+
+    /// Records that `check` passes again.
+    pub fn clear_problem(&self, check: &'static str) {
+        self.lock().remove(check);
+    }
+
+    /// The failing checks and why, as sent in the `/readyz` body.
+    pub fn problems(&self) -> BTreeMap<&'static str, String> {
+        self.lock().clone()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<&'static str, String>> {
+        // A panic elsewhere while holding this lock leaves a map that is still valid.
+        self.problems.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Serves the admin endpoints until `shutdown` fires.
+pub async fn serve_admin(
+    listener: TcpListener,
+    metrics: PrometheusHandle,
+    readiness: Readiness,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let (stream, _) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    tracing::warn!(%error, "admin listener accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.cancelled() => return,
+        };
+        let metrics = metrics.clone();
+        let readiness = readiness.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |request| {
+                let response = admin_response(&request, &metrics, &readiness);
+                async move { Ok::<_, Infallible>(response) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+fn admin_response(
+    request: &Request<Incoming>,
+    metrics: &PrometheusHandle,
+    readiness: &Readiness,
+) -> Response<Full<Bytes>> {
+    let (status, content_type, body) = match request.uri().path() {
+        "/metrics" => (
+            StatusCode::OK,
+            "text/plain; version=0.0.4",
+            metrics.render(),
+        ),
+        "/healthz" => (
+            StatusCode::OK,
+            "application/json",
+            r#"{"status":"ok"}"#.into(),
+        ),
+        "/readyz" => {
+            let problems = readiness.problems();
+            let ready = problems.is_empty();
+            let body = serde_json::json!({ "ready": ready, "not_ready": problems }).to_string();
+            let status = if ready {
+                StatusCode::OK
+            } else {
+                StatusCode::SERVICE_UNAVAILABLE
+            };
+            (status, "application/json", body)
+        }
+        _ => (StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
+    };
+    Response::builder()
+        .status(status)
+        .header("Content-Type", content_type)
+        .body(Full::new(Bytes::from(body)))
+        .expect("static response parts are valid")
+}

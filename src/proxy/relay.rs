@@ -1,0 +1,335 @@
+//! Relaying frames between one charger and its SteVe connection, byte for byte, in order.
+//!
+//! Two pumps run concurrently inside the connection's task, one per direction, so a reply held
+//! back for the spool (or a slow peer) never stalls the other direction. Each pump also pings the
+//! side it writes to and watches that side's liveness, which the *other* pump records when it
+//! reads from it. When either pump ends, the other is dropped (every await in a pump is
+//! cancel-safe: `StreamExt::next` keeps partial frames inside the socket, and a frame handed to
+//! `send` is either fully buffered or not at all), and the close is propagated.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use futures_util::{Sink, SinkExt, Stream, StreamExt};
+use tokio::time::{Instant, MissedTickBehavior};
+use tokio_tungstenite::tungstenite::error::{CapacityError, ProtocolError};
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+use tokio_util::sync::CancellationToken;
+
+use super::tap::FrameTap;
+
+/// How long a close handshake may take before the socket is simply dropped.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// One end of a relayed connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    Charger,
+    Upstream,
+}
+
+impl Side {
+    fn index(self) -> usize {
+        self as usize
+    }
+
+    /// The direction of frames read from this side.
+    pub fn direction(self) -> &'static str {
+        match self {
+            Side::Charger => "charger_to_upstream",
+            Side::Upstream => "upstream_to_charger",
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Side::Charger => "charger",
+            Side::Upstream => "upstream",
+        }
+    }
+
+    /// What the other side is told when this side vanishes. A lost charger is "going away" for
+    /// SteVe; a lost SteVe is a server-side failure for the charger (1005/1006 cannot be sent).
+    fn loss_close(self) -> CloseFrame {
+        match self {
+            Side::Charger => close_frame(CloseCode::Away, "charger connection lost"),
+            Side::Upstream => close_frame(CloseCode::Error, "upstream connection lost"),
+        }
+    }
+}
+
+/// Keep-alive settings of a relayed connection.
+#[derive(Debug, Clone, Copy)]
+pub struct Keepalive {
+    pub ping_interval: Duration,
+    pub pong_timeout: Duration,
+}
+
+/// Why a relayed connection ended.
+#[derive(Debug)]
+pub enum End {
+    /// A side sent a close frame; it is forwarded as is.
+    Closed { by: Side, frame: Option<CloseFrame> },
+    /// A side's connection dropped without a close handshake (or could not be written to).
+    Lost { side: Side, error: Option<String> },
+    /// A side broke the protocol or our limits (too large, invalid UTF-8); it gets `code`.
+    Violation {
+        side: Side,
+        code: CloseCode,
+        error: String,
+    },
+    /// A side sent nothing, not even a pong, for longer than the keep-alive allows.
+    Unresponsive { side: Side },
+    /// The bridge is shutting down.
+    Shutdown,
+}
+
+impl End {
+    /// A stable label for the metric and the log.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            End::Closed {
+                by: Side::Charger, ..
+            } => "charger_closed",
+            End::Closed {
+                by: Side::Upstream, ..
+            } => "upstream_closed",
+            End::Lost {
+                side: Side::Charger,
+                ..
+            } => "charger_lost",
+            End::Lost {
+                side: Side::Upstream,
+                ..
+            } => "upstream_lost",
+            End::Violation { .. } => "protocol_violation",
+            End::Unresponsive {
+                side: Side::Charger,
+            } => "charger_unresponsive",
+            End::Unresponsive {
+                side: Side::Upstream,
+            } => "upstream_unresponsive",
+            End::Shutdown => "shutdown",
+        }
+    }
+}
+
+/// When each side was last heard from, in milliseconds since the connection started.
+struct Liveness {
+    started: Instant,
+    last_heard_ms: [AtomicU64; 2],
+}
+
+impl Liveness {
+    fn heard(&self, side: Side) {
+        self.last_heard_ms[side.index()]
+            .store(self.started.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    fn silent_for(&self, side: Side) -> Duration {
+        let last = self.last_heard_ms[side.index()].load(Ordering::Relaxed);
+        self.started
+            .elapsed()
+            .saturating_sub(Duration::from_millis(last))
+    }
+}
+
+/// Relays until either side ends or `close` fires, then propagates the close to both sides.
+pub async fn relay<C, U>(
+    charger: C,
+    upstream: U,
+    keepalive: Keepalive,
+    tap: &FrameTap,
+    close: &CancellationToken,
+) -> End
+where
+    C: Stream<Item = Result<Message, WsError>> + Sink<Message, Error = WsError> + Unpin,
+    U: Stream<Item = Result<Message, WsError>> + Sink<Message, Error = WsError> + Unpin,
+{
+    let (mut charger_tx, mut charger_rx) = charger.split();
+    let (mut upstream_tx, mut upstream_rx) = upstream.split();
+    let liveness = Liveness {
+        started: Instant::now(),
+        last_heard_ms: [AtomicU64::new(0), AtomicU64::new(0)],
+    };
+    let end = tokio::select! {
+        end = pump(&mut charger_rx, &mut upstream_tx, Side::Charger, &liveness, keepalive, tap) => end,
+        end = pump(&mut upstream_rx, &mut charger_tx, Side::Upstream, &liveness, keepalive, tap) => end,
+        _ = close.cancelled() => End::Shutdown,
+    };
+
+    let (charger_close, upstream_close) = match &end {
+        End::Closed {
+            by: Side::Charger,
+            frame,
+        } => (None, Some(frame.clone())),
+        End::Closed {
+            by: Side::Upstream,
+            frame,
+        } => (Some(frame.clone()), None),
+        End::Lost { side, .. } | End::Unresponsive { side } => match side {
+            Side::Charger => (None, Some(Some(side.loss_close()))),
+            Side::Upstream => (Some(Some(side.loss_close())), None),
+        },
+        End::Violation { side, code, error } => {
+            let own = Some(Some(close_frame(*code, error)));
+            let other = Some(Some(side.loss_close()));
+            match side {
+                Side::Charger => (own, other),
+                Side::Upstream => (other, own),
+            }
+        }
+        End::Shutdown => {
+            let going_away = Some(Some(close_frame(CloseCode::Away, "bridge shutting down")));
+            (going_away.clone(), going_away)
+        }
+    };
+    // A side that closed (or vanished) gets no close frame from us; one that closed has its
+    // close answered by tungstenite, which a flush sends.
+    tokio::join!(
+        close_side(&mut charger_tx, &mut charger_rx, charger_close),
+        close_side(&mut upstream_tx, &mut upstream_rx, upstream_close),
+    );
+    end
+}
+
+/// Sends `frame` (when `Some`) and waits briefly for the peer's answer; otherwise just flushes
+/// whatever tungstenite queued (the answer to a close the peer sent).
+async fn close_side<W, R>(tx: &mut W, rx: &mut R, frame: Option<Option<CloseFrame>>)
+where
+    W: Sink<Message, Error = WsError> + Unpin,
+    R: Stream<Item = Result<Message, WsError>> + Unpin,
+{
+    let closing = async {
+        match frame {
+            None => {
+                let _ = tx.flush().await;
+            }
+            Some(frame) => {
+                if tx.send(Message::Close(frame)).await.is_ok() {
+                    while let Some(Ok(message)) = rx.next().await {
+                        if message.is_close() {
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+    };
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, closing).await;
+}
+
+/// Moves frames read from `from` to the other side until something ends the connection.
+async fn pump<R, W>(
+    src: &mut R,
+    dst: &mut W,
+    from: Side,
+    liveness: &Liveness,
+    keepalive: Keepalive,
+    tap: &FrameTap,
+) -> End
+where
+    R: Stream<Item = Result<Message, WsError>> + Unpin,
+    W: Sink<Message, Error = WsError> + Unpin,
+{
+    let to = match from {
+        Side::Charger => Side::Upstream,
+        Side::Upstream => Side::Charger,
+    };
+    let deadline = keepalive.ping_interval + keepalive.pong_timeout;
+    let mut ping = tokio::time::interval_at(
+        Instant::now() + keepalive.ping_interval,
+        keepalive.ping_interval,
+    );
+    ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let frames =
+        metrics::counter!("ocpp_lago_bridge_frames_relayed_total", "direction" => from.direction());
+    loop {
+        let outgoing = tokio::select! {
+            // Cancel-safe: a partially received frame stays buffered inside the socket.
+            message = src.next() => {
+                liveness.heard(from);
+                match message {
+                    Some(Ok(Message::Text(text))) => {
+                        let message = Message::Text(text);
+                        tap.observe(from, &message).await;
+                        message
+                    }
+                    Some(Ok(message @ Message::Binary(_))) => {
+                        // OCPP-J is text only; SteVe (or the charger) decides what a binary
+                        // frame means, exactly as if we were not here.
+                        tap.observe(from, &message).await;
+                        message
+                    }
+                    // tungstenite answers pings itself; pongs only prove liveness.
+                    Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => continue,
+                    Some(Ok(Message::Close(frame))) => return End::Closed { by: from, frame },
+                    Some(Err(error)) => return read_error(from, error),
+                    None => return End::Lost { side: from, error: None },
+                }
+            }
+            _ = ping.tick() => {
+                if liveness.silent_for(to) > deadline {
+                    return End::Unresponsive { side: to };
+                }
+                Message::Ping(Default::default())
+            }
+        };
+        let is_data = outgoing.is_text() || outgoing.is_binary();
+        match tokio::time::timeout(deadline, dst.send(outgoing)).await {
+            Ok(Ok(())) => {
+                if is_data {
+                    frames.increment(1);
+                }
+            }
+            Ok(Err(error)) => {
+                return End::Lost {
+                    side: to,
+                    error: Some(error.to_string()),
+                };
+            }
+            Err(_) => return End::Unresponsive { side: to },
+        }
+    }
+}
+
+fn read_error(side: Side, error: WsError) -> End {
+    let code = match &error {
+        WsError::Capacity(CapacityError::MessageTooLong { .. }) | WsError::Capacity(_) => {
+            CloseCode::Size
+        }
+        WsError::Utf8(_) => CloseCode::Invalid,
+        WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => {
+            return End::Lost {
+                side,
+                error: Some(error.to_string()),
+            };
+        }
+        WsError::Protocol(_) => CloseCode::Protocol,
+        _ => {
+            return End::Lost {
+                side,
+                error: Some(error.to_string()),
+            };
+        }
+    };
+    End::Violation {
+        side,
+        code,
+        error: error.to_string(),
+    }
+}
+
+fn close_frame(code: CloseCode, reason: &str) -> CloseFrame {
+    // A close reason may hold at most 123 bytes; keep it on a char boundary.
+    let mut end = reason.len().min(123);
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    CloseFrame {
+        code,
+        reason: reason[..end].to_string().into(),
+    }
+}
