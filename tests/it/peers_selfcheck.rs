@@ -100,3 +100,23 @@ async fn recorder_refuses_and_hangs_on_command() {
     .await;
     assert!(attempt.is_err(), "a hanging recorder must not answer the upgrade");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recorder_echoes_callresults_and_closes_on_command() {
+    let recorder = Recorder::start(Script {
+        echo_callresult: true,
+        close_after: Some((2, 4003, "enough".into())),
+        ..Script::default()
+    })
+    .await;
+    let (mut charger, _) = ws::connect(&format!("{}/SELF-ECHO", recorder.url_base()), &["ocpp1.6"], None)
+        .await
+        .expect("recorder accepts");
+    charger.send(Message::text("[2,\"e1\",\"Heartbeat\",{}]")).await.unwrap();
+    let reply = within(Duration::from_secs(10), "echo", charger.next()).await.unwrap().unwrap();
+    assert_eq!(reply, Message::text("[3,\"e1\",{}]"));
+    charger.send(Message::text("not a call")).await.unwrap();
+    let close = within(Duration::from_secs(10), "close", charger.next()).await.unwrap().unwrap();
+    let Message::Close(Some(frame)) = close else { panic!("expected a close frame, got {close:?}") };
+    assert_eq!((u16::from(frame.code), frame.reason.as_str()), (4003, "enough"));
+}

@@ -36,11 +36,11 @@ pub fn raise_fd_limit(wanted: u64) -> u64 {
         if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
             return 0;
         }
-        if (limit.rlim_cur as u64) < wanted {
-            limit.rlim_cur = wanted.min(limit.rlim_max as u64) as libc::rlim_t;
+        if limit.rlim_cur < wanted {
+            limit.rlim_cur = wanted.min(limit.rlim_max);
             libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
             libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit);
         }
     }
-    limit.rlim_cur as u64
+    limit.rlim_cur
 }

@@ -182,6 +182,8 @@ impl Drop for Recorder {
     }
 }
 
+// The handshake callback's error type is fixed by tungstenite's `Callback` trait.
+#[allow(clippy::result_large_err)]
 async fn serve(stream: TcpStream, script: Script, state: Arc<Mutex<State>>) {
     if let Handshake::Hang = script.handshake {
         // Read the request so the client is not blocked on a full buffer, then say nothing
@@ -271,17 +273,16 @@ async fn serve(stream: TcpStream, script: Script, state: Arc<Mutex<State>>) {
             Message::Text(_) | Message::Binary(_) => {
                 received += 1;
                 record(&mut |c| c.frames.push(message.clone()));
-                if script.echo_callresult {
-                    if let Some(reply) = callresult_for(&message) {
-                        if ws.send(Message::text(reply)).await.is_err() {
-                            break;
-                        }
-                    }
+                if script.echo_callresult
+                    && let Some(reply) = callresult_for(&message)
+                    && ws.send(Message::text(reply)).await.is_err()
+                {
+                    break;
                 }
-                if let Some((after, code, reason)) = &script.close_after {
-                    if *after == received {
-                        let _ = ws.send(close(*code, reason)).await;
-                    }
+                if let Some((after, code, reason)) = &script.close_after
+                    && *after == received
+                {
+                    let _ = ws.send(close(*code, reason)).await;
                 }
             }
             Message::Close(frame) => {
