@@ -10,5 +10,6 @@ pub mod ledger;
 pub mod ocpp;
 pub mod proxy;
 pub mod shutdown;
+pub mod spool;
 pub mod tap;
 pub mod telemetry;

@@ -1,0 +1,703 @@
+//! The SQLite file: schema, migrations and every statement. Synchronous; the writer thread and
+//! the operator CLI are its only users, and only the writer thread writes while the daemon runs.
+
+use std::path::Path;
+use std::time::Duration;
+
+use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
+
+use crate::event::LagoEvent;
+
+/// Schema versions this binary knows, in order; `MIGRATIONS[n]` brings version n to n + 1.
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE tap_records (
+    id INTEGER PRIMARY KEY,
+    received_at INTEGER NOT NULL,          -- unix seconds, bridge clock
+    charge_box_id TEXT NOT NULL,
+    ocpp_transaction_id INTEGER,
+    kind TEXT NOT NULL,                    -- start | meter_values | stop
+    record TEXT NOT NULL                   -- the TapRecord as JSON: the source of truth for replay
+);
+CREATE INDEX tap_records_session ON tap_records (charge_box_id, ocpp_transaction_id);
+CREATE INDEX tap_records_received ON tap_records (received_at);
+
+CREATE TABLE sessions (
+    charge_box_id TEXT NOT NULL,
+    ocpp_transaction_id INTEGER NOT NULL,
+    state TEXT NOT NULL,                   -- the ledger's SessionState as JSON
+    updated_at INTEGER NOT NULL,
+    PRIMARY KEY (charge_box_id, ocpp_transaction_id)
+);
+
+CREATE TABLE outbox (
+    id INTEGER PRIMARY KEY,
+    lago_transaction_id TEXT NOT NULL,
+    external_subscription_id TEXT NOT NULL,
+    charge_box_id TEXT NOT NULL,
+    ocpp_transaction_id INTEGER NOT NULL,
+    event TEXT NOT NULL,                   -- the LagoEvent exactly as sent, every time
+    state TEXT NOT NULL DEFAULT 'pending' CHECK (state IN ('pending', 'delivered', 'dead')),
+    created_at INTEGER NOT NULL,
+    delivered_at INTEGER,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    last_error TEXT,
+    UNIQUE (external_subscription_id, lago_transaction_id)
+);
+CREATE INDEX outbox_state ON outbox (state, id);
+
+CREATE TABLE dead_letters (
+    id INTEGER PRIMARY KEY,
+    reason TEXT NOT NULL,
+    detail TEXT NOT NULL,
+    charge_box_id TEXT,
+    ocpp_transaction_id INTEGER,
+    lago_transaction_id TEXT,
+    external_subscription_id TEXT,
+    event TEXT,                            -- the held LagoEvent, when there is one to requeue
+    outbox_id INTEGER REFERENCES outbox (id),
+    first_attempt INTEGER NOT NULL,
+    last_attempt INTEGER NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 1,
+    requeued_at INTEGER
+);
+CREATE INDEX dead_letters_reason ON dead_letters (reason);
+"#];
+
+/// The schema version this binary writes.
+pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
+
+/// Why the spool cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error(
+        "spool schema version {found} is newer than this binary knows ({known}): the file is left untouched"
+    )]
+    NewerSchema { found: i64, known: i64 },
+    #[error("spool I/O: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("cannot create the spool directory {path}: {source}")]
+    Directory {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("stored JSON does not parse: {0}")]
+    Json(#[from] serde_json::Error),
+}
+
+/// A raw tap record row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecordRow {
+    pub received_at: i64,
+    pub charge_box_id: String,
+    pub ocpp_transaction_id: Option<i64>,
+    pub kind: &'static str,
+    pub json: String,
+}
+
+/// A ledger session state row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionRow {
+    pub charge_box_id: String,
+    pub ocpp_transaction_id: i64,
+    pub state_json: String,
+}
+
+/// A dead letter as first recorded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewDeadLetter {
+    pub reason: String,
+    pub detail: String,
+    pub charge_box_id: Option<String>,
+    pub ocpp_transaction_id: Option<i64>,
+    pub event: Option<LagoEvent>,
+}
+
+/// What one tap record changed, committed atomically.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Changes {
+    pub records: Vec<RecordRow>,
+    pub sessions: Vec<SessionRow>,
+    pub events: Vec<LagoEvent>,
+    pub dead_letters: Vec<NewDeadLetter>,
+}
+
+/// An outbox row waiting for delivery.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboxRow {
+    pub id: i64,
+    pub event: LagoEvent,
+    pub attempts: i64,
+}
+
+/// A dead letter as the operator sees it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct DeadLetter {
+    pub id: i64,
+    pub reason: String,
+    pub detail: String,
+    pub charge_box_id: Option<String>,
+    pub ocpp_transaction_id: Option<i64>,
+    pub lago_transaction_id: Option<String>,
+    pub external_subscription_id: Option<String>,
+    pub first_attempt: i64,
+    pub last_attempt: i64,
+    pub attempts: i64,
+    pub requeued: bool,
+}
+
+/// Size and backlog, for `spool stats`, metrics and alarms.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Stats {
+    pub file_bytes: u64,
+    pub tap_records: i64,
+    pub sessions: i64,
+    pub pending_events: i64,
+    pub delivered_events: i64,
+    pub dead_letters: i64,
+    /// Unix seconds of the oldest pending event's creation.
+    pub oldest_pending_created_at: Option<i64>,
+}
+
+/// An open spool file.
+pub struct Store {
+    conn: Connection,
+}
+
+impl Store {
+    /// Opens (creating if needed) and migrates the spool at `path`. A file with a newer schema is
+    /// not modified in any way.
+    pub fn open(path: &Path) -> Result<Store, StoreError> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|source| StoreError::Directory {
+                path: dir.display().to_string(),
+                source,
+            })?;
+        }
+        // Read the version before anything that could write (WAL mode, migrations).
+        if path.exists() {
+            let probe = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+            let found: i64 = probe.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+            if found > SCHEMA_VERSION {
+                return Err(StoreError::NewerSchema {
+                    found,
+                    known: SCHEMA_VERSION,
+                });
+            }
+        }
+        let conn = Connection::open(path)?;
+        conn.busy_timeout(Duration::from_secs(5))?;
+        // WAL + FULL: a commit is on disk when it returns, which is what lets us ack a charger.
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        let mut store = Store { conn };
+        store.migrate()?;
+        Ok(store)
+    }
+
+    fn migrate(&mut self) -> Result<(), StoreError> {
+        let found: i64 = self
+            .conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))?;
+        if found > SCHEMA_VERSION {
+            return Err(StoreError::NewerSchema {
+                found,
+                known: SCHEMA_VERSION,
+            });
+        }
+        for (version, sql) in MIGRATIONS.iter().enumerate().skip(found as usize) {
+            let tx = self.conn.transaction()?;
+            tx.execute_batch(sql)?;
+            tx.pragma_update(None, "user_version", version as i64 + 1)?;
+            tx.commit()?;
+        }
+        Ok(())
+    }
+
+    /// Commits every change set in one transaction (one fsync for the whole group).
+    pub fn commit(&mut self, groups: &[Changes], now: i64) -> Result<(), StoreError> {
+        let tx = self.conn.transaction()?;
+        {
+            let mut record = tx.prepare_cached(
+                "INSERT INTO tap_records (received_at, charge_box_id, ocpp_transaction_id, kind, record)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+            )?;
+            let mut session = tx.prepare_cached(
+                "INSERT INTO sessions (charge_box_id, ocpp_transaction_id, state, updated_at)
+                 VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (charge_box_id, ocpp_transaction_id)
+                 DO UPDATE SET state = excluded.state, updated_at = excluded.updated_at",
+            )?;
+            // Ids are content-derived, so a re-derived event is the same row: keep the first.
+            let mut event = tx.prepare_cached(
+                "INSERT OR IGNORE INTO outbox (lago_transaction_id, external_subscription_id,
+                     charge_box_id, ocpp_transaction_id, event, created_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )?;
+            let mut dead = tx.prepare_cached(
+                "INSERT INTO dead_letters (reason, detail, charge_box_id, ocpp_transaction_id,
+                     lago_transaction_id, external_subscription_id, event, first_attempt, last_attempt)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8)",
+            )?;
+            for changes in groups {
+                for r in &changes.records {
+                    record.execute(params![
+                        r.received_at,
+                        r.charge_box_id,
+                        r.ocpp_transaction_id,
+                        r.kind,
+                        r.json
+                    ])?;
+                }
+                for s in &changes.sessions {
+                    session.execute(params![
+                        s.charge_box_id,
+                        s.ocpp_transaction_id,
+                        s.state_json,
+                        now
+                    ])?;
+                }
+                for e in &changes.events {
+                    event.execute(params![
+                        e.transaction_id,
+                        e.external_subscription_id,
+                        e.properties.charge_box_id,
+                        e.properties.ocpp_transaction_id,
+                        serde_json::to_string(e)?,
+                        now
+                    ])?;
+                }
+                for d in &changes.dead_letters {
+                    dead.execute(params![
+                        d.reason,
+                        d.detail,
+                        d.charge_box_id,
+                        d.ocpp_transaction_id,
+                        d.event.as_ref().map(|e| e.transaction_id.clone()),
+                        d.event.as_ref().map(|e| e.external_subscription_id.clone()),
+                        d.event.as_ref().map(serde_json::to_string).transpose()?,
+                        now
+                    ])?;
+                }
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// All persisted session states, to rebuild the ledger at startup.
+    pub fn sessions(&self) -> Result<Vec<SessionRow>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT charge_box_id, ocpp_transaction_id, state FROM sessions")?;
+        let rows = stmt.query_map([], |r| {
+            Ok(SessionRow {
+                charge_box_id: r.get(0)?,
+                ocpp_transaction_id: r.get(1)?,
+                state_json: r.get(2)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// The oldest pending events, in creation order (so a session's events go out in order).
+    pub fn pending(&self, limit: usize) -> Result<Vec<OutboxRow>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT id, event, attempts FROM outbox WHERE state = 'pending' ORDER BY id LIMIT ?1",
+        )?;
+        let rows = stmt.query_map([limit as i64], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, i64>(2)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (id, json, attempts) = row?;
+            out.push(OutboxRow {
+                id,
+                event: serde_json::from_str(&json)?,
+                attempts,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Marks outbox rows delivered.
+    pub fn mark_delivered(&mut self, ids: &[i64], now: i64) -> Result<(), StoreError> {
+        let tx = self.conn.transaction()?;
+        {
+            let mut stmt = tx.prepare_cached(
+                "UPDATE outbox SET state = 'delivered', delivered_at = ?2, attempts = attempts + 1
+                 WHERE id = ?1 AND state = 'pending'",
+            )?;
+            for id in ids {
+                stmt.execute(params![id, now])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Records a failed attempt on pending rows (they stay pending).
+    pub fn record_attempt(&mut self, ids: &[i64], error: &str) -> Result<(), StoreError> {
+        let tx = self.conn.transaction()?;
+        {
+            let mut stmt = tx.prepare_cached(
+                "UPDATE outbox SET attempts = attempts + 1, last_error = ?2 WHERE id = ?1",
+            )?;
+            for id in ids {
+                stmt.execute(params![id, error])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Moves an outbox row to the dead letters with Lago's (or our) reason.
+    pub fn dead_letter_outbox(
+        &mut self,
+        id: i64,
+        reason: &str,
+        detail: &str,
+        now: i64,
+    ) -> Result<(), StoreError> {
+        let tx = self.conn.transaction()?;
+        let changed = tx.execute(
+            "UPDATE outbox SET state = 'dead', attempts = attempts + 1, last_error = ?2
+             WHERE id = ?1 AND state = 'pending'",
+            params![id, detail],
+        )?;
+        if changed == 1 {
+            tx.execute(
+                "INSERT INTO dead_letters (reason, detail, charge_box_id, ocpp_transaction_id,
+                     lago_transaction_id, external_subscription_id, event, outbox_id,
+                     first_attempt, last_attempt)
+                 SELECT ?2, ?3, charge_box_id, ocpp_transaction_id, lago_transaction_id,
+                     external_subscription_id, event, id, created_at, ?4
+                 FROM outbox WHERE id = ?1",
+                params![id, reason, detail, now],
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Dead letters, optionally of one reason, oldest first.
+    pub fn dead_letters(&self, reason: Option<&str>) -> Result<Vec<DeadLetter>, StoreError> {
+        let mut stmt = self.conn.prepare(
+            "SELECT id, reason, detail, charge_box_id, ocpp_transaction_id, lago_transaction_id,
+                    external_subscription_id, first_attempt, last_attempt, attempts,
+                    requeued_at IS NOT NULL
+             FROM dead_letters WHERE ?1 IS NULL OR reason = ?1 ORDER BY id",
+        )?;
+        let rows = stmt.query_map([reason], |r| {
+            Ok(DeadLetter {
+                id: r.get(0)?,
+                reason: r.get(1)?,
+                detail: r.get(2)?,
+                charge_box_id: r.get(3)?,
+                ocpp_transaction_id: r.get(4)?,
+                lago_transaction_id: r.get(5)?,
+                external_subscription_id: r.get(6)?,
+                first_attempt: r.get(7)?,
+                last_attempt: r.get(8)?,
+                attempts: r.get(9)?,
+                requeued: r.get(10)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Puts dead letters that hold an event back into the outbox as pending; returns how many.
+    pub fn requeue(&mut self, selection: Requeue<'_>, now: i64) -> Result<usize, StoreError> {
+        let tx = self.conn.transaction()?;
+        let ids: Vec<i64> = {
+            let (sql, arg): (&str, Option<String>) = match selection {
+                Requeue::Id(id) => (
+                    "SELECT id FROM dead_letters WHERE requeued_at IS NULL AND event IS NOT NULL AND id = CAST(?1 AS INTEGER)",
+                    Some(id.to_string()),
+                ),
+                Requeue::Reason(reason) => (
+                    "SELECT id FROM dead_letters WHERE requeued_at IS NULL AND event IS NOT NULL AND reason = ?1",
+                    Some(reason.to_string()),
+                ),
+                Requeue::All => (
+                    "SELECT id FROM dead_letters WHERE requeued_at IS NULL AND event IS NOT NULL AND ?1 IS NULL",
+                    None,
+                ),
+            };
+            let mut stmt = tx.prepare(sql)?;
+            stmt.query_map([arg], |r| r.get(0))?
+                .collect::<Result<_, _>>()?
+        };
+        for id in &ids {
+            let (outbox_id, event): (Option<i64>, String) = tx.query_row(
+                "SELECT outbox_id, event FROM dead_letters WHERE id = ?1",
+                [id],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )?;
+            match outbox_id {
+                Some(outbox_id) => {
+                    tx.execute(
+                        "UPDATE outbox SET state = 'pending' WHERE id = ?1 AND state = 'dead'",
+                        [outbox_id],
+                    )?;
+                }
+                None => {
+                    let e: LagoEvent = serde_json::from_str(&event)?;
+                    tx.execute(
+                        "INSERT OR IGNORE INTO outbox (lago_transaction_id, external_subscription_id,
+                             charge_box_id, ocpp_transaction_id, event, created_at)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                        params![
+                            e.transaction_id,
+                            e.external_subscription_id,
+                            e.properties.charge_box_id,
+                            e.properties.ocpp_transaction_id,
+                            event,
+                            now
+                        ],
+                    )?;
+                }
+            }
+            tx.execute(
+                "UPDATE dead_letters SET requeued_at = ?2 WHERE id = ?1",
+                params![id, now],
+            )?;
+        }
+        tx.commit()?;
+        Ok(ids.len())
+    }
+
+    /// Size and backlog figures.
+    pub fn stats(&self, path: &Path) -> Result<Stats, StoreError> {
+        let count = |sql: &str| -> Result<i64, rusqlite::Error> {
+            self.conn.query_row(sql, [], |r| r.get(0))
+        };
+        let file_bytes = ["", "-wal"]
+            .iter()
+            .filter_map(|suffix| {
+                std::fs::metadata(format!("{}{suffix}", path.display()))
+                    .ok()
+                    .map(|m| m.len())
+            })
+            .sum();
+        Ok(Stats {
+            file_bytes,
+            tap_records: count("SELECT COUNT(*) FROM tap_records")?,
+            sessions: count("SELECT COUNT(*) FROM sessions")?,
+            pending_events: count("SELECT COUNT(*) FROM outbox WHERE state = 'pending'")?,
+            delivered_events: count("SELECT COUNT(*) FROM outbox WHERE state = 'delivered'")?,
+            dead_letters: count("SELECT COUNT(*) FROM dead_letters WHERE requeued_at IS NULL")?,
+            oldest_pending_created_at: self
+                .conn
+                .query_row(
+                    "SELECT MIN(created_at) FROM outbox WHERE state = 'pending'",
+                    [],
+                    |r| r.get(0),
+                )
+                .optional()?
+                .flatten(),
+        })
+    }
+
+    /// Deletes events delivered before `cutoff`, then tap records received before it whose
+    /// session has no event left (pending, dead or recently delivered) and no open dead letter.
+    /// Undelivered data is never pruned; the ledger state stays. Returns (events, records).
+    pub fn prune(&mut self, cutoff: i64) -> Result<(usize, usize), StoreError> {
+        let tx = self.conn.transaction()?;
+        let events = tx.execute(
+            "DELETE FROM outbox WHERE state = 'delivered' AND delivered_at < ?1
+               AND id NOT IN (SELECT outbox_id FROM dead_letters WHERE outbox_id IS NOT NULL)",
+            [cutoff],
+        )?;
+        let records = tx.execute(
+            "DELETE FROM tap_records WHERE received_at < ?1
+               AND NOT EXISTS (SELECT 1 FROM outbox o
+                               WHERE o.charge_box_id = tap_records.charge_box_id
+                                 AND o.ocpp_transaction_id = tap_records.ocpp_transaction_id)
+               AND NOT EXISTS (SELECT 1 FROM dead_letters d
+                               WHERE d.charge_box_id = tap_records.charge_box_id
+                                 AND d.ocpp_transaction_id = tap_records.ocpp_transaction_id
+                                 AND d.requeued_at IS NULL)",
+            [cutoff],
+        )?;
+        tx.commit()?;
+        Ok((events, records))
+    }
+}
+
+/// Which dead letters `requeue` takes.
+#[derive(Debug, Clone, Copy)]
+pub enum Requeue<'a> {
+    Id(i64),
+    Reason(&'a str),
+    All,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::EventProperties;
+
+    fn event(tid: &str, sub: &str) -> LagoEvent {
+        LagoEvent {
+            transaction_id: tid.into(),
+            external_subscription_id: sub.into(),
+            code: "charging_energy_kwh".into(),
+            timestamp: 1_700_000_000,
+            properties: EventProperties {
+                value: "3.2".into(),
+                charge_box_id: "CP1".into(),
+                connector_id: 1,
+                ocpp_transaction_id: 7,
+                meter_start_wh: "0".into(),
+                meter_stop_wh: "3200".into(),
+                started_at: 1_699_990_000,
+                stopped_at: 1_700_000_000,
+            },
+        }
+    }
+
+    fn changes(events: Vec<LagoEvent>) -> Changes {
+        Changes {
+            records: vec![RecordRow {
+                received_at: 100,
+                charge_box_id: "CP1".into(),
+                ocpp_transaction_id: Some(7),
+                kind: "stop",
+                json: "{}".into(),
+            }],
+            sessions: vec![SessionRow {
+                charge_box_id: "CP1".into(),
+                ocpp_transaction_id: 7,
+                state_json: r#"{"v":1}"#.into(),
+            }],
+            events,
+            dead_letters: vec![],
+        }
+    }
+
+    #[test]
+    fn a_committed_event_survives_reopening_and_is_delivered_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("nested/spool.db");
+        let mut store = Store::open(&path).unwrap();
+        store
+            .commit(&[changes(vec![event("7", "sub")])], 100)
+            .unwrap();
+        // A re-derived identical event is the same row.
+        store
+            .commit(&[changes(vec![event("7", "sub")])], 101)
+            .unwrap();
+        drop(store);
+
+        let mut store = Store::open(&path).unwrap();
+        let pending = store.pending(100).unwrap();
+        assert_eq!(pending.len(), 1);
+        assert_eq!(pending[0].event, event("7", "sub"));
+        assert_eq!(store.sessions().unwrap().len(), 1);
+        store.mark_delivered(&[pending[0].id], 200).unwrap();
+        assert!(store.pending(100).unwrap().is_empty());
+        let stats = store.stats(&path).unwrap();
+        assert_eq!(
+            (
+                stats.pending_events,
+                stats.delivered_events,
+                stats.tap_records
+            ),
+            (0, 1, 2)
+        );
+        assert!(stats.file_bytes > 0);
+    }
+
+    #[test]
+    fn dead_letters_are_listed_and_requeued() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("spool.db");
+        let mut store = Store::open(&path).unwrap();
+        let mut c = changes(vec![event("1", "a"), event("2", "b")]);
+        c.dead_letters.push(NewDeadLetter {
+            reason: "unmapped_id_tag".into(),
+            detail: "no subscription for id tag TAG".into(),
+            charge_box_id: Some("CP1".into()),
+            ocpp_transaction_id: Some(9),
+            event: Some(event("9", "TAG")),
+        });
+        store.commit(&[c], 100).unwrap();
+        let first = store.pending(1).unwrap()[0].id;
+        store
+            .dead_letter_outbox(first, "lago_rejected", "code: does not exist", 150)
+            .unwrap();
+        let letters = store.dead_letters(None).unwrap();
+        assert_eq!(letters.len(), 2);
+        assert_eq!(store.dead_letters(Some("lago_rejected")).unwrap().len(), 1);
+        assert_eq!(store.pending(10).unwrap().len(), 1);
+
+        assert_eq!(
+            store
+                .requeue(Requeue::Reason("unmapped_id_tag"), 160)
+                .unwrap(),
+            1
+        );
+        assert_eq!(store.requeue(Requeue::All, 170).unwrap(), 1);
+        assert_eq!(
+            store.requeue(Requeue::All, 180).unwrap(),
+            0,
+            "requeued once only"
+        );
+        let pending: Vec<String> = store
+            .pending(10)
+            .unwrap()
+            .into_iter()
+            .map(|r| r.event.transaction_id)
+            .collect();
+        assert_eq!(pending, ["1", "2", "9"]);
+        assert_eq!(store.stats(&path).unwrap().dead_letters, 0);
+    }
+
+    #[test]
+    fn pruning_keeps_everything_undelivered() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("spool.db");
+        let mut store = Store::open(&path).unwrap();
+        store
+            .commit(&[changes(vec![event("1", "a")])], 100)
+            .unwrap();
+        assert_eq!(
+            store.prune(1_000).unwrap(),
+            (0, 0),
+            "pending event protects its records"
+        );
+        let id = store.pending(1).unwrap()[0].id;
+        store.mark_delivered(&[id], 200).unwrap();
+        assert_eq!(
+            store.prune(150).unwrap(),
+            (0, 0),
+            "delivered after the cutoff"
+        );
+        assert_eq!(store.prune(1_000).unwrap(), (1, 1));
+    }
+
+    #[test]
+    fn a_newer_schema_is_never_touched() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("spool.db");
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.pragma_update(None, "user_version", SCHEMA_VERSION + 1)
+                .unwrap();
+        }
+        let before = std::fs::read(&path).unwrap();
+        match Store::open(&path) {
+            Err(StoreError::NewerSchema { found, known }) => {
+                assert_eq!((found, known), (SCHEMA_VERSION + 1, SCHEMA_VERSION))
+            }
+            other => panic!("expected NewerSchema, got {:?}", other.err()),
+        }
+        assert_eq!(std::fs::read(&path).unwrap(), before);
+        assert!(!dir.path().join("spool.db-wal").exists());
+    }
+}
