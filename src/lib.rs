@@ -6,6 +6,7 @@
 pub mod app;
 pub mod config;
 pub mod event;
+pub mod lago;
 pub mod ledger;
 pub mod ocpp;
 pub mod proxy;
