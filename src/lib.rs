@@ -10,6 +10,7 @@ pub mod lago;
 pub mod ledger;
 pub mod ocpp;
 pub mod proxy;
+pub mod shipper;
 pub mod shutdown;
 pub mod tap;
 pub mod telemetry;
