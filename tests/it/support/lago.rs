@@ -275,6 +275,8 @@ impl LagoStandIn {
 async fn accept_loop(listener: TcpListener, state: Arc<Mutex<State>>) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
+            // E.g. out of file descriptors: back off instead of spinning.
+            tokio::time::sleep(Duration::from_millis(10)).await;
             continue;
         };
         tokio::spawn(serve_connection(stream, state.clone()));
