@@ -6,9 +6,11 @@
 pub mod app;
 pub mod config;
 pub mod event;
+pub mod lago;
 pub mod ledger;
 pub mod ocpp;
 pub mod proxy;
+pub mod shipper;
 pub mod shutdown;
 pub mod spool;
 pub mod tap;

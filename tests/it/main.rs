@@ -4,4 +4,5 @@
 
 mod peers_selfcheck;
 mod relay;
+mod lago_client;
 mod support;

@@ -40,3 +40,4 @@ pub async fn poll_until<T>(limit: Duration, mut check: impl FnMut() -> Option<T>
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+pub mod lago;

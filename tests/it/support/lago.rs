@@ -1,0 +1,748 @@
+//! A Lago stand-in speaking HTTP/1.1 on 127.0.0.1 that follows EVENTS-CONTRACT.md: batch
+//! ingestion with validation, Postgres (unique, whole-batch rollback) or ClickHouse (dedupe)
+//! storage, the three lookups, and a fault schedule the test changes at runtime.
+
+#![allow(dead_code)] // Each test uses a different part of the stand-in.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime};
+
+use serde_json::{Map, Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::task::JoinHandle;
+
+/// Requests whose head or body does not arrive within this are dropped.
+const READ_DEADLINE: Duration = Duration::from_secs(10);
+const MAX_HEAD_BYTES: usize = 64 * 1024;
+const MAX_BODY_BYTES: usize = 16 * 1024 * 1024;
+
+/// Which event store the stand-in imitates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreMode {
+    /// Unique (external_subscription_id, transaction_id); a duplicate fails the batch.
+    Postgres,
+    /// Duplicates accepted; same (code, subscription, transaction_id, timestamp) overwrites.
+    ClickHouse,
+}
+
+/// A billable metric the stand-in knows.
+#[derive(Debug, Clone)]
+pub struct MetricDef {
+    pub code: String,
+    pub aggregation_type: String,
+    pub field_name: Option<String>,
+    /// Events of this metric fail with a plain-string error, as a broken expression does.
+    pub expression_fails: bool,
+}
+
+impl MetricDef {
+    /// A `sum_agg` metric over `value`, the shape the bridge needs.
+    pub fn sum_of_value(code: &str) -> Self {
+        Self {
+            code: code.into(),
+            aggregation_type: "sum_agg".into(),
+            field_name: Some("value".into()),
+            expression_fails: false,
+        }
+    }
+}
+
+/// How the stand-in starts.
+#[derive(Debug, Clone)]
+pub struct StandInConfig {
+    pub api_key: String,
+    pub mode: StoreMode,
+    pub batch_limit: usize,
+    pub metrics: Vec<MetricDef>,
+    /// External ids of the subscriptions `GET /subscriptions/{id}` finds.
+    pub subscriptions: Vec<String>,
+}
+
+impl Default for StandInConfig {
+    fn default() -> Self {
+        Self {
+            api_key: "test-key".into(),
+            mode: StoreMode::Postgres,
+            batch_limit: 100,
+            metrics: vec![MetricDef::sum_of_value("kwh")],
+            subscriptions: vec!["sub-1".into()],
+        }
+    }
+}
+
+/// One injected misbehaviour, consumed by the next request that arrives (any path).
+#[derive(Debug, Clone)]
+pub enum Fault {
+    /// 500 with an HTML body; nothing stored.
+    InternalError,
+    /// 429 with `X-RateLimit-*` headers and, if set, `Retry-After: <secs>`; nothing stored.
+    RateLimited {
+        retry_after_secs: Option<u64>,
+        reset_secs: u64,
+    },
+    /// Waits this long, then answers normally (so a timed-out batch may still be stored).
+    Slow(Duration),
+    /// 401 whatever the key; nothing stored.
+    Unauthorized,
+    /// Processes normally (events stored) but answers 200 with a body that is not JSON.
+    GarbageOk,
+}
+
+/// How many requests of each kind arrived (faulted ones included).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RequestCounts {
+    pub batch: u64,
+    pub get_event: u64,
+    pub get_billable_metric: u64,
+    pub get_subscription: u64,
+    pub other: u64,
+}
+
+/// An event as the stand-in stored it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredRow {
+    pub lago_id: String,
+    pub transaction_id: String,
+    pub external_subscription_id: String,
+    pub code: String,
+    pub timestamp_secs: f64,
+    pub properties: Map<String, Value>,
+}
+
+impl StoredRow {
+    /// The property `value` as sent (a decimal string for our events).
+    pub fn value(&self) -> Option<&str> {
+        self.properties.get("value").and_then(Value::as_str)
+    }
+
+    fn to_event_object(&self, subscriptions: &[String]) -> Value {
+        let known = subscriptions.contains(&self.external_subscription_id);
+        json!({
+            "lago_id": self.lago_id,
+            "transaction_id": self.transaction_id,
+            "lago_customer_id": known.then(|| format!("cust-{}", self.external_subscription_id)),
+            "code": self.code,
+            "timestamp": iso_millis(self.timestamp_secs),
+            "precise_total_amount_cents": null,
+            "properties": self.properties,
+            "lago_subscription_id": known.then(|| format!("lsub-{}", self.external_subscription_id)),
+            "external_subscription_id": self.external_subscription_id,
+            "created_at": humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
+        })
+    }
+}
+
+struct State {
+    config: StandInConfig,
+    stored: Vec<StoredRow>,
+    faults: VecDeque<Fault>,
+    counts: RequestCounts,
+    next_id: u64,
+}
+
+/// The running stand-in; dropping it stops accepting connections.
+pub struct LagoStandIn {
+    addr: SocketAddr,
+    state: Arc<Mutex<State>>,
+    acceptor: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Drop for LagoStandIn {
+    fn drop(&mut self) {
+        if let Some(acceptor) = lock(&self.acceptor).take() {
+            acceptor.abort();
+        }
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl LagoStandIn {
+    /// Binds an ephemeral port on 127.0.0.1 and starts serving.
+    pub async fn start(config: StandInConfig) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind stand-in");
+        let addr = listener.local_addr().expect("stand-in address");
+        let state = Arc::new(Mutex::new(State {
+            config,
+            stored: Vec::new(),
+            faults: VecDeque::new(),
+            counts: RequestCounts::default(),
+            next_id: 1,
+        }));
+        let acceptor = tokio::spawn(accept_loop(listener, state.clone()));
+        Self {
+            addr,
+            state,
+            acceptor: Mutex::new(Some(acceptor)),
+        }
+    }
+
+    /// The server root to configure as `lago.api_url`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// The API key the stand-in accepts.
+    pub fn api_key(&self) -> String {
+        lock(&self.state).config.api_key.clone()
+    }
+
+    /// Queues a fault for the next request (FIFO with earlier ones).
+    pub fn push_fault(&self, fault: Fault) {
+        lock(&self.state).faults.push_back(fault);
+    }
+
+    /// Queues the same fault for the next `times` requests.
+    pub fn push_faults(&self, fault: Fault, times: usize) {
+        let mut state = lock(&self.state);
+        state.faults.extend(std::iter::repeat_n(fault, times));
+    }
+
+    /// Drops pending faults.
+    pub fn clear_faults(&self) {
+        lock(&self.state).faults.clear();
+    }
+
+    /// Closes the listener: connections are refused until [`Self::come_up`].
+    pub async fn go_down(&self) {
+        let acceptor = lock(&self.acceptor).take();
+        if let Some(acceptor) = acceptor {
+            acceptor.abort();
+            // Wait for the abort so the listening socket is really closed when we return.
+            let _ = acceptor.await;
+        }
+    }
+
+    /// Listens again on the same port.
+    pub async fn come_up(&self) {
+        if lock(&self.acceptor).is_some() {
+            return;
+        }
+        let socket = TcpSocket::new_v4().expect("socket");
+        socket.set_reuseaddr(true).expect("reuseaddr");
+        socket.bind(self.addr).expect("rebind stand-in port");
+        let listener = socket.listen(128).expect("listen");
+        *lock(&self.acceptor) = Some(tokio::spawn(accept_loop(listener, self.state.clone())));
+    }
+
+    /// Switches the store mode (stored events are kept).
+    pub fn set_mode(&self, mode: StoreMode) {
+        lock(&self.state).config.mode = mode;
+    }
+
+    /// Changes the batch limit.
+    pub fn set_batch_limit(&self, limit: usize) {
+        lock(&self.state).config.batch_limit = limit;
+    }
+
+    /// Replaces the known billable metrics.
+    pub fn set_metrics(&self, metrics: Vec<MetricDef>) {
+        lock(&self.state).config.metrics = metrics;
+    }
+
+    /// Replaces the known subscriptions.
+    pub fn set_subscriptions(&self, external_ids: Vec<String>) {
+        lock(&self.state).config.subscriptions = external_ids;
+    }
+
+    /// Stores an event directly, as if another sender had (e.g. a colliding session).
+    pub fn seed(&self, event: Value) {
+        let mut state = lock(&self.state);
+        let row = to_row(&mut state, &event, 0.0);
+        state.stored.push(row);
+    }
+
+    /// Everything stored, in arrival order.
+    pub fn stored_events(&self) -> Vec<StoredRow> {
+        lock(&self.state).stored.clone()
+    }
+
+    /// Requests seen so far, per endpoint.
+    pub fn request_counts(&self) -> RequestCounts {
+        lock(&self.state).counts.clone()
+    }
+}
+
+async fn accept_loop(listener: TcpListener, state: Arc<Mutex<State>>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            // E.g. out of file descriptors: back off instead of spinning.
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            continue;
+        };
+        tokio::spawn(serve_connection(stream, state.clone()));
+    }
+}
+
+struct Request {
+    method: String,
+    path: String,
+    authorization: Option<String>,
+    body: Vec<u8>,
+}
+
+struct Response {
+    status: u16,
+    headers: Vec<(&'static str, String)>,
+    body: Vec<u8>,
+}
+
+impl Response {
+    fn json(status: u16, body: Value) -> Self {
+        Self {
+            status,
+            headers: Vec::new(),
+            body: body.to_string().into_bytes(),
+        }
+    }
+}
+
+async fn serve_connection(mut stream: TcpStream, state: Arc<Mutex<State>>) {
+    // One request per connection (`Connection: close`), so a closed listener refuses everything.
+    let Ok(Some(request)) = tokio::time::timeout(READ_DEADLINE, read_request(&mut stream)).await
+    else {
+        return;
+    };
+    let response = handle(&state, request).await;
+    let reason = match response.status {
+        200 => "OK",
+        401 => "Unauthorized",
+        404 => "Not Found",
+        422 => "Unprocessable Entity",
+        429 => "Too Many Requests",
+        500 => "Internal Server Error",
+        _ => "Status",
+    };
+    let mut head = format!(
+        "HTTP/1.1 {} {reason}\r\nContent-Type: application/json; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n",
+        response.status,
+        response.body.len()
+    );
+    for (name, value) in &response.headers {
+        head.push_str(&format!("{name}: {value}\r\n"));
+    }
+    head.push_str("\r\n");
+    let _ = stream.write_all(head.as_bytes()).await;
+    let _ = stream.write_all(&response.body).await;
+    let _ = stream.shutdown().await;
+}
+
+async fn read_request(stream: &mut TcpStream) -> Option<Request> {
+    let mut buffer = Vec::with_capacity(4096);
+    let mut chunk = [0u8; 8192];
+    loop {
+        let mut headers = [httparse::EMPTY_HEADER; 64];
+        let mut parsed = httparse::Request::new(&mut headers);
+        if let httparse::Status::Complete(head_len) = parsed.parse(&buffer).ok()? {
+            let method = parsed.method?.to_owned();
+            let path = parsed.path?.to_owned();
+            let header = |name: &str| {
+                parsed
+                    .headers
+                    .iter()
+                    .find(|h| h.name.eq_ignore_ascii_case(name))
+                    .and_then(|h| std::str::from_utf8(h.value).ok())
+                    .map(str::to_owned)
+            };
+            let authorization = header("authorization");
+            let content_length: usize = header("content-length")
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0);
+            if content_length > MAX_BODY_BYTES {
+                return None;
+            }
+            let mut body = buffer[head_len..].to_vec();
+            while body.len() < content_length {
+                let n = stream.read(&mut chunk).await.ok()?;
+                if n == 0 {
+                    return None;
+                }
+                body.extend_from_slice(&chunk[..n]);
+            }
+            body.truncate(content_length);
+            return Some(Request {
+                method,
+                path,
+                authorization,
+                body,
+            });
+        }
+        if buffer.len() > MAX_HEAD_BYTES {
+            return None;
+        }
+        let n = stream.read(&mut chunk).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        buffer.extend_from_slice(&chunk[..n]);
+    }
+}
+
+enum Route {
+    Batch,
+    Event(String),
+    BillableMetric(String),
+    Subscription(String),
+    Other,
+}
+
+fn route(method: &str, path: &str) -> Route {
+    let path = path.split('?').next().unwrap_or_default();
+    let Some(rest) = path.strip_prefix("/api/v1/") else {
+        return Route::Other;
+    };
+    let segments: Vec<&str> = rest.split('/').collect();
+    match (method, segments.as_slice()) {
+        ("POST", ["events", "batch"]) => Route::Batch,
+        ("GET", ["events", id]) => Route::Event(percent_decode(id)),
+        ("GET", ["billable_metrics", code]) => Route::BillableMetric(percent_decode(code)),
+        ("GET", ["subscriptions", id]) => Route::Subscription(percent_decode(id)),
+        _ => Route::Other,
+    }
+}
+
+async fn handle(state: &Mutex<State>, request: Request) -> Response {
+    let route = route(&request.method, &request.path);
+    let (fault, authorized) = {
+        let mut state = lock(state);
+        let counts = &mut state.counts;
+        match route {
+            Route::Batch => counts.batch += 1,
+            Route::Event(_) => counts.get_event += 1,
+            Route::BillableMetric(_) => counts.get_billable_metric += 1,
+            Route::Subscription(_) => counts.get_subscription += 1,
+            Route::Other => counts.other += 1,
+        }
+        let expected = format!("Bearer {}", state.config.api_key);
+        (
+            state.faults.pop_front(),
+            request.authorization.as_deref() == Some(expected.as_str()),
+        )
+    };
+    let mut garbage = false;
+    match fault {
+        Some(Fault::InternalError) => {
+            return Response {
+                status: 500,
+                headers: Vec::new(),
+                body: b"<html><body>We're sorry, but something went wrong.</body></html>".to_vec(),
+            };
+        }
+        Some(Fault::RateLimited {
+            retry_after_secs,
+            reset_secs,
+        }) => {
+            let mut headers = vec![
+                ("X-RateLimit-Limit", "500".to_owned()),
+                ("X-RateLimit-Remaining", "0".to_owned()),
+                ("X-RateLimit-Reset", reset_secs.to_string()),
+            ];
+            if let Some(secs) = retry_after_secs {
+                headers.push(("Retry-After", secs.to_string()));
+            }
+            return Response {
+                status: 429,
+                headers,
+                body: json!({"status": 429, "error": "Too Many Requests"})
+                    .to_string()
+                    .into_bytes(),
+            };
+        }
+        Some(Fault::Unauthorized) => return unauthorized(),
+        Some(Fault::Slow(delay)) => tokio::time::sleep(delay).await,
+        Some(Fault::GarbageOk) => garbage = true,
+        None => {}
+    }
+    if !authorized {
+        return unauthorized();
+    }
+    let response = {
+        let mut state = lock(state);
+        match route {
+            Route::Batch => ingest(&mut state, &request.body),
+            Route::Event(transaction_id) => find_event(&state, &transaction_id),
+            Route::BillableMetric(code) => find_metric(&state, &code),
+            Route::Subscription(external_id) => find_subscription(&state, &external_id),
+            Route::Other => not_found("route_not_found"),
+        }
+    };
+    if garbage && response.status == 200 {
+        return Response {
+            status: 200,
+            headers: Vec::new(),
+            body: b"{\"events\": [ this is not json".to_vec(),
+        };
+    }
+    response
+}
+
+fn unauthorized() -> Response {
+    Response::json(401, json!({"status": 401, "error": "Unauthorized"}))
+}
+
+fn not_found(code: &str) -> Response {
+    Response::json(
+        404,
+        json!({"status": 404, "error": "Not Found", "code": code}),
+    )
+}
+
+fn unprocessable(details: Value) -> Response {
+    Response::json(
+        422,
+        json!({"status": 422, "error": "Unprocessable Entity", "code": "validation_errors", "error_details": details}),
+    )
+}
+
+fn ingest(state: &mut State, body: &[u8]) -> Response {
+    let Ok(Value::Object(mut input)) = serde_json::from_slice::<Value>(body) else {
+        return Response::json(400, json!({"status": 400, "error": "BadRequest: events"}));
+    };
+    let Some(Value::Array(events)) = input.remove("events") else {
+        return Response::json(400, json!({"status": 400, "error": "BadRequest: events"}));
+    };
+    if events.len() > state.config.batch_limit {
+        return unprocessable(json!({"events": ["too_many_events"]}));
+    }
+    let received_at = unix_now();
+    let mut errors = Map::new();
+    let mut batch_keys: Vec<(String, String)> = Vec::new();
+    for (index, event) in events.iter().enumerate() {
+        if let Some(error) = validate(state, event, &batch_keys) {
+            errors.insert(index.to_string(), error);
+        }
+        batch_keys.push((
+            str_field(event, "external_subscription_id"),
+            str_field(event, "transaction_id"),
+        ));
+    }
+    if !errors.is_empty() {
+        // Whole-batch rollback (lago-api PR #4772): nothing of this batch is stored.
+        return unprocessable(Value::Object(errors));
+    }
+    let mut echoes = Vec::new();
+    for event in &events {
+        let row = to_row(state, event, received_at);
+        if state.config.mode == StoreMode::ClickHouse {
+            // ReplacingMergeTree: the same key overwrites instead of adding a row.
+            state.stored.retain(|old| {
+                (
+                    &old.code,
+                    &old.external_subscription_id,
+                    &old.transaction_id,
+                    old.timestamp_secs.to_bits(),
+                ) != (
+                    &row.code,
+                    &row.external_subscription_id,
+                    &row.transaction_id,
+                    row.timestamp_secs.to_bits(),
+                )
+            });
+        }
+        let mut echo = row.to_event_object(&state.config.subscriptions);
+        // The batch echo never names the customer: processing is asynchronous.
+        echo["lago_customer_id"] = Value::Null;
+        echoes.push(echo);
+        state.stored.push(row);
+    }
+    Response::json(200, json!({ "events": echoes }))
+}
+
+/// Lago's per-event validation; `None` when the event is acceptable.
+fn validate(state: &State, event: &Value, earlier_in_batch: &[(String, String)]) -> Option<Value> {
+    let mut fields = Map::new();
+    for field in ["transaction_id", "external_subscription_id", "code"] {
+        if str_field(event, field).is_empty() {
+            fields.insert(field.into(), json!(["value_is_mandatory"]));
+        }
+    }
+    match event.get("timestamp") {
+        None | Some(Value::Null) | Some(Value::Number(_)) => {}
+        Some(Value::String(text)) if text.parse::<f64>().is_ok() => {}
+        Some(_) => {
+            fields.insert("timestamp".into(), json!(["invalid_format"]));
+        }
+    }
+    let code = str_field(event, "code");
+    let metric = state.config.metrics.iter().find(|m| m.code == code);
+    if let Some(metric) = metric {
+        if metric.expression_fails {
+            return Some(Value::String(format!(
+                "undefined method `*' for nil while evaluating the expression of {code}"
+            )));
+        }
+        if metric.aggregation_type == "sum_agg" {
+            let field = metric.field_name.as_deref().unwrap_or("value");
+            let value = event.get("properties").and_then(|p| p.get(field));
+            let valid = match value {
+                None | Some(Value::Null) => true,
+                Some(Value::String(text)) => is_decimal(text),
+                Some(Value::Number(n)) => is_decimal(&n.to_string()),
+                Some(_) => false,
+            };
+            if !valid {
+                fields.insert("properties".into(), json!(["value_is_not_valid_number"]));
+            }
+        }
+    }
+    if state.config.mode == StoreMode::Postgres {
+        let key = (
+            str_field(event, "external_subscription_id"),
+            str_field(event, "transaction_id"),
+        );
+        let exists = state
+            .stored
+            .iter()
+            .any(|row| row.external_subscription_id == key.0 && row.transaction_id == key.1)
+            || earlier_in_batch.contains(&key);
+        if exists && !key.1.is_empty() {
+            fields.insert("transaction_id".into(), json!(["value_already_exist"]));
+        }
+    }
+    (!fields.is_empty()).then_some(Value::Object(fields))
+}
+
+/// `^-?\d+(\.\d+)?$`, the Postgres path's check of a sum_agg field.
+fn is_decimal(text: &str) -> bool {
+    let digits = text.strip_prefix('-').unwrap_or(text);
+    let (int, frac) = match digits.split_once('.') {
+        Some((int, frac)) => (int, Some(frac)),
+        None => (digits, None),
+    };
+    let all_digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    all_digits(int) && frac.is_none_or(all_digits)
+}
+
+fn to_row(state: &mut State, event: &Value, received_at: f64) -> StoredRow {
+    let timestamp_secs = match event.get("timestamp") {
+        Some(Value::Number(n)) => n.as_f64().unwrap_or(received_at),
+        Some(Value::String(text)) => text.parse().unwrap_or(received_at),
+        _ => received_at,
+    };
+    let lago_id = format!("00000000-0000-4000-8000-{:012}", state.next_id);
+    state.next_id += 1;
+    StoredRow {
+        lago_id,
+        transaction_id: str_field(event, "transaction_id"),
+        external_subscription_id: str_field(event, "external_subscription_id"),
+        code: str_field(event, "code"),
+        timestamp_secs,
+        properties: match event.get("properties") {
+            Some(Value::Object(map)) => map.clone(),
+            _ => Map::new(),
+        },
+    }
+}
+
+fn find_event(state: &State, transaction_id: &str) -> Response {
+    match state
+        .stored
+        .iter()
+        .find(|row| row.transaction_id == transaction_id)
+    {
+        Some(row) => Response::json(
+            200,
+            json!({"event": row.to_event_object(&state.config.subscriptions)}),
+        ),
+        None => not_found("event_not_found"),
+    }
+}
+
+fn find_metric(state: &State, code: &str) -> Response {
+    let Some(metric) = state.config.metrics.iter().find(|m| m.code == code) else {
+        return not_found("billable_metric_not_found");
+    };
+    Response::json(
+        200,
+        json!({"billable_metric": {
+            "lago_id": format!("bm-{code}"),
+            "name": code,
+            "code": code,
+            "description": null,
+            "recurring": false,
+            "rounding_function": null,
+            "rounding_precision": null,
+            "created_at": "2025-01-01T00:00:00Z",
+            "expression": if metric.expression_fails { json!("value * missing") } else { Value::Null },
+            "field_name": metric.field_name,
+            "aggregation_type": metric.aggregation_type,
+            "weighted_interval": null,
+            "filters": [],
+            "active_subscriptions_count": 1,
+        }}),
+    )
+}
+
+fn find_subscription(state: &State, external_id: &str) -> Response {
+    if !state.config.subscriptions.iter().any(|s| s == external_id) {
+        return not_found("subscription_not_found");
+    }
+    Response::json(
+        200,
+        json!({"subscription": {
+            "lago_id": format!("lsub-{external_id}"),
+            "external_id": external_id,
+            "lago_customer_id": format!("cust-{external_id}"),
+            "external_customer_id": format!("customer-of-{external_id}"),
+            "billing_time": "calendar",
+            "name": null,
+            "plan_code": "ev_charging",
+            "status": "active",
+            "created_at": "2025-01-01T00:00:00Z",
+            "started_at": "2025-01-01T00:00:00Z",
+            "canceled_at": null,
+            "terminated_at": null,
+            "ending_at": null,
+            "plan": {"code": "ev_charging"},
+        }}),
+    )
+}
+
+fn str_field(event: &Value, field: &str) -> String {
+    event
+        .get(field)
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_owned()
+}
+
+fn unix_now() -> f64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or_default()
+}
+
+fn iso_millis(unix_secs: f64) -> String {
+    let at = SystemTime::UNIX_EPOCH + Duration::from_secs_f64(unix_secs.max(0.0));
+    humantime::format_rfc3339_millis(at).to_string()
+}
+
+fn percent_decode(segment: &str) -> String {
+    let bytes = segment.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let escaped = (bytes[i] == b'%' && i + 2 < bytes.len())
+            .then(|| std::str::from_utf8(&bytes[i + 1..i + 3]).ok())
+            .flatten()
+            .and_then(|hex| u8::from_str_radix(hex, 16).ok());
+        if let Some(byte) = escaped {
+            out.push(byte);
+            i += 3;
+            continue;
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
