@@ -405,7 +405,8 @@ impl Ledger {
                 held_event: None,
             });
         }
-        let started_at = plausible(start.timestamp, received_at, None, rules).unwrap_or(received_at);
+        let started_at =
+            plausible(start.timestamp, received_at, None, rules).unwrap_or(received_at);
         let state = SessionState {
             key: key.clone(),
             start_source: StartSource::StartTransaction,
@@ -622,7 +623,10 @@ impl Ledger {
         }
         finished.sort();
         let excess = finished.len() - MAX_FINISHED_PER_CHARGE_BOX;
-        let victims: Vec<SessionKey> = finished[..excess].iter().map(|(_, k)| (*k).clone()).collect();
+        let victims: Vec<SessionKey> = finished[..excess]
+            .iter()
+            .map(|(_, k)| (*k).clone())
+            .collect();
         for key in victims {
             self.sessions.remove(&key);
             out.touched.retain(|k| *k != key);
@@ -756,7 +760,12 @@ fn derive(session: &mut SessionState, d: Derivation, rules: &BillingRules, out: 
         }
         None => Some(rules.external_subscription_id.render(&values)),
     };
-    let charger_ts = plausible(d.charger_timestamp, d.received_at, Some(session.started_at), rules);
+    let charger_ts = plausible(
+        d.charger_timestamp,
+        d.received_at,
+        Some(session.started_at),
+        rules,
+    );
     let (timestamp, timestamp_source) = match charger_ts {
         Some(t) => (t, TimestampSource::Charger),
         None => (d.received_at, TimestampSource::Bridge),

@@ -43,10 +43,14 @@ impl SubscriptionMap {
         if id_tag.is_empty() {
             err("empty id_tag".into());
         } else if sub.is_empty() {
-            err(format!("empty external_subscription_id for id_tag {id_tag:?}"));
+            err(format!(
+                "empty external_subscription_id for id_tag {id_tag:?}"
+            ));
         } else if let Some(previous) = self.by_id_tag.get(id_tag) {
             if previous != sub {
-                err(format!("id_tag {id_tag:?} mapped twice ({previous:?} and {sub:?})"));
+                err(format!(
+                    "id_tag {id_tag:?} mapped twice ({previous:?} and {sub:?})"
+                ));
             }
         } else {
             self.by_id_tag.insert(id_tag.to_owned(), sub.to_owned());
@@ -87,7 +91,11 @@ impl SubscriptionMap {
             }
             map.insert(line, fields[0], fields[1], &mut errors);
         }
-        if errors.is_empty() { Ok(map) } else { Err(errors) }
+        if errors.is_empty() {
+            Ok(map)
+        } else {
+            Err(errors)
+        }
     }
 
     /// Parses a TOML table of `"id_tag" = "external_subscription_id"`, at the top level or
@@ -124,7 +132,11 @@ impl SubscriptionMap {
                 }),
             }
         }
-        if errors.is_empty() { Ok(map) } else { Err(errors) }
+        if errors.is_empty() {
+            Ok(map)
+        } else {
+            Err(errors)
+        }
     }
 }
 
@@ -141,7 +153,8 @@ mod tests {
         assert_eq!(map.get("TAG1"), Some("sub_1"));
         assert_eq!(map.get("TAG2"), Some("sub_2"));
         assert_eq!(map.len(), 2);
-        let errors = SubscriptionMap::from_csv("A,1\nB\n,x\nC,\nA,2\n\"D\",3\nE,1,2\n").unwrap_err();
+        let errors =
+            SubscriptionMap::from_csv("A,1\nB\n,x\nC,\nA,2\n\"D\",3\nE,1,2\n").unwrap_err();
         let lines: Vec<usize> = errors.iter().map(|e| e.line).collect();
         assert_eq!(lines, vec![2, 3, 4, 5, 6, 7]);
     }

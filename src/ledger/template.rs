@@ -35,7 +35,9 @@ impl Placeholder {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TemplateError {
     /// `{name}` is not one of the known placeholders.
-    #[error("unknown placeholder {{{0}}}; known: transaction_id, charge_box_id, connector_id, id_tag, started_at")]
+    #[error(
+        "unknown placeholder {{{0}}}; known: transaction_id, charge_box_id, connector_id, id_tag, started_at"
+    )]
     UnknownPlaceholder(String),
     /// A `{` without its `}`, or a `}` without its `{`.
     #[error("unbalanced brace at byte {0}")]
@@ -180,9 +182,15 @@ mod tests {
             "{session}".parse::<Template>(),
             Err(TemplateError::UnknownPlaceholder("session".into()))
         );
-        assert_eq!("a{id_tag".parse::<Template>(), Err(TemplateError::Unbalanced(1)));
+        assert_eq!(
+            "a{id_tag".parse::<Template>(),
+            Err(TemplateError::Unbalanced(1))
+        );
         assert_eq!("a}".parse::<Template>(), Err(TemplateError::Unbalanced(1)));
-        assert_eq!("{{id_tag}}".parse::<Template>(), Err(TemplateError::Unbalanced(0)));
+        assert_eq!(
+            "{{id_tag}}".parse::<Template>(),
+            Err(TemplateError::Unbalanced(0))
+        );
         assert_eq!("".parse::<Template>(), Err(TemplateError::Empty));
     }
 }

@@ -209,7 +209,8 @@ mod tests {
 
     #[test]
     fn parses_call_header_and_payload() {
-        let head = parse_head(r#"[2, "19223201", "StartTransaction", {"connectorId": 1}]"#).unwrap();
+        let head =
+            parse_head(r#"[2, "19223201", "StartTransaction", {"connectorId": 1}]"#).unwrap();
         assert_eq!(head.message_type, MessageType::Call);
         assert_eq!(head.message_id, "19223201");
         assert_eq!(head.action.as_deref(), Some("StartTransaction"));
@@ -240,12 +241,21 @@ mod tests {
         assert_eq!(parse_head("{}"), Err(FrameError::NotAnArray));
         assert_eq!(parse_head("[5,\"a\",{}]"), Err(FrameError::BadMessageType));
         assert_eq!(parse_head("[22,\"a\",{}]"), Err(FrameError::BadMessageType));
-        assert_eq!(parse_head("[2,1,\"A\",{}]"), Err(FrameError::ExpectedString("message id")));
-        assert_eq!(parse_head("[2,\"1\",{}]"), Err(FrameError::ExpectedString("action")));
+        assert_eq!(
+            parse_head("[2,1,\"A\",{}]"),
+            Err(FrameError::ExpectedString("message id"))
+        );
+        assert_eq!(
+            parse_head("[2,\"1\",{}]"),
+            Err(FrameError::ExpectedString("action"))
+        );
         assert_eq!(parse_head("[3,\"1\",{}"), Err(FrameError::Truncated));
         assert_eq!(parse_head("[3,\"1\",]"), Err(FrameError::Truncated));
         assert_eq!(parse_head("[3,\"1"), Err(FrameError::Truncated));
-        assert_eq!(parse_head("[3 \"1\",{}]"), Err(FrameError::ExpectedComma("message type")));
+        assert_eq!(
+            parse_head("[3 \"1\",{}]"),
+            Err(FrameError::ExpectedComma("message type"))
+        );
         assert_eq!(parse_head(""), Err(FrameError::NotAnArray));
     }
 

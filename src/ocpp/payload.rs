@@ -205,7 +205,10 @@ pub fn start_transaction_conf(payload: &str) -> Result<StartTransactionConf, Vie
             required(raw.transaction_id, "transactionId")?,
             "transactionId",
         )?,
-        id_tag_status: text_field(required(info.status, "idTagInfo.status")?, "idTagInfo.status")?,
+        id_tag_status: text_field(
+            required(info.status, "idTagInfo.status")?,
+            "idTagInfo.status",
+        )?,
     })
 }
 
@@ -274,7 +277,10 @@ fn energy_readings(
                 skipped.signed += 1;
                 continue;
             }
-            let value = text_field(required(sv.value, "sampledValue.value")?, "sampledValue.value")?;
+            let value = text_field(
+                required(sv.value, "sampledValue.value")?,
+                "sampledValue.value",
+            )?;
             let unit = opt_text(sv.unit);
             let wh = match units::energy_to_wh(&value, unit.as_deref()) {
                 Ok(wh) => wh,
@@ -443,7 +449,8 @@ mod tests {
         assert_eq!(s.id_tag, "12345");
         assert_eq!(s.meter_start_wh, d("1234"));
         assert_eq!(s.timestamp, None);
-        let s = start_transaction_req(r#"{"connectorId":1.0,"idTag":"A","meterStart":1234.5}"#).unwrap();
+        let s = start_transaction_req(r#"{"connectorId":1.0,"idTag":"A","meterStart":1234.5}"#)
+            .unwrap();
         assert_eq!(s.meter_start_wh, d("1234.5"));
         assert_eq!(s.connector_id, 1);
     }
@@ -460,11 +467,17 @@ mod tests {
         );
         assert!(matches!(
             start_transaction_req(r#"{"connectorId":1,"idTag":"A","meterStart":"NaN"}"#),
-            Err(ViewError::Invalid { field: "meterStart", .. })
+            Err(ViewError::Invalid {
+                field: "meterStart",
+                ..
+            })
         ));
         assert!(matches!(
             start_transaction_req(r#"{"connectorId":1.5,"idTag":"A","meterStart":1}"#),
-            Err(ViewError::Invalid { field: "connectorId", .. })
+            Err(ViewError::Invalid {
+                field: "connectorId",
+                ..
+            })
         ));
         assert!(matches!(
             start_transaction_req(r#"[1,2]"#),
@@ -478,15 +491,19 @@ mod tests {
 
     #[test]
     fn start_conf() {
-        let c = start_transaction_conf(r#"{"idTagInfo":{"status":"Accepted","expiryDate":"x"},"transactionId":42}"#)
-            .unwrap();
+        let c = start_transaction_conf(
+            r#"{"idTagInfo":{"status":"Accepted","expiryDate":"x"},"transactionId":42}"#,
+        )
+        .unwrap();
         assert_eq!(c.transaction_id, 42);
         assert_eq!(c.id_tag_status, "Accepted");
         assert_eq!(
             start_transaction_conf(r#"{"transactionId":42}"#),
             Err(ViewError::Missing("idTagInfo"))
         );
-        let c = start_transaction_conf(r#"{"idTagInfo":{"status":"Invalid"},"transactionId":"-1"}"#).unwrap();
+        let c =
+            start_transaction_conf(r#"{"idTagInfo":{"status":"Invalid"},"transactionId":"-1"}"#)
+                .unwrap();
         assert_eq!(c.transaction_id, -1);
     }
 
@@ -506,12 +523,19 @@ mod tests {
         };
         // strict 1.6
         assert_eq!(
-            mv(r#"[{"value":"1500","measurand":"Energy.Active.Import.Register","unit":"Wh"}]"#).readings,
+            mv(r#"[{"value":"1500","measurand":"Energy.Active.Import.Register","unit":"Wh"}]"#)
+                .readings,
             vec![r("1500")]
         );
         // lowercase kWh, numeric value, missing unit, float string
-        assert_eq!(mv(r#"[{"value":"1.5","unit":"kwh"}]"#).readings, vec![r("1500")]);
-        assert_eq!(mv(r#"[{"value":1.5,"unit":"kWh"}]"#).readings, vec![r("1500")]);
+        assert_eq!(
+            mv(r#"[{"value":"1.5","unit":"kwh"}]"#).readings,
+            vec![r("1500")]
+        );
+        assert_eq!(
+            mv(r#"[{"value":1.5,"unit":"kWh"}]"#).readings,
+            vec![r("1500")]
+        );
         assert_eq!(mv(r#"[{"value":1500}]"#).readings, vec![r("1500")]);
         assert_eq!(mv(r#"[{"value":"1500.0"}]"#).readings, vec![r("1500")]);
         // other measurands are skipped, the register is found after them
@@ -531,7 +555,10 @@ mod tests {
         assert!(m.readings.is_empty());
         assert_eq!(m.skipped.not_main_meter, 2);
         // location Outlet is the main meter
-        assert_eq!(mv(r#"[{"value":"1500","location":"Outlet"}]"#).readings, vec![r("1500")]);
+        assert_eq!(
+            mv(r#"[{"value":"1500","location":"Outlet"}]"#).readings,
+            vec![r("1500")]
+        );
         // SignedData is not billed
         let m = mv(r#"[{"value":"AbCd==","format":"SignedData"}]"#);
         assert!(m.readings.is_empty());

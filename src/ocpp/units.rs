@@ -1,7 +1,6 @@
 //! Exact unit conversion (energy to Wh as a decimal, never a float) and charger timestamps.
 
 use rust_decimal::Decimal;
-use std::str::FromStr;
 use time::format_description::well_known::Rfc3339;
 use time::{OffsetDateTime, PrimitiveDateTime};
 
@@ -137,6 +136,7 @@ pub fn parse_timestamp(text: &str) -> Result<i64, TimestampError> {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+    use std::str::FromStr;
 
     fn d(s: &str) -> Decimal {
         Decimal::from_str(s).unwrap()
@@ -152,7 +152,10 @@ mod tests {
         assert_eq!(energy_to_wh(" 42 ", Some("wh")), Ok(d("42")));
         assert_eq!(energy_to_wh("1.5e3", None), Ok(d("1500")));
         assert_eq!(energy_to_wh("+7", None), Ok(d("7")));
-        assert_eq!(energy_to_wh("0.1", Some("kWh")).unwrap().to_string(), "100.0");
+        assert_eq!(
+            energy_to_wh("0.1", Some("kWh")).unwrap().to_string(),
+            "100.0"
+        );
         assert_eq!(
             energy_to_wh("5", Some("W")),
             Err(UnitError::NotEnergy("W".into()))
@@ -162,8 +165,8 @@ mod tests {
     #[test]
     fn rejects_non_numbers() {
         for bad in [
-            "NaN", "nan", "inf", "-inf", "Infinity", "", "1,5", "1.", ".5", "0x10", "12abc", "1_000",
-            "1e", "--1", "1 2",
+            "NaN", "nan", "inf", "-inf", "Infinity", "", "1,5", "1.", ".5", "0x10", "12abc",
+            "1_000", "1e", "--1", "1 2",
         ] {
             assert!(
                 matches!(parse_decimal(bad), Err(UnitError::NotANumber(_))),
@@ -192,7 +195,13 @@ mod tests {
         assert_eq!(parse_timestamp("2023-11-14 22:13:20Z"), Ok(t));
         assert_eq!(parse_timestamp("2023-11-14t22:13:20z"), Ok(t));
         assert_eq!(parse_timestamp("1970-01-01T00:00:00Z"), Ok(0));
-        for bad in ["", "yesterday", "2023-13-01T00:00:00Z", "2023-02-30T00:00:00Z", "1700000000"] {
+        for bad in [
+            "",
+            "yesterday",
+            "2023-13-01T00:00:00Z",
+            "2023-02-30T00:00:00Z",
+            "1700000000",
+        ] {
             assert!(parse_timestamp(bad).is_err(), "{bad:?} accepted");
         }
     }

@@ -270,7 +270,10 @@ impl ConnectionTap {
             return Observation::Pass;
         }
         let action = head.action.as_deref().unwrap_or_default();
-        if !matches!(action, "StartTransaction" | "MeterValues" | "StopTransaction") {
+        if !matches!(
+            action,
+            "StartTransaction" | "MeterValues" | "StopTransaction"
+        ) {
             return Observation::Pass;
         }
         if self.protocol == Protocol::Untapped
@@ -452,7 +455,10 @@ mod tests {
         );
         // The same answer again is not correlated a second time.
         assert_eq!(
-            tap.from_central(r#"[3,"m1",{"idTagInfo":{"status":"Accepted"},"transactionId":42}]"#, T0),
+            tap.from_central(
+                r#"[3,"m1",{"idTagInfo":{"status":"Accepted"},"transactionId":42}]"#,
+                T0
+            ),
             Observation::Pass
         );
     }
@@ -463,10 +469,16 @@ mod tests {
         tap.from_charger(&start_req("a"), T0);
         // The charger's own answers and central CALLs with the same id do not complete it.
         assert_eq!(tap.from_charger(r#"[3,"a",{}]"#, T0), Observation::Pass);
-        assert_eq!(tap.from_central(r#"[2,"a","Reset",{"type":"Soft"}]"#, T0), Observation::Pass);
+        assert_eq!(
+            tap.from_central(r#"[2,"a","Reset",{"type":"Soft"}]"#, T0),
+            Observation::Pass
+        );
         assert_eq!(tap.from_central(r#"[3,"b",{}]"#, T0), Observation::Pass);
         assert!(matches!(
-            tap.from_central(r#"[3,"a",{"idTagInfo":{"status":"Invalid"},"transactionId":7}]"#, T0),
+            tap.from_central(
+                r#"[3,"a",{"idTagInfo":{"status":"Invalid"},"transactionId":7}]"#,
+                T0
+            ),
             Observation::Record { .. }
         ));
     }
@@ -477,12 +489,17 @@ mod tests {
         tap.from_charger(&start_req("a"), T0);
         assert_eq!(
             tap.from_central(r#"[4,"a","InternalError","x",{}]"#, T0),
-            Observation::Unbilled { reason: Unbilled::StartCallError }
+            Observation::Unbilled {
+                reason: Unbilled::StartCallError
+            }
         );
         tap.from_charger(&start_req("b"), T0);
         assert!(matches!(
             tap.from_central(r#"[3,"b",{"transactionId":7}]"#, T0),
-            Observation::Malformed { reason: "missing_field", .. }
+            Observation::Malformed {
+                reason: "missing_field",
+                ..
+            }
         ));
     }
 
@@ -495,12 +512,20 @@ mod tests {
         assert_eq!(tap.pending.len(), MAX_PENDING_CALLS);
         assert_eq!(tap.evicted_pending(), 5);
         assert_eq!(
-            tap.from_central(r#"[3,"0",{"idTagInfo":{"status":"Accepted"},"transactionId":1}]"#, T0),
+            tap.from_central(
+                r#"[3,"0",{"idTagInfo":{"status":"Accepted"},"transactionId":1}]"#,
+                T0
+            ),
             Observation::Pass
         );
         let last = (MAX_PENDING_CALLS + 4).to_string();
         assert!(matches!(
-            tap.from_central(&format!(r#"[3,"{last}",{{"idTagInfo":{{"status":"Accepted"}},"transactionId":1}}]"#), T0),
+            tap.from_central(
+                &format!(
+                    r#"[3,"{last}",{{"idTagInfo":{{"status":"Accepted"}},"transactionId":1}}]"#
+                ),
+                T0
+            ),
             Observation::Record { .. }
         ));
     }
@@ -530,7 +555,9 @@ mod tests {
         );
         assert_eq!(
             tap.from_central(r#"[3,"mv1",{}]"#, T0),
-            Observation::BillingReply { message_id: "mv1".into() }
+            Observation::BillingReply {
+                message_id: "mv1".into()
+            }
         );
         assert_eq!(tap.from_central(r#"[3,"mv1",{}]"#, T0), Observation::Pass);
     }
@@ -540,7 +567,11 @@ mod tests {
         let mut tap = tap();
         let mv = |body: &str| format!(r#"[2,"x","MeterValues",{body}]"#);
         let mut check = |body: &str, reason| {
-            assert_eq!(tap.from_charger(&mv(body), T0), Observation::Unbilled { reason }, "{body}");
+            assert_eq!(
+                tap.from_charger(&mv(body), T0),
+                Observation::Unbilled { reason },
+                "{body}"
+            );
         };
         check(
             r#"{"connectorId":0,"transactionId":1,"meterValue":[{"timestamp":"2023-11-14T22:13:20Z","sampledValue":[{"value":"1"}]}]}"#,
@@ -595,14 +626,22 @@ mod tests {
         let mv = r#"[2,"m","MeterValues",{"connectorId":1,"transactionId":1,"values":[{"timestamp":"2023-11-14T22:13:20Z","value":[{"value":"1"}]}]}]"#;
         for sub in [Some("ocpp1.5"), Some("OCPP1.2")] {
             let mut tap = ConnectionTap::new("CB".into(), sub);
-            assert!(matches!(tap.from_charger(stop, T0), Observation::Record { .. }));
+            assert!(matches!(
+                tap.from_charger(stop, T0),
+                Observation::Record { .. }
+            ));
             assert_eq!(
                 tap.from_charger(mv, T0),
-                Observation::Unbilled { reason: Unbilled::UntappedProtocol }
+                Observation::Unbilled {
+                    reason: Unbilled::UntappedProtocol
+                }
             );
             assert_eq!(tap.from_charger(&start_req("a"), T0), Observation::Pass);
             assert!(matches!(
-                tap.from_central(r#"[3,"a",{"idTagInfo":{"status":"Accepted"},"transactionId":1}]"#, T0),
+                tap.from_central(
+                    r#"[3,"a",{"idTagInfo":{"status":"Accepted"},"transactionId":1}]"#,
+                    T0
+                ),
                 Observation::Record { .. }
             ));
         }
@@ -611,9 +650,14 @@ mod tests {
             assert_eq!(tap.protocol(), Protocol::Untapped);
             assert_eq!(
                 tap.from_charger(stop, T0),
-                Observation::Unbilled { reason: Unbilled::UntappedProtocol }
+                Observation::Unbilled {
+                    reason: Unbilled::UntappedProtocol
+                }
             );
-            assert_eq!(tap.from_charger(r#"[2,"h","Heartbeat",{}]"#, T0), Observation::Pass);
+            assert_eq!(
+                tap.from_charger(r#"[2,"h","Heartbeat",{}]"#, T0),
+                Observation::Pass
+            );
         }
     }
 
@@ -622,21 +666,44 @@ mod tests {
         let mut tap = tap();
         assert!(matches!(
             tap.from_charger("not json", T0),
-            Observation::Malformed { reason: "not_an_array", .. }
+            Observation::Malformed {
+                reason: "not_an_array",
+                ..
+            }
         ));
         assert!(matches!(
-            tap.from_charger(r#"[2,"x","StopTransaction",{"transactionId":1,"meterStop":"lots"}]"#, T0),
-            Observation::Malformed { reason: "invalid_field", .. }
+            tap.from_charger(
+                r#"[2,"x","StopTransaction",{"transactionId":1,"meterStop":"lots"}]"#,
+                T0
+            ),
+            Observation::Malformed {
+                reason: "invalid_field",
+                ..
+            }
         ));
         assert!(matches!(
-            tap.from_charger(r#"[2,"x","StartTransaction",{"connectorId":1,"idTag":"A","meterStart":1,}]"#, T0),
-            Observation::Malformed { reason: "bad_shape", .. }
+            tap.from_charger(
+                r#"[2,"x","StartTransaction",{"connectorId":1,"idTag":"A","meterStart":1,}]"#,
+                T0
+            ),
+            Observation::Malformed {
+                reason: "bad_shape",
+                ..
+            }
         ));
         // Non-billing payloads are never parsed, even when broken.
-        assert_eq!(tap.from_charger(r#"[2,"x","DataTransfer",{broken]"#, T0), Observation::Pass);
         assert_eq!(
-            tap.from_charger(r#"[2,"x","StartTransaction",{"connectorId":0,"idTag":"A","meterStart":1}]"#, T0),
-            Observation::Unbilled { reason: Unbilled::ConnectorZero }
+            tap.from_charger(r#"[2,"x","DataTransfer",{broken]"#, T0),
+            Observation::Pass
+        );
+        assert_eq!(
+            tap.from_charger(
+                r#"[2,"x","StartTransaction",{"connectorId":0,"idTag":"A","meterStart":1}]"#,
+                T0
+            ),
+            Observation::Unbilled {
+                reason: Unbilled::ConnectorZero
+            }
         );
     }
 
@@ -652,7 +719,11 @@ mod tests {
                 id_tag: Some("A".into()),
                 reason: None,
                 begin_reading: None,
-                readings: vec![EnergyReading { timestamp: Some(1), wh: d("0.001"), context: "Transaction.End".into() }],
+                readings: vec![EnergyReading {
+                    timestamp: Some(1),
+                    wh: d("0.001"),
+                    context: "Transaction.End".into(),
+                }],
             }),
         };
         let json = serde_json::to_string(&record).unwrap();
