@@ -60,8 +60,10 @@ pub fn kwh_string(wh: Decimal) -> String {
     // Dividing by 10^3 only moves the decimal point: exact while the scale stays <= 28, which
     // the reading parser guarantees (ocpp::units caps input scale at 15).
     let mut kwh = wh;
-    kwh.set_scale(wh.scale() + 3)
-        .expect("reading scale is capped well below 25");
+    if kwh.set_scale(wh.scale() + 3).is_err() {
+        // Only reachable for a decimal no reading parser produces; rounds at 28 digits.
+        kwh = wh / Decimal::ONE_THOUSAND;
+    }
     decimal_string(kwh)
 }
 
