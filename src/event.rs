@@ -1,5 +1,6 @@
 //! The Lago usage event and its wire form (EVENTS-CONTRACT.md): decimal-string value, unix-seconds timestamp.
 
+use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 
 /// One usage event as POSTed to `/api/v1/events/batch`; field order is the wire order.
@@ -17,13 +18,26 @@ pub struct LagoEvent {
     pub properties: EventProperties,
 }
 
+/// Where an event's `timestamp` came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TimestampSource {
+    /// The charger's Stop/MeterValues timestamp.
+    Charger,
+    /// The bridge's receive time, because the charger's was missing or implausible.
+    Bridge,
+}
+
 /// The properties of a charging event: one Lago row explains the bill.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EventProperties {
     /// Energy in kWh as an exact decimal string ("3.2", "0.005").
     pub value: String,
+    /// The charge box of the session.
     pub charge_box_id: String,
+    /// The connector of the session (0 when only known from a Stop's transactionData).
     pub connector_id: i64,
+    /// SteVe's transactionId.
     pub ocpp_transaction_id: i64,
     /// Register reading at the start of what this event bills, in Wh (decimal string).
     pub meter_start_wh: String,
@@ -33,4 +47,102 @@ pub struct EventProperties {
     pub started_at: i64,
     /// Unix seconds of the reading that closes this event (the Stop in session mode).
     pub stopped_at: i64,
+    /// The charger's timestamp of that reading, unix seconds, if it sent a readable one.
+    pub charger_timestamp: Option<i64>,
+    /// Bridge clock, unix seconds, when that reading arrived.
+    pub received_at: i64,
+    /// Whether `timestamp`/`stopped_at` is the charger's or the bridge's time.
+    pub timestamp_source: TimestampSource,
+}
+
+/// Formats Wh as kWh: exact, plain decimal, trailing zeros stripped ("3.2", "0.005", "0").
+pub fn kwh_string(wh: Decimal) -> String {
+    // Dividing by 10^3 only moves the decimal point: exact while the scale stays <= 28, which
+    // the reading parser guarantees (ocpp::units caps input scale at 15).
+    let mut kwh = wh;
+    if kwh.set_scale(wh.scale() + 3).is_err() {
+        // Only reachable for a decimal no reading parser produces; rounds at 28 digits.
+        kwh = wh / Decimal::ONE_THOUSAND;
+    }
+    decimal_string(kwh)
+}
+
+/// Formats a decimal plainly with trailing zeros stripped and no negative zero.
+pub fn decimal_string(value: Decimal) -> String {
+    if value.is_zero() {
+        return "0".to_owned();
+    }
+    value.normalize().to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::str::FromStr;
+
+    fn d(s: &str) -> Decimal {
+        Decimal::from_str(s).unwrap()
+    }
+
+    #[test]
+    fn kwh_examples() {
+        assert_eq!(kwh_string(d("3200")), "3.2");
+        assert_eq!(kwh_string(d("5")), "0.005");
+        assert_eq!(kwh_string(d("0")), "0");
+        assert_eq!(kwh_string(d("0.000")), "0");
+        assert_eq!(kwh_string(d("-0.0")), "0");
+        assert_eq!(kwh_string(d("1000000")), "1000");
+        assert_eq!(kwh_string(d("1234.5")), "1.2345");
+        assert_eq!(kwh_string(d("-250")), "-0.25");
+        assert_eq!(kwh_string(d("0.001")), "0.000001");
+        assert_eq!(decimal_string(d("1500.00")), "1500");
+    }
+
+    #[test]
+    fn event_wire_form() {
+        let event = LagoEvent {
+            transaction_id: "CB-1".into(),
+            external_subscription_id: "sub".into(),
+            code: "kwh".into(),
+            timestamp: 1_700_000_000,
+            properties: EventProperties {
+                value: "3.2".into(),
+                charge_box_id: "CB".into(),
+                connector_id: 1,
+                ocpp_transaction_id: 1,
+                meter_start_wh: "0".into(),
+                meter_stop_wh: "3200".into(),
+                started_at: 1_699_990_000,
+                stopped_at: 1_700_000_000,
+                charger_timestamp: Some(1_700_000_000),
+                received_at: 1_700_000_001,
+                timestamp_source: TimestampSource::Charger,
+            },
+        };
+        let json = serde_json::to_string(&event).unwrap();
+        assert_eq!(
+            json,
+            r#"{"transaction_id":"CB-1","external_subscription_id":"sub","code":"kwh","timestamp":1700000000,"properties":{"value":"3.2","charge_box_id":"CB","connector_id":1,"ocpp_transaction_id":1,"meter_start_wh":"0","meter_stop_wh":"3200","started_at":1699990000,"stopped_at":1700000000,"charger_timestamp":1700000000,"received_at":1700000001,"timestamp_source":"charger"}}"#
+        );
+        assert_eq!(serde_json::from_str::<LagoEvent>(&json).unwrap(), event);
+    }
+
+    proptest! {
+        #[test]
+        fn kwh_string_is_exact_plain_and_minimal(mantissa in any::<i64>(), scale in 0u32..=15) {
+            let wh = Decimal::new(mantissa, scale);
+            let text = kwh_string(wh);
+            // Lago's sum_agg pattern; no exponent, no trailing zeros, no "-0".
+            let b = text.as_bytes();
+            let digits = text.strip_prefix('-').unwrap_or(&text);
+            let (int, frac) = digits.split_once('.').unwrap_or((digits, ""));
+            prop_assert!(!int.is_empty() && int.bytes().all(|c| c.is_ascii_digit()), "{}", text);
+            prop_assert!(frac.bytes().all(|c| c.is_ascii_digit()), "{}", text);
+            prop_assert!(!digits.contains('.') || !frac.is_empty() && !frac.ends_with('0'), "{}", text);
+            prop_assert!(int == "0" || !int.starts_with('0'), "{}", text);
+            prop_assert!(text != "-0" && b[0] != b'+');
+            prop_assert_eq!(Decimal::from_str(&text).unwrap() * Decimal::ONE_THOUSAND, wh);
+        }
+    }
 }

@@ -1,1 +1,732 @@
-//! tap stage (being built).
+//! The tap: relayed OCPP-J text frames → [`TapRecord`]s, per websocket connection.
+//!
+//! The relay calls [`ConnectionTap::from_charger`] / [`ConnectionTap::from_central`] for every
+//! text frame and acts on the returned [`Observation`]; the tap never blocks, never does I/O and
+//! never changes a frame. Only billing actions have their payload parsed.
+//!
+//! Hold protocol (what the relay does with an observation):
+//! - `Pass`, `Unbilled`, `Malformed`: relay the frame at once (count the last two).
+//! - `Record` from `from_charger` (MeterValues, StopTransaction): relay the CALL at once, persist
+//!   the record; the central system's answer with `message_id` will come back from
+//!   `from_central` as `BillingReply` and must be held until the record is committed.
+//! - `Record` from `from_central` (a StartTransaction CALLRESULT, which completes the Start): the
+//!   frame in hand is that answer; hold it until the record is committed.
+//! - `BillingReply`: hold this answer until the record of its CALL is committed.
+
+use crate::ocpp::frame::{self, FrameHead, MessageType};
+use crate::ocpp::payload::{self, EnergyReading, StartTransactionReq, ViewError};
+use rust_decimal::Decimal;
+use serde::{Deserialize, Serialize};
+use std::collections::VecDeque;
+
+/// Most charger CALLs awaiting an answer we remember per connection; OCPP allows one in flight,
+/// so this only bounds a charger that is never answered. The oldest is forgotten first.
+pub const MAX_PENDING_CALLS: usize = 16;
+
+/// The OCPP version negotiated on the websocket, as far as the tap cares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    /// `ocpp1.6`: tapped fully.
+    V16,
+    /// `ocpp1.5` / `ocpp1.2`: Start and Stop tapped; MeterValues (`values` shape) untapped.
+    V12OrV15,
+    /// Anything else (or none): relayed, billing actions counted as untapped.
+    Untapped,
+}
+
+impl Protocol {
+    /// Maps a negotiated websocket subprotocol to what the tap does with it.
+    pub fn from_subprotocol(subprotocol: Option<&str>) -> Protocol {
+        match subprotocol.map(str::trim) {
+            Some(p) if p.eq_ignore_ascii_case("ocpp1.6") => Protocol::V16,
+            Some(p) if p.eq_ignore_ascii_case("ocpp1.5") || p.eq_ignore_ascii_case("ocpp1.2") => {
+                Protocol::V12OrV15
+            }
+            _ => Protocol::Untapped,
+        }
+    }
+}
+
+/// One billing fact, stored raw as the source of truth for replaying the ledger.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TapRecord {
+    /// The charge box the connection belongs to.
+    pub charge_box_id: String,
+    /// Bridge clock, unix seconds, when the charger's message arrived.
+    pub received_at: i64,
+    /// What the charger reported.
+    pub kind: TapKind,
+}
+
+/// The billing messages the tap records.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum TapKind {
+    /// A StartTransaction with the central system's answer.
+    Start(StartRecord),
+    /// Energy register readings of a session.
+    MeterValues(MeterValuesRecord),
+    /// A StopTransaction.
+    Stop(StopRecord),
+}
+
+/// `StartTransaction.req` joined with its `.conf`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StartRecord {
+    /// The connector the session runs on.
+    pub connector_id: i64,
+    /// The idTag that started the session.
+    pub id_tag: String,
+    /// The register at the start.
+    pub meter_start_wh: Decimal,
+    /// The charger's start time, unix seconds (`None` when unreadable).
+    pub timestamp: Option<i64>,
+    /// The transactionId the central system assigned.
+    pub ocpp_transaction_id: i64,
+    /// `idTagInfo.status` of the answer ("Accepted", ...).
+    pub id_tag_status: String,
+}
+
+/// `MeterValues.req` of a session (records exist only when a transactionId is given).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MeterValuesRecord {
+    /// The connector measured.
+    pub connector_id: i64,
+    /// The session the readings belong to.
+    pub ocpp_transaction_id: i64,
+    /// Main-meter energy register readings, in message order.
+    pub readings: Vec<EnergyReading>,
+}
+
+/// `StopTransaction.req`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StopRecord {
+    /// The session being stopped.
+    pub ocpp_transaction_id: i64,
+    /// The register at the stop.
+    pub meter_stop_wh: Decimal,
+    /// The charger's stop time, unix seconds (`None` when unreadable).
+    pub timestamp: Option<i64>,
+    /// The idTag that stopped the session, if sent.
+    pub id_tag: Option<String>,
+    /// The stop reason, if sent.
+    pub reason: Option<String>,
+    /// The `Transaction.Begin` reading of `transactionData`, if sent.
+    pub begin_reading: Option<EnergyReading>,
+    /// All main-meter readings of `transactionData`.
+    pub readings: Vec<EnergyReading>,
+}
+
+/// Why a billing message is relayed but not billed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unbilled {
+    /// Connector 0 is the charge point as a whole, never a session.
+    ConnectorZero,
+    /// MeterValues without a transactionId cannot be attributed without guessing.
+    NoTransactionId,
+    /// The energy register came only as `SignedData`.
+    SignedDataOnly,
+    /// The energy register came only per phase or from a non-Outlet location.
+    NotMainMeter,
+    /// The subprotocol (or this message's shape in it) is not tapped.
+    UntappedProtocol,
+    /// The central system answered a StartTransaction with a CALLERROR: no session exists.
+    StartCallError,
+}
+
+impl Unbilled {
+    /// Stable code for counters.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Unbilled::ConnectorZero => "connector_zero",
+            Unbilled::NoTransactionId => "no_transaction_id",
+            Unbilled::SignedDataOnly => "signed_data_only",
+            Unbilled::NotMainMeter => "not_main_meter",
+            Unbilled::UntappedProtocol => "untapped_protocol",
+            Unbilled::StartCallError => "start_call_error",
+        }
+    }
+}
+
+/// What the relay does with a frame; see the module doc for the hold protocol.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Observation {
+    /// Not billing relevant: relay without waiting.
+    Pass,
+    /// Persist `record`; hold the central system's answer with `message_id` until committed.
+    Record {
+        /// The billing fact to persist.
+        record: TapRecord,
+        /// The OCPP message id of the answer to hold.
+        message_id: String,
+    },
+    /// The answer to a billing CALL whose record was emitted earlier: hold until committed.
+    BillingReply {
+        /// The OCPP message id of this answer.
+        message_id: String,
+    },
+    /// A billing message that is relayed and counted, not billed.
+    Unbilled {
+        /// Why it is not billed.
+        reason: Unbilled,
+    },
+    /// The frame or a tapped payload is unreadable: relayed unchanged and counted.
+    Malformed {
+        /// Stable code for counters.
+        reason: &'static str,
+        /// What was wrong, for the log line.
+        detail: String,
+    },
+}
+
+impl Observation {
+    fn malformed_frame(e: frame::FrameError) -> Observation {
+        Observation::Malformed {
+            reason: e.as_str(),
+            detail: e.to_string(),
+        }
+    }
+
+    fn malformed_payload(action: &str, e: ViewError) -> Observation {
+        Observation::Malformed {
+            reason: e.as_str(),
+            detail: format!("{action}: {e}"),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+enum PendingCall {
+    /// A StartTransaction waiting for its transactionId.
+    Start {
+        req: StartTransactionReq,
+        received_at: i64,
+    },
+    /// A MeterValues/StopTransaction whose record was emitted; its answer is a BillingReply.
+    Billing,
+}
+
+/// The tap state of one websocket connection.
+#[derive(Debug)]
+pub struct ConnectionTap {
+    charge_box_id: String,
+    protocol: Protocol,
+    pending: VecDeque<(String, PendingCall)>,
+    evicted_pending: u64,
+}
+
+impl ConnectionTap {
+    /// A tap for one connection of `charge_box_id` with the negotiated `subprotocol`.
+    pub fn new(charge_box_id: String, subprotocol: Option<&str>) -> ConnectionTap {
+        ConnectionTap {
+            charge_box_id,
+            protocol: Protocol::from_subprotocol(subprotocol),
+            pending: VecDeque::new(),
+            evicted_pending: 0,
+        }
+    }
+
+    /// The tap mode chosen from the subprotocol.
+    pub fn protocol(&self) -> Protocol {
+        self.protocol
+    }
+
+    /// How many unanswered charger CALLs were forgotten to bound memory (for a counter).
+    pub fn evicted_pending(&self) -> u64 {
+        self.evicted_pending
+    }
+
+    fn remember(&mut self, message_id: String, call: PendingCall) {
+        if let Some(pos) = self.pending.iter().position(|(id, _)| *id == message_id) {
+            self.pending.remove(pos);
+        }
+        if self.pending.len() >= MAX_PENDING_CALLS {
+            self.pending.pop_front();
+            self.evicted_pending += 1;
+        }
+        self.pending.push_back((message_id, call));
+    }
+
+    fn take(&mut self, message_id: &str) -> Option<PendingCall> {
+        let pos = self.pending.iter().position(|(id, _)| id == message_id)?;
+        self.pending.remove(pos).map(|(_, call)| call)
+    }
+
+    fn record(&self, received_at: i64, kind: TapKind) -> TapRecord {
+        TapRecord {
+            charge_box_id: self.charge_box_id.clone(),
+            received_at,
+            kind,
+        }
+    }
+
+    /// Observes a text frame sent by the charger; `received_at` is the bridge clock in unix seconds.
+    pub fn from_charger(&mut self, text: &str, received_at: i64) -> Observation {
+        let head = match frame::parse_head(text) {
+            Ok(head) => head,
+            Err(e) => return Observation::malformed_frame(e),
+        };
+        if head.message_type != MessageType::Call {
+            return Observation::Pass;
+        }
+        let action = head.action.as_deref().unwrap_or_default();
+        if !matches!(
+            action,
+            "StartTransaction" | "MeterValues" | "StopTransaction"
+        ) {
+            return Observation::Pass;
+        }
+        if self.protocol == Protocol::Untapped
+            || (self.protocol == Protocol::V12OrV15 && action == "MeterValues")
+        {
+            return Observation::Unbilled {
+                reason: Unbilled::UntappedProtocol,
+            };
+        }
+        match action {
+            "StartTransaction" => self.start_call(&head, received_at),
+            "MeterValues" => self.meter_values_call(&head, received_at),
+            _ => self.stop_call(&head, received_at),
+        }
+    }
+
+    fn start_call(&mut self, head: &FrameHead<'_>, received_at: i64) -> Observation {
+        let req = match payload::start_transaction_req(head.payload_text) {
+            Ok(req) => req,
+            Err(e) => return Observation::malformed_payload("StartTransaction", e),
+        };
+        if req.connector_id == 0 {
+            return Observation::Unbilled {
+                reason: Unbilled::ConnectorZero,
+            };
+        }
+        self.remember(
+            head.message_id.clone().into_owned(),
+            PendingCall::Start { req, received_at },
+        );
+        // The record is complete only with the answer; the CALL itself goes through at once.
+        Observation::Pass
+    }
+
+    fn meter_values_call(&mut self, head: &FrameHead<'_>, received_at: i64) -> Observation {
+        let req = match payload::meter_values_req(head.payload_text) {
+            Ok(req) => req,
+            Err(e) => return Observation::malformed_payload("MeterValues", e),
+        };
+        let unbilled = |reason| Observation::Unbilled { reason };
+        if req.connector_id == 0 {
+            return unbilled(Unbilled::ConnectorZero);
+        }
+        let Some(ocpp_transaction_id) = req.transaction_id else {
+            return unbilled(Unbilled::NoTransactionId);
+        };
+        if req.readings.is_empty() {
+            return if req.skipped.signed > 0 {
+                unbilled(Unbilled::SignedDataOnly)
+            } else if req.skipped.not_main_meter > 0 {
+                unbilled(Unbilled::NotMainMeter)
+            } else {
+                // Power, current, SoC...: no energy register at all, nothing to bill.
+                Observation::Pass
+            };
+        }
+        let message_id = head.message_id.clone().into_owned();
+        self.remember(message_id.clone(), PendingCall::Billing);
+        let record = self.record(
+            received_at,
+            TapKind::MeterValues(MeterValuesRecord {
+                connector_id: req.connector_id,
+                ocpp_transaction_id,
+                readings: req.readings,
+            }),
+        );
+        Observation::Record { record, message_id }
+    }
+
+    fn stop_call(&mut self, head: &FrameHead<'_>, received_at: i64) -> Observation {
+        let read_transaction_data = self.protocol == Protocol::V16;
+        let req = match payload::stop_transaction_req(head.payload_text, read_transaction_data) {
+            Ok(req) => req,
+            Err(e) => return Observation::malformed_payload("StopTransaction", e),
+        };
+        let message_id = head.message_id.clone().into_owned();
+        self.remember(message_id.clone(), PendingCall::Billing);
+        let begin_reading = req.begin_reading().cloned();
+        let record = self.record(
+            received_at,
+            TapKind::Stop(StopRecord {
+                ocpp_transaction_id: req.transaction_id,
+                meter_stop_wh: req.meter_stop_wh,
+                timestamp: req.timestamp,
+                id_tag: req.id_tag,
+                reason: req.reason,
+                begin_reading,
+                readings: req.readings,
+            }),
+        );
+        Observation::Record { record, message_id }
+    }
+
+    /// Observes a text frame sent by the central system; `received_at` is the bridge clock.
+    pub fn from_central(&mut self, text: &str, received_at: i64) -> Observation {
+        let _ = received_at; // The Start record is dated by its request, not by the answer.
+        let head = match frame::parse_head(text) {
+            Ok(head) => head,
+            Err(e) => return Observation::malformed_frame(e),
+        };
+        if head.message_type == MessageType::Call || self.pending.is_empty() {
+            return Observation::Pass;
+        }
+        let message_id = head.message_id.into_owned();
+        match (self.take(&message_id), head.message_type) {
+            (None, _) => Observation::Pass,
+            (Some(PendingCall::Billing), _) => Observation::BillingReply { message_id },
+            (Some(PendingCall::Start { .. }), MessageType::CallError) => Observation::Unbilled {
+                reason: Unbilled::StartCallError,
+            },
+            (Some(PendingCall::Start { req, received_at }), _) => {
+                let conf = match payload::start_transaction_conf(head.payload_text) {
+                    Ok(conf) => conf,
+                    Err(e) => return Observation::malformed_payload("StartTransaction.conf", e),
+                };
+                let record = self.record(
+                    received_at,
+                    TapKind::Start(StartRecord {
+                        connector_id: req.connector_id,
+                        id_tag: req.id_tag,
+                        meter_start_wh: req.meter_start_wh,
+                        timestamp: req.timestamp,
+                        ocpp_transaction_id: conf.transaction_id,
+                        id_tag_status: conf.id_tag_status,
+                    }),
+                );
+                Observation::Record { record, message_id }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::str::FromStr;
+
+    const T0: i64 = 1_700_000_000;
+
+    fn d(s: &str) -> Decimal {
+        Decimal::from_str(s).unwrap()
+    }
+
+    fn tap() -> ConnectionTap {
+        ConnectionTap::new("CB1".into(), Some("ocpp1.6"))
+    }
+
+    fn start_req(id: &str) -> String {
+        format!(
+            r#"[2,"{id}","StartTransaction",{{"connectorId":1,"idTag":"TAG","meterStart":1000,"timestamp":"2023-11-14T22:13:20Z"}}]"#
+        )
+    }
+
+    #[test]
+    fn start_is_recorded_from_the_answer() {
+        let mut tap = tap();
+        assert_eq!(tap.from_charger(&start_req("m1"), T0), Observation::Pass);
+        let obs = tap.from_central(
+            r#"[3,"m1",{"idTagInfo":{"status":"Accepted"},"transactionId":42}]"#,
+            T0 + 1,
+        );
+        assert_eq!(
+            obs,
+            Observation::Record {
+                record: TapRecord {
+                    charge_box_id: "CB1".into(),
+                    received_at: T0,
+                    kind: TapKind::Start(StartRecord {
+                        connector_id: 1,
+                        id_tag: "TAG".into(),
+                        meter_start_wh: d("1000"),
+                        timestamp: Some(T0),
+                        ocpp_transaction_id: 42,
+                        id_tag_status: "Accepted".into(),
+                    }),
+                },
+                message_id: "m1".into(),
+            }
+        );
+        // The same answer again is not correlated a second time.
+        assert_eq!(
+            tap.from_central(
+                r#"[3,"m1",{"idTagInfo":{"status":"Accepted"},"transactionId":42}]"#,
+                T0
+            ),
+            Observation::Pass
+        );
+    }
+
+    #[test]
+    fn start_answers_correlate_by_message_id_only() {
+        let mut tap = tap();
+        tap.from_charger(&start_req("a"), T0);
+        // The charger's own answers and central CALLs with the same id do not complete it.
+        assert_eq!(tap.from_charger(r#"[3,"a",{}]"#, T0), Observation::Pass);
+        assert_eq!(
+            tap.from_central(r#"[2,"a","Reset",{"type":"Soft"}]"#, T0),
+            Observation::Pass
+        );
+        assert_eq!(tap.from_central(r#"[3,"b",{}]"#, T0), Observation::Pass);
+        assert!(matches!(
+            tap.from_central(
+                r#"[3,"a",{"idTagInfo":{"status":"Invalid"},"transactionId":7}]"#,
+                T0
+            ),
+            Observation::Record { .. }
+        ));
+    }
+
+    #[test]
+    fn start_call_error_and_bad_answer() {
+        let mut tap = tap();
+        tap.from_charger(&start_req("a"), T0);
+        assert_eq!(
+            tap.from_central(r#"[4,"a","InternalError","x",{}]"#, T0),
+            Observation::Unbilled {
+                reason: Unbilled::StartCallError
+            }
+        );
+        tap.from_charger(&start_req("b"), T0);
+        assert!(matches!(
+            tap.from_central(r#"[3,"b",{"transactionId":7}]"#, T0),
+            Observation::Malformed {
+                reason: "missing_field",
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn pending_calls_are_bounded() {
+        let mut tap = tap();
+        for i in 0..(MAX_PENDING_CALLS + 5) {
+            tap.from_charger(&start_req(&i.to_string()), T0);
+        }
+        assert_eq!(tap.pending.len(), MAX_PENDING_CALLS);
+        assert_eq!(tap.evicted_pending(), 5);
+        assert_eq!(
+            tap.from_central(
+                r#"[3,"0",{"idTagInfo":{"status":"Accepted"},"transactionId":1}]"#,
+                T0
+            ),
+            Observation::Pass
+        );
+        let last = (MAX_PENDING_CALLS + 4).to_string();
+        assert!(matches!(
+            tap.from_central(
+                &format!(
+                    r#"[3,"{last}",{{"idTagInfo":{{"status":"Accepted"}},"transactionId":1}}]"#
+                ),
+                T0
+            ),
+            Observation::Record { .. }
+        ));
+    }
+
+    #[test]
+    fn meter_values_and_their_reply() {
+        let mut tap = tap();
+        let obs = tap.from_charger(
+            r#"[2,"mv1","MeterValues",{"connectorId":1,"transactionId":42,"meterValue":[{"timestamp":"2023-11-14T22:13:20Z","sampledValue":[{"value":"1.5","unit":"kwh"}]}]}]"#,
+            T0,
+        );
+        let Observation::Record { record, message_id } = obs else {
+            panic!("{obs:?}")
+        };
+        assert_eq!(message_id, "mv1");
+        assert_eq!(
+            record.kind,
+            TapKind::MeterValues(MeterValuesRecord {
+                connector_id: 1,
+                ocpp_transaction_id: 42,
+                readings: vec![EnergyReading {
+                    timestamp: Some(T0),
+                    wh: d("1500"),
+                    context: "Sample.Periodic".into()
+                }],
+            })
+        );
+        assert_eq!(
+            tap.from_central(r#"[3,"mv1",{}]"#, T0),
+            Observation::BillingReply {
+                message_id: "mv1".into()
+            }
+        );
+        assert_eq!(tap.from_central(r#"[3,"mv1",{}]"#, T0), Observation::Pass);
+    }
+
+    #[test]
+    fn unbilled_meter_values() {
+        let mut tap = tap();
+        let mv = |body: &str| format!(r#"[2,"x","MeterValues",{body}]"#);
+        let mut check = |body: &str, reason| {
+            assert_eq!(
+                tap.from_charger(&mv(body), T0),
+                Observation::Unbilled { reason },
+                "{body}"
+            );
+        };
+        check(
+            r#"{"connectorId":0,"transactionId":1,"meterValue":[{"timestamp":"2023-11-14T22:13:20Z","sampledValue":[{"value":"1"}]}]}"#,
+            Unbilled::ConnectorZero,
+        );
+        check(
+            r#"{"connectorId":1,"meterValue":[{"timestamp":"2023-11-14T22:13:20Z","sampledValue":[{"value":"1"}]}]}"#,
+            Unbilled::NoTransactionId,
+        );
+        check(
+            r#"{"connectorId":1,"transactionId":1,"meterValue":[{"timestamp":"2023-11-14T22:13:20Z","sampledValue":[{"value":"xx","format":"SignedData"}]}]}"#,
+            Unbilled::SignedDataOnly,
+        );
+        check(
+            r#"{"connectorId":1,"transactionId":1,"meterValue":[{"timestamp":"2023-11-14T22:13:20Z","sampledValue":[{"value":"1","phase":"L1"}]}]}"#,
+            Unbilled::NotMainMeter,
+        );
+        assert_eq!(
+            tap.from_charger(
+                &mv(r#"{"connectorId":1,"transactionId":1,"meterValue":[{"timestamp":"2023-11-14T22:13:20Z","sampledValue":[{"value":"7","measurand":"Power.Active.Import","unit":"W"}]}]}"#),
+                T0
+            ),
+            Observation::Pass
+        );
+        assert!(tap.pending.is_empty());
+        assert_eq!(tap.from_central(r#"[3,"x",{}]"#, T0), Observation::Pass);
+    }
+
+    #[test]
+    fn stop_from_transaction_data_only() {
+        let mut tap = tap();
+        let obs = tap.from_charger(
+            r#"[2,"s1","StopTransaction",{"transactionId":42,"meterStop":"4000.0","timestamp":"2023-11-14T22:13:20Z",
+                "transactionData":[{"timestamp":"2023-11-14T21:13:20Z","sampledValue":[{"value":"1","unit":"kWh","context":"Transaction.Begin"}]}]}]"#,
+            T0,
+        );
+        let Observation::Record { record, .. } = obs else {
+            panic!("{obs:?}")
+        };
+        let TapKind::Stop(stop) = record.kind else {
+            panic!()
+        };
+        assert_eq!(stop.ocpp_transaction_id, 42);
+        assert_eq!(stop.meter_stop_wh, d("4000"));
+        assert_eq!(stop.begin_reading.unwrap().wh, d("1000"));
+        assert_eq!(stop.readings.len(), 1);
+    }
+
+    #[test]
+    fn protocols() {
+        let stop = r#"[2,"s","StopTransaction",{"transactionId":1,"meterStop":5,"timestamp":"2023-11-14T22:13:20Z","transactionData":[{"timestamp":"2023-11-14T22:13:20Z","values":[{"value":"1"}]}]}]"#;
+        let mv = r#"[2,"m","MeterValues",{"connectorId":1,"transactionId":1,"values":[{"timestamp":"2023-11-14T22:13:20Z","value":[{"value":"1"}]}]}]"#;
+        for sub in [Some("ocpp1.5"), Some("OCPP1.2")] {
+            let mut tap = ConnectionTap::new("CB".into(), sub);
+            assert!(matches!(
+                tap.from_charger(stop, T0),
+                Observation::Record { .. }
+            ));
+            assert_eq!(
+                tap.from_charger(mv, T0),
+                Observation::Unbilled {
+                    reason: Unbilled::UntappedProtocol
+                }
+            );
+            assert_eq!(tap.from_charger(&start_req("a"), T0), Observation::Pass);
+            assert!(matches!(
+                tap.from_central(
+                    r#"[3,"a",{"idTagInfo":{"status":"Accepted"},"transactionId":1}]"#,
+                    T0
+                ),
+                Observation::Record { .. }
+            ));
+        }
+        for sub in [None, Some("ocpp2.0.1")] {
+            let mut tap = ConnectionTap::new("CB".into(), sub);
+            assert_eq!(tap.protocol(), Protocol::Untapped);
+            assert_eq!(
+                tap.from_charger(stop, T0),
+                Observation::Unbilled {
+                    reason: Unbilled::UntappedProtocol
+                }
+            );
+            assert_eq!(
+                tap.from_charger(r#"[2,"h","Heartbeat",{}]"#, T0),
+                Observation::Pass
+            );
+        }
+    }
+
+    #[test]
+    fn malformed_frames_and_payloads() {
+        let mut tap = tap();
+        assert!(matches!(
+            tap.from_charger("not json", T0),
+            Observation::Malformed {
+                reason: "not_an_array",
+                ..
+            }
+        ));
+        assert!(matches!(
+            tap.from_charger(
+                r#"[2,"x","StopTransaction",{"transactionId":1,"meterStop":"lots"}]"#,
+                T0
+            ),
+            Observation::Malformed {
+                reason: "invalid_field",
+                ..
+            }
+        ));
+        assert!(matches!(
+            tap.from_charger(
+                r#"[2,"x","StartTransaction",{"connectorId":1,"idTag":"A","meterStart":1,}]"#,
+                T0
+            ),
+            Observation::Malformed {
+                reason: "bad_shape",
+                ..
+            }
+        ));
+        // Non-billing payloads are never parsed, even when broken.
+        assert_eq!(
+            tap.from_charger(r#"[2,"x","DataTransfer",{broken]"#, T0),
+            Observation::Pass
+        );
+        assert_eq!(
+            tap.from_charger(
+                r#"[2,"x","StartTransaction",{"connectorId":0,"idTag":"A","meterStart":1}]"#,
+                T0
+            ),
+            Observation::Unbilled {
+                reason: Unbilled::ConnectorZero
+            }
+        );
+    }
+
+    #[test]
+    fn tap_record_round_trips_through_json() {
+        let record = TapRecord {
+            charge_box_id: "CB".into(),
+            received_at: T0,
+            kind: TapKind::Stop(StopRecord {
+                ocpp_transaction_id: 1,
+                meter_stop_wh: d("1234.5"),
+                timestamp: None,
+                id_tag: Some("A".into()),
+                reason: None,
+                begin_reading: None,
+                readings: vec![EnergyReading {
+                    timestamp: Some(1),
+                    wh: d("0.001"),
+                    context: "Transaction.End".into(),
+                }],
+            }),
+        };
+        let json = serde_json::to_string(&record).unwrap();
+        assert_eq!(serde_json::from_str::<TapRecord>(&json).unwrap(), record);
+    }
+}
