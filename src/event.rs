@@ -75,6 +75,30 @@ pub fn decimal_string(value: Decimal) -> String {
     value.normalize().to_string()
 }
 
+/// A plausible session event for tests of the stages that store and ship events.
+#[cfg(test)]
+pub(crate) fn sample_event(transaction_id: &str, external_subscription_id: &str, ocpp_transaction_id: i64) -> LagoEvent {
+    LagoEvent {
+        transaction_id: transaction_id.into(),
+        external_subscription_id: external_subscription_id.into(),
+        code: "charging_energy_kwh".into(),
+        timestamp: 1_700_000_000 + ocpp_transaction_id,
+        properties: EventProperties {
+            value: format!("{ocpp_transaction_id}.5"),
+            charge_box_id: "CP1".into(),
+            connector_id: 1,
+            ocpp_transaction_id,
+            meter_start_wh: "0".into(),
+            meter_stop_wh: format!("{}", ocpp_transaction_id * 1000 + 500),
+            started_at: 1_700_000_000,
+            stopped_at: 1_700_000_000 + ocpp_transaction_id,
+            charger_timestamp: Some(1_700_000_000 + ocpp_transaction_id),
+            received_at: 1_700_000_001 + ocpp_transaction_id,
+            timestamp_source: TimestampSource::Charger,
+        },
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -365,27 +365,11 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
-    use crate::event::EventProperties;
     use crate::lago::RetryCause;
     use crate::lago::schema::EventsCreated;
 
     fn event(n: i64) -> LagoEvent {
-        LagoEvent {
-            transaction_id: format!("cb1-{n}"),
-            external_subscription_id: "sub-1".into(),
-            code: "kwh".into(),
-            timestamp: 1_700_000_000 + n,
-            properties: EventProperties {
-                value: format!("{n}.5"),
-                charge_box_id: "cb1".into(),
-                connector_id: 1,
-                ocpp_transaction_id: n,
-                meter_start_wh: "0".into(),
-                meter_stop_wh: format!("{}", n * 1000 + 500),
-                started_at: 1_700_000_000,
-                stopped_at: 1_700_000_000 + n,
-            },
-        }
+        crate::event::sample_event(&format!("cb1-{n}"), "sub-1", n)
     }
 
     fn batch(len: usize) -> Vec<OutboxRow> {

@@ -540,25 +540,9 @@ pub enum Requeue<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::EventProperties;
 
     fn event(tid: &str, sub: &str) -> LagoEvent {
-        LagoEvent {
-            transaction_id: tid.into(),
-            external_subscription_id: sub.into(),
-            code: "charging_energy_kwh".into(),
-            timestamp: 1_700_000_000,
-            properties: EventProperties {
-                value: "3.2".into(),
-                charge_box_id: "CP1".into(),
-                connector_id: 1,
-                ocpp_transaction_id: 7,
-                meter_start_wh: "0".into(),
-                meter_stop_wh: "3200".into(),
-                started_at: 1_699_990_000,
-                stopped_at: 1_700_000_000,
-            },
-        }
+        crate::event::sample_event(tid, sub, 7)
     }
 
     fn changes(events: Vec<LagoEvent>) -> Changes {

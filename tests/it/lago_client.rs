@@ -2,7 +2,7 @@
 
 use std::time::{Duration, Instant};
 
-use ocpp_lago_bridge::event::{EventProperties, LagoEvent};
+use ocpp_lago_bridge::event::{EventProperties, LagoEvent, TimestampSource};
 use ocpp_lago_bridge::lago::{
     ApiKey, BatchOutcome, IndexError, LagoClient, LagoClientConfig, RetryCause,
 };
@@ -30,6 +30,9 @@ fn event(n: i64) -> LagoEvent {
             meter_stop_wh: format!("{}", n * 1000 + 250),
             started_at: 1_700_000_000,
             stopped_at: 1_700_000_000 + n,
+            charger_timestamp: Some(1_700_000_000 + n),
+            received_at: 1_700_000_001 + n,
+            timestamp_source: TimestampSource::Charger,
         },
     }
 }
