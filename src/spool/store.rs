@@ -51,6 +51,7 @@ CREATE TABLE dead_letters (
     detail TEXT NOT NULL,
     charge_box_id TEXT,
     ocpp_transaction_id INTEGER,
+    id_tag TEXT,                           -- what the operator maps to a subscription
     lago_transaction_id TEXT,
     external_subscription_id TEXT,
     event TEXT,                            -- the held LagoEvent, when there is one to requeue
@@ -109,6 +110,7 @@ pub struct NewDeadLetter {
     pub detail: String,
     pub charge_box_id: Option<String>,
     pub ocpp_transaction_id: Option<i64>,
+    pub id_tag: Option<String>,
     pub event: Option<LagoEvent>,
 }
 
@@ -117,16 +119,17 @@ pub struct NewDeadLetter {
 pub struct Changes {
     pub records: Vec<RecordRow>,
     pub sessions: Vec<SessionRow>,
+    /// Sessions the ledger dropped from memory: (charge_box_id, ocpp_transaction_id).
+    pub removed_sessions: Vec<(String, i64)>,
     pub events: Vec<LagoEvent>,
     pub dead_letters: Vec<NewDeadLetter>,
 }
 
-/// An outbox row waiting for delivery.
+/// One outbox row: its id and the event exactly as first derived (and sent on every retry).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OutboxRow {
-    pub id: i64,
+    pub outbox_id: i64,
     pub event: LagoEvent,
-    pub attempts: i64,
 }
 
 /// A dead letter as the operator sees it.
@@ -234,10 +237,13 @@ impl Store {
                      charge_box_id, ocpp_transaction_id, event, created_at)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
             )?;
+            let mut removed = tx.prepare_cached(
+                "DELETE FROM sessions WHERE charge_box_id = ?1 AND ocpp_transaction_id = ?2",
+            )?;
             let mut dead = tx.prepare_cached(
-                "INSERT INTO dead_letters (reason, detail, charge_box_id, ocpp_transaction_id,
+                "INSERT INTO dead_letters (reason, detail, charge_box_id, ocpp_transaction_id, id_tag,
                      lago_transaction_id, external_subscription_id, event, first_attempt, last_attempt)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8)",
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?9)",
             )?;
             for changes in groups {
                 for r in &changes.records {
@@ -257,6 +263,9 @@ impl Store {
                         now
                     ])?;
                 }
+                for (charge_box_id, ocpp_transaction_id) in &changes.removed_sessions {
+                    removed.execute(params![charge_box_id, ocpp_transaction_id])?;
+                }
                 for e in &changes.events {
                     event.execute(params![
                         e.transaction_id,
@@ -273,6 +282,7 @@ impl Store {
                         d.detail,
                         d.charge_box_id,
                         d.ocpp_transaction_id,
+                        d.id_tag,
                         d.event.as_ref().map(|e| e.transaction_id.clone()),
                         d.event.as_ref().map(|e| e.external_subscription_id.clone()),
                         d.event.as_ref().map(serde_json::to_string).transpose()?,
@@ -303,25 +313,29 @@ impl Store {
     /// The oldest pending events, in creation order (so a session's events go out in order).
     pub fn pending(&self, limit: usize) -> Result<Vec<OutboxRow>, StoreError> {
         let mut stmt = self.conn.prepare_cached(
-            "SELECT id, event, attempts FROM outbox WHERE state = 'pending' ORDER BY id LIMIT ?1",
+            "SELECT id, event FROM outbox WHERE state = 'pending' ORDER BY id LIMIT ?1",
         )?;
         let rows = stmt.query_map([limit as i64], |r| {
-            Ok((
-                r.get::<_, i64>(0)?,
-                r.get::<_, String>(1)?,
-                r.get::<_, i64>(2)?,
-            ))
+            Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))
         })?;
         let mut out = Vec::new();
         for row in rows {
-            let (id, json, attempts) = row?;
+            let (outbox_id, json) = row?;
             out.push(OutboxRow {
-                id,
+                outbox_id,
                 event: serde_json::from_str(&json)?,
-                attempts,
             });
         }
         Ok(out)
+    }
+
+    /// How many events are pending and when the oldest was created (unix seconds).
+    pub fn backlog(&self) -> Result<(i64, Option<i64>), StoreError> {
+        Ok(self.conn.query_row(
+            "SELECT COUNT(*), MIN(created_at) FROM outbox WHERE state = 'pending'",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )?)
     }
 
     /// Marks outbox rows delivered.
@@ -559,6 +573,7 @@ mod tests {
                 ocpp_transaction_id: 7,
                 state_json: r#"{"v":1}"#.into(),
             }],
+            removed_sessions: vec![],
             events,
             dead_letters: vec![],
         }
@@ -583,7 +598,7 @@ mod tests {
         assert_eq!(pending.len(), 1);
         assert_eq!(pending[0].event, event("7", "sub"));
         assert_eq!(store.sessions().unwrap().len(), 1);
-        store.mark_delivered(&[pending[0].id], 200).unwrap();
+        store.mark_delivered(&[pending[0].outbox_id], 200).unwrap();
         assert!(store.pending(100).unwrap().is_empty());
         let stats = store.stats(&path).unwrap();
         assert_eq!(
@@ -608,10 +623,11 @@ mod tests {
             detail: "no subscription for id tag TAG".into(),
             charge_box_id: Some("CP1".into()),
             ocpp_transaction_id: Some(9),
+            id_tag: Some("TAG".into()),
             event: Some(event("9", "TAG")),
         });
         store.commit(&[c], 100).unwrap();
-        let first = store.pending(1).unwrap()[0].id;
+        let first = store.pending(1).unwrap()[0].outbox_id;
         store
             .dead_letter_outbox(first, "lago_rejected", "code: does not exist", 150)
             .unwrap();
@@ -655,7 +671,7 @@ mod tests {
             (0, 0),
             "pending event protects its records"
         );
-        let id = store.pending(1).unwrap()[0].id;
+        let id = store.pending(1).unwrap()[0].outbox_id;
         store.mark_delivered(&[id], 200).unwrap();
         assert_eq!(
             store.prune(150).unwrap(),

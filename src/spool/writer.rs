@@ -59,7 +59,7 @@ pub struct WriterSettings {
 
 /// Opens the spool, rebuilds the ledger from it and returns the writer's future.
 pub fn start(
-    mut store: Store,
+    store: Store,
     rules: Arc<BillingRules>,
     settings: WriterSettings,
     readiness: Readiness,
@@ -74,7 +74,6 @@ pub fn start(
     let (tx, rx) = mpsc::channel(MAX_GROUP * 4);
     // Make sure a restart ships whatever was committed but not delivered before it.
     events_committed.notify_one();
-    store = store;
     let writer = Writer {
         store: Some(store),
         ledger,
@@ -105,9 +104,8 @@ impl Writer {
         loop {
             commands.clear();
             if self.backlog.is_empty() {
-                match rx.recv_many(&mut commands, MAX_GROUP).await {
-                    0 => break,
-                    _ => {}
+                if rx.recv_many(&mut commands, MAX_GROUP).await == 0 {
+                    break;
                 }
             } else {
                 // Retry the backlog after a pause, taking in what arrived meanwhile.
@@ -297,7 +295,10 @@ impl Writer {
         &mut self,
         work: impl FnOnce(&mut Store) -> T + Send + 'static,
     ) -> T {
-        let mut store = self.store.take().expect("store is put back after every use");
+        let mut store = self
+            .store
+            .take()
+            .expect("store is put back after every use");
         let (store, out) = tokio::task::spawn_blocking(move || {
             let out = work(&mut store);
             (store, out)
