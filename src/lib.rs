@@ -9,6 +9,7 @@ pub mod event;
 pub mod lago;
 pub mod ledger;
 pub mod ocpp;
+pub mod operator;
 pub mod proxy;
 pub mod shipper;
 pub mod shutdown;

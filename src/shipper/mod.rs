@@ -28,6 +28,8 @@ use outcome::{Alarm, Decision, Fate, OperatorCause, decide, decide_error, resolv
 pub const READY_LAGO: &str = "lago";
 pub const READY_METRIC: &str = "lago_metric";
 
+/// How often an idle shipper looks for events queued by operator commands.
+const IDLE_POLL: Duration = Duration::from_secs(2);
 /// How often a paused shipper (bad key, bad metric) probes Lago again.
 const REPROBE_EVERY: Duration = Duration::from_secs(5);
 /// How long a confirmed subscription is trusted before it is looked up again.
@@ -103,7 +105,8 @@ pub async fn run(
         };
         tokio::select! {
             _ = wake.notified(), if pause.is_none() => {}
-            _ = tokio::time::sleep(pause.unwrap_or_default()), if pause.is_some() => {}
+            // Idle, it still looks now and then: `spool requeue` and `replay` write from outside.
+            _ = tokio::time::sleep(pause.unwrap_or(IDLE_POLL)) => {}
             _ = shutdown.cancelled() => return,
         }
     }
