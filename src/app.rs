@@ -5,6 +5,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
 use metrics_exporter_prometheus::PrometheusHandle;
@@ -21,17 +22,20 @@ use crate::shipper::{self, Destination, ShipperSettings, SpoolAccess};
 use crate::shutdown::{self, Shutdown};
 use crate::spool::SpoolHandle;
 use crate::spool::store::Store;
-use crate::spool::writer::{self, WriterSettings};
-use crate::telemetry::{self, Readiness};
+use crate::spool::writer::{self, Command, WriterSettings};
+use crate::systemd;
+use crate::telemetry::{self, LogLevel, Readiness};
 
 /// Readiness check for the API key.
 const READY_API_KEY: &str = "lago_api_key";
 
 /// Flags of `run` that are not configuration.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct RunOptions {
     /// Print derived events on stdout instead of sending them (shadow mode).
     pub dry_run: bool,
+    /// The config file, re-read on SIGHUP (`None`: the default path, if present).
+    pub config_path: Option<PathBuf>,
 }
 
 /// Why the daemon could not run.
@@ -52,6 +56,7 @@ pub async fn run(
     config: Config,
     options: RunOptions,
     metrics: PrometheusHandle,
+    log_level: LogLevel,
 ) -> Result<(), AppError> {
     let proxy_listener = bind("proxy.listen", config.proxy.listen).await?;
     let admin_listener = bind("admin.listen", config.admin.listen).await?;
@@ -72,7 +77,8 @@ pub async fn run(
         Some(dir) => dir.join("spool.db"),
         None => config.spool.path.clone(),
     };
-    let pipeline = start_pipeline(&config, &spool_path, options, &readiness);
+    let heartbeat = Arc::new(AtomicI64::new(writer::unix_now()));
+    let pipeline = start_pipeline(&config, &spool_path, &options, &readiness, &heartbeat);
     let billing = pipeline.as_ref().map(|p| Billing {
         spool: p.spool.clone(),
         hold_timeout: config.spool.hold_timeout,
@@ -91,7 +97,40 @@ pub async fn run(
         "relay listening"
     );
 
-    let signal = shutdown::signal().await.map_err(AppError::Signals)?;
+    let probe = tokio::spawn(probe_upstream(
+        config.proxy.upstream_url.clone(),
+        readiness.clone(),
+        shutdown.stop_accepting.clone(),
+    ));
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .map_err(AppError::Signals)?;
+    let stop_signal = shutdown::signal();
+    tokio::pin!(stop_signal);
+    let mut report = tokio::time::interval(systemd::report_every());
+    systemd::ready();
+    let signal = loop {
+        tokio::select! {
+            signal = &mut stop_signal => break signal.map_err(AppError::Signals)?,
+            _ = hangup.recv() => {
+                systemd::reloading(false);
+                reload(&options, &log_level, pipeline.as_ref()).await;
+                systemd::reloading(true);
+            }
+            _ = report.tick() => {
+                let writer_alive = pipeline.is_none()
+                    || writer::unix_now() - heartbeat.load(Ordering::Relaxed) <= WRITER_STALL_SECS;
+                let alive = writer_alive && !accepting.is_finished();
+                if alive && systemd::watchdog_enabled() {
+                    systemd::watchdog();
+                } else if !alive {
+                    tracing::error!(writer_alive, accepting = !accepting.is_finished(), "a core task is stuck: watchdog pings stopped");
+                }
+                systemd::status(&status_line(&connections, &readiness));
+            }
+        }
+    };
+    systemd::stopping();
+    probe.abort();
     tracing::info!(signal, grace = ?config.proxy.shutdown_grace, "shutting down: no new chargers; connected ones are closed after the grace period");
     let left = shutdown::drain(&shutdown, &connections, config.proxy.shutdown_grace).await;
     let _ = accepting.await;
@@ -148,6 +187,82 @@ impl Pipeline {
     }
 }
 
+/// A writer loop that has not turned for this long is stuck (it turns every second).
+const WRITER_STALL_SECS: i64 = 10;
+
+fn status_line(connections: &TaskTracker, readiness: &Readiness) -> String {
+    let problems = readiness.problems();
+    let mut line = format!("{} charger connection(s)", connections.len());
+    if problems.is_empty() {
+        line.push_str(", ready");
+    } else {
+        let names: Vec<_> = problems.keys().copied().collect();
+        line.push_str(&format!(", NOT READY: {}", names.join(", ")));
+    }
+    line
+}
+
+/// SIGHUP: re-reads the config file for the subscription map and the log level. Chargers stay
+/// connected; a broken file changes nothing.
+async fn reload(options: &RunOptions, log_level: &LogLevel, pipeline: Option<&Pipeline>) {
+    let config = match Config::load(options.config_path.as_deref()) {
+        Ok(config) => config,
+        Err(errors) => {
+            tracing::error!(problems = ?errors.problems, "SIGHUP: the config is invalid; nothing was reloaded");
+            return;
+        }
+    };
+    if let Err(error) = log_level.set(&config.log.level) {
+        tracing::error!(%error, "SIGHUP: log level not changed");
+    }
+    let Some(pipeline) = pipeline else { return };
+    match config.billing_rules() {
+        Ok(rules) => {
+            let mapped = rules.subscriptions.as_ref().map_or(0, |m| m.len());
+            let _ = pipeline.spool.send(Command::Rules(Arc::new(rules))).await;
+            tracing::info!(subscription_map_entries = mapped, log_level = %config.log.level, "SIGHUP: subscription map and log level reloaded");
+        }
+        Err(problems) => {
+            tracing::error!(problems = ?problems, "SIGHUP: subscription map invalid; the previous one stays");
+        }
+    }
+}
+
+/// Keeps the `upstream` readiness check current: SteVe accepting TCP connections.
+async fn probe_upstream(upstream_url: String, readiness: Readiness, stop: CancellationToken) {
+    const CHECK: &str = "upstream";
+    let Some(address) = upstream_address(&upstream_url) else {
+        return;
+    };
+    loop {
+        let connect = tokio::net::TcpStream::connect(address.as_str());
+        match tokio::time::timeout(Duration::from_secs(2), connect).await {
+            Ok(Ok(_)) => readiness.clear_problem(CHECK),
+            Ok(Err(e)) => readiness.set_problem(
+                CHECK,
+                format!("SteVe at {address} refuses connections: {e}"),
+            ),
+            Err(_) => readiness.set_problem(CHECK, format!("SteVe at {address} does not answer")),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+            _ = stop.cancelled() => return,
+        }
+    }
+}
+
+fn upstream_address(upstream_url: &str) -> Option<String> {
+    let uri: tokio_tungstenite::tungstenite::http::Uri = upstream_url.parse().ok()?;
+    let port = uri
+        .port_u16()
+        .unwrap_or(if uri.scheme_str() == Some("wss") {
+            443
+        } else {
+            80
+        });
+    Some(format!("{}:{port}", uri.host()?))
+}
+
 fn pending_events(spool_path: &Path) -> i64 {
     Store::open(spool_path)
         .and_then(|store| store.backlog())
@@ -160,8 +275,9 @@ fn pending_events(spool_path: &Path) -> i64 {
 fn start_pipeline(
     config: &Config,
     spool_path: &Path,
-    options: RunOptions,
+    options: &RunOptions,
     readiness: &Readiness,
+    heartbeat: &Arc<AtomicI64>,
 ) -> Option<Pipeline> {
     let store = match Store::open(spool_path) {
         Ok(store) => store,
@@ -183,6 +299,9 @@ fn start_pipeline(
     let events_committed = Arc::new(Notify::new());
     let settings = WriterSettings {
         max_backlog: config.spool.max_memory_records,
+        retention: config.spool.retention,
+        disk_cap_bytes: config.spool.disk_cap_bytes,
+        path: spool_path.to_path_buf(),
     };
     let (commands, writer_future) = match writer::start(
         store,
@@ -190,6 +309,7 @@ fn start_pipeline(
         settings,
         readiness.clone(),
         events_committed.clone(),
+        heartbeat.clone(),
     ) {
         Ok(started) => started,
         Err(error) => {

@@ -14,5 +14,6 @@ pub mod proxy;
 pub mod shipper;
 pub mod shutdown;
 pub mod spool;
+pub mod systemd;
 pub mod tap;
 pub mod telemetry;

@@ -119,8 +119,11 @@ fn main() -> ExitCode {
             }
             Err(code) => code,
         },
-        Command::Run { config, dry_run } => {
-            let config = match load(&config) {
+        Command::Run {
+            config: config_arg,
+            dry_run,
+        } => {
+            let config = match load(&config_arg) {
                 Ok(config) => config,
                 Err(code) => return code,
             };
@@ -129,7 +132,11 @@ fn main() -> ExitCode {
                 Some(LogFormatArg::Text) => LogFormat::Text,
                 None => config.log.format,
             };
-            report(run(config, format, RunOptions { dry_run }))
+            let options = RunOptions {
+                dry_run,
+                config_path: config_arg.config,
+            };
+            report(run(config, format, options))
         }
         Command::Spool { command } => {
             let (config, result) = match command {
@@ -255,11 +262,12 @@ fn report(result: anyhow::Result<()>) -> ExitCode {
 }
 
 fn run(config: Config, format: LogFormat, options: RunOptions) -> anyhow::Result<()> {
-    telemetry::init_logging(format, &config.log.level).map_err(anyhow::Error::msg)?;
+    let log_level =
+        telemetry::init_logging(format, &config.log.level).map_err(anyhow::Error::msg)?;
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async {
         let metrics = telemetry::init_metrics().map_err(anyhow::Error::msg)?;
-        app::run(config, options, metrics).await?;
+        app::run(config, options, metrics, log_level).await?;
         Ok(())
     })
 }

@@ -563,16 +563,8 @@ impl Store {
         let count = |sql: &str| -> Result<i64, rusqlite::Error> {
             self.conn.query_row(sql, [], |r| r.get(0))
         };
-        let file_bytes = ["", "-wal"]
-            .iter()
-            .filter_map(|suffix| {
-                std::fs::metadata(format!("{}{suffix}", path.display()))
-                    .ok()
-                    .map(|m| m.len())
-            })
-            .sum();
         Ok(Stats {
-            file_bytes,
+            file_bytes: file_bytes(path),
             tap_records: count("SELECT COUNT(*) FROM tap_records")?,
             sessions: count("SELECT COUNT(*) FROM sessions")?,
             pending_events: count("SELECT COUNT(*) FROM outbox WHERE state = 'pending'")?,
@@ -614,6 +606,18 @@ impl Store {
         tx.commit()?;
         Ok((events, records))
     }
+}
+
+/// The spool's size on disk: the database file plus its write-ahead log.
+pub fn file_bytes(path: &Path) -> u64 {
+    ["", "-wal"]
+        .iter()
+        .filter_map(|suffix| {
+            let mut file = path.as_os_str().to_owned();
+            file.push(suffix);
+            std::fs::metadata(file).ok().map(|m| m.len())
+        })
+        .sum()
 }
 
 /// Which delivered events `replay` sends again.
