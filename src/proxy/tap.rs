@@ -44,18 +44,24 @@ impl FrameTap {
         }
     }
 
-    /// Sees a frame read from `from` before it is relayed; returns once it may be relayed.
-    pub async fn observe(&self, from: Side, message: &Message) {
+    /// Sees a frame read from `from` before it is relayed; returns once it may be relayed,
+    /// with the frame's label for the relayed-frames counter.
+    pub async fn observe(&self, from: Side, message: &Message) -> &'static str {
         let text = match message {
             Message::Text(text) => text.as_str(),
             Message::Binary(bytes) => {
                 count_frame(from, "malformed");
                 bad_frame(from, "binary");
                 tracing::warn!(charge_box_id = %self.charge_box_id, direction = from.direction(), bytes = bytes.len(), "binary frame relayed: OCPP-J is text only");
-                return;
+                return "binary";
             }
-            _ => return,
+            _ => return "control",
         };
+        self.observe_text(from, text).await;
+        crate::ocpp::frame_label(text)
+    }
+
+    async fn observe_text(&self, from: Side, text: &str) {
         let observation = {
             let mut tap = lock(&self.tap);
             match from {
