@@ -58,6 +58,9 @@ pub async fn run(
     metrics: PrometheusHandle,
     log_level: LogLevel,
 ) -> Result<(), AppError> {
+    for warning in crate::config::environment_warnings() {
+        tracing::warn!(%warning, "check the service limits");
+    }
     let proxy_listener = bind("proxy.listen", config.proxy.listen).await?;
     let admin_listener = bind("admin.listen", config.admin.listen).await?;
     let readiness = Readiness::default();

@@ -93,6 +93,8 @@ pub struct SpoolConfig {
 #[derive(Debug, Clone, PartialEq)]
 pub struct AdminConfig {
     pub listen: SocketAddr,
+    /// Allow `listen` on a non-loopback address (metrics and health are not authenticated).
+    pub allow_remote: bool,
 }
 
 /// Log line format.
@@ -151,12 +153,35 @@ impl Default for Config {
             },
             admin: AdminConfig {
                 listen: "127.0.0.1:9180".parse().expect("literal address"),
+                allow_remote: false,
             },
             log: LogConfig {
                 level: "info".into(),
                 format: LogFormat::Json,
             },
         }
+    }
+}
+
+/// Warnings about the machine rather than the file: today, whether the open-file limit fits
+/// the fleet (each charger holds two sockets: its own and SteVe's).
+pub fn environment_warnings() -> Vec<String> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit only writes the struct we pass.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return Vec::new();
+    }
+    let chargers = limit.rlim_cur.saturating_sub(64) / 2;
+    if limit.rlim_cur < 65_536 {
+        vec![format!(
+            "the open-file limit is {} (hard {}): room for about {chargers} chargers, as each holds two sockets; raise LimitNOFILE= (systemd) or `ulimit -n`",
+            limit.rlim_cur, limit.rlim_max
+        )]
+    } else {
+        Vec::new()
     }
 }
 
@@ -382,7 +407,16 @@ impl Reader {
         };
         let admin = AdminConfig {
             listen: self.addr("admin", "listen", d.admin.listen),
+            allow_remote: self
+                .take::<bool>("admin", "allow_remote", "true or false")
+                .unwrap_or(d.admin.allow_remote),
         };
+        if !admin.listen.ip().is_loopback() && !admin.allow_remote {
+            self.problems.push(format!(
+                "`admin.listen` = \"{}\" is not a loopback address: /metrics and /readyz have no authentication; set `admin.allow_remote = true` to mean it",
+                admin.listen
+            ));
+        }
         let log = LogConfig {
             level: self.log_level(d.log.level),
             format: self.log_format(d.log.format),
@@ -637,11 +671,14 @@ mod tests {
             [billing]
             mode = "hourly"
             transaction_id = "{session}"
+            [admin]
+            listen = "0.0.0.0:9180"
         "#;
         let problems = Config::parse(text).unwrap_err();
         let expected = [
             "unknown key `colour`",
             "`proxy.listen`",
+            "`admin.listen`",
             "`proxy.upstream_url`",
             "unknown key `proxy.extra`",
             "`lago.batch_linger`",

@@ -114,6 +114,9 @@ fn main() -> ExitCode {
     match cli.command {
         Command::CheckConfig { config } => match load(&config) {
             Ok(_) => {
+                for warning in ocpp_lago_bridge::config::environment_warnings() {
+                    eprintln!("warning: {warning}");
+                }
                 println!("configuration is valid");
                 ExitCode::SUCCESS
             }
