@@ -49,6 +49,8 @@ pub enum AppError {
     },
     #[error("cannot install the signal handlers: {0}")]
     Signals(std::io::Error),
+    #[error("TLS: {0}")]
+    Tls(#[from] crate::proxy::tls::TlsError),
 }
 
 /// Runs the daemon until SIGTERM or SIGINT, then shuts down in order.
@@ -87,9 +89,12 @@ pub async fn run(
         hold_timeout: config.spool.hold_timeout,
     });
 
-    let proxy = Proxy::new(config.proxy.clone(), billing);
-    let accepting =
-        tokio::spawn(proxy.serve(proxy_listener, shutdown.clone(), connections.clone()));
+    let proxy = Proxy::new(config.proxy.clone(), billing).map_err(AppError::Tls)?;
+    let accepting = tokio::spawn(Arc::clone(&proxy).serve(
+        proxy_listener,
+        shutdown.clone(),
+        connections.clone(),
+    ));
     tracing::info!(
         proxy_listen = %config.proxy.listen,
         upstream_url = %config.proxy.upstream_url,
@@ -116,6 +121,7 @@ pub async fn run(
             signal = &mut stop_signal => break signal.map_err(AppError::Signals)?,
             _ = hangup.recv() => {
                 systemd::reloading(false);
+                proxy.reload();
                 reload(&options, &log_level, pipeline.as_ref()).await;
                 systemd::reloading(true);
             }
@@ -137,6 +143,8 @@ pub async fn run(
     tracing::info!(signal, grace = ?config.proxy.shutdown_grace, "shutting down: no new chargers; connected ones are closed after the grace period");
     let left = shutdown::drain(&shutdown, &connections, config.proxy.shutdown_grace).await;
     let _ = accepting.await;
+    // The proxy holds a handle to the spool writer: the writer ends once every handle is gone.
+    drop(proxy);
     if left > 0 {
         tracing::warn!(
             connections = left,

@@ -46,6 +46,31 @@ pub struct ProxyConfig {
     pub pong_timeout: Duration,
     /// After SIGTERM, how long connected chargers keep being relayed before they get 1001.
     pub shutdown_grace: Duration,
+    /// File listing the chargeBoxIds allowed to connect (one per line, `#` comments); reloaded on
+    /// SIGHUP. `None`: every id SteVe accepts.
+    pub allowlist_file: Option<PathBuf>,
+    /// Most chargers connected at once; 0 means "what the open-file limit allows".
+    pub max_connections: usize,
+    /// Most connections from one IP address; 0 is off (fleets behind carrier NAT share one).
+    pub max_connections_per_ip: usize,
+    /// A charger that sends no frame for this long is closed; `None` is off.
+    pub idle_timeout: Option<Duration>,
+    /// Frames a charger may send per second before it is slowed down (never dropped); 0 is off.
+    pub max_messages_per_second: u32,
+    /// TLS at the bridge (`wss://`); `None` is plain `ws://`.
+    pub tls: Option<TlsConfig>,
+    /// Extra CA (PEM) trusted for a `wss://` upstream, beside the system's roots.
+    pub upstream_ca_file: Option<PathBuf>,
+}
+
+/// `[proxy.tls]`: the listener's certificate, and optionally the CA of charger certificates.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TlsConfig {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    /// Security profile 3: chargers must present a certificate from this CA (PEM) whose subject
+    /// CN is their chargeBoxId.
+    pub client_ca_file: Option<PathBuf>,
 }
 
 /// `[lago]`: the Lago events API.
@@ -125,6 +150,13 @@ impl Default for Config {
                 ping_interval: Duration::from_secs(30),
                 pong_timeout: Duration::from_secs(30),
                 shutdown_grace: Duration::from_secs(5),
+                allowlist_file: None,
+                max_connections: 0,
+                max_connections_per_ip: 0,
+                idle_timeout: None,
+                max_messages_per_second: 0,
+                tls: None,
+                upstream_ca_file: None,
             },
             lago: LagoConfig {
                 api_url: "http://127.0.0.1:3000".into(),
@@ -228,10 +260,31 @@ impl Config {
         })?;
         // Files the config names are part of it: a broken map fails check-config, not a
         // session hours later.
-        config
-            .billing_rules()
-            .map_err(|problems| ConfigErrors { source, problems })?;
-        Ok(config)
+        let mut problems = config.billing_rules().err().unwrap_or_default();
+        if let Some(Err(e)) = config
+            .proxy
+            .tls
+            .as_ref()
+            .map(crate::proxy::tls::server_config)
+        {
+            problems.push(e.to_string());
+        }
+        if let Some(Err(e)) = config
+            .proxy
+            .upstream_ca_file
+            .as_deref()
+            .map(|ca| crate::proxy::tls::client_config(Some(ca)))
+        {
+            problems.push(e.to_string());
+        }
+        if let Some(Err(e)) = config.proxy.allowlist_file.as_deref().map(load_allowlist) {
+            problems.push(e);
+        }
+        if problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigErrors { source, problems })
+        }
     }
 
     /// The ledger's rules, reading `billing.subscription_map_file` (also on SIGHUP).
@@ -288,6 +341,22 @@ pub fn load_subscription_map(path: &Path) -> Result<SubscriptionMap, Vec<String>
             .map(|e| format!("`billing.subscription_map_file` {name}: {e}"))
             .collect()
     })
+}
+
+/// Reads the chargeBoxId allowlist: one id per line, blank lines and `#` comments ignored.
+pub fn load_allowlist(path: &Path) -> Result<std::collections::HashSet<String>, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        format!(
+            "`proxy.allowlist_file`: cannot read {}: {e}",
+            path.display()
+        )
+    })?;
+    Ok(text
+        .lines()
+        .map(|line| line.split('#').next().unwrap_or("").trim())
+        .filter(|id| !id.is_empty())
+        .map(str::to_string)
+        .collect())
 }
 
 fn read(path: &Path) -> Result<String, ConfigErrors> {
@@ -348,6 +417,24 @@ impl Reader {
                 "shutdown_grace",
                 d.proxy.shutdown_grace,
             ),
+            allowlist_file: self.optional_path("proxy", "allowlist_file"),
+            max_connections: self.bounded("proxy", "max_connections", 0, 0..=10_000_000),
+            max_connections_per_ip: self.bounded(
+                "proxy",
+                "max_connections_per_ip",
+                0,
+                0..=10_000_000,
+            ),
+            idle_timeout: Some(self.duration_allow_zero("proxy", "idle_timeout", Duration::ZERO))
+                .filter(|d| !d.is_zero()),
+            max_messages_per_second: self.bounded(
+                "proxy",
+                "max_messages_per_second",
+                0,
+                0..=1_000_000,
+            ) as u32,
+            tls: self.tls(),
+            upstream_ca_file: self.optional_path("proxy", "upstream_ca_file"),
         };
         let lago = LagoConfig {
             api_url: self.url("lago", "api_url", &["http", "https"], d.lago.api_url),
@@ -453,6 +540,39 @@ impl Reader {
                 for key in table.keys() {
                     self.problems.push(format!("unknown key `{section}.{key}`"));
                 }
+            }
+        }
+    }
+
+    fn tls(&mut self) -> Option<TlsConfig> {
+        let mut table = self.take::<toml::Table>("proxy", "tls", "a table ([proxy.tls])")?;
+        let mut path = |key: &str, problems: &mut Vec<String>| match table.remove(key) {
+            Some(toml::Value::String(p)) if !p.is_empty() => Some(PathBuf::from(p)),
+            None => None,
+            Some(other) => {
+                problems.push(format!(
+                    "`proxy.tls.{key}` must be a file path string, found {}",
+                    other.type_str()
+                ));
+                None
+            }
+        };
+        let cert_file = path("cert_file", &mut self.problems);
+        let key_file = path("key_file", &mut self.problems);
+        let client_ca_file = path("client_ca_file", &mut self.problems);
+        for key in table.keys() {
+            self.problems.push(format!("unknown key `proxy.tls.{key}`"));
+        }
+        match (cert_file, key_file) {
+            (Some(cert_file), Some(key_file)) => Some(TlsConfig {
+                cert_file,
+                key_file,
+                client_ca_file,
+            }),
+            _ => {
+                self.problems
+                    .push("`[proxy.tls]` needs both `cert_file` and `key_file`".into());
+                None
             }
         }
     }

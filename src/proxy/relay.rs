@@ -18,6 +18,7 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_util::sync::CancellationToken;
 
+use super::admission::ChargerRateLimiter;
 use super::tap::FrameTap;
 
 /// How long a close handshake may take before the socket is simply dropped.
@@ -60,11 +61,16 @@ impl Side {
     }
 }
 
-/// Keep-alive settings of a relayed connection.
-#[derive(Debug, Clone, Copy)]
-pub struct Keepalive {
+/// Keep-alive and rate settings of a relayed connection.
+#[derive(Clone, Copy)]
+pub struct Limits<'a> {
     pub ping_interval: Duration,
     pub pong_timeout: Duration,
+    /// Close a charger that sent no data frame for this long.
+    pub idle_timeout: Option<Duration>,
+    /// Slows a charger down past its message rate.
+    pub rate: Option<&'a ChargerRateLimiter>,
+    pub charge_box_id: &'a String,
 }
 
 /// Why a relayed connection ended.
@@ -82,6 +88,8 @@ pub enum End {
     },
     /// A side sent nothing, not even a pong, for longer than the keep-alive allows.
     Unresponsive { side: Side },
+    /// The charger sent no data frame for longer than `proxy.idle_timeout`.
+    Idle,
     /// The bridge is shutting down.
     Shutdown,
 }
@@ -111,6 +119,7 @@ impl End {
             End::Unresponsive {
                 side: Side::Upstream,
             } => "upstream_unresponsive",
+            End::Idle => "idle_timeout",
             End::Shutdown => "shutdown",
         }
     }
@@ -140,7 +149,7 @@ impl Liveness {
 pub async fn relay<C, U>(
     charger: C,
     upstream: U,
-    keepalive: Keepalive,
+    limits: Limits<'_>,
     tap: &FrameTap,
     close: &CancellationToken,
 ) -> End
@@ -155,8 +164,8 @@ where
         last_heard_ms: [AtomicU64::new(0), AtomicU64::new(0)],
     };
     let end = tokio::select! {
-        end = pump(&mut charger_rx, &mut upstream_tx, Side::Charger, &liveness, keepalive, tap) => end,
-        end = pump(&mut upstream_rx, &mut charger_tx, Side::Upstream, &liveness, keepalive, tap) => end,
+        end = pump(&mut charger_rx, &mut upstream_tx, Side::Charger, &liveness, limits, tap) => end,
+        end = pump(&mut upstream_rx, &mut charger_tx, Side::Upstream, &liveness, limits, tap) => end,
         _ = close.cancelled() => End::Shutdown,
     };
 
@@ -184,6 +193,10 @@ where
         End::Shutdown => {
             let going_away = Some(Some(close_frame(CloseCode::Away, "bridge shutting down")));
             (going_away.clone(), going_away)
+        }
+        End::Idle => {
+            let idle = Some(Some(close_frame(CloseCode::Away, "idle timeout")));
+            (idle.clone(), idle)
         }
     };
     // A side that closed (or vanished) gets no close frame from us; one that closed has its
@@ -227,7 +240,7 @@ async fn pump<R, W>(
     dst: &mut W,
     from: Side,
     liveness: &Liveness,
-    keepalive: Keepalive,
+    limits: Limits<'_>,
     tap: &FrameTap,
 ) -> End
 where
@@ -238,11 +251,12 @@ where
         Side::Charger => Side::Upstream,
         Side::Upstream => Side::Charger,
     };
-    let deadline = keepalive.ping_interval + keepalive.pong_timeout;
-    let mut ping = tokio::time::interval_at(
-        Instant::now() + keepalive.ping_interval,
-        keepalive.ping_interval,
-    );
+    let deadline = limits.ping_interval + limits.pong_timeout;
+    let mut ping =
+        tokio::time::interval_at(Instant::now() + limits.ping_interval, limits.ping_interval);
+    // Only the charger's data frames count as activity for the idle timeout.
+    let idle_timeout = limits.idle_timeout.filter(|_| from == Side::Charger);
+    let mut last_data = Instant::now();
     ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
     loop {
         let (outgoing, label) = tokio::select! {
@@ -253,6 +267,10 @@ where
                     // A binary frame is not OCPP-J; SteVe (or the charger) decides what it
                     // means, exactly as if we were not here.
                     Some(Ok(message @ (Message::Text(_) | Message::Binary(_)))) => {
+                        last_data = Instant::now();
+                        if let (Side::Charger, Some(rate)) = (from, limits.rate) {
+                            rate.until_key_ready(limits.charge_box_id).await;
+                        }
                         let label = tap.observe(from, &message).await;
                         (message, Some(label))
                     }
@@ -266,6 +284,9 @@ where
             _ = ping.tick() => {
                 if liveness.silent_for(to) > deadline {
                     return End::Unresponsive { side: to };
+                }
+                if idle_timeout.is_some_and(|idle| last_data.elapsed() > idle) {
+                    return End::Idle;
                 }
                 (Message::Ping(Default::default()), None)
             }
