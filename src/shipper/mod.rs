@@ -153,6 +153,13 @@ impl Shipper {
             }
         };
         self.publish_backlog().await;
+        // Checked even with nothing to send: /readyz must say at start whether the key and the
+        // metric are right, not when the first session ends.
+        if let Destination::Lago(client) = destination
+            && let Some(wait) = self.check_metric(client).await
+        {
+            return wait;
+        }
         if rows.is_empty() {
             return Step::Idle;
         }
@@ -160,7 +167,7 @@ impl Shipper {
             Destination::Stdout => return self.print(rows).await,
             Destination::Lago(client) => client,
         };
-        // A part-full batch waits once for company, unless that would only delay a backlog.
+        // A part-full batch waits once for company (a full one, e.g. a backlog, goes at once).
         let rows = if rows.len() < self.batch_max_events && !self.settings.batch_linger.is_zero() {
             tokio::time::sleep(self.settings.batch_linger).await;
             match self.pending(self.batch_max_events).await {
@@ -170,9 +177,6 @@ impl Shipper {
         } else {
             rows
         };
-        if let Some(wait) = self.check_metric(client).await {
-            return wait;
-        }
         let rows = match self.drop_unknown_subscriptions(client, rows).await {
             Ok(rows) if rows.is_empty() => return Step::Sent,
             Ok(rows) => rows,
@@ -275,6 +279,8 @@ impl Shipper {
                 };
                 tracing::error!(problem = %what, "delivery paused until an operator acts; re-probing every 5 s");
                 self.readiness.set_problem(READY_LAGO, what);
+                // Probe through the metric check, which runs even when nothing is pending.
+                self.metric_checked_at = None;
                 Step::Wait(REPROBE_EVERY)
             }
         }
@@ -292,16 +298,17 @@ impl Shipper {
         let code = &self.settings.metric_code;
         let problem = match client.get_billable_metric(code).await {
             Ok(Some(metric)) if metric.sums_field("value") => None,
-            Ok(Some(metric)) => Some(format!(
+            Ok(Some(metric)) => Some((READY_METRIC, format!(
                 "billable metric {code:?} is {:?} on field {:?}: it must be sum_agg on \"value\" or every event bills 0",
                 metric.aggregation_type, metric.field_name
-            )),
-            Ok(None) => Some(format!(
+            ))),
+            Ok(None) => Some((READY_METRIC, format!(
                 "billable metric {code:?} does not exist in Lago: create it (sum_agg on \"value\") or fix lago.metric_code"
-            )),
-            Err(LagoError::Unauthorized { .. }) => Some(
+            ))),
+            Err(LagoError::Unauthorized { .. }) => Some((
+                READY_LAGO,
                 "Lago refused the API key: fix lago.api_key_file / LAGO_API_KEY; nothing is dropped".into(),
-            ),
+            )),
             Err(error) => {
                 tracing::warn!(%error, "could not check the billable metric; will retry");
                 return Some(Step::Wait(self.backoff.next().unwrap_or(REPROBE_EVERY)));
@@ -311,11 +318,12 @@ impl Shipper {
             None => {
                 self.metric_checked_at = Some(Instant::now());
                 self.readiness.clear_problem(READY_METRIC);
+                self.readiness.clear_problem(READY_LAGO);
                 None
             }
-            Some(problem) => {
+            Some((check, problem)) => {
                 tracing::error!(%problem, "delivery paused: events stay in the spool");
-                self.readiness.set_problem(READY_METRIC, problem);
+                self.readiness.set_problem(check, problem);
                 Some(Step::Wait(REPROBE_EVERY))
             }
         }
