@@ -218,7 +218,11 @@ impl Store {
     }
 
     /// Commits every change set in one transaction (one fsync for the whole group).
-    pub fn commit(&mut self, groups: &[Changes], now: i64) -> Result<(), StoreError> {
+    pub fn commit<'a>(
+        &mut self,
+        groups: impl IntoIterator<Item = &'a Changes>,
+        now: i64,
+    ) -> Result<(), StoreError> {
         let tx = self.conn.transaction()?;
         {
             let mut record = tx.prepare_cached(

@@ -287,11 +287,16 @@ impl Writer {
     }
 
     async fn commit_backlog(&mut self) {
-        let groups: Vec<Changes> = self.backlog.iter().map(|(c, _)| c.clone()).collect();
+        // The backlog travels to the blocking thread and back instead of being copied.
+        let backlog = std::mem::take(&mut self.backlog);
         let started = std::time::Instant::now();
-        let result = self
-            .with_store(move |store| store.commit(&groups, unix_now()))
+        let (backlog, result) = self
+            .with_store(move |store| {
+                let result = store.commit(backlog.iter().map(|(changes, _)| changes), unix_now());
+                (backlog, result)
+            })
             .await;
+        self.backlog = backlog;
         metrics::histogram!("ocpp_lago_bridge_spool_commit_seconds")
             .record(started.elapsed().as_secs_f64());
         match result {
