@@ -2,26 +2,18 @@
 //! as a plain TOML table, then every key is taken out of it one by one, so that one run reports
 //! every problem (unknown keys with their path, wrong types, invalid values) instead of the first.
 
-use std::collections::BTreeSet;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::de::DeserializeOwned;
+
+use crate::ledger::{BillingMode, BillingRules, SubscriptionMap, Template};
 use tokio_tungstenite::tungstenite::http::Uri;
 
 /// The config file used when `--config` is not given; absent means "all defaults".
 pub const DEFAULT_CONFIG_PATH: &str = "config/ocpp-lago-bridge.toml";
-
-/// The placeholders the `[billing]` templates may use.
-pub const TEMPLATE_PLACEHOLDERS: &[&str] = &[
-    "transaction_id",
-    "charge_box_id",
-    "connector_id",
-    "id_tag",
-    "started_at",
-];
 
 /// A validated configuration: it cannot hold an invalid value.
 #[derive(Debug, Clone, PartialEq)]
@@ -68,23 +60,16 @@ pub struct LagoConfig {
     pub max_requests_per_second: u32,
     pub request_timeout: Duration,
     pub retry_max_delay: Duration,
-}
-
-/// How energy is turned into events.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BillingMode {
-    /// One event per session, at StopTransaction.
-    Session,
-    /// One event per new register reading, plus a final one at StopTransaction.
-    Incremental,
+    /// On SIGTERM, how long the shipper may keep sending before the rest waits for restart.
+    pub shutdown_flush_timeout: Duration,
 }
 
 /// `[billing]`: how sessions become Lago events.
 #[derive(Debug, Clone, PartialEq)]
 pub struct BillingConfig {
     pub mode: BillingMode,
-    pub transaction_id: String,
-    pub external_subscription_id: String,
+    pub transaction_id: Template,
+    pub external_subscription_id: Template,
     pub subscription_map_file: Option<PathBuf>,
     /// A charger timestamp further in the future than this is implausible.
     pub future_timestamp_tolerance: Duration,
@@ -94,12 +79,22 @@ pub struct BillingConfig {
 #[derive(Debug, Clone, PartialEq)]
 pub struct SpoolConfig {
     pub path: PathBuf,
+    /// A billing reply waits at most this long for its record's commit, then is relayed anyway.
+    pub hold_timeout: Duration,
+    /// Delivered events and their tap records are pruned after this long.
+    pub retention: Duration,
+    /// Most uncommitted tap records kept in memory while the spool cannot commit.
+    pub max_memory_records: usize,
+    /// Spool size that must never be reached; alarms start at 80 % of it. Nothing is dropped.
+    pub disk_cap_bytes: u64,
 }
 
 /// `[admin]`: the metrics and health listener.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AdminConfig {
     pub listen: SocketAddr,
+    /// Allow `listen` on a non-loopback address (metrics and health are not authenticated).
+    pub allow_remote: bool,
 }
 
 /// Log line format.
@@ -140,25 +135,53 @@ impl Default for Config {
                 max_requests_per_second: 10,
                 request_timeout: Duration::from_secs(30),
                 retry_max_delay: Duration::from_secs(10),
+                shutdown_flush_timeout: Duration::from_secs(5),
             },
             billing: BillingConfig {
                 mode: BillingMode::Session,
-                transaction_id: "{transaction_id}".into(),
-                external_subscription_id: "{id_tag}".into(),
+                transaction_id: "{transaction_id}".parse().expect("literal template"),
+                external_subscription_id: "{id_tag}".parse().expect("literal template"),
                 subscription_map_file: None,
                 future_timestamp_tolerance: Duration::from_secs(600),
             },
             spool: SpoolConfig {
                 path: PathBuf::from("data/spool.db"),
+                hold_timeout: Duration::from_secs(5),
+                retention: Duration::from_secs(30 * 24 * 3600),
+                max_memory_records: 100_000,
+                disk_cap_bytes: 10 << 30,
             },
             admin: AdminConfig {
                 listen: "127.0.0.1:9180".parse().expect("literal address"),
+                allow_remote: false,
             },
             log: LogConfig {
                 level: "info".into(),
                 format: LogFormat::Json,
             },
         }
+    }
+}
+
+/// Warnings about the machine rather than the file: today, whether the open-file limit fits
+/// the fleet (each charger holds two sockets: its own and SteVe's).
+pub fn environment_warnings() -> Vec<String> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit only writes the struct we pass.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return Vec::new();
+    }
+    let chargers = limit.rlim_cur.saturating_sub(64) / 2;
+    if limit.rlim_cur < 65_536 {
+        vec![format!(
+            "the open-file limit is {} (hard {}): room for about {chargers} chargers, as each holds two sockets; raise LimitNOFILE= (systemd) or `ulimit -n`",
+            limit.rlim_cur, limit.rlim_max
+        )]
+    } else {
+        Vec::new()
     }
 }
 
@@ -199,7 +222,32 @@ impl Config {
                 (DEFAULT_CONFIG_PATH.to_string(), read(default)?)
             }
         };
-        Config::parse(&text).map_err(|problems| ConfigErrors { source, problems })
+        let config = Config::parse(&text).map_err(|problems| ConfigErrors {
+            source: source.clone(),
+            problems,
+        })?;
+        // Files the config names are part of it: a broken map fails check-config, not a
+        // session hours later.
+        config
+            .billing_rules()
+            .map_err(|problems| ConfigErrors { source, problems })?;
+        Ok(config)
+    }
+
+    /// The ledger's rules, reading `billing.subscription_map_file` (also on SIGHUP).
+    pub fn billing_rules(&self) -> Result<BillingRules, Vec<String>> {
+        let subscriptions = match &self.billing.subscription_map_file {
+            None => None,
+            Some(path) => Some(load_subscription_map(path)?),
+        };
+        Ok(BillingRules {
+            mode: self.billing.mode,
+            metric_code: self.lago.metric_code.clone(),
+            transaction_id: self.billing.transaction_id.clone(),
+            external_subscription_id: self.billing.external_subscription_id.clone(),
+            subscriptions,
+            future_tolerance_secs: self.billing.future_timestamp_tolerance.as_secs() as i64,
+        })
     }
 
     /// Parses and validates TOML text, reporting every problem.
@@ -216,6 +264,30 @@ impl Config {
             Err(reader.problems)
         }
     }
+}
+
+/// Reads an id_tag → external_subscription_id map: CSV unless the file name ends in `.toml`.
+pub fn load_subscription_map(path: &Path) -> Result<SubscriptionMap, Vec<String>> {
+    let name = path.display();
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        vec![format!(
+            "`billing.subscription_map_file`: cannot read {name}: {e}"
+        )]
+    })?;
+    let parsed = if path
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("toml"))
+    {
+        SubscriptionMap::from_toml(&text)
+    } else {
+        SubscriptionMap::from_csv(&text)
+    };
+    parsed.map_err(|errors| {
+        errors
+            .into_iter()
+            .map(|e| format!("`billing.subscription_map_file` {name}: {e}"))
+            .collect()
+    })
 }
 
 fn read(path: &Path) -> Result<String, ConfigErrors> {
@@ -296,10 +368,15 @@ impl Reader {
             ) as u32,
             request_timeout: self.duration("lago", "request_timeout", d.lago.request_timeout),
             retry_max_delay: self.duration("lago", "retry_max_delay", d.lago.retry_max_delay),
+            shutdown_flush_timeout: self.duration_allow_zero(
+                "lago",
+                "shutdown_flush_timeout",
+                d.lago.shutdown_flush_timeout,
+            ),
         };
         let billing = BillingConfig {
             mode: self.mode(d.billing.mode),
-            transaction_id: self.template("transaction_id", d.billing.transaction_id),
+            transaction_id: self.template("transaction_id", d.billing.transaction_id.clone()),
             external_subscription_id: self.template(
                 "external_subscription_id",
                 d.billing.external_subscription_id,
@@ -313,10 +390,33 @@ impl Reader {
         };
         let spool = SpoolConfig {
             path: self.optional_path("spool", "path").unwrap_or(d.spool.path),
+            hold_timeout: self.duration("spool", "hold_timeout", d.spool.hold_timeout),
+            retention: self.duration("spool", "retention", d.spool.retention),
+            max_memory_records: self.bounded(
+                "spool",
+                "max_memory_records",
+                d.spool.max_memory_records,
+                1..=10_000_000,
+            ),
+            disk_cap_bytes: self.bounded(
+                "spool",
+                "disk_cap_bytes",
+                d.spool.disk_cap_bytes as usize,
+                (1 << 20)..=usize::MAX,
+            ) as u64,
         };
         let admin = AdminConfig {
             listen: self.addr("admin", "listen", d.admin.listen),
+            allow_remote: self
+                .take::<bool>("admin", "allow_remote", "true or false")
+                .unwrap_or(d.admin.allow_remote),
         };
+        if !admin.listen.ip().is_loopback() && !admin.allow_remote {
+            self.problems.push(format!(
+                "`admin.listen` = \"{}\" is not a loopback address: /metrics and /readyz have no authentication; set `admin.allow_remote = true` to mean it",
+                admin.listen
+            ));
+        }
         let log = LogConfig {
             level: self.log_level(d.log.level),
             format: self.log_format(d.log.format),
@@ -486,18 +586,20 @@ impl Reader {
         }
     }
 
-    fn template(&mut self, key: &str, default: String) -> String {
+    fn template(&mut self, key: &str, default: Template) -> Template {
         let Some(text) = self.take::<String>("billing", key, "a template string") else {
             return default;
         };
-        match template_placeholders(&text) {
-            Ok(used) if used.is_empty() => {
+        match text.parse::<Template>() {
+            // A constant subscription is a valid site setup; a constant Lago transaction_id
+            // would make every session after the first a duplicate.
+            Ok(template) if key == "transaction_id" && template.is_constant() => {
                 self.problems.push(format!(
-                    "`billing.{key}` = {text:?} uses no placeholder: every session would get the same value"
+                    "`billing.{key}` = {text:?} uses no placeholder: every session would get the same Lago transaction_id"
                 ));
                 default
             }
-            Ok(_) => text,
+            Ok(template) => template,
             Err(e) => {
                 self.problems
                     .push(format!("`billing.{key}` = {text:?}: {e}"));
@@ -539,35 +641,6 @@ impl Reader {
     }
 }
 
-/// The placeholders a `[billing]` template uses, or why it is invalid.
-pub fn template_placeholders(template: &str) -> Result<BTreeSet<&str>, String> {
-    let mut used = BTreeSet::new();
-    let mut rest = template;
-    while let Some(open) = rest.find(['{', '}']) {
-        if rest[open..].starts_with('}') {
-            return Err("has a `}` without a matching `{`".into());
-        }
-        let after = &rest[open + 1..];
-        let close = after
-            .find('}')
-            .ok_or_else(|| "has a `{` without a matching `}`".to_string())?;
-        let name = &after[..close];
-        if !TEMPLATE_PLACEHOLDERS.contains(&name) {
-            return Err(format!(
-                "unknown placeholder `{{{name}}}` (known: {})",
-                TEMPLATE_PLACEHOLDERS
-                    .iter()
-                    .map(|p| format!("{{{p}}}"))
-                    .collect::<Vec<_>>()
-                    .join(" ")
-            ));
-        }
-        used.insert(name);
-        rest = &after[close + 1..];
-    }
-    Ok(used)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -598,11 +671,14 @@ mod tests {
             [billing]
             mode = "hourly"
             transaction_id = "{session}"
+            [admin]
+            listen = "0.0.0.0:9180"
         "#;
         let problems = Config::parse(text).unwrap_err();
         let expected = [
             "unknown key `colour`",
             "`proxy.listen`",
+            "`admin.listen`",
             "`proxy.upstream_url`",
             "unknown key `proxy.extra`",
             "`lago.batch_linger`",
@@ -644,15 +720,5 @@ mod tests {
         assert_eq!(config.proxy.ping_interval, Duration::from_millis(250));
         assert_eq!(config.billing.mode, BillingMode::Incremental);
         assert_eq!(config.log.format, LogFormat::Text);
-    }
-
-    #[test]
-    fn templates_are_checked() {
-        assert!(template_placeholders("{transaction_id}").is_ok());
-        assert!(template_placeholders("cp-{charge_box_id}:{transaction_id}").is_ok());
-        assert!(template_placeholders("{nope}").is_err());
-        assert!(template_placeholders("{transaction_id").is_err());
-        assert!(template_placeholders("x}").is_err());
-        assert!(template_placeholders("plain").unwrap().is_empty());
     }
 }

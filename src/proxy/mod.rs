@@ -24,22 +24,24 @@ use crate::config::ProxyConfig;
 use crate::shutdown::Shutdown;
 use handshake::{HttpResponse, read_upgrade_request};
 use relay::{Keepalive, relay};
-use tap::FrameTap;
+use tap::{Billing, FrameTap};
 
 /// Everything a connection handler needs, shared by all connections.
 #[derive(Debug)]
 pub struct Proxy {
     config: ProxyConfig,
     socket_config: WebSocketConfig,
+    billing: Option<Billing>,
 }
 
 impl Proxy {
-    /// A proxy relaying per `config`.
-    pub fn new(config: ProxyConfig) -> Arc<Self> {
+    /// A proxy relaying per `config`, billing through `billing` (`None`: relay only).
+    pub fn new(config: ProxyConfig, billing: Option<Billing>) -> Arc<Self> {
         let socket_config = upstream::socket_config(config.max_frame_size);
         Arc::new(Proxy {
             config,
             socket_config,
+            billing,
         })
     }
 
@@ -142,7 +144,11 @@ impl Proxy {
             ping_interval: self.config.ping_interval,
             pong_timeout: self.config.pong_timeout,
         };
-        let tap = FrameTap::new(request.charge_box_id);
+        let tap = FrameTap::new(
+            request.charge_box_id,
+            protocol.as_deref(),
+            self.billing.clone(),
+        );
         let end = relay(charger, upstream, keepalive, &tap, &close).await;
         connections.decrement(1.0);
         metrics::counter!("ocpp_lago_bridge_connections_closed_total", "reason" => end.reason())

@@ -244,24 +244,17 @@ where
         keepalive.ping_interval,
     );
     ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    let frames =
-        metrics::counter!("ocpp_lago_bridge_frames_relayed_total", "direction" => from.direction());
     loop {
-        let outgoing = tokio::select! {
+        let (outgoing, label) = tokio::select! {
             // Cancel-safe: a partially received frame stays buffered inside the socket.
             message = src.next() => {
                 liveness.heard(from);
                 match message {
-                    Some(Ok(Message::Text(text))) => {
-                        let message = Message::Text(text);
-                        tap.observe(from, &message).await;
-                        message
-                    }
-                    Some(Ok(message @ Message::Binary(_))) => {
-                        // OCPP-J is text only; SteVe (or the charger) decides what a binary
-                        // frame means, exactly as if we were not here.
-                        tap.observe(from, &message).await;
-                        message
+                    // A binary frame is not OCPP-J; SteVe (or the charger) decides what it
+                    // means, exactly as if we were not here.
+                    Some(Ok(message @ (Message::Text(_) | Message::Binary(_)))) => {
+                        let label = tap.observe(from, &message).await;
+                        (message, Some(label))
                     }
                     // tungstenite answers pings itself; pongs only prove liveness.
                     Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => continue,
@@ -274,14 +267,13 @@ where
                 if liveness.silent_for(to) > deadline {
                     return End::Unresponsive { side: to };
                 }
-                Message::Ping(Default::default())
+                (Message::Ping(Default::default()), None)
             }
         };
-        let is_data = outgoing.is_text() || outgoing.is_binary();
         match tokio::time::timeout(deadline, dst.send(outgoing)).await {
             Ok(Ok(())) => {
-                if is_data {
-                    frames.increment(1);
+                if let Some(action) = label {
+                    metrics::counter!("ocpp_lago_bridge_frames_relayed_total", "direction" => from.direction(), "action" => action).increment(1);
                 }
             }
             Ok(Err(error)) => {

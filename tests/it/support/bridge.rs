@@ -70,7 +70,14 @@ impl Bridge {
             .stderr(stderr_file)
             .spawn()
             .unwrap_or_else(|e| panic!("spawn {BRIDGE_BIN}: {e}"));
-        let mut bridge = Bridge { child, proxy_addr, admin_addr, stderr_path, config_path, _dir: dir };
+        let mut bridge = Bridge {
+            child,
+            proxy_addr,
+            admin_addr,
+            stderr_path,
+            config_path,
+            _dir: dir,
+        };
 
         let deadline = Instant::now() + STARTUP_LIMIT;
         while Instant::now() < deadline {
@@ -81,7 +88,10 @@ impl Bridge {
                 return Ok(bridge);
             }
         }
-        Err(format!("(not accepting on {proxy_addr} after {STARTUP_LIMIT:?})\n{}", bridge.stderr()))
+        Err(format!(
+            "(not accepting on {proxy_addr} after {STARTUP_LIMIT:?})\n{}",
+            bridge.stderr()
+        ))
     }
 
     /// The base URL chargers use: `ws://{listen}{path_prefix}`.
@@ -121,7 +131,10 @@ impl Bridge {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         self.kill();
-        panic!("bridge did not exit within {limit:?} of SIGTERM; stderr:\n{}", self.stderr());
+        panic!(
+            "bridge did not exit within {limit:?} of SIGTERM; stderr:\n{}",
+            self.stderr()
+        );
     }
 
     /// SIGKILLs the bridge and reaps it.
@@ -157,7 +170,11 @@ pub async fn check_config(config_toml: &str) -> Output {
         .kill_on_drop(true)
         .spawn()
         .unwrap_or_else(|e| panic!("spawn {BRIDGE_BIN}: {e}"));
-    super::within(Duration::from_secs(30), "check-config", child.wait_with_output())
-        .await
-        .expect("wait for check-config")
+    super::within(
+        Duration::from_secs(30),
+        "check-config",
+        child.wait_with_output(),
+    )
+    .await
+    .expect("wait for check-config")
 }
