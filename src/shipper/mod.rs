@@ -261,20 +261,27 @@ impl Shipper {
                 tracing::warn!(pause = ?pause, "Lago rate limit: the shipper pauses");
                 Step::Wait(pause)
             }
-            Decision::PauseUntilOperator { cause } => {
-                let what = match &cause {
-                    OperatorCause::ApiKeyRejected { status } => format!(
-                        "Lago refused the API key (HTTP {status}): fix lago.api_key_file / LAGO_API_KEY; nothing is dropped"
-                    ),
-                    OperatorCause::Misconfigured { detail } => {
-                        format!("Lago endpoint misconfigured: {detail}; check lago.api_url")
-                    }
-                };
-                tracing::error!(problem = %what, "delivery paused until an operator acts; re-probing every 5 s");
-                self.readiness.set_problem(READY_LAGO, what);
-                Step::Wait(REPROBE_EVERY)
-            }
+            Decision::PauseUntilOperator { cause } => match cause {
+                OperatorCause::ApiKeyRejected { status } => self.key_refused(status),
+                OperatorCause::Misconfigured { detail } => self.pause_for_operator(format!(
+                    "Lago endpoint misconfigured: {detail}; check lago.api_url"
+                )),
+            },
         }
+    }
+
+    /// A refused API key pauses delivery under the `lago` readiness check, whichever request
+    /// (metric check, subscription lookup or batch) met the refusal first.
+    fn key_refused(&self, status: u16) -> Step {
+        self.pause_for_operator(format!(
+            "Lago refused the API key (HTTP {status}): fix lago.api_key_file / LAGO_API_KEY; nothing is dropped"
+        ))
+    }
+
+    fn pause_for_operator(&self, what: String) -> Step {
+        tracing::error!(problem = %what, "delivery paused until an operator acts; re-probing every 5 s");
+        self.readiness.set_problem(READY_LAGO, what);
+        Step::Wait(REPROBE_EVERY)
     }
 
     /// Confirms (at start, then every few minutes) that the metric sums our `value` property:
@@ -296,9 +303,7 @@ impl Shipper {
             Ok(None) => Some(format!(
                 "billable metric {code:?} does not exist in Lago: create it (sum_agg on \"value\") or fix lago.metric_code"
             )),
-            Err(LagoError::Unauthorized { .. }) => Some(
-                "Lago refused the API key: fix lago.api_key_file / LAGO_API_KEY; nothing is dropped".into(),
-            ),
+            Err(LagoError::Unauthorized { status }) => return Some(self.key_refused(status)),
             Err(error) => {
                 tracing::warn!(%error, "could not check the billable metric; will retry");
                 return Some(Step::Wait(self.backoff.next().unwrap_or(REPROBE_EVERY)));
@@ -346,6 +351,7 @@ impl Shipper {
                 Ok(None) => {
                     unknown.insert(subscription);
                 }
+                Err(LagoError::Unauthorized { status }) => return Err(self.key_refused(status)),
                 Err(error) => {
                     tracing::warn!(external_subscription_id = %subscription, %error, "could not check a subscription; will retry");
                     return Err(Step::Wait(self.backoff.next().unwrap_or(REPROBE_EVERY)));
