@@ -123,6 +123,7 @@ async fn dry_run_prints_events_on_stdout_logs_on_stderr_and_sends_nothing() {
             extra_toml: e2e::lago_toml(&lago, None, "session"),
             dry_run: true,
             env: vec![("LAGO_API_KEY".into(), key.clone())],
+            ..Default::default()
         },
     )
     .await;

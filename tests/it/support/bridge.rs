@@ -23,6 +23,8 @@ pub struct BridgeOptions {
     pub dry_run: bool,
     /// Extra environment variables of the process.
     pub env: Vec<(String, String)>,
+    /// A spool file to use (e.g. seeded by the test) instead of a fresh one.
+    pub spool_path: Option<PathBuf>,
 }
 
 /// A running bridge; killed with SIGKILL when dropped.
@@ -74,7 +76,10 @@ impl Bridge {
         let dir = tempfile::tempdir().expect("temp dir for the bridge");
         let proxy_addr = net::free_addr();
         let admin_addr = net::free_addr();
-        let spool_path = dir.path().join("spool.db");
+        let spool_path = options
+            .spool_path
+            .clone()
+            .unwrap_or_else(|| dir.path().join("spool.db"));
         let config = format!(
             "[proxy]\nlisten = \"{proxy_addr}\"\npath_prefix = \"{PATH_PREFIX}\"\nupstream_url = \"{upstream_url}\"\n\n\
              [admin]\nlisten = \"{admin_addr}\"\n\n[spool]\npath = \"{spool}\"\n\n{extra_toml}\n",
