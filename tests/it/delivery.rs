@@ -250,16 +250,24 @@ fn spawn_fleet(
         .collect()
 }
 
+/// Every session the fleet ran, and how often its chargers had to reconnect (with `--retry`).
 async fn join_fleet(
     fleet: Vec<tokio::task::JoinHandle<crate::support::peers::ChargerRun>>,
-) -> Vec<RanSession> {
+) -> (Vec<RanSession>, u64) {
     let mut sessions = Vec::new();
+    let mut reconnects = 0;
     for run in fleet {
         let run = run.await.expect("charge point task");
         run.assert_ok("charge point");
         sessions.extend(ran_sessions(&run.summary));
+        if let Some(results) = run.summary["results"].as_array() {
+            reconnects += results
+                .iter()
+                .filter_map(|r| r["reconnects"].as_u64())
+                .sum::<u64>();
+        }
     }
-    sessions
+    (sessions, reconnects)
 }
 
 /// Every session has exactly one event in Lago, with the exact kWh.
@@ -369,7 +377,7 @@ async fn lago_faults_while_sessions_run_delay_but_never_lose_or_duplicate_events
     }
     assert!(ready, "/readyz is 200 again once Lago takes the key");
 
-    let sessions = join_fleet(fleet).await;
+    let (sessions, _) = join_fleet(fleet).await;
     assert_eq!(sessions.len(), 36);
     settle(&bridge, Duration::from_secs(30), |c| {
         c.pending == 0 && c.delivered == sessions.len() as i64
@@ -398,7 +406,7 @@ impl Rng {
     }
 }
 
-/// The crash test: 200 sessions from python charge points that re-send unanswered transaction
+/// The crash test: 400 sessions from python charge points that re-send unanswered transaction
 /// messages, while the bridge is SIGKILLed at random points ≥ 20 times and restarted on the same
 /// spool and ports, and Lago goes down and answers 500 meanwhile. Afterwards Lago holds exactly
 /// one event per session with the exact kWh and the spool has nothing pending or dead.
@@ -406,7 +414,7 @@ impl Rng {
 async fn sigkill_at_random_points_loses_and_duplicates_nothing() {
     const PROCESSES: usize = 5;
     const CONNECTIONS: usize = 4;
-    const SESSIONS: usize = 10;
+    const SESSIONS: usize = 20;
     const MIN_KILLS: usize = 20;
     let seed = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -445,7 +453,7 @@ async fn sigkill_at_random_points_loses_and_duplicates_nothing() {
             "--call-timeout",
             "3",
             "--interval",
-            "0.25",
+            "0.02",
         ],
         Duration::from_secs(150),
     );
@@ -472,29 +480,38 @@ async fn sigkill_at_random_points_loses_and_duplicates_nothing() {
         })
     };
 
-    let mut kills = 0;
-    while !fleet.iter().all(|run| run.is_finished())
+    let (mut kills, mut kills_while_charging) = (0, 0);
+    while (kills < MIN_KILLS || !fleet.iter().all(|run| run.is_finished()))
         && kills < 80
         && started.elapsed() < Duration::from_secs(150)
     {
-        tokio::time::sleep(rng.millis(150, 600)).await;
+        tokio::time::sleep(rng.millis(50, 250)).await;
+        let charging = !fleet.iter().all(|run| run.is_finished());
         bridge.restart().await;
         kills += 1;
+        kills_while_charging += usize::from(charging);
     }
     let fleet_done_after = started.elapsed();
-    let sessions = join_fleet(fleet).await;
+    let (sessions, reconnects) = join_fleet(fleet).await;
     chaos_stop.store(true, Ordering::Relaxed);
     chaos.await.expect("chaos task");
     assert!(
-        kills >= MIN_KILLS,
-        "only {kills} SIGKILLs happened while the chargers ran ({fleet_done_after:?}); slow the chargers down"
+        kills_while_charging >= MIN_KILLS,
+        "only {kills_while_charging} SIGKILLs happened while the chargers ran ({fleet_done_after:?}); slow the chargers down"
+    );
+    assert!(
+        reconnects >= kills_while_charging as u64,
+        "the chargers re-sent after the kills: {reconnects} reconnects"
     );
     assert_eq!(sessions.len(), PROCESSES * CONNECTIONS * SESSIONS);
 
+    // Settled: all delivered, or a loss already visible as a dead letter (then asserted below).
     let counts = settle(&bridge, Duration::from_secs(60), |c| {
-        c.pending == 0 && lago.stored_events().len() >= sessions.len()
+        c.pending == 0
+            && (lago.stored_events().len() >= sessions.len() || !c.dead_letters.is_empty())
     })
     .await;
+    assert!(counts.dead_letters.is_empty(), "{counts:?}");
     assert_exactly_once(&lago, &sessions);
     assert_eq!(counts.dead, 0, "{counts:?}");
     assert!(counts.dead_letters.is_empty(), "{counts:?}");
@@ -509,7 +526,8 @@ async fn sigkill_at_random_points_loses_and_duplicates_nothing() {
     let after_exit = spool_counts(bridge.spool_path());
     assert_eq!((after_exit.pending, after_exit.dead), (0, 0));
     eprintln!(
-        "crash test: {} sessions, {kills} SIGKILLs, {} events in Lago, {} batch requests, {:?}",
+        "crash test: {} sessions, {kills} SIGKILLs ({kills_while_charging} while charging), \
+         {reconnects} charger reconnects, {} events in Lago, {} batch requests, {:?}",
         sessions.len(),
         lago.stored_events().len(),
         lago.request_counts().batch,
