@@ -64,7 +64,6 @@ class Link:
         self.received_calls = {}
         self.central_calls_seen = asyncio.Event()
         self.reconnects = 0
-        self.resent = 0
         self.subprotocol = None
 
     async def connect(self):
@@ -131,7 +130,6 @@ class Link:
             call_task.cancel()
             await self.close()
             self.reconnects += 1
-            self.resent += 1
             await self.connect()
 
 
