@@ -534,6 +534,14 @@ async fn sigkill_at_random_points_loses_and_duplicates_nothing() {
         "one outbox row per session"
     );
     assert_secret_not_exposed(&bridge, &key).await;
+    let mut errors: BTreeMap<String, usize> = BTreeMap::new();
+    for line in bridge.stderr().lines() {
+        let log: Value = serde_json::from_str(line).unwrap_or_default();
+        if log["level"] == "ERROR" {
+            *errors.entry(log["message"].to_string()).or_default() += 1;
+        }
+    }
+    eprintln!("crash test: bridge ERROR lines by message: {errors:#?}");
     let status = bridge.terminate(Duration::from_secs(20)).await;
     assert!(status.success(), "bridge exit: {status}");
     let after_exit = spool_counts(bridge.spool_path());
