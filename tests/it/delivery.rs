@@ -493,7 +493,7 @@ async fn sigkill_at_random_points_loses_and_duplicates_nothing() {
         // Quick kills (messages in flight) until the minimum is reached, which keeps the chargers
         // slow enough to be there for it; then now and then a longer life, so the shipper gets
         // batches out and is killed while delivering too.
-        let life = if kills >= MIN_KILLS && rng.next() % 3 == 0 {
+        let life = if kills >= MIN_KILLS && rng.next().is_multiple_of(3) {
             rng.millis(300, 1200)
         } else {
             rng.millis(50, 250)
