@@ -56,7 +56,7 @@ async fn stdout_lines(bridge: &Bridge, count: usize, limit: Duration) -> Vec<Str
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn golden_session_produces_exactly_the_recorded_event_line() {
     let central = python_central().await;
-    let bridge = Bridge::start_opts(
+    let mut bridge = Bridge::start_opts(
         &central.url_base(),
         BridgeOptions {
             dry_run: true,
@@ -85,6 +85,14 @@ async fn golden_session_produces_exactly_the_recorded_event_line() {
     run.assert_ok("golden charge point");
     let lines = stdout_lines(&bridge, 1, Duration::from_secs(15)).await;
     let after = unix_now();
+    // A clean exit removes the dry run's throw-away spool.
+    let status = bridge.terminate(Duration::from_secs(20)).await;
+    assert!(status.success(), "bridge exit: {status}");
+    assert_eq!(
+        bridge.stdout().lines().count(),
+        1,
+        "one event, printed once"
+    );
     assert_eq!(lines.len(), 1, "exactly one event line: {lines:?}");
     let line = &lines[0];
 
