@@ -268,22 +268,29 @@ impl Shipper {
                 tracing::warn!(pause = ?pause, "Lago rate limit: the shipper pauses");
                 Step::Wait(pause)
             }
-            Decision::PauseUntilOperator { cause } => {
-                let what = match &cause {
-                    OperatorCause::ApiKeyRejected { status } => format!(
-                        "Lago refused the API key (HTTP {status}): fix lago.api_key_file / LAGO_API_KEY; nothing is dropped"
-                    ),
-                    OperatorCause::Misconfigured { detail } => {
-                        format!("Lago endpoint misconfigured: {detail}; check lago.api_url")
-                    }
-                };
-                tracing::error!(problem = %what, "delivery paused until an operator acts; re-probing every 5 s");
-                self.readiness.set_problem(READY_LAGO, what);
-                // Probe through the metric check, which runs even when nothing is pending.
-                self.metric_checked_at = None;
-                Step::Wait(REPROBE_EVERY)
-            }
+            Decision::PauseUntilOperator { cause } => match cause {
+                OperatorCause::ApiKeyRejected { status } => self.key_refused(status),
+                OperatorCause::Misconfigured { detail } => self.pause_for_operator(format!(
+                    "Lago endpoint misconfigured: {detail}; check lago.api_url"
+                )),
+            },
         }
+    }
+
+    /// A refused API key pauses delivery under the `lago` readiness check, whichever request
+    /// (metric check, subscription lookup or batch) met the refusal first.
+    fn key_refused(&mut self, status: u16) -> Step {
+        self.pause_for_operator(format!(
+            "Lago refused the API key (HTTP {status}): fix lago.api_key_file / LAGO_API_KEY; nothing is dropped"
+        ))
+    }
+
+    fn pause_for_operator(&mut self, what: String) -> Step {
+        tracing::error!(problem = %what, "delivery paused until an operator acts; re-probing every 5 s");
+        self.readiness.set_problem(READY_LAGO, what);
+        // Probe through the metric check, which runs even when nothing is pending.
+        self.metric_checked_at = None;
+        Step::Wait(REPROBE_EVERY)
     }
 
     /// Confirms (at start, then every few minutes) that the metric sums our `value` property:
@@ -298,17 +305,20 @@ impl Shipper {
         let code = &self.settings.metric_code;
         let problem = match client.get_billable_metric(code).await {
             Ok(Some(metric)) if metric.sums_field("value") => None,
-            Ok(Some(metric)) => Some((READY_METRIC, format!(
-                "billable metric {code:?} is {:?} on field {:?}: it must be sum_agg on \"value\" or every event bills 0",
-                metric.aggregation_type, metric.field_name
-            ))),
-            Ok(None) => Some((READY_METRIC, format!(
-                "billable metric {code:?} does not exist in Lago: create it (sum_agg on \"value\") or fix lago.metric_code"
-            ))),
-            Err(LagoError::Unauthorized { .. }) => Some((
-                READY_LAGO,
-                "Lago refused the API key: fix lago.api_key_file / LAGO_API_KEY; nothing is dropped".into(),
+            Ok(Some(metric)) => Some((
+                READY_METRIC,
+                format!(
+                    "billable metric {code:?} is {:?} on field {:?}: it must be sum_agg on \"value\" or every event bills 0",
+                    metric.aggregation_type, metric.field_name
+                ),
             )),
+            Ok(None) => Some((
+                READY_METRIC,
+                format!(
+                    "billable metric {code:?} does not exist in Lago: create it (sum_agg on \"value\") or fix lago.metric_code"
+                ),
+            )),
+            Err(LagoError::Unauthorized { status }) => return Some(self.key_refused(status)),
             Err(error) => {
                 tracing::warn!(%error, "could not check the billable metric; will retry");
                 return Some(Step::Wait(self.backoff.next().unwrap_or(REPROBE_EVERY)));
@@ -357,6 +367,7 @@ impl Shipper {
                 Ok(None) => {
                     unknown.insert(subscription);
                 }
+                Err(LagoError::Unauthorized { status }) => return Err(self.key_refused(status)),
                 Err(error) => {
                     tracing::warn!(external_subscription_id = %subscription, %error, "could not check a subscription; will retry");
                     return Err(Step::Wait(self.backoff.next().unwrap_or(REPROBE_EVERY)));

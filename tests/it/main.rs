@@ -2,6 +2,8 @@
 //! over real loopback sockets to independent OCPP peers (PyPI `ocpp`, npm `ocpp-rpc`) and to a
 //! byte-recording upstream. Peers are installed by `.ci/run`.
 
+mod billing;
+mod delivery;
 mod lago_client;
 mod packaging;
 mod peers_selfcheck;

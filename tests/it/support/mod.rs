@@ -2,6 +2,8 @@
 #![allow(dead_code)] // Each test uses a different slice of the harness.
 
 pub mod bridge;
+pub mod e2e;
+pub mod http;
 pub mod net;
 pub mod peers;
 pub mod recorder;
