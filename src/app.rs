@@ -415,7 +415,18 @@ pub fn read_api_key(api_key_file: Option<&Path>) -> Result<ApiKey, String> {
 }
 
 fn tempdir_for_dry_run() -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("ocpp-lago-bridge-dry-run-{}", std::process::id()));
+    const PREFIX: &str = "ocpp-lago-bridge-dry-run-";
+    // A killed dry run cannot clean up after itself: remove the spools of dead ones.
+    if let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) {
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let pid = name.to_str().and_then(|n| n.strip_prefix(PREFIX));
+            if pid.is_some_and(|pid| !Path::new("/proc").join(pid).exists()) {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+    }
+    let dir = std::env::temp_dir().join(format!("{PREFIX}{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     dir
 }
