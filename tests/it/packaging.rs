@@ -363,3 +363,17 @@ fn deb_assets_exist_and_install_the_config_as_a_conffile() {
     let units_dir = deb["systemd-units"]["unit-scripts"].as_str().unwrap();
     assert!(path(units_dir).join("ocpp-lago-bridge.service").exists());
 }
+
+/// The design card pins one tokio-tungstenite across the tree: two would mean two WebSocket
+/// stacks with different limits and buffer settings.
+#[test]
+fn the_tree_has_one_tokio_tungstenite() {
+    let lock = std::fs::read_to_string(crate::support::repo_root().join("Cargo.lock")).unwrap();
+    for name in ["tokio-tungstenite", "tungstenite"] {
+        let versions = lock
+            .split("[[package]]")
+            .filter(|package| package.contains(&format!("\nname = \"{name}\"\n")))
+            .count();
+        assert_eq!(versions, 1, "{name} appears {versions} times in Cargo.lock");
+    }
+}
