@@ -313,6 +313,7 @@ fn start_pipeline(
         retention: config.spool.retention,
         disk_cap_bytes: config.spool.disk_cap_bytes,
         path: spool_path.to_path_buf(),
+        steve: steve_client(config),
     };
     let (commands, writer_future) = match writer::start(
         store,
@@ -387,6 +388,31 @@ fn lago_client(config: &Config, readiness: &Readiness) -> Option<LagoClient> {
         Err(error) => {
             tracing::error!(%error, "cannot build the Lago client: events are kept in the spool and not sent");
             readiness.set_problem(READY_API_KEY, error.to_string());
+            None
+        }
+    }
+}
+
+/// SteVe's REST client, when `[steve] api_url` is set and its key can be read.
+fn steve_client(config: &Config) -> Option<crate::steve::SteveClient> {
+    let api_url = config.steve.api_url.as_deref()?;
+    let key = match &config.steve.api_key_file {
+        Some(path) => std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read {}: {e}", path.display())),
+        None => std::env::var("STEVE_API_KEY").map_err(|_| "STEVE_API_KEY is not set".to_string()),
+    };
+    let client = key.and_then(|key| {
+        crate::steve::SteveClient::new(
+            api_url,
+            ApiKey::new(key.trim()),
+            config.steve.request_timeout,
+        )
+        .map_err(|e| e.to_string())
+    });
+    match client {
+        Ok(client) => Some(client),
+        Err(problem) => {
+            tracing::error!(%problem, "[steve] is configured but unusable: sessions the bridge did not see start become missing_start dead letters");
             None
         }
     }

@@ -24,6 +24,17 @@ pub struct Config {
     pub spool: SpoolConfig,
     pub admin: AdminConfig,
     pub log: LogConfig,
+    pub steve: SteveConfig,
+}
+
+/// `[steve]`: SteVe's REST API, to recover the start of a session the bridge did not see.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SteveConfig {
+    /// e.g. `http://127.0.0.1:8080/steve`; `None` turns recovery off.
+    pub api_url: Option<String>,
+    /// File holding SteVe's API key; `None` means the `STEVE_API_KEY` environment variable.
+    pub api_key_file: Option<PathBuf>,
+    pub request_timeout: Duration,
 }
 
 /// `[proxy]`: where chargers connect and where SteVe is.
@@ -190,6 +201,11 @@ impl Default for Config {
             log: LogConfig {
                 level: "info".into(),
                 format: LogFormat::Json,
+            },
+            steve: SteveConfig {
+                api_url: None,
+                api_key_file: None,
+                request_timeout: Duration::from_secs(2),
             },
         }
     }
@@ -375,7 +391,7 @@ struct Reader {
 impl Reader {
     fn read_all(&mut self) -> Config {
         let d = Config::default();
-        let known_sections = ["proxy", "lago", "billing", "spool", "admin", "log"];
+        let known_sections = ["proxy", "lago", "billing", "spool", "admin", "log", "steve"];
         for (name, value) in &self.table {
             if !known_sections.contains(&name.as_str()) {
                 self.problems.push(format!("unknown key `{name}`"));
@@ -508,8 +524,17 @@ impl Reader {
             level: self.log_level(d.log.level),
             format: self.log_format(d.log.format),
         };
+        let steve = SteveConfig {
+            api_url: self
+                .take::<String>("steve", "api_url", "a URL string")
+                .filter(|url| !url.is_empty())
+                .and_then(|url| self.check_url("steve", "api_url", &["http", "https"], &url)),
+            api_key_file: self.optional_path("steve", "api_key_file"),
+            request_timeout: self.duration("steve", "request_timeout", d.steve.request_timeout),
+        };
         self.reject_unknown_keys();
         Config {
+            steve,
             proxy,
             lago,
             billing,
@@ -605,24 +630,31 @@ impl Reader {
     }
 
     fn url(&mut self, section: &str, key: &str, schemes: &[&str], default: String) -> String {
-        let Some(text) = self.take::<String>(section, key, "a URL string") else {
-            return default;
-        };
+        self.take::<String>(section, key, "a URL string")
+            .and_then(|text| self.check_url(section, key, schemes, &text))
+            .unwrap_or(default)
+    }
+
+    /// `text` without a trailing slash if it is a URL of one of `schemes` with a host.
+    fn check_url(
+        &mut self,
+        section: &str,
+        key: &str,
+        schemes: &[&str],
+        text: &str,
+    ) -> Option<String> {
         let valid = text.parse::<Uri>().ok().filter(|uri| {
             uri.scheme_str().is_some_and(|s| schemes.contains(&s))
                 && uri.host().is_some_and(|h| !h.is_empty())
                 && uri.query().is_none()
         });
-        match valid {
-            Some(_) => text.trim_end_matches('/').to_string(),
-            None => {
-                self.problems.push(format!(
-                    "`{section}.{key}` = {text:?} is not a {} URL with a host and no query",
-                    schemes.join("/")
-                ));
-                default
-            }
+        if valid.is_none() {
+            self.problems.push(format!(
+                "`{section}.{key}` = {text:?} is not a {} URL with a host and no query",
+                schemes.join("/")
+            ));
         }
+        valid.map(|_| text.trim_end_matches('/').to_string())
     }
 
     fn duration(&mut self, section: &str, key: &str, default: Duration) -> Duration {

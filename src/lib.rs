@@ -14,6 +14,7 @@ pub mod proxy;
 pub mod shipper;
 pub mod shutdown;
 pub mod spool;
+pub mod steve;
 pub mod systemd;
 pub mod tap;
 pub mod telemetry;

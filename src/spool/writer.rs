@@ -10,7 +10,8 @@ use std::time::Duration;
 use tokio::sync::{Notify, mpsc, oneshot};
 
 use super::store::{Changes, NewDeadLetter, RecordRow, SessionRow, Store, StoreError};
-use crate::ledger::{Applied, BillingRules, Ledger, SessionState};
+use crate::ledger::{Applied, BillingRules, Ledger, SessionKey, SessionState};
+use crate::steve::SteveClient;
 use crate::tap::{TapKind, TapRecord};
 use crate::telemetry::Readiness;
 
@@ -64,6 +65,8 @@ pub struct WriterSettings {
     pub disk_cap_bytes: u64,
     /// The spool file, for its size.
     pub path: std::path::PathBuf,
+    /// Recovers the start of sessions the bridge never saw from SteVe's REST API.
+    pub steve: Option<SteveClient>,
 }
 
 /// Opens the spool, rebuilds the ledger from it and returns the writer's future.
@@ -136,6 +139,12 @@ impl Writer {
             for command in commands.drain(..) {
                 match command {
                     Command::Record { record, committed } => {
+                        let steve = self.settings.steve.as_ref();
+                        if let Some(start) = recover_start(steve, &self.ledger, &record).await {
+                            let applied = self.ledger.apply(&start, &self.rules);
+                            let changes = self.changes(&start, applied);
+                            self.backlog.push_back((changes, None));
+                        }
                         let applied = self.ledger.apply(&record, &self.rules);
                         let changes = self.changes(&record, applied);
                         self.backlog.push_back((changes, Some(committed)));
@@ -366,6 +375,57 @@ impl Writer {
         .expect("spool work does not panic");
         self.store = Some(store);
         out
+    }
+}
+
+/// A Stop of a session the ledger never saw start (and without a Transaction.Begin reading)
+/// is looked up in SteVe before it is applied, so it can be billed rather than dead-lettered.
+/// Rare (the bridge was put in the path mid-session), so the writer simply waits for it.
+async fn recover_start(
+    steve: Option<&SteveClient>,
+    ledger: &Ledger,
+    record: &TapRecord,
+) -> Option<TapRecord> {
+    let steve = steve?;
+    let TapKind::Stop(stop) = &record.kind else {
+        return None;
+    };
+    let key = SessionKey {
+        charge_box_id: record.charge_box_id.clone(),
+        ocpp_transaction_id: stop.ocpp_transaction_id,
+    };
+    if stop.begin_reading.is_some()
+        || key.ocpp_transaction_id <= 0
+        || ledger.session(&key).is_some()
+    {
+        return None;
+    }
+    let outcome = steve
+        .recover_start(
+            &key.charge_box_id,
+            key.ocpp_transaction_id,
+            record.received_at,
+        )
+        .await;
+    let result = match &outcome {
+        Ok(Some(_)) => "recovered",
+        Ok(None) => "unknown_to_steve",
+        Err(_) => "error",
+    };
+    metrics::counter!("ocpp_lago_bridge_start_recoveries_total", "result" => result).increment(1);
+    match outcome {
+        Ok(Some(start)) => {
+            tracing::info!(charge_box_id = %key.charge_box_id, ocpp_transaction_id = key.ocpp_transaction_id, "session start recovered from SteVe's REST API");
+            Some(start)
+        }
+        Ok(None) => {
+            tracing::warn!(charge_box_id = %key.charge_box_id, ocpp_transaction_id = key.ocpp_transaction_id, "SteVe does not know the transaction either: missing_start");
+            None
+        }
+        Err(error) => {
+            tracing::warn!(charge_box_id = %key.charge_box_id, ocpp_transaction_id = key.ocpp_transaction_id, %error, "could not ask SteVe for the session start: missing_start");
+            None
+        }
     }
 }
 
