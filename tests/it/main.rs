@@ -3,6 +3,7 @@
 //! byte-recording upstream. Peers are installed by `.ci/run`.
 
 mod corpus;
+mod fuzz_stable;
 mod lago_client;
 mod peers_selfcheck;
 mod relay;
