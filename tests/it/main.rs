@@ -3,7 +3,9 @@
 //! byte-recording upstream. Peers are installed by `.ci/run`.
 
 mod billing;
+mod corpus;
 mod delivery;
+mod fuzz_stable;
 mod lago_client;
 mod packaging;
 mod peers_selfcheck;

@@ -17,6 +17,8 @@ const STARTUP_LIMIT: Duration = Duration::from_secs(15);
 /// How to run the bridge besides its upstream.
 #[derive(Debug, Clone, Default)]
 pub struct BridgeOptions {
+    /// Key = value lines added to the generated `[proxy]` section.
+    pub proxy_toml: String,
     /// Extra TOML appended to the generated config (whole sections).
     pub extra_toml: String,
     /// Pass `--dry-run`.
@@ -50,7 +52,18 @@ impl Bridge {
 
     /// Like [`Bridge::start`], with extra TOML appended to the generated config (whole sections).
     pub async fn start_with(upstream_url: &str, extra_toml: &str) -> Bridge {
+        Self::start_with_proxy(upstream_url, "", extra_toml).await
+    }
+
+    /// Like [`Bridge::start_with`], with `proxy_toml` (key = value lines) added to `[proxy]`,
+    /// e.g. a small `max_frame_size` or a short `handshake_timeout`.
+    pub async fn start_with_proxy(
+        upstream_url: &str,
+        proxy_toml: &str,
+        extra_toml: &str,
+    ) -> Bridge {
         let options = BridgeOptions {
+            proxy_toml: proxy_toml.into(),
             extra_toml: extra_toml.into(),
             ..Default::default()
         };
@@ -81,10 +94,11 @@ impl Bridge {
             .clone()
             .unwrap_or_else(|| dir.path().join("spool.db"));
         let config = format!(
-            "[proxy]\nlisten = \"{proxy_addr}\"\npath_prefix = \"{PATH_PREFIX}\"\nupstream_url = \"{upstream_url}\"\n\n\
+            "[proxy]\nlisten = \"{proxy_addr}\"\npath_prefix = \"{PATH_PREFIX}\"\nupstream_url = \"{upstream_url}\"\n{proxy_toml}\n\n\
              [admin]\nlisten = \"{admin_addr}\"\n\n[spool]\npath = \"{spool}\"\n\n{extra_toml}\n",
             spool = spool_path.display(),
             extra_toml = options.extra_toml,
+            proxy_toml = options.proxy_toml,
         );
         let config_path = dir.path().join("bridge.toml");
         fs::write(&config_path, config).expect("write bridge config");

@@ -2,6 +2,7 @@
 //! frame it receives byte-for-byte, sends scripted frames, can echo CALLRESULTs, and can refuse,
 //! close or hang on command.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -51,6 +52,9 @@ pub struct Script {
     pub subprotocol: Subprotocol,
     /// Frames sent, in order, right after the upgrade.
     pub send_on_open: Vec<Message>,
+    /// Frames sent after `send_on_open` only to the connection whose path ends with
+    /// `/{key}` (a chargeBoxId), so one recorder can feed each charger its own frames.
+    pub send_on_open_to: BTreeMap<String, Vec<Message>>,
     /// Answer each text frame that parses as a CALL `[2,"id",...]` with `[3,"id",{}]`.
     pub echo_callresult: bool,
     /// After receiving this many text/binary frames (0: right after `send_on_open`), close with
@@ -276,7 +280,16 @@ async fn serve(stream: TcpStream, script: Script, state: Arc<Mutex<State>>) {
     let record =
         |f: &mut dyn FnMut(&mut ConnectionLog)| f(&mut state.lock().unwrap().connections[index]);
 
-    for frame in &script.send_on_open {
+    let path = path_seen.lock().unwrap().clone();
+    let own_frames = path
+        .rsplit('/')
+        .next()
+        .and_then(|id| script.send_on_open_to.get(id));
+    for frame in script
+        .send_on_open
+        .iter()
+        .chain(own_frames.into_iter().flatten())
+    {
         if ws.send(frame.clone()).await.is_err() {
             record(&mut |c| c.ended = true);
             return;
