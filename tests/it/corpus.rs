@@ -190,6 +190,26 @@ fn direction(case: &Case) -> &'static str {
     }
 }
 
+/// The sum of the series `selector` selects: same name, and at least its labels (a counter
+/// may carry more labels than a case names, e.g. `action` beside `direction`).
+fn selected(metrics: &BTreeMap<String, f64>, selector: &str) -> f64 {
+    let (name, labels) = selector.split_once('{').unwrap_or((selector, "}"));
+    let wanted: Vec<&str> = labels
+        .trim_end_matches('}')
+        .split(',')
+        .filter(|l| !l.is_empty())
+        .collect();
+    metrics
+        .iter()
+        .filter(|(series, _)| {
+            let (series_name, series_labels) = series.split_once('{').unwrap_or((series, "}"));
+            let have: Vec<&str> = series_labels.trim_end_matches('}').split(',').collect();
+            series_name == name && wanted.iter().all(|w| have.contains(w))
+        })
+        .map(|(_, value)| value)
+        .sum()
+}
+
 /// What a case must have moved on `/metrics`.
 fn expected_counters(case: &Case) -> Vec<String> {
     let mut counters = vec![normalize_series(&case.counter)];
@@ -631,9 +651,7 @@ async fn run_case(subject: &mut Subject, recorder: &Recorder, case: &Case, bytes
     loop {
         let missing: Vec<&String> = counters
             .iter()
-            .filter(|c| {
-                after.get(*c).copied().unwrap_or(0.0) <= before.get(*c).copied().unwrap_or(0.0)
-            })
+            .filter(|c| selected(&after, c) <= selected(&before, c))
             .collect();
         if missing.is_empty() {
             break;
