@@ -34,11 +34,21 @@ impl Bridge {
 
     /// Like [`Bridge::start`], with extra TOML appended to the generated config (whole sections).
     pub async fn start_with(upstream_url: &str, extra_toml: &str) -> Bridge {
+        Self::start_with_proxy(upstream_url, "", extra_toml).await
+    }
+
+    /// Like [`Bridge::start_with`], with `proxy_keys` (TOML `key = value` lines) added inside the
+    /// generated `[proxy]` table, which TOML does not let a later section reopen.
+    pub async fn start_with_proxy(
+        upstream_url: &str,
+        proxy_keys: &str,
+        extra_toml: &str,
+    ) -> Bridge {
         // The port is picked free, then bound by the child: another process may win that race,
         // so a startup that fails on an address in use is retried with fresh ports.
         let mut last_stderr = String::new();
         for _attempt in 0..3 {
-            match Self::try_start(upstream_url, extra_toml).await {
+            match Self::try_start(upstream_url, proxy_keys, extra_toml).await {
                 Ok(bridge) => return bridge,
                 Err(stderr) if stderr.to_lowercase().contains("in use") => last_stderr = stderr,
                 Err(stderr) => panic!("bridge did not start; its stderr:\n{stderr}"),
@@ -47,12 +57,16 @@ impl Bridge {
         panic!("bridge could not bind a port after 3 tries; its stderr:\n{last_stderr}");
     }
 
-    async fn try_start(upstream_url: &str, extra_toml: &str) -> Result<Bridge, String> {
+    async fn try_start(
+        upstream_url: &str,
+        proxy_keys: &str,
+        extra_toml: &str,
+    ) -> Result<Bridge, String> {
         let dir = tempfile::tempdir().expect("temp dir for the bridge");
         let proxy_addr = net::free_addr();
         let admin_addr = net::free_addr();
         let config = format!(
-            "[proxy]\nlisten = \"{proxy_addr}\"\npath_prefix = \"{PATH_PREFIX}\"\nupstream_url = \"{upstream_url}\"\n\n\
+            "[proxy]\nlisten = \"{proxy_addr}\"\npath_prefix = \"{PATH_PREFIX}\"\nupstream_url = \"{upstream_url}\"\n{proxy_keys}\n\n\
              [admin]\nlisten = \"{admin_addr}\"\n\n[spool]\npath = \"{spool}\"\n\n{extra_toml}\n",
             spool = dir.path().join("spool.db").display(),
         );
@@ -135,6 +149,12 @@ impl Bridge {
             "bridge did not exit within {limit:?} of SIGTERM; stderr:\n{}",
             self.stderr()
         );
+    }
+
+    /// Sends SIGHUP: the bridge re-reads its TLS certificate, allowlist and config file.
+    pub fn reload(&self) {
+        // SAFETY: kill(2) on our own child's pid; the child is not yet reaped.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGHUP) };
     }
 
     /// SIGKILLs the bridge and reaps it.
