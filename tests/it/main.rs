@@ -6,6 +6,7 @@ mod billing;
 mod corpus;
 mod delivery;
 mod fuzz_stable;
+mod hardening;
 mod lago_client;
 mod packaging;
 mod peers_selfcheck;

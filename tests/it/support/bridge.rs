@@ -227,6 +227,12 @@ impl Bridge {
         );
     }
 
+    /// Sends SIGHUP: the bridge re-reads its TLS certificate, allowlist and config file.
+    pub fn reload(&self) {
+        // SAFETY: kill(2) on our own child's pid; the child is not yet reaped.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGHUP) };
+    }
+
     /// SIGKILLs the bridge and reaps it.
     pub fn kill(&mut self) {
         let _ = self.child.kill();
