@@ -72,6 +72,9 @@ pub struct ProxyConfig {
     pub tls: Option<TlsConfig>,
     /// Extra CA (PEM) trusted for a `wss://` upstream, beside the system's roots.
     pub upstream_ca_file: Option<PathBuf>,
+    /// Proxies in front of the bridge (IPs or CIDRs) whose `X-Forwarded-For/-Proto` are passed
+    /// on; anyone else's are replaced, so a charger cannot claim it came over TLS.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
 }
 
 /// `[proxy.tls]`: the listener's certificate, and optionally the CA of charger certificates.
@@ -168,6 +171,7 @@ impl Default for Config {
                 max_messages_per_second: 0,
                 tls: None,
                 upstream_ca_file: None,
+                trusted_proxies: Vec::new(),
             },
             lago: LagoConfig {
                 api_url: "http://127.0.0.1:3000".into(),
@@ -451,6 +455,7 @@ impl Reader {
             ) as u32,
             tls: self.tls(),
             upstream_ca_file: self.optional_path("proxy", "upstream_ca_file"),
+            trusted_proxies: self.networks("proxy", "trusted_proxies"),
         };
         let lago = LagoConfig {
             api_url: self.url("lago", "api_url", &["http", "https"], d.lago.api_url),
@@ -600,6 +605,25 @@ impl Reader {
                 None
             }
         }
+    }
+
+    fn networks(&mut self, section: &str, key: &str) -> Vec<ipnet::IpNet> {
+        let entries = self
+            .take::<Vec<String>>(section, key, "a list of IP addresses or CIDRs")
+            .unwrap_or_default();
+        let mut networks = Vec::new();
+        for entry in entries {
+            let parsed = entry
+                .parse::<ipnet::IpNet>()
+                .or_else(|_| entry.parse::<std::net::IpAddr>().map(ipnet::IpNet::from));
+            match parsed {
+                Ok(net) => networks.push(net),
+                Err(_) => self.problems.push(format!(
+                    "`{section}.{key}`: {entry:?} is not an IP address or CIDR (e.g. \"127.0.0.1\", \"10.0.0.0/8\")"
+                )),
+            }
+        }
+        networks
     }
 
     fn addr(&mut self, section: &str, key: &str, default: SocketAddr) -> SocketAddr {

@@ -109,22 +109,21 @@ impl Proxy {
     async fn handle(&self, mut stream: TcpStream, peer: SocketAddr, close: CancellationToken) {
         let _ = stream.set_nodelay(true);
         // Counted from accept, so a flood of handshakes is bounded too.
-        let _slot = match self.admission.admit(peer.ip()) {
-            Ok(slot) => slot,
-            Err(refusal) => {
-                count_handshake(refusal.reason());
-                tracing::warn!(%peer, reason = refusal.reason(), "charger refused: connection limit");
-                let _ = HttpResponse::text(503, &format!("{refusal}\n"))
-                    .write_to(&mut stream)
-                    .await;
-                return;
-            }
-        };
+        let slot = self.admission.admit(peer.ip());
         let Some(tls) = &self.tls else {
-            return self.upgrade(stream, peer, None, close).await;
+            return match slot {
+                Ok(_slot) => self.upgrade(stream, peer, None, close).await,
+                Err(refusal) => refuse(&mut stream, peer, refusal).await,
+            };
         };
         let accepting = tls.acceptor().accept(stream);
         match tokio::time::timeout(self.config.handshake_timeout, accepting).await {
+            // The 503 of a wss:// charger over the limit can only be read inside TLS.
+            Ok(Ok(mut stream)) if slot.is_err() => {
+                if let Err(refusal) = slot {
+                    refuse(&mut stream, peer, refusal).await;
+                }
+            }
             Ok(Ok(stream)) => {
                 let certified_id = if tls.requires_client_certificate() {
                     let cn = stream
@@ -227,18 +226,21 @@ impl Proxy {
         S: AsyncRead + AsyncWrite + Unpin + Send,
     {
         // SteVe sees a reverse proxy: who the charger is, and whether it came over TLS (it
-        // refuses security-profile-2 stations on plain ws otherwise).
-        let forwarded_for = match &request.forwarded_for {
-            Some(chain) => format!("{chain}, {}", peer.ip()),
-            None => peer.ip().to_string(),
+        // refuses security-profile-2 stations on plain ws otherwise). Only a trusted proxy in
+        // front of us may say so for the charger; anyone else's headers are replaced.
+        let trusted = self
+            .config
+            .trusted_proxies
+            .iter()
+            .any(|net| net.contains(&peer.ip()));
+        let forwarded_for = match (&request.forwarded_for, trusted) {
+            (Some(chain), true) => format!("{chain}, {}", peer.ip()),
+            _ => peer.ip().to_string(),
         };
-        let forwarded_proto = if tls_at_bridge {
-            "https".to_string()
-        } else {
-            request
-                .forwarded_proto
-                .clone()
-                .unwrap_or_else(|| "http".into())
+        let forwarded_proto = match (&request.forwarded_proto, trusted) {
+            _ if tls_at_bridge => "https".to_string(),
+            (Some(proto), true) => proto.clone(),
+            _ => "http".to_string(),
         };
         let forwarded = [
             ("X-Forwarded-For", forwarded_for),
@@ -310,6 +312,13 @@ impl Proxy {
             _ => tracing::info!(reason = end.reason(), "connection closed"),
         }
     }
+}
+
+/// Answers a charger over a connection limit with 503 (it retries later).
+async fn refuse<S: AsyncWrite + Unpin>(stream: &mut S, peer: SocketAddr, refusal: Refusal) {
+    count_handshake(refusal.reason());
+    tracing::warn!(%peer, reason = refusal.reason(), "charger refused: connection limit");
+    let _ = refusal.response().write_to(stream).await;
 }
 
 fn count_handshake(outcome: &'static str) {

@@ -252,12 +252,19 @@ where
         Side::Upstream => Side::Charger,
     };
     let deadline = limits.ping_interval + limits.pong_timeout;
-    let mut ping =
-        tokio::time::interval_at(Instant::now() + limits.ping_interval, limits.ping_interval);
     // Only the charger's data frames count as activity for the idle timeout.
     let idle_timeout = limits.idle_timeout.filter(|_| from == Side::Charger);
     let mut last_data = Instant::now();
-    ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    // The clock ticks often enough for both the pings and a shorter idle timeout.
+    let period = idle_timeout.map_or(limits.ping_interval, |idle| {
+        limits
+            .ping_interval
+            .min(idle / 4)
+            .max(Duration::from_millis(10))
+    });
+    let mut clock = tokio::time::interval_at(Instant::now() + period, period);
+    clock.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut last_ping = Instant::now();
     loop {
         let (outgoing, label) = tokio::select! {
             // Cancel-safe: a partially received frame stays buffered inside the socket.
@@ -281,13 +288,17 @@ where
                     None => return End::Lost { side: from, error: None },
                 }
             }
-            _ = ping.tick() => {
+            _ = clock.tick() => {
                 if liveness.silent_for(to) > deadline {
                     return End::Unresponsive { side: to };
                 }
                 if idle_timeout.is_some_and(|idle| last_data.elapsed() > idle) {
                     return End::Idle;
                 }
+                if last_ping.elapsed() < limits.ping_interval {
+                    continue;
+                }
+                last_ping = Instant::now();
                 (Message::Ping(Default::default()), None)
             }
         };

@@ -1004,11 +1004,9 @@ async fn two_connections_with_one_charge_box_id_never_mix_frames() {
     );
 }
 
-// Found while writing the tests above: see the ignore reasons.
+// Found while writing the tests above, fixed since.
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "bug: with [proxy.tls] a connection-limit refusal is written as plaintext HTTP into \
-            the TLS socket, so the charger sees a TLS error instead of 503"]
 async fn max_connections_refusal_on_the_tls_listener_is_a_503() {
     let (pki, _) = Pki::new();
     let recorder = Recorder::start(echo_script()).await;
@@ -1039,8 +1037,6 @@ async fn max_connections_refusal_on_the_tls_listener_is_a_503() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "security question: on a plain ws:// listener a charger's own X-Forwarded-Proto \
-            reaches SteVe, so any charger can claim it came over TLS"]
 async fn a_plain_charger_cannot_claim_https_to_upstream() {
     let recorder = Recorder::start(Script::default()).await;
     let bridge = Bridge::start(&recorder.url_base()).await;
@@ -1068,8 +1064,6 @@ async fn a_plain_charger_cannot_claim_https_to_upstream() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "bug: idle_timeout is only checked on ping ticks, so with the default \
-            ping_interval (30s) a charger idle for 1s is closed after ~30s"]
 async fn idle_timeout_shorter_than_ping_interval_is_honoured() {
     let recorder = Recorder::start(Script::default()).await;
     let bridge = Bridge::start_with_proxy(&recorder.url_base(), "idle_timeout = \"1s\"", "").await;
