@@ -14,6 +14,42 @@ pub const BRIDGE_BIN: &str = env!("CARGO_BIN_EXE_ocpp-lago-bridge");
 /// How long the daemon may take from spawn to accepting chargers.
 const STARTUP_LIMIT: Duration = Duration::from_secs(15);
 
+/// Environment variables the bridge reads that a test sets only on purpose.
+const INHERITED_ENV_CLEARED: [&str; 5] = [
+    "LAGO_API_KEY",
+    "CREDENTIALS_DIRECTORY",
+    "NOTIFY_SOCKET",
+    "WATCHDOG_USEC",
+    "WATCHDOG_PID",
+];
+
+/// How [`Bridge::launch`] starts the bridge.
+#[derive(Debug, Clone)]
+pub struct LaunchOptions {
+    /// TOML appended to the generated config (whole sections other than proxy/admin/spool).
+    pub extra_toml: String,
+    /// `spool.path`; `None`: `spool.db` in the bridge's temp dir.
+    pub spool_path: Option<PathBuf>,
+    /// More `[spool]` keys, one `key = value` a line (e.g. `hold_timeout = "1s"`).
+    pub spool_keys: String,
+    /// Extra environment variables for the child.
+    pub env: Vec<(String, String)>,
+    /// Return only once the proxy port accepts (else right after spawning).
+    pub wait_until_accepting: bool,
+}
+
+impl Default for LaunchOptions {
+    fn default() -> Self {
+        Self {
+            extra_toml: String::new(),
+            spool_path: None,
+            spool_keys: String::new(),
+            env: Vec::new(),
+            wait_until_accepting: true,
+        }
+    }
+}
+
 /// A running bridge; killed with SIGKILL when dropped.
 pub struct Bridge {
     child: Child,
@@ -34,11 +70,20 @@ impl Bridge {
 
     /// Like [`Bridge::start`], with extra TOML appended to the generated config (whole sections).
     pub async fn start_with(upstream_url: &str, extra_toml: &str) -> Bridge {
+        let options = LaunchOptions {
+            extra_toml: extra_toml.to_owned(),
+            ..LaunchOptions::default()
+        };
+        Self::launch(upstream_url, &options).await
+    }
+
+    /// Like [`Bridge::start_with`], with the spool path, environment and startup wait of `options`.
+    pub async fn launch(upstream_url: &str, options: &LaunchOptions) -> Bridge {
         // The port is picked free, then bound by the child: another process may win that race,
         // so a startup that fails on an address in use is retried with fresh ports.
         let mut last_stderr = String::new();
         for _attempt in 0..3 {
-            match Self::try_start(upstream_url, extra_toml).await {
+            match Self::try_start(upstream_url, options).await {
                 Ok(bridge) => return bridge,
                 Err(stderr) if stderr.to_lowercase().contains("in use") => last_stderr = stderr,
                 Err(stderr) => panic!("bridge did not start; its stderr:\n{stderr}"),
@@ -47,20 +92,32 @@ impl Bridge {
         panic!("bridge could not bind a port after 3 tries; its stderr:\n{last_stderr}");
     }
 
-    async fn try_start(upstream_url: &str, extra_toml: &str) -> Result<Bridge, String> {
+    async fn try_start(upstream_url: &str, options: &LaunchOptions) -> Result<Bridge, String> {
+        let extra_toml = &options.extra_toml;
         let dir = tempfile::tempdir().expect("temp dir for the bridge");
         let proxy_addr = net::free_addr();
         let admin_addr = net::free_addr();
         let config = format!(
             "[proxy]\nlisten = \"{proxy_addr}\"\npath_prefix = \"{PATH_PREFIX}\"\nupstream_url = \"{upstream_url}\"\n\n\
-             [admin]\nlisten = \"{admin_addr}\"\n\n[spool]\npath = \"{spool}\"\n\n{extra_toml}\n",
-            spool = dir.path().join("spool.db").display(),
+             [admin]\nlisten = \"{admin_addr}\"\n\n[spool]\npath = \"{spool}\"\n{spool_keys}\n\n{extra_toml}\n",
+            spool_keys = options.spool_keys,
+            spool = options
+                .spool_path
+                .clone()
+                .unwrap_or_else(|| dir.path().join("spool.db"))
+                .display(),
         );
         let config_path = dir.path().join("bridge.toml");
         fs::write(&config_path, config).expect("write bridge config");
         let stderr_path = dir.path().join("bridge.stderr");
         let stderr_file = fs::File::create(&stderr_path).expect("create bridge stderr file");
-        let child = Command::new(BRIDGE_BIN)
+        let mut command = Command::new(BRIDGE_BIN);
+        // What systemd or an operator's shell might have set must not leak into a test.
+        for name in INHERITED_ENV_CLEARED {
+            command.env_remove(name);
+        }
+        command.envs(options.env.iter().map(|(k, v)| (k, v)));
+        let child = command
             .args(["run", "--config"])
             .arg(&config_path)
             .args(["--log-format", "json"])
@@ -79,6 +136,9 @@ impl Bridge {
             _dir: dir,
         };
 
+        if !options.wait_until_accepting {
+            return Ok(bridge);
+        }
         let deadline = Instant::now() + STARTUP_LIMIT;
         while Instant::now() < deadline {
             if let Some(status) = bridge.child.try_wait().expect("try_wait on the bridge") {
@@ -135,6 +195,12 @@ impl Bridge {
             "bridge did not exit within {limit:?} of SIGTERM; stderr:\n{}",
             self.stderr()
         );
+    }
+
+    /// Sends `signal` (e.g. `libc::SIGHUP`) to the bridge.
+    pub fn signal(&self, signal: libc::c_int) {
+        // SAFETY: kill(2) on our own child's pid; the child is not yet reaped.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, signal) };
     }
 
     /// SIGKILLs the bridge and reaps it.
