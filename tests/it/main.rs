@@ -3,6 +3,7 @@
 //! byte-recording upstream. Peers are installed by `.ci/run`.
 
 mod lago_client;
+mod operations;
 mod peers_selfcheck;
 mod relay;
 mod support;
