@@ -299,9 +299,14 @@ impl Shipper {
             Ok(None) => Some(format!(
                 "billable metric {code:?} does not exist in Lago: create it (sum_agg on \"value\") or fix lago.metric_code"
             )),
-            Err(LagoError::Unauthorized { .. }) => Some(
-                "Lago refused the API key: fix lago.api_key_file / LAGO_API_KEY; nothing is dropped".into(),
-            ),
+            Err(LagoError::Unauthorized { .. }) => {
+                // The key, not the metric, is what the operator must fix: name it as a batch
+                // rejection would, so /readyz says `lago` whichever request met the 401 first.
+                let problem = "Lago refused the API key: fix lago.api_key_file / LAGO_API_KEY; nothing is dropped";
+                tracing::error!(%problem, "delivery paused until an operator acts; re-probing every 5 s");
+                self.readiness.set_problem(READY_LAGO, problem);
+                return Some(Step::Wait(REPROBE_EVERY));
+            }
             Err(error) => {
                 tracing::warn!(%error, "could not check the billable metric; will retry");
                 return Some(Step::Wait(self.backoff.next().unwrap_or(REPROBE_EVERY)));
