@@ -672,6 +672,11 @@ async fn a_stalled_spool_writer_stops_the_watchdog_pings_and_they_resume_when_it
     };
     // Drop order matters: thaw (frozen) before the bridge is killed and reaped, unmount last.
     let bridge = Bridge::launch(&central.url_base(), &options).await;
+    // The port accepts before the spool is open; freezing before that would hang the startup.
+    let ready = notify
+        .wait_for(Duration::from_secs(15), |l| l == "READY=1")
+        .await;
+    assert!(ready.is_some(), "no READY=1; stderr:\n{}", bridge.stderr());
     if let Err(why) = sh("fsfreeze", &["-f", point.to_str().expect("utf-8")]) {
         eprintln!("SKIPPED stalled-writer test: cannot freeze the spool filesystem ({why})");
         return;
