@@ -8,6 +8,7 @@ mod delivery;
 mod fuzz_stable;
 mod hardening;
 mod lago_client;
+mod operations;
 mod packaging;
 mod peers_selfcheck;
 mod relay;

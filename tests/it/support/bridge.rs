@@ -14,11 +14,22 @@ pub const BRIDGE_BIN: &str = env!("CARGO_BIN_EXE_ocpp-lago-bridge");
 /// How long the daemon may take from spawn to accepting chargers.
 const STARTUP_LIMIT: Duration = Duration::from_secs(15);
 
+/// Environment variables the bridge reads that a test sets only on purpose.
+const INHERITED_ENV_CLEARED: [&str; 5] = [
+    "LAGO_API_KEY",
+    "CREDENTIALS_DIRECTORY",
+    "NOTIFY_SOCKET",
+    "WATCHDOG_USEC",
+    "WATCHDOG_PID",
+];
+
 /// How to run the bridge besides its upstream.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct BridgeOptions {
     /// Key = value lines added to the generated `[proxy]` section.
     pub proxy_toml: String,
+    /// More `[spool]` keys, one `key = value` a line (e.g. `hold_timeout = "1s"`).
+    pub spool_keys: String,
     /// Extra TOML appended to the generated config (whole sections).
     pub extra_toml: String,
     /// Pass `--dry-run`.
@@ -27,7 +38,26 @@ pub struct BridgeOptions {
     pub env: Vec<(String, String)>,
     /// A spool file to use (e.g. seeded by the test) instead of a fresh one.
     pub spool_path: Option<PathBuf>,
+    /// Return only once the proxy port accepts (else right after spawning).
+    pub wait_until_accepting: bool,
 }
+
+impl Default for BridgeOptions {
+    fn default() -> Self {
+        BridgeOptions {
+            proxy_toml: String::new(),
+            spool_keys: String::new(),
+            extra_toml: String::new(),
+            dry_run: false,
+            env: Vec::new(),
+            spool_path: None,
+            wait_until_accepting: true,
+        }
+    }
+}
+
+/// The name the operations tests use for [`BridgeOptions`].
+pub type LaunchOptions = BridgeOptions;
 
 /// A running bridge; killed with SIGKILL when dropped.
 pub struct Bridge {
@@ -70,6 +100,11 @@ impl Bridge {
         Self::start_opts(upstream_url, options).await
     }
 
+    /// Like [`Bridge::start_opts`], borrowing `options`.
+    pub async fn launch(upstream_url: &str, options: &LaunchOptions) -> Bridge {
+        Self::start_opts(upstream_url, options.clone()).await
+    }
+
     /// Like [`Bridge::start`], with `options`.
     pub async fn start_opts(upstream_url: &str, options: BridgeOptions) -> Bridge {
         // The port is picked free, then bound by the child: another process may win that race,
@@ -95,8 +130,9 @@ impl Bridge {
             .unwrap_or_else(|| dir.path().join("spool.db"));
         let config = format!(
             "[proxy]\nlisten = \"{proxy_addr}\"\npath_prefix = \"{PATH_PREFIX}\"\nupstream_url = \"{upstream_url}\"\n{proxy_toml}\n\n\
-             [admin]\nlisten = \"{admin_addr}\"\n\n[spool]\npath = \"{spool}\"\n\n{extra_toml}\n",
+             [admin]\nlisten = \"{admin_addr}\"\n\n[spool]\npath = \"{spool}\"\n{spool_keys}\n\n{extra_toml}\n",
             spool = spool_path.display(),
+            spool_keys = options.spool_keys,
             extra_toml = options.extra_toml,
             proxy_toml = options.proxy_toml,
         );
@@ -122,6 +158,9 @@ impl Bridge {
             options: options.clone(),
             _dir: dir,
         };
+        if !options.wait_until_accepting {
+            return Ok(bridge);
+        }
         bridge.wait_until_up().await.map(|()| bridge)
     }
 
@@ -227,6 +266,12 @@ impl Bridge {
         );
     }
 
+    /// Sends `signal` (e.g. `libc::SIGHUP`) to the bridge.
+    pub fn signal(&self, signal: libc::c_int) {
+        // SAFETY: kill(2) on our own child's pid; the child is not yet reaped.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, signal) };
+    }
+
     /// Sends SIGHUP: the bridge re-reads its TLS certificate, allowlist and config file.
     pub fn reload(&self) {
         // SAFETY: kill(2) on our own child's pid; the child is not yet reaped.
@@ -261,6 +306,10 @@ fn spawn(
             .unwrap_or_else(|e| panic!("open {}: {e}", path.display()))
     };
     let mut command = Command::new(BRIDGE_BIN);
+    // What systemd or an operator's shell might have set must not leak into a test.
+    for name in INHERITED_ENV_CLEARED {
+        command.env_remove(name);
+    }
     command
         .args(["run", "--config"])
         .arg(config_path)
