@@ -83,7 +83,7 @@ pub async fn run(
         None => config.spool.path.clone(),
     };
     let heartbeat = Arc::new(AtomicI64::new(writer::unix_now()));
-    let pipeline = start_pipeline(&config, &spool_path, &options, &readiness, &heartbeat);
+    let pipeline = start_pipeline(&config, &spool_path, &options, &readiness, &heartbeat).await;
     let billing = pipeline.as_ref().map(|p| Billing {
         spool: p.spool.clone(),
         hold_timeout: config.spool.hold_timeout,
@@ -177,7 +177,7 @@ impl Pipeline {
     async fn stop(self, spool_path: &Path, flush: Duration) {
         if self.shipper.is_some() {
             let deadline = tokio::time::Instant::now() + flush;
-            while tokio::time::Instant::now() < deadline && pending_events(spool_path) > 0 {
+            while tokio::time::Instant::now() < deadline && pending_events(spool_path).await > 0 {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
@@ -188,7 +188,7 @@ impl Pipeline {
         // The last handle: dropping it lets the writer commit what it holds and end.
         drop(self.spool);
         let _ = self.writer.await;
-        let pending = pending_events(spool_path);
+        let pending = pending_events(spool_path).await;
         if pending > 0 {
             tracing::info!(
                 pending,
@@ -274,23 +274,40 @@ fn upstream_address(upstream_url: &str) -> Option<String> {
     Some(format!("{}:{port}", uri.host()?))
 }
 
-fn pending_events(spool_path: &Path) -> i64 {
-    Store::open(spool_path)
-        .and_then(|store| store.backlog())
-        .map(|(pending, _)| pending)
-        .unwrap_or(0)
+/// How long opening the spool may take before the bridge relays without it: a hung disk must
+/// not keep chargers from SteVe.
+const SPOOL_OPEN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Opens the spool off the async threads, bounded in time.
+pub async fn open_store(spool_path: &Path) -> Result<Store, String> {
+    let path = spool_path.to_path_buf();
+    let opening = tokio::task::spawn_blocking(move || Store::open(&path));
+    match tokio::time::timeout(SPOOL_OPEN_TIMEOUT, opening).await {
+        Ok(Ok(result)) => result.map_err(|e| e.to_string()),
+        Ok(Err(join)) => Err(format!("opening the spool failed: {join}")),
+        Err(_) => Err(format!(
+            "opening the spool took longer than {SPOOL_OPEN_TIMEOUT:?}: is its disk hung?"
+        )),
+    }
+}
+
+async fn pending_events(spool_path: &Path) -> i64 {
+    match open_store(spool_path).await {
+        Ok(store) => store.backlog().map(|(pending, _)| pending).unwrap_or(0),
+        Err(_) => 0,
+    }
 }
 
 /// Opens the spool and starts the writer and the shipper. Without a usable spool the bridge
 /// runs relay-only and not ready: charging must go on.
-fn start_pipeline(
+async fn start_pipeline(
     config: &Config,
     spool_path: &Path,
     options: &RunOptions,
     readiness: &Readiness,
     heartbeat: &Arc<AtomicI64>,
 ) -> Option<Pipeline> {
-    let store = match Store::open(spool_path) {
+    let store = match open_store(spool_path).await {
         Ok(store) => store,
         Err(error) => {
             tracing::error!(spool = %spool_path.display(), %error, "spool unusable: relaying WITHOUT billing; fix the spool and restart");

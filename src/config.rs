@@ -325,7 +325,14 @@ impl Config {
 
     /// Parses and validates TOML text, reporting every problem.
     pub fn parse(text: &str) -> Result<Config, Vec<String>> {
-        let table: toml::Table = toml::from_str(text).map_err(|e| vec![format!("TOML: {e}")])?;
+        // The parser's message quotes the offending line, which may hold a pasted secret: say
+        // where the error is instead.
+        let table: toml::Table = toml::from_str(text).map_err(|e| {
+            let line = e.span().map_or(0, |span| {
+                text[..span.start.min(text.len())].matches('\n').count() + 1
+            });
+            vec![format!("TOML syntax error on line {line}: {}", e.message())]
+        })?;
         let mut reader = Reader {
             table,
             problems: Vec::new(),
@@ -870,6 +877,14 @@ mod tests {
                 "no problem mentions {needle}: {problems:#?}"
             );
         }
+    }
+
+    #[test]
+    fn a_syntax_error_names_the_line_not_its_text() {
+        let problems = Config::parse("[lago]\napi_key = \"sk-secret-123\" oops\n").unwrap_err();
+        assert_eq!(problems.len(), 1);
+        assert!(problems[0].contains("line 2"), "{problems:?}");
+        assert!(!problems[0].contains("sk-secret-123"), "{problems:?}");
     }
 
     #[test]

@@ -71,7 +71,7 @@ pub async fn run(
     readiness: Readiness,
     shutdown: CancellationToken,
 ) {
-    let reader = match Store::open(&spool.path) {
+    let reader = match crate::app::open_store(&spool.path).await {
         Ok(store) => store,
         Err(error) => {
             tracing::error!(%error, "the shipper cannot read the spool: nothing is delivered until restart");
