@@ -18,3 +18,9 @@ pub mod steve;
 pub mod systemd;
 pub mod tap;
 pub mod telemetry;
+
+/// Installs rustls' ring provider process-wide (reqwest is built without a default one: the
+/// aws-lc provider needs cmake and nasm). Idempotent; every HTTP client calls it first.
+pub(crate) fn ensure_rustls_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}

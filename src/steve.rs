@@ -54,6 +54,7 @@ struct SteveTransaction {
 impl SteveClient {
     /// A client for SteVe at `api_url` (e.g. `http://127.0.0.1:8080/steve`).
     pub fn new(api_url: &str, api_key: ApiKey, timeout: Duration) -> Result<Self, SteveError> {
+        crate::ensure_rustls_provider();
         let http = reqwest::Client::builder()
             .timeout(timeout)
             .connect_timeout(timeout)

@@ -205,9 +205,7 @@ impl LagoClient {
         // Keeps the key out of hyper's and reqwest's Debug output of the request.
         authorization.set_sensitive(true);
 
-        // Only the ring provider is compiled in (no cmake/nasm for aws-lc); installing it
-        // twice is harmless, the second call just reports the first.
-        let _ = rustls::crypto::ring::default_provider().install_default();
+        crate::ensure_rustls_provider();
         let http = reqwest::Client::builder()
             .connect_timeout(config.connect_timeout)
             .timeout(config.request_timeout)

@@ -12,4 +12,5 @@ mod operations;
 mod packaging;
 mod peers_selfcheck;
 mod relay;
+mod steve_recovery;
 mod support;
