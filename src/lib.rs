@@ -12,6 +12,7 @@ pub mod ocpp;
 pub mod proxy;
 pub mod shipper;
 pub mod shutdown;
+pub mod simulate;
 pub mod spool;
 pub mod tap;
 pub mod telemetry;

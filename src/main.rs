@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 use ocpp_lago_bridge::app::{self, RunOptions};
 use ocpp_lago_bridge::config::{Config, LogFormat};
+use ocpp_lago_bridge::simulate;
 use ocpp_lago_bridge::telemetry;
 
 /// EX_CONFIG from sysexits.h: the configuration is invalid.
@@ -41,6 +42,8 @@ enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+    /// Simulate a fleet of OCPP 1.6J chargers against a URL and summarize what happened.
+    Simulate(simulate::SimulateArgs),
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -60,6 +63,13 @@ fn main() -> ExitCode {
             Err(errors) => {
                 eprint!("{errors}");
                 ExitCode::from(EXIT_CONFIG)
+            }
+        },
+        Command::Simulate(args) => match tokio::runtime::Runtime::new() {
+            Ok(runtime) => runtime.block_on(simulate::run(args)),
+            Err(error) => {
+                eprintln!("error: cannot start the tokio runtime: {error}");
+                ExitCode::FAILURE
             }
         },
         Command::Run { config, dry_run } => {
