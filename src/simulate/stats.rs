@@ -186,10 +186,14 @@ pub fn human(summary: &Value) -> String {
     }
     out.push_str("reply latency (µs)  count      p50      p99     p999      max\n");
     for class in ["non_billing", "billing", "boot"] {
-        let l = &summary["latency_us"][class];
+        let l = |field: &str| summary["latency_us"][class][field].as_u64().unwrap_or(0);
         out.push_str(&format!(
             "  {class:<18}{:>6} {:>8} {:>8} {:>8} {:>8}\n",
-            l["count"], l["p50"], l["p99"], l["p999"], l["max"]
+            l("count"),
+            l("p50"),
+            l("p99"),
+            l("p999"),
+            l("max")
         ));
     }
     out
