@@ -4,5 +4,6 @@
 
 mod peers_selfcheck;
 mod relay;
+mod simulate;
 mod lago_client;
 mod support;
