@@ -2,26 +2,18 @@
 //! as a plain TOML table, then every key is taken out of it one by one, so that one run reports
 //! every problem (unknown keys with their path, wrong types, invalid values) instead of the first.
 
-use std::collections::BTreeSet;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::de::DeserializeOwned;
+
+use crate::ledger::{BillingMode, BillingRules, SubscriptionMap, Template};
 use tokio_tungstenite::tungstenite::http::Uri;
 
 /// The config file used when `--config` is not given; absent means "all defaults".
 pub const DEFAULT_CONFIG_PATH: &str = "config/ocpp-lago-bridge.toml";
-
-/// The placeholders the `[billing]` templates may use.
-pub const TEMPLATE_PLACEHOLDERS: &[&str] = &[
-    "transaction_id",
-    "charge_box_id",
-    "connector_id",
-    "id_tag",
-    "started_at",
-];
 
 /// A validated configuration: it cannot hold an invalid value.
 #[derive(Debug, Clone, PartialEq)]
@@ -32,6 +24,17 @@ pub struct Config {
     pub spool: SpoolConfig,
     pub admin: AdminConfig,
     pub log: LogConfig,
+    pub steve: SteveConfig,
+}
+
+/// `[steve]`: SteVe's REST API, to recover the start of a session the bridge did not see.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SteveConfig {
+    /// e.g. `http://127.0.0.1:8080/steve`; `None` turns recovery off.
+    pub api_url: Option<String>,
+    /// File holding SteVe's API key; `None` means the `STEVE_API_KEY` environment variable.
+    pub api_key_file: Option<PathBuf>,
+    pub request_timeout: Duration,
 }
 
 /// `[proxy]`: where chargers connect and where SteVe is.
@@ -54,6 +57,34 @@ pub struct ProxyConfig {
     pub pong_timeout: Duration,
     /// After SIGTERM, how long connected chargers keep being relayed before they get 1001.
     pub shutdown_grace: Duration,
+    /// File listing the chargeBoxIds allowed to connect (one per line, `#` comments); reloaded on
+    /// SIGHUP. `None`: every id SteVe accepts.
+    pub allowlist_file: Option<PathBuf>,
+    /// Most chargers connected at once; 0 means "what the open-file limit allows".
+    pub max_connections: usize,
+    /// Most connections from one IP address; 0 is off (fleets behind carrier NAT share one).
+    pub max_connections_per_ip: usize,
+    /// A charger that sends no frame for this long is closed; `None` is off.
+    pub idle_timeout: Option<Duration>,
+    /// Frames a charger may send per second before it is slowed down (never dropped); 0 is off.
+    pub max_messages_per_second: u32,
+    /// TLS at the bridge (`wss://`); `None` is plain `ws://`.
+    pub tls: Option<TlsConfig>,
+    /// Extra CA (PEM) trusted for a `wss://` upstream, beside the system's roots.
+    pub upstream_ca_file: Option<PathBuf>,
+    /// Proxies in front of the bridge (IPs or CIDRs) whose `X-Forwarded-For/-Proto` are passed
+    /// on; anyone else's are replaced, so a charger cannot claim it came over TLS.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+}
+
+/// `[proxy.tls]`: the listener's certificate, and optionally the CA of charger certificates.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TlsConfig {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    /// Security profile 3: chargers must present a certificate from this CA (PEM) whose subject
+    /// CN is their chargeBoxId.
+    pub client_ca_file: Option<PathBuf>,
 }
 
 /// `[lago]`: the Lago events API.
@@ -68,23 +99,16 @@ pub struct LagoConfig {
     pub max_requests_per_second: u32,
     pub request_timeout: Duration,
     pub retry_max_delay: Duration,
-}
-
-/// How energy is turned into events.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BillingMode {
-    /// One event per session, at StopTransaction.
-    Session,
-    /// One event per new register reading, plus a final one at StopTransaction.
-    Incremental,
+    /// On SIGTERM, how long the shipper may keep sending before the rest waits for restart.
+    pub shutdown_flush_timeout: Duration,
 }
 
 /// `[billing]`: how sessions become Lago events.
 #[derive(Debug, Clone, PartialEq)]
 pub struct BillingConfig {
     pub mode: BillingMode,
-    pub transaction_id: String,
-    pub external_subscription_id: String,
+    pub transaction_id: Template,
+    pub external_subscription_id: Template,
     pub subscription_map_file: Option<PathBuf>,
     /// A charger timestamp further in the future than this is implausible.
     pub future_timestamp_tolerance: Duration,
@@ -94,12 +118,22 @@ pub struct BillingConfig {
 #[derive(Debug, Clone, PartialEq)]
 pub struct SpoolConfig {
     pub path: PathBuf,
+    /// A billing reply waits at most this long for its record's commit, then is relayed anyway.
+    pub hold_timeout: Duration,
+    /// Delivered events and their tap records are pruned after this long.
+    pub retention: Duration,
+    /// Most uncommitted tap records kept in memory while the spool cannot commit.
+    pub max_memory_records: usize,
+    /// Spool size that must never be reached; alarms start at 80 % of it. Nothing is dropped.
+    pub disk_cap_bytes: u64,
 }
 
 /// `[admin]`: the metrics and health listener.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AdminConfig {
     pub listen: SocketAddr,
+    /// Allow `listen` on a non-loopback address (metrics and health are not authenticated).
+    pub allow_remote: bool,
 }
 
 /// Log line format.
@@ -130,6 +164,14 @@ impl Default for Config {
                 ping_interval: Duration::from_secs(30),
                 pong_timeout: Duration::from_secs(30),
                 shutdown_grace: Duration::from_secs(5),
+                allowlist_file: None,
+                max_connections: 0,
+                max_connections_per_ip: 0,
+                idle_timeout: None,
+                max_messages_per_second: 0,
+                tls: None,
+                upstream_ca_file: None,
+                trusted_proxies: Vec::new(),
             },
             lago: LagoConfig {
                 api_url: "http://127.0.0.1:3000".into(),
@@ -140,25 +182,58 @@ impl Default for Config {
                 max_requests_per_second: 10,
                 request_timeout: Duration::from_secs(30),
                 retry_max_delay: Duration::from_secs(10),
+                shutdown_flush_timeout: Duration::from_secs(5),
             },
             billing: BillingConfig {
                 mode: BillingMode::Session,
-                transaction_id: "{transaction_id}".into(),
-                external_subscription_id: "{id_tag}".into(),
+                transaction_id: "{transaction_id}".parse().expect("literal template"),
+                external_subscription_id: "{id_tag}".parse().expect("literal template"),
                 subscription_map_file: None,
                 future_timestamp_tolerance: Duration::from_secs(600),
             },
             spool: SpoolConfig {
                 path: PathBuf::from("data/spool.db"),
+                hold_timeout: Duration::from_secs(5),
+                retention: Duration::from_secs(30 * 24 * 3600),
+                max_memory_records: 100_000,
+                disk_cap_bytes: 10 << 30,
             },
             admin: AdminConfig {
                 listen: "127.0.0.1:9180".parse().expect("literal address"),
+                allow_remote: false,
             },
             log: LogConfig {
                 level: "info".into(),
                 format: LogFormat::Json,
             },
+            steve: SteveConfig {
+                api_url: None,
+                api_key_file: None,
+                request_timeout: Duration::from_secs(2),
+            },
         }
+    }
+}
+
+/// Warnings about the machine rather than the file: today, whether the open-file limit fits
+/// the fleet (each charger holds two sockets: its own and SteVe's).
+pub fn environment_warnings() -> Vec<String> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit only writes the struct we pass.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return Vec::new();
+    }
+    let chargers = limit.rlim_cur.saturating_sub(64) / 2;
+    if limit.rlim_cur < 65_536 {
+        vec![format!(
+            "the open-file limit is {} (hard {}): room for about {chargers} chargers, as each holds two sockets; raise LimitNOFILE= (systemd) or `ulimit -n`",
+            limit.rlim_cur, limit.rlim_max
+        )]
+    } else {
+        Vec::new()
     }
 }
 
@@ -199,7 +274,53 @@ impl Config {
                 (DEFAULT_CONFIG_PATH.to_string(), read(default)?)
             }
         };
-        Config::parse(&text).map_err(|problems| ConfigErrors { source, problems })
+        let config = Config::parse(&text).map_err(|problems| ConfigErrors {
+            source: source.clone(),
+            problems,
+        })?;
+        // Files the config names are part of it: a broken map fails check-config, not a
+        // session hours later.
+        let mut problems = config.billing_rules().err().unwrap_or_default();
+        if let Some(Err(e)) = config
+            .proxy
+            .tls
+            .as_ref()
+            .map(crate::proxy::tls::server_config)
+        {
+            problems.push(e.to_string());
+        }
+        if let Some(Err(e)) = config
+            .proxy
+            .upstream_ca_file
+            .as_deref()
+            .map(|ca| crate::proxy::tls::client_config(Some(ca)))
+        {
+            problems.push(e.to_string());
+        }
+        if let Some(Err(e)) = config.proxy.allowlist_file.as_deref().map(load_allowlist) {
+            problems.push(e);
+        }
+        if problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigErrors { source, problems })
+        }
+    }
+
+    /// The ledger's rules, reading `billing.subscription_map_file` (also on SIGHUP).
+    pub fn billing_rules(&self) -> Result<BillingRules, Vec<String>> {
+        let subscriptions = match &self.billing.subscription_map_file {
+            None => None,
+            Some(path) => Some(load_subscription_map(path)?),
+        };
+        Ok(BillingRules {
+            mode: self.billing.mode,
+            metric_code: self.lago.metric_code.clone(),
+            transaction_id: self.billing.transaction_id.clone(),
+            external_subscription_id: self.billing.external_subscription_id.clone(),
+            subscriptions,
+            future_tolerance_secs: self.billing.future_timestamp_tolerance.as_secs() as i64,
+        })
     }
 
     /// Parses and validates TOML text, reporting every problem.
@@ -218,6 +339,46 @@ impl Config {
     }
 }
 
+/// Reads an id_tag → external_subscription_id map: CSV unless the file name ends in `.toml`.
+pub fn load_subscription_map(path: &Path) -> Result<SubscriptionMap, Vec<String>> {
+    let name = path.display();
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        vec![format!(
+            "`billing.subscription_map_file`: cannot read {name}: {e}"
+        )]
+    })?;
+    let parsed = if path
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("toml"))
+    {
+        SubscriptionMap::from_toml(&text)
+    } else {
+        SubscriptionMap::from_csv(&text)
+    };
+    parsed.map_err(|errors| {
+        errors
+            .into_iter()
+            .map(|e| format!("`billing.subscription_map_file` {name}: {e}"))
+            .collect()
+    })
+}
+
+/// Reads the chargeBoxId allowlist: one id per line, blank lines and `#` comments ignored.
+pub fn load_allowlist(path: &Path) -> Result<std::collections::HashSet<String>, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        format!(
+            "`proxy.allowlist_file`: cannot read {}: {e}",
+            path.display()
+        )
+    })?;
+    Ok(text
+        .lines()
+        .map(|line| line.split('#').next().unwrap_or("").trim())
+        .filter(|id| !id.is_empty())
+        .map(str::to_string)
+        .collect())
+}
+
 fn read(path: &Path) -> Result<String, ConfigErrors> {
     std::fs::read_to_string(path).map_err(|e| ConfigErrors {
         source: path.display().to_string(),
@@ -234,7 +395,7 @@ struct Reader {
 impl Reader {
     fn read_all(&mut self) -> Config {
         let d = Config::default();
-        let known_sections = ["proxy", "lago", "billing", "spool", "admin", "log"];
+        let known_sections = ["proxy", "lago", "billing", "spool", "admin", "log", "steve"];
         for (name, value) in &self.table {
             if !known_sections.contains(&name.as_str()) {
                 self.problems.push(format!("unknown key `{name}`"));
@@ -276,6 +437,25 @@ impl Reader {
                 "shutdown_grace",
                 d.proxy.shutdown_grace,
             ),
+            allowlist_file: self.optional_path("proxy", "allowlist_file"),
+            max_connections: self.bounded("proxy", "max_connections", 0, 0..=10_000_000),
+            max_connections_per_ip: self.bounded(
+                "proxy",
+                "max_connections_per_ip",
+                0,
+                0..=10_000_000,
+            ),
+            idle_timeout: Some(self.duration_allow_zero("proxy", "idle_timeout", Duration::ZERO))
+                .filter(|d| !d.is_zero()),
+            max_messages_per_second: self.bounded(
+                "proxy",
+                "max_messages_per_second",
+                0,
+                0..=1_000_000,
+            ) as u32,
+            tls: self.tls(),
+            upstream_ca_file: self.optional_path("proxy", "upstream_ca_file"),
+            trusted_proxies: self.networks("proxy", "trusted_proxies"),
         };
         let lago = LagoConfig {
             api_url: self.url("lago", "api_url", &["http", "https"], d.lago.api_url),
@@ -296,10 +476,15 @@ impl Reader {
             ) as u32,
             request_timeout: self.duration("lago", "request_timeout", d.lago.request_timeout),
             retry_max_delay: self.duration("lago", "retry_max_delay", d.lago.retry_max_delay),
+            shutdown_flush_timeout: self.duration_allow_zero(
+                "lago",
+                "shutdown_flush_timeout",
+                d.lago.shutdown_flush_timeout,
+            ),
         };
         let billing = BillingConfig {
             mode: self.mode(d.billing.mode),
-            transaction_id: self.template("transaction_id", d.billing.transaction_id),
+            transaction_id: self.template("transaction_id", d.billing.transaction_id.clone()),
             external_subscription_id: self.template(
                 "external_subscription_id",
                 d.billing.external_subscription_id,
@@ -313,16 +498,48 @@ impl Reader {
         };
         let spool = SpoolConfig {
             path: self.optional_path("spool", "path").unwrap_or(d.spool.path),
+            hold_timeout: self.duration("spool", "hold_timeout", d.spool.hold_timeout),
+            retention: self.duration("spool", "retention", d.spool.retention),
+            max_memory_records: self.bounded(
+                "spool",
+                "max_memory_records",
+                d.spool.max_memory_records,
+                1..=10_000_000,
+            ),
+            disk_cap_bytes: self.bounded(
+                "spool",
+                "disk_cap_bytes",
+                d.spool.disk_cap_bytes as usize,
+                (1 << 20)..=usize::MAX,
+            ) as u64,
         };
         let admin = AdminConfig {
             listen: self.addr("admin", "listen", d.admin.listen),
+            allow_remote: self
+                .take::<bool>("admin", "allow_remote", "true or false")
+                .unwrap_or(d.admin.allow_remote),
         };
+        if !admin.listen.ip().is_loopback() && !admin.allow_remote {
+            self.problems.push(format!(
+                "`admin.listen` = \"{}\" is not a loopback address: /metrics and /readyz have no authentication; set `admin.allow_remote = true` to mean it",
+                admin.listen
+            ));
+        }
         let log = LogConfig {
             level: self.log_level(d.log.level),
             format: self.log_format(d.log.format),
         };
+        let steve = SteveConfig {
+            api_url: self
+                .take::<String>("steve", "api_url", "a URL string")
+                .filter(|url| !url.is_empty())
+                .and_then(|url| self.check_url("steve", "api_url", &["http", "https"], &url)),
+            api_key_file: self.optional_path("steve", "api_key_file"),
+            request_timeout: self.duration("steve", "request_timeout", d.steve.request_timeout),
+        };
         self.reject_unknown_keys();
         Config {
+            steve,
             proxy,
             lago,
             billing,
@@ -357,6 +574,58 @@ impl Reader {
         }
     }
 
+    fn tls(&mut self) -> Option<TlsConfig> {
+        let mut table = self.take::<toml::Table>("proxy", "tls", "a table ([proxy.tls])")?;
+        let mut path = |key: &str, problems: &mut Vec<String>| match table.remove(key) {
+            Some(toml::Value::String(p)) if !p.is_empty() => Some(PathBuf::from(p)),
+            None => None,
+            Some(other) => {
+                problems.push(format!(
+                    "`proxy.tls.{key}` must be a file path string, found {}",
+                    other.type_str()
+                ));
+                None
+            }
+        };
+        let cert_file = path("cert_file", &mut self.problems);
+        let key_file = path("key_file", &mut self.problems);
+        let client_ca_file = path("client_ca_file", &mut self.problems);
+        for key in table.keys() {
+            self.problems.push(format!("unknown key `proxy.tls.{key}`"));
+        }
+        match (cert_file, key_file) {
+            (Some(cert_file), Some(key_file)) => Some(TlsConfig {
+                cert_file,
+                key_file,
+                client_ca_file,
+            }),
+            _ => {
+                self.problems
+                    .push("`[proxy.tls]` needs both `cert_file` and `key_file`".into());
+                None
+            }
+        }
+    }
+
+    fn networks(&mut self, section: &str, key: &str) -> Vec<ipnet::IpNet> {
+        let entries = self
+            .take::<Vec<String>>(section, key, "a list of IP addresses or CIDRs")
+            .unwrap_or_default();
+        let mut networks = Vec::new();
+        for entry in entries {
+            let parsed = entry
+                .parse::<ipnet::IpNet>()
+                .or_else(|_| entry.parse::<std::net::IpAddr>().map(ipnet::IpNet::from));
+            match parsed {
+                Ok(net) => networks.push(net),
+                Err(_) => self.problems.push(format!(
+                    "`{section}.{key}`: {entry:?} is not an IP address or CIDR (e.g. \"127.0.0.1\", \"10.0.0.0/8\")"
+                )),
+            }
+        }
+        networks
+    }
+
     fn addr(&mut self, section: &str, key: &str, default: SocketAddr) -> SocketAddr {
         let Some(text) = self.take::<String>(section, key, "a string like \"127.0.0.1:8180\"")
         else {
@@ -385,24 +654,31 @@ impl Reader {
     }
 
     fn url(&mut self, section: &str, key: &str, schemes: &[&str], default: String) -> String {
-        let Some(text) = self.take::<String>(section, key, "a URL string") else {
-            return default;
-        };
+        self.take::<String>(section, key, "a URL string")
+            .and_then(|text| self.check_url(section, key, schemes, &text))
+            .unwrap_or(default)
+    }
+
+    /// `text` without a trailing slash if it is a URL of one of `schemes` with a host.
+    fn check_url(
+        &mut self,
+        section: &str,
+        key: &str,
+        schemes: &[&str],
+        text: &str,
+    ) -> Option<String> {
         let valid = text.parse::<Uri>().ok().filter(|uri| {
             uri.scheme_str().is_some_and(|s| schemes.contains(&s))
                 && uri.host().is_some_and(|h| !h.is_empty())
                 && uri.query().is_none()
         });
-        match valid {
-            Some(_) => text.trim_end_matches('/').to_string(),
-            None => {
-                self.problems.push(format!(
-                    "`{section}.{key}` = {text:?} is not a {} URL with a host and no query",
-                    schemes.join("/")
-                ));
-                default
-            }
+        if valid.is_none() {
+            self.problems.push(format!(
+                "`{section}.{key}` = {text:?} is not a {} URL with a host and no query",
+                schemes.join("/")
+            ));
         }
+        valid.map(|_| text.trim_end_matches('/').to_string())
     }
 
     fn duration(&mut self, section: &str, key: &str, default: Duration) -> Duration {
@@ -486,18 +762,20 @@ impl Reader {
         }
     }
 
-    fn template(&mut self, key: &str, default: String) -> String {
+    fn template(&mut self, key: &str, default: Template) -> Template {
         let Some(text) = self.take::<String>("billing", key, "a template string") else {
             return default;
         };
-        match template_placeholders(&text) {
-            Ok(used) if used.is_empty() => {
+        match text.parse::<Template>() {
+            // A constant subscription is a valid site setup; a constant Lago transaction_id
+            // would make every session after the first a duplicate.
+            Ok(template) if key == "transaction_id" && template.is_constant() => {
                 self.problems.push(format!(
-                    "`billing.{key}` = {text:?} uses no placeholder: every session would get the same value"
+                    "`billing.{key}` = {text:?} uses no placeholder: every session would get the same Lago transaction_id"
                 ));
                 default
             }
-            Ok(_) => text,
+            Ok(template) => template,
             Err(e) => {
                 self.problems
                     .push(format!("`billing.{key}` = {text:?}: {e}"));
@@ -539,35 +817,6 @@ impl Reader {
     }
 }
 
-/// The placeholders a `[billing]` template uses, or why it is invalid.
-pub fn template_placeholders(template: &str) -> Result<BTreeSet<&str>, String> {
-    let mut used = BTreeSet::new();
-    let mut rest = template;
-    while let Some(open) = rest.find(['{', '}']) {
-        if rest[open..].starts_with('}') {
-            return Err("has a `}` without a matching `{`".into());
-        }
-        let after = &rest[open + 1..];
-        let close = after
-            .find('}')
-            .ok_or_else(|| "has a `{` without a matching `}`".to_string())?;
-        let name = &after[..close];
-        if !TEMPLATE_PLACEHOLDERS.contains(&name) {
-            return Err(format!(
-                "unknown placeholder `{{{name}}}` (known: {})",
-                TEMPLATE_PLACEHOLDERS
-                    .iter()
-                    .map(|p| format!("{{{p}}}"))
-                    .collect::<Vec<_>>()
-                    .join(" ")
-            ));
-        }
-        used.insert(name);
-        rest = &after[close + 1..];
-    }
-    Ok(used)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -598,11 +847,14 @@ mod tests {
             [billing]
             mode = "hourly"
             transaction_id = "{session}"
+            [admin]
+            listen = "0.0.0.0:9180"
         "#;
         let problems = Config::parse(text).unwrap_err();
         let expected = [
             "unknown key `colour`",
             "`proxy.listen`",
+            "`admin.listen`",
             "`proxy.upstream_url`",
             "unknown key `proxy.extra`",
             "`lago.batch_linger`",
@@ -644,15 +896,5 @@ mod tests {
         assert_eq!(config.proxy.ping_interval, Duration::from_millis(250));
         assert_eq!(config.billing.mode, BillingMode::Incremental);
         assert_eq!(config.log.format, LogFormat::Text);
-    }
-
-    #[test]
-    fn templates_are_checked() {
-        assert!(template_placeholders("{transaction_id}").is_ok());
-        assert!(template_placeholders("cp-{charge_box_id}:{transaction_id}").is_ok());
-        assert!(template_placeholders("{nope}").is_err());
-        assert!(template_placeholders("{transaction_id").is_err());
-        assert!(template_placeholders("x}").is_err());
-        assert!(template_placeholders("plain").unwrap().is_empty());
     }
 }

@@ -77,7 +77,11 @@ pub fn decimal_string(value: Decimal) -> String {
 
 /// A plausible session event for tests of the stages that store and ship events.
 #[cfg(test)]
-pub(crate) fn sample_event(transaction_id: &str, external_subscription_id: &str, ocpp_transaction_id: i64) -> LagoEvent {
+pub(crate) fn sample_event(
+    transaction_id: &str,
+    external_subscription_id: &str,
+    ocpp_transaction_id: i64,
+) -> LagoEvent {
     LagoEvent {
         transaction_id: transaction_id.into(),
         external_subscription_id: external_subscription_id.into(),

@@ -12,17 +12,33 @@ use hyper_util::rt::TokioIo;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tracing_subscriber::EnvFilter;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Registry, reload};
 
 use crate::config::LogFormat;
 
-/// Installs the global tracing subscriber writing to stderr (stdout is for command output).
-pub fn init_logging(format: LogFormat, level: &str) -> Result<(), String> {
-    let filter = EnvFilter::builder()
+/// Changes the log filter of the running daemon (SIGHUP).
+#[derive(Clone)]
+pub struct LogLevel(reload::Handle<EnvFilter, Registry>);
+
+impl LogLevel {
+    /// Applies a `RUST_LOG`-style filter.
+    pub fn set(&self, level: &str) -> Result<(), String> {
+        let filter = parse_filter(level)?;
+        self.0.reload(filter).map_err(|e| e.to_string())
+    }
+}
+
+fn parse_filter(level: &str) -> Result<EnvFilter, String> {
+    EnvFilter::builder()
         .parse(level)
-        .map_err(|e| format!("invalid log filter {level:?}: {e}"))?;
+        .map_err(|e| format!("invalid log filter {level:?}: {e}"))
+}
+
+/// Installs the global tracing subscriber writing to stderr (stdout is for command output).
+pub fn init_logging(format: LogFormat, level: &str) -> Result<LogLevel, String> {
+    let (filter, handle) = reload::Layer::new(parse_filter(level)?);
     let registry = tracing_subscriber::registry().with(filter);
     let result = match format {
         LogFormat::Json => {
@@ -40,12 +56,20 @@ pub fn init_logging(format: LogFormat, level: &str) -> Result<(), String> {
             .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
             .try_init(),
     };
-    result.map_err(|e| e.to_string())
+    result.map_err(|e| e.to_string())?;
+    Ok(LogLevel(handle))
 }
 
 /// Installs the global metrics recorder; the handle renders `/metrics`.
 pub fn init_metrics() -> Result<PrometheusHandle, String> {
+    // Real Prometheus histograms (not client-side summaries) so latencies aggregate across
+    // scrapes and instances; the buckets span a loopback commit (sub-ms) to a slow Lago (30 s).
     let handle = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .set_buckets(&[
+            0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+            2.5, 5.0, 10.0, 30.0,
+        ])
+        .map_err(|e| e.to_string())?
         .install_recorder()
         .map_err(|e| e.to_string())?;
     metrics::gauge!("ocpp_lago_bridge_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);

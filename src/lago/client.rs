@@ -468,8 +468,12 @@ pub fn rate_limit_pause(headers: &HeaderMap, now: SystemTime) -> Option<Duration
             .map(|s| s.ceil() as u64)
     })?;
     if secs >= UNIX_TIME_THRESHOLD_SECS {
-        let at = SystemTime::UNIX_EPOCH + Duration::from_secs(secs);
-        Some(at.duration_since(now).unwrap_or(Duration::ZERO))
+        // `UNIX_EPOCH + secs` panics past the platform's time range (`18446744073709551615`,
+        // `1e30`); such a time is just very far away, which the shipper caps.
+        match SystemTime::UNIX_EPOCH.checked_add(Duration::from_secs(secs)) {
+            Some(at) => Some(at.duration_since(now).unwrap_or(Duration::ZERO)),
+            None => Some(Duration::from_secs(secs)),
+        }
     } else {
         Some(Duration::from_secs(secs))
     }
@@ -518,6 +522,18 @@ mod tests {
         let past = httpdate::fmt_http_date(now - Duration::from_secs(12));
         let h = headers(&[("retry-after", &past)]);
         assert_eq!(rate_limit_pause(&h, now), Some(Duration::ZERO));
+    }
+
+    #[test]
+    fn ratelimit_reset_beyond_the_time_range_is_far_away_not_a_panic() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        for reset in ["18446744073709551615", "1e30", "9223372036854775808"] {
+            let pause = rate_limit_pause(&headers(&[("x-ratelimit-reset", reset)]), now);
+            assert!(
+                pause.is_some_and(|p| p > Duration::from_secs(1 << 40)),
+                "{reset}: {pause:?}"
+            );
+        }
     }
 
     #[test]

@@ -24,7 +24,7 @@ impl ApiKey {
     }
 
     /// The secret itself, only for building the Authorization header.
-    fn expose(&self) -> &str {
+    pub(crate) fn expose(&self) -> &str {
         &self.0
     }
 }

@@ -125,6 +125,13 @@ impl fmt::Display for Template {
 }
 
 impl Template {
+    /// Whether the template renders the same text for every session.
+    pub fn is_constant(&self) -> bool {
+        self.parts
+            .iter()
+            .all(|part| matches!(part, Part::Literal(_)))
+    }
+
     /// Whether the template refers to `placeholder`.
     pub fn uses(&self, placeholder: Placeholder) -> bool {
         self.parts.contains(&Part::Value(placeholder))

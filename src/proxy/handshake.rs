@@ -25,6 +25,10 @@ pub struct UpgradeRequest {
     pub protocols: Option<String>,
     /// The `Authorization` header, verbatim (SteVe basic auth: username = chargeBoxId).
     pub authorization: Option<String>,
+    /// `X-Forwarded-For` from a proxy in front of us, extended with the peer before SteVe.
+    pub forwarded_for: Option<String>,
+    /// `X-Forwarded-Proto` from a proxy in front of us.
+    pub forwarded_proto: Option<String>,
     /// Bytes the charger sent after the request head (early frames), replayed into the socket.
     pub leftover: Vec<u8>,
 }
@@ -188,6 +192,8 @@ pub fn parse_request(
         sec_websocket_key,
         protocols: header("Sec-WebSocket-Protocol").filter(|p| !p.is_empty()),
         authorization: header("Authorization"),
+        forwarded_for: header("X-Forwarded-For"),
+        forwarded_proto: header("X-Forwarded-Proto"),
         leftover: buf[head_len..].to_vec(),
     }))
 }

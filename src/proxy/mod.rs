@@ -4,15 +4,18 @@
 //! billing pipeline except the commit acknowledgement of a billing reply, and no frame is
 //! changed on its way through.
 
+pub mod admission;
 pub mod handshake;
 pub mod relay;
 pub mod tap;
+pub mod tls;
 pub mod upstream;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
@@ -22,25 +25,57 @@ use tracing::Instrument;
 
 use crate::config::ProxyConfig;
 use crate::shutdown::Shutdown;
-use handshake::{HttpResponse, read_upgrade_request};
-use relay::{Keepalive, relay};
-use tap::FrameTap;
+use admission::{Admission, Refusal};
+use handshake::{HttpResponse, UpgradeRequest, read_upgrade_request};
+use relay::{Limits, relay};
+use tap::{Billing, FrameTap};
+use tls::{ReloadableAcceptor, TlsError};
 
 /// Everything a connection handler needs, shared by all connections.
-#[derive(Debug)]
 pub struct Proxy {
     config: ProxyConfig,
     socket_config: WebSocketConfig,
+    billing: Option<Billing>,
+    admission: Admission,
+    tls: Option<ReloadableAcceptor>,
+    upstream_tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 impl Proxy {
-    /// A proxy relaying per `config`.
-    pub fn new(config: ProxyConfig) -> Arc<Self> {
+    /// A proxy relaying per `config`, billing through `billing` (`None`: relay only).
+    pub fn new(config: ProxyConfig, billing: Option<Billing>) -> Result<Arc<Self>, TlsError> {
         let socket_config = upstream::socket_config(config.max_frame_size);
-        Arc::new(Proxy {
+        let tls = config
+            .tls
+            .clone()
+            .map(ReloadableAcceptor::new)
+            .transpose()?;
+        let upstream_tls = if config.upstream_url.starts_with("wss://") {
+            Some(tls::client_config(config.upstream_ca_file.as_deref())?)
+        } else {
+            None
+        };
+        Ok(Arc::new(Proxy {
+            admission: Admission::new(&config),
             config,
             socket_config,
-        })
+            billing,
+            tls,
+            upstream_tls,
+        }))
+    }
+
+    /// SIGHUP: re-reads the TLS certificate and the allowlist; connected chargers stay.
+    pub fn reload(&self) {
+        if let Some(tls) = &self.tls {
+            match tls.reload() {
+                Ok(()) => tracing::info!("SIGHUP: TLS certificate reloaded"),
+                Err(error) => {
+                    tracing::error!(%error, "SIGHUP: TLS certificate not reloaded; the previous one stays")
+                }
+            }
+        }
+        self.admission.reload_allowlist(&self.config);
     }
 
     /// Accepts chargers until `shutdown.stop_accepting` fires; connections are tracked by `tasks`.
@@ -73,6 +108,65 @@ impl Proxy {
 
     async fn handle(&self, mut stream: TcpStream, peer: SocketAddr, close: CancellationToken) {
         let _ = stream.set_nodelay(true);
+        // Counted from accept, so a flood of handshakes is bounded too.
+        let slot = self.admission.admit(peer.ip());
+        let Some(tls) = &self.tls else {
+            return match slot {
+                Ok(_slot) => self.upgrade(stream, peer, None, close).await,
+                Err(refusal) => refuse(&mut stream, peer, refusal).await,
+            };
+        };
+        let accepting = tls.acceptor().accept(stream);
+        match tokio::time::timeout(self.config.handshake_timeout, accepting).await {
+            // The 503 of a wss:// charger over the limit can only be read inside TLS.
+            Ok(Ok(mut stream)) if slot.is_err() => {
+                if let Err(refusal) = slot {
+                    refuse(&mut stream, peer, refusal).await;
+                }
+            }
+            Ok(Ok(stream)) => {
+                let certified_id = if tls.requires_client_certificate() {
+                    let cn = stream
+                        .get_ref()
+                        .1
+                        .peer_certificates()
+                        .and_then(|chain| chain.first())
+                        .and_then(tls::subject_common_name);
+                    match cn {
+                        Some(cn) => Some(cn),
+                        None => {
+                            count_handshake("client_certificate_without_cn");
+                            tracing::warn!(%peer, "charger refused: its certificate has no subject CN to match a chargeBoxId");
+                            return;
+                        }
+                    }
+                } else {
+                    None
+                };
+                self.upgrade(stream, peer, Some(certified_id), close).await
+            }
+            Ok(Err(error)) => {
+                count_handshake("tls_error");
+                tracing::warn!(%peer, %error, "charger TLS handshake failed");
+            }
+            Err(_) => {
+                count_handshake("handshake_timeout");
+                tracing::warn!(%peer, "charger TLS handshake timed out");
+            }
+        }
+    }
+
+    /// The WebSocket upgrade on a plain or TLS stream. `tls` is `None` on plain `ws://`, else
+    /// `Some(certified chargeBoxId)` (that inner `Some` only under security profile 3).
+    async fn upgrade<S>(
+        &self,
+        mut stream: S,
+        peer: SocketAddr,
+        tls: Option<Option<String>>,
+        close: CancellationToken,
+    ) where
+        S: AsyncRead + AsyncWrite + Unpin + Send,
+    {
         let request = match read_upgrade_request(
             &mut stream,
             &self.config.path_prefix,
@@ -91,21 +185,72 @@ impl Proxy {
             }
         };
         let span = tracing::info_span!("charger", charge_box_id = %request.charge_box_id);
-        self.relay_charger(stream, peer, request, close)
-            .instrument(span)
-            .await
+        async {
+            if let Err(refusal) = self.authorise(&request, tls.as_ref().and_then(Option::as_deref))
+            {
+                count_handshake(refusal.reason());
+                tracing::warn!(%peer, reason = refusal.reason(), "charger refused: {refusal}");
+                let _ = refusal.response().write_to(&mut stream).await;
+                return;
+            }
+            self.relay_charger(stream, peer, request, tls.is_some(), close)
+                .await
+        }
+        .instrument(span)
+        .await
     }
 
-    async fn relay_charger(
+    fn authorise(
         &self,
-        mut stream: TcpStream,
+        request: &UpgradeRequest,
+        certified_id: Option<&str>,
+    ) -> Result<(), Refusal> {
+        if let Some(cn) = certified_id
+            && cn != request.charge_box_id
+        {
+            return Err(Refusal::CertificateMismatch {
+                certificate: cn.to_string(),
+            });
+        }
+        self.admission.allowed(&request.charge_box_id)
+    }
+
+    async fn relay_charger<S>(
+        &self,
+        mut stream: S,
         peer: SocketAddr,
-        request: handshake::UpgradeRequest,
+        request: UpgradeRequest,
+        tls_at_bridge: bool,
         close: CancellationToken,
-    ) {
+    ) where
+        S: AsyncRead + AsyncWrite + Unpin + Send,
+    {
+        // SteVe sees a reverse proxy: who the charger is, and whether it came over TLS (it
+        // refuses security-profile-2 stations on plain ws otherwise). Only a trusted proxy in
+        // front of us may say so for the charger; anyone else's headers are replaced.
+        let trusted = self
+            .config
+            .trusted_proxies
+            .iter()
+            .any(|net| net.contains(&peer.ip()));
+        let forwarded_for = match (&request.forwarded_for, trusted) {
+            (Some(chain), true) => format!("{chain}, {}", peer.ip()),
+            _ => peer.ip().to_string(),
+        };
+        let forwarded_proto = match (&request.forwarded_proto, trusted) {
+            _ if tls_at_bridge => "https".to_string(),
+            (Some(proto), true) => proto.clone(),
+            _ => "http".to_string(),
+        };
+        let forwarded = [
+            ("X-Forwarded-For", forwarded_for),
+            ("X-Forwarded-Proto", forwarded_proto),
+        ];
         let dialled = upstream::dial(
             &self.config.upstream_url,
             &request,
+            &forwarded,
+            self.upstream_tls.clone(),
             self.socket_config,
             self.config.upstream_handshake_timeout,
         )
@@ -138,12 +283,19 @@ impl Proxy {
         let connections = metrics::gauge!("ocpp_lago_bridge_charger_connections");
         connections.increment(1.0);
         tracing::info!(%peer, protocol = protocol.as_deref().unwrap_or(""), "charger connected");
-        let keepalive = Keepalive {
+        let limits = Limits {
             ping_interval: self.config.ping_interval,
             pong_timeout: self.config.pong_timeout,
+            idle_timeout: self.config.idle_timeout,
+            rate: self.admission.rate_limiter(),
+            charge_box_id: &request.charge_box_id,
         };
-        let tap = FrameTap::new(request.charge_box_id);
-        let end = relay(charger, upstream, keepalive, &tap, &close).await;
+        let tap = FrameTap::new(
+            request.charge_box_id.clone(),
+            protocol.as_deref(),
+            self.billing.clone(),
+        );
+        let end = relay(charger, upstream, limits, &tap, &close).await;
         connections.decrement(1.0);
         metrics::counter!("ocpp_lago_bridge_connections_closed_total", "reason" => end.reason())
             .increment(1);
@@ -160,6 +312,13 @@ impl Proxy {
             _ => tracing::info!(reason = end.reason(), "connection closed"),
         }
     }
+}
+
+/// Answers a charger over a connection limit with 503 (it retries later).
+async fn refuse<S: AsyncWrite + Unpin>(stream: &mut S, peer: SocketAddr, refusal: Refusal) {
+    count_handshake(refusal.reason());
+    tracing::warn!(%peer, reason = refusal.reason(), "charger refused: connection limit");
+    let _ = refusal.response().write_to(stream).await;
 }
 
 fn count_handshake(outcome: &'static str) {

@@ -18,6 +18,7 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_util::sync::CancellationToken;
 
+use super::admission::ChargerRateLimiter;
 use super::tap::FrameTap;
 
 /// How long a close handshake may take before the socket is simply dropped.
@@ -60,11 +61,16 @@ impl Side {
     }
 }
 
-/// Keep-alive settings of a relayed connection.
-#[derive(Debug, Clone, Copy)]
-pub struct Keepalive {
+/// Keep-alive and rate settings of a relayed connection.
+#[derive(Clone, Copy)]
+pub struct Limits<'a> {
     pub ping_interval: Duration,
     pub pong_timeout: Duration,
+    /// Close a charger that sent no data frame for this long.
+    pub idle_timeout: Option<Duration>,
+    /// Slows a charger down past its message rate.
+    pub rate: Option<&'a ChargerRateLimiter>,
+    pub charge_box_id: &'a String,
 }
 
 /// Why a relayed connection ended.
@@ -82,6 +88,8 @@ pub enum End {
     },
     /// A side sent nothing, not even a pong, for longer than the keep-alive allows.
     Unresponsive { side: Side },
+    /// The charger sent no data frame for longer than `proxy.idle_timeout`.
+    Idle,
     /// The bridge is shutting down.
     Shutdown,
 }
@@ -111,6 +119,7 @@ impl End {
             End::Unresponsive {
                 side: Side::Upstream,
             } => "upstream_unresponsive",
+            End::Idle => "idle_timeout",
             End::Shutdown => "shutdown",
         }
     }
@@ -140,7 +149,7 @@ impl Liveness {
 pub async fn relay<C, U>(
     charger: C,
     upstream: U,
-    keepalive: Keepalive,
+    limits: Limits<'_>,
     tap: &FrameTap,
     close: &CancellationToken,
 ) -> End
@@ -155,8 +164,8 @@ where
         last_heard_ms: [AtomicU64::new(0), AtomicU64::new(0)],
     };
     let end = tokio::select! {
-        end = pump(&mut charger_rx, &mut upstream_tx, Side::Charger, &liveness, keepalive, tap) => end,
-        end = pump(&mut upstream_rx, &mut charger_tx, Side::Upstream, &liveness, keepalive, tap) => end,
+        end = pump(&mut charger_rx, &mut upstream_tx, Side::Charger, &liveness, limits, tap) => end,
+        end = pump(&mut upstream_rx, &mut charger_tx, Side::Upstream, &liveness, limits, tap) => end,
         _ = close.cancelled() => End::Shutdown,
     };
 
@@ -184,6 +193,10 @@ where
         End::Shutdown => {
             let going_away = Some(Some(close_frame(CloseCode::Away, "bridge shutting down")));
             (going_away.clone(), going_away)
+        }
+        End::Idle => {
+            let idle = Some(Some(close_frame(CloseCode::Away, "idle timeout")));
+            (idle.clone(), idle)
         }
     };
     // A side that closed (or vanished) gets no close frame from us; one that closed has its
@@ -227,7 +240,7 @@ async fn pump<R, W>(
     dst: &mut W,
     from: Side,
     liveness: &Liveness,
-    keepalive: Keepalive,
+    limits: Limits<'_>,
     tap: &FrameTap,
 ) -> End
 where
@@ -238,30 +251,35 @@ where
         Side::Charger => Side::Upstream,
         Side::Upstream => Side::Charger,
     };
-    let deadline = keepalive.ping_interval + keepalive.pong_timeout;
-    let mut ping = tokio::time::interval_at(
-        Instant::now() + keepalive.ping_interval,
-        keepalive.ping_interval,
-    );
-    ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    let frames =
-        metrics::counter!("ocpp_lago_bridge_frames_relayed_total", "direction" => from.direction());
+    let deadline = limits.ping_interval + limits.pong_timeout;
+    // Only the charger's data frames count as activity for the idle timeout.
+    let idle_timeout = limits.idle_timeout.filter(|_| from == Side::Charger);
+    let mut last_data = Instant::now();
+    // The clock ticks often enough for both the pings and a shorter idle timeout.
+    let period = idle_timeout.map_or(limits.ping_interval, |idle| {
+        limits
+            .ping_interval
+            .min(idle / 4)
+            .max(Duration::from_millis(10))
+    });
+    let mut clock = tokio::time::interval_at(Instant::now() + period, period);
+    clock.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut last_ping = Instant::now();
     loop {
-        let outgoing = tokio::select! {
+        let (outgoing, label) = tokio::select! {
             // Cancel-safe: a partially received frame stays buffered inside the socket.
             message = src.next() => {
                 liveness.heard(from);
                 match message {
-                    Some(Ok(Message::Text(text))) => {
-                        let message = Message::Text(text);
-                        tap.observe(from, &message).await;
-                        message
-                    }
-                    Some(Ok(message @ Message::Binary(_))) => {
-                        // OCPP-J is text only; SteVe (or the charger) decides what a binary
-                        // frame means, exactly as if we were not here.
-                        tap.observe(from, &message).await;
-                        message
+                    // A binary frame is not OCPP-J; SteVe (or the charger) decides what it
+                    // means, exactly as if we were not here.
+                    Some(Ok(message @ (Message::Text(_) | Message::Binary(_)))) => {
+                        last_data = Instant::now();
+                        if let (Side::Charger, Some(rate)) = (from, limits.rate) {
+                            rate.until_key_ready(limits.charge_box_id).await;
+                        }
+                        let label = tap.observe(from, &message).await;
+                        (message, Some(label))
                     }
                     // tungstenite answers pings itself; pongs only prove liveness.
                     Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => continue,
@@ -270,18 +288,24 @@ where
                     None => return End::Lost { side: from, error: None },
                 }
             }
-            _ = ping.tick() => {
+            _ = clock.tick() => {
                 if liveness.silent_for(to) > deadline {
                     return End::Unresponsive { side: to };
                 }
-                Message::Ping(Default::default())
+                if idle_timeout.is_some_and(|idle| last_data.elapsed() > idle) {
+                    return End::Idle;
+                }
+                if last_ping.elapsed() < limits.ping_interval {
+                    continue;
+                }
+                last_ping = Instant::now();
+                (Message::Ping(Default::default()), None)
             }
         };
-        let is_data = outgoing.is_text() || outgoing.is_binary();
         match tokio::time::timeout(deadline, dst.send(outgoing)).await {
             Ok(Ok(())) => {
-                if is_data {
-                    frames.increment(1);
+                if let Some(action) = label {
+                    metrics::counter!("ocpp_lago_bridge_frames_relayed_total", "direction" => from.direction(), "action" => action).increment(1);
                 }
             }
             Ok(Err(error)) => {

@@ -1,26 +1,153 @@
-//! The relay's hook into the billing pipeline for one connection.
+//! The relay's hook into the billing pipeline for one connection: every data frame is shown to
+//! the pure tap; billing records go to the spool; the reply to a billing CALL is held until its
+//! record is on disk, for at most `spool.hold_timeout` (charging never stalls on us).
 
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use tokio::sync::oneshot;
 use tokio_tungstenite::tungstenite::Message;
 
 use super::relay::Side;
+use crate::spool::SpoolHandle;
+use crate::spool::writer::unix_now;
+use crate::tap::{ConnectionTap, MAX_PENDING_CALLS, Observation, TapRecord};
+
+/// Where billing records go, shared by all connections.
+#[derive(Debug, Clone)]
+pub struct Billing {
+    pub spool: SpoolHandle,
+    /// How long a billing reply waits for its record's commit.
+    pub hold_timeout: Duration,
+}
 
 /// Observes every data frame of one connection on its way through the relay.
 #[derive(Debug)]
 pub struct FrameTap {
     charge_box_id: String,
+    tap: Mutex<ConnectionTap>,
+    /// Commit receipts of the records of charger CALLs, by OCPP message id, until the reply.
+    receipts: Mutex<HashMap<String, oneshot::Receiver<()>>>,
+    /// `None`: relay-only (no usable spool); frames are still parsed and counted.
+    billing: Option<Billing>,
 }
 
 impl FrameTap {
-    /// A tap for the connection of `charge_box_id`.
-    pub fn new(charge_box_id: String) -> Self {
-        FrameTap { charge_box_id }
-    }
-
-    /// Sees a frame read from `from` before it is relayed.
-    pub async fn observe(&self, from: Side, message: &Message) {
-        if message.is_binary() {
-            metrics::counter!("ocpp_lago_bridge_bad_frames_total", "direction" => from.direction(), "reason" => "binary").increment(1);
-            tracing::warn!(charge_box_id = %self.charge_box_id, direction = from.direction(), bytes = message.len(), "binary frame relayed: OCPP-J is text only");
+    /// A tap for the connection of `charge_box_id` speaking `subprotocol`.
+    pub fn new(charge_box_id: String, subprotocol: Option<&str>, billing: Option<Billing>) -> Self {
+        FrameTap {
+            tap: Mutex::new(ConnectionTap::new(charge_box_id.clone(), subprotocol)),
+            charge_box_id,
+            receipts: Mutex::new(HashMap::new()),
+            billing,
         }
     }
+
+    /// Sees a frame read from `from` before it is relayed; returns once it may be relayed,
+    /// with the frame's label for the relayed-frames counter.
+    pub async fn observe(&self, from: Side, message: &Message) -> &'static str {
+        let text = match message {
+            Message::Text(text) => text.as_str(),
+            Message::Binary(bytes) => {
+                count_frame(from, "malformed");
+                bad_frame(from, "binary");
+                tracing::warn!(charge_box_id = %self.charge_box_id, direction = from.direction(), bytes = bytes.len(), "binary frame relayed: OCPP-J is text only");
+                return "binary";
+            }
+            _ => return "control",
+        };
+        self.observe_text(from, text).await;
+        crate::ocpp::frame_label(text)
+    }
+
+    async fn observe_text(&self, from: Side, text: &str) {
+        let observation = {
+            let mut tap = lock(&self.tap);
+            match from {
+                Side::Charger => tap.from_charger(text, unix_now()),
+                Side::Upstream => tap.from_central(text, unix_now()),
+            }
+        };
+        match observation {
+            Observation::Pass => count_frame(from, "pass"),
+            Observation::Unbilled { reason } => {
+                count_frame(from, "unbilled");
+                metrics::counter!("ocpp_lago_bridge_unbilled_total", "reason" => reason.as_str())
+                    .increment(1);
+            }
+            Observation::Malformed { reason, detail } => {
+                count_frame(from, "malformed");
+                bad_frame(from, reason);
+                tracing::warn!(charge_box_id = %self.charge_box_id, direction = from.direction(), reason, %detail, "frame relayed unchanged but not understood");
+            }
+            Observation::Record { record, message_id } => {
+                count_frame(from, "record");
+                let Some(receipt) = self.submit(record).await else {
+                    return;
+                };
+                match from {
+                    // The CALL goes on at once; its reply will wait for this receipt.
+                    Side::Charger => {
+                        let mut receipts = lock(&self.receipts);
+                        if receipts.len() >= MAX_PENDING_CALLS {
+                            // Unanswered CALLs (the tap forgets them too): nothing waits on them.
+                            receipts.clear();
+                        }
+                        receipts.insert(message_id, receipt);
+                    }
+                    // A StartTransaction reply completes its record: hold this very frame.
+                    Side::Upstream => self.hold(receipt, &message_id).await,
+                }
+            }
+            Observation::BillingReply { message_id } => {
+                count_frame(from, "billing_reply");
+                let receipt = lock(&self.receipts).remove(&message_id);
+                if let Some(receipt) = receipt {
+                    self.hold(receipt, &message_id).await;
+                }
+            }
+        }
+    }
+
+    async fn submit(&self, record: TapRecord) -> Option<oneshot::Receiver<()>> {
+        let billing = self.billing.as_ref()?;
+        match billing.spool.submit(record, billing.hold_timeout).await {
+            Ok(receipt) => Some(receipt),
+            Err(error) => {
+                metrics::counter!("ocpp_lago_bridge_tap_records_lost_total").increment(1);
+                tracing::error!(charge_box_id = %self.charge_box_id, %error, "billing record not queued for the spool: its energy is not billed unless the charger resends it");
+                None
+            }
+        }
+    }
+
+    async fn hold(&self, receipt: oneshot::Receiver<()>, message_id: &str) {
+        let Some(billing) = &self.billing else { return };
+        let started = tokio::time::Instant::now();
+        let outcome = match tokio::time::timeout(billing.hold_timeout, receipt).await {
+            Ok(Ok(())) => "committed",
+            Ok(Err(_)) => "writer_stopped",
+            Err(_) => "timeout",
+        };
+        metrics::histogram!("ocpp_lago_bridge_reply_hold_seconds")
+            .record(started.elapsed().as_secs_f64());
+        if outcome != "committed" {
+            metrics::counter!("ocpp_lago_bridge_replies_released_uncommitted_total", "reason" => outcome).increment(1);
+            tracing::error!(charge_box_id = %self.charge_box_id, message_id, reason = outcome, "billing reply relayed before its record was on disk; the spool is not committing");
+        }
+    }
+}
+
+fn count_frame(from: Side, outcome: &'static str) {
+    metrics::counter!("ocpp_lago_bridge_tap_frames_total", "direction" => from.direction(), "outcome" => outcome).increment(1);
+}
+
+fn bad_frame(from: Side, reason: &'static str) {
+    metrics::counter!("ocpp_lago_bridge_bad_frames_total", "direction" => from.direction(), "reason" => reason).increment(1);
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Held only for non-awaiting, non-panicking updates; a poisoned map is still consistent.
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }

@@ -2,12 +2,13 @@
 
 use std::time::Duration;
 
+use std::sync::Arc;
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Error as WsError;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use tokio_tungstenite::{Connector, MaybeTlsStream, WebSocketStream};
 
 use super::handshake::{HttpResponse, UpgradeRequest};
 
@@ -58,6 +59,8 @@ impl DialError {
 pub async fn dial(
     upstream_url: &str,
     request: &UpgradeRequest,
+    forwarded: &[(&'static str, String)],
+    tls: Option<Arc<rustls::ClientConfig>>,
     config: WebSocketConfig,
     timeout: Duration,
 ) -> Result<(UpstreamSocket, Option<String>), DialError> {
@@ -82,8 +85,18 @@ pub async fn dial(
         }
     }
 
-    let connecting =
-        tokio_tungstenite::connect_async_with_config(client_request, Some(config), true);
+    for (name, value) in forwarded {
+        if let Ok(value) = HeaderValue::from_str(value) {
+            headers.insert(*name, value);
+        }
+    }
+
+    let connecting = tokio_tungstenite::connect_async_tls_with_config(
+        client_request,
+        Some(config),
+        true,
+        tls.map(Connector::Rustls),
+    );
     let (socket, response) = match tokio::time::timeout(timeout, connecting).await {
         Err(_) => return Err(DialError::Timeout(timeout)),
         Ok(Ok(connected)) => connected,

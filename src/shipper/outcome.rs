@@ -13,14 +13,7 @@ pub const DEFAULT_RATE_LIMIT_PAUSE: Duration = Duration::from_secs(1);
 /// A header asking for longer than this is capped: a bogus proxy must not stall us for days.
 pub const MAX_RATE_LIMIT_PAUSE: Duration = Duration::from_secs(15 * 60);
 
-/// One outbox row in a batch: its spool id and the event exactly as first derived.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct OutboxRow {
-    /// The spool's outbox row id.
-    pub outbox_id: i64,
-    /// The event, unchanged since it was first derived.
-    pub event: LagoEvent,
-}
+pub use crate::spool::store::OutboxRow;
 
 /// Why an event went to the dead letters (the spool's `reason` column).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -51,6 +51,7 @@ CREATE TABLE dead_letters (
     detail TEXT NOT NULL,
     charge_box_id TEXT,
     ocpp_transaction_id INTEGER,
+    id_tag TEXT,                           -- what the operator maps to a subscription
     lago_transaction_id TEXT,
     external_subscription_id TEXT,
     event TEXT,                            -- the held LagoEvent, when there is one to requeue
@@ -109,6 +110,7 @@ pub struct NewDeadLetter {
     pub detail: String,
     pub charge_box_id: Option<String>,
     pub ocpp_transaction_id: Option<i64>,
+    pub id_tag: Option<String>,
     pub event: Option<LagoEvent>,
 }
 
@@ -117,16 +119,17 @@ pub struct NewDeadLetter {
 pub struct Changes {
     pub records: Vec<RecordRow>,
     pub sessions: Vec<SessionRow>,
+    /// Sessions the ledger dropped from memory: (charge_box_id, ocpp_transaction_id).
+    pub removed_sessions: Vec<(String, i64)>,
     pub events: Vec<LagoEvent>,
     pub dead_letters: Vec<NewDeadLetter>,
 }
 
-/// An outbox row waiting for delivery.
+/// One outbox row: its id and the event exactly as first derived (and sent on every retry).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OutboxRow {
-    pub id: i64,
+    pub outbox_id: i64,
     pub event: LagoEvent,
-    pub attempts: i64,
 }
 
 /// A dead letter as the operator sees it.
@@ -215,7 +218,11 @@ impl Store {
     }
 
     /// Commits every change set in one transaction (one fsync for the whole group).
-    pub fn commit(&mut self, groups: &[Changes], now: i64) -> Result<(), StoreError> {
+    pub fn commit<'a>(
+        &mut self,
+        groups: impl IntoIterator<Item = &'a Changes>,
+        now: i64,
+    ) -> Result<(), StoreError> {
         let tx = self.conn.transaction()?;
         {
             let mut record = tx.prepare_cached(
@@ -234,10 +241,13 @@ impl Store {
                      charge_box_id, ocpp_transaction_id, event, created_at)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
             )?;
+            let mut removed = tx.prepare_cached(
+                "DELETE FROM sessions WHERE charge_box_id = ?1 AND ocpp_transaction_id = ?2",
+            )?;
             let mut dead = tx.prepare_cached(
-                "INSERT INTO dead_letters (reason, detail, charge_box_id, ocpp_transaction_id,
+                "INSERT INTO dead_letters (reason, detail, charge_box_id, ocpp_transaction_id, id_tag,
                      lago_transaction_id, external_subscription_id, event, first_attempt, last_attempt)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8)",
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?9)",
             )?;
             for changes in groups {
                 for r in &changes.records {
@@ -257,6 +267,9 @@ impl Store {
                         now
                     ])?;
                 }
+                for (charge_box_id, ocpp_transaction_id) in &changes.removed_sessions {
+                    removed.execute(params![charge_box_id, ocpp_transaction_id])?;
+                }
                 for e in &changes.events {
                     event.execute(params![
                         e.transaction_id,
@@ -273,6 +286,7 @@ impl Store {
                         d.detail,
                         d.charge_box_id,
                         d.ocpp_transaction_id,
+                        d.id_tag,
                         d.event.as_ref().map(|e| e.transaction_id.clone()),
                         d.event.as_ref().map(|e| e.external_subscription_id.clone()),
                         d.event.as_ref().map(serde_json::to_string).transpose()?,
@@ -303,25 +317,29 @@ impl Store {
     /// The oldest pending events, in creation order (so a session's events go out in order).
     pub fn pending(&self, limit: usize) -> Result<Vec<OutboxRow>, StoreError> {
         let mut stmt = self.conn.prepare_cached(
-            "SELECT id, event, attempts FROM outbox WHERE state = 'pending' ORDER BY id LIMIT ?1",
+            "SELECT id, event FROM outbox WHERE state = 'pending' ORDER BY id LIMIT ?1",
         )?;
         let rows = stmt.query_map([limit as i64], |r| {
-            Ok((
-                r.get::<_, i64>(0)?,
-                r.get::<_, String>(1)?,
-                r.get::<_, i64>(2)?,
-            ))
+            Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))
         })?;
         let mut out = Vec::new();
         for row in rows {
-            let (id, json, attempts) = row?;
+            let (outbox_id, json) = row?;
             out.push(OutboxRow {
-                id,
+                outbox_id,
                 event: serde_json::from_str(&json)?,
-                attempts,
             });
         }
         Ok(out)
+    }
+
+    /// How many events are pending and when the oldest was created (unix seconds).
+    pub fn backlog(&self) -> Result<(i64, Option<i64>), StoreError> {
+        Ok(self.conn.query_row(
+            "SELECT COUNT(*), MIN(created_at) FROM outbox WHERE state = 'pending'",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )?)
     }
 
     /// Marks outbox rows delivered.
@@ -410,34 +428,31 @@ impl Store {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
-    /// Puts dead letters that hold an event back into the outbox as pending; returns how many.
-    pub fn requeue(&mut self, selection: Requeue<'_>, now: i64) -> Result<usize, StoreError> {
+    /// Puts dead letters that hold an event back into the outbox as pending. An event held for
+    /// want of a subscription gets one from `resolve_subscription(id_tag)` (the current map) or
+    /// stays a dead letter. Returns (requeued, still unmapped).
+    pub fn requeue(
+        &mut self,
+        selection: Requeue<'_>,
+        now: i64,
+        resolve_subscription: &dyn Fn(Option<&str>) -> Option<String>,
+    ) -> Result<(usize, usize), StoreError> {
         let tx = self.conn.transaction()?;
-        let ids: Vec<i64> = {
-            let (sql, arg): (&str, Option<String>) = match selection {
-                Requeue::Id(id) => (
-                    "SELECT id FROM dead_letters WHERE requeued_at IS NULL AND event IS NOT NULL AND id = CAST(?1 AS INTEGER)",
-                    Some(id.to_string()),
-                ),
-                Requeue::Reason(reason) => (
-                    "SELECT id FROM dead_letters WHERE requeued_at IS NULL AND event IS NOT NULL AND reason = ?1",
-                    Some(reason.to_string()),
-                ),
-                Requeue::All => (
-                    "SELECT id FROM dead_letters WHERE requeued_at IS NULL AND event IS NOT NULL AND ?1 IS NULL",
-                    None,
-                ),
+        let candidates: Vec<(i64, Option<i64>, String, Option<String>)> = {
+            let (filter, arg): (&str, Option<String>) = match selection {
+                Requeue::Id(id) => ("id = CAST(?1 AS INTEGER)", Some(id.to_string())),
+                Requeue::Reason(reason) => ("reason = ?1", Some(reason.to_string())),
+                Requeue::All => ("?1 IS NULL", None),
             };
-            let mut stmt = tx.prepare(sql)?;
-            stmt.query_map([arg], |r| r.get(0))?
+            let mut stmt = tx.prepare(&format!(
+                "SELECT id, outbox_id, event, id_tag FROM dead_letters
+                 WHERE requeued_at IS NULL AND event IS NOT NULL AND {filter} ORDER BY id"
+            ))?;
+            stmt.query_map([arg], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
                 .collect::<Result<_, _>>()?
         };
-        for id in &ids {
-            let (outbox_id, event): (Option<i64>, String) = tx.query_row(
-                "SELECT outbox_id, event FROM dead_letters WHERE id = ?1",
-                [id],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )?;
+        let (mut requeued, mut unmapped) = (0, 0);
+        for (id, outbox_id, event, id_tag) in candidates {
             match outbox_id {
                 Some(outbox_id) => {
                     tx.execute(
@@ -446,7 +461,16 @@ impl Store {
                     )?;
                 }
                 None => {
-                    let e: LagoEvent = serde_json::from_str(&event)?;
+                    let mut e: LagoEvent = serde_json::from_str(&event)?;
+                    if e.external_subscription_id.is_empty() {
+                        match resolve_subscription(id_tag.as_deref()) {
+                            Some(subscription) => e.external_subscription_id = subscription,
+                            None => {
+                                unmapped += 1;
+                                continue;
+                            }
+                        }
+                    }
                     tx.execute(
                         "INSERT OR IGNORE INTO outbox (lago_transaction_id, external_subscription_id,
                              charge_box_id, ocpp_transaction_id, event, created_at)
@@ -456,7 +480,7 @@ impl Store {
                             e.external_subscription_id,
                             e.properties.charge_box_id,
                             e.properties.ocpp_transaction_id,
-                            event,
+                            serde_json::to_string(&e)?,
                             now
                         ],
                     )?;
@@ -466,9 +490,76 @@ impl Store {
                 "UPDATE dead_letters SET requeued_at = ?2 WHERE id = ?1",
                 params![id, now],
             )?;
+            requeued += 1;
         }
         tx.commit()?;
-        Ok(ids.len())
+        Ok((requeued, unmapped))
+    }
+
+    /// Sets delivered events back to pending so they are sent again unchanged (same ids, values
+    /// and timestamps: Lago dedupes them). Returns how many.
+    pub fn replay(&mut self, selection: Replay<'_>) -> Result<usize, StoreError> {
+        Ok(match selection {
+            Replay::Session {
+                charge_box_id,
+                ocpp_transaction_id,
+            } => self.conn.execute(
+                "UPDATE outbox SET state = 'pending'
+                 WHERE state = 'delivered' AND charge_box_id = ?1 AND ocpp_transaction_id = ?2",
+                params![charge_box_id, ocpp_transaction_id],
+            )?,
+            Replay::Since(since) => self.conn.execute(
+                "UPDATE outbox SET state = 'pending' WHERE state = 'delivered' AND created_at >= ?1",
+                [since],
+            )?,
+        })
+    }
+
+    /// The stored tap records of one session, in arrival order (the source of truth for replay).
+    pub fn session_records(
+        &self,
+        charge_box_id: &str,
+        ocpp_transaction_id: i64,
+    ) -> Result<Vec<String>, StoreError> {
+        let mut stmt = self.conn.prepare(
+            "SELECT record FROM tap_records WHERE charge_box_id = ?1 AND ocpp_transaction_id = ?2 ORDER BY id",
+        )?;
+        let rows = stmt.query_map(params![charge_box_id, ocpp_transaction_id], |r| r.get(0))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Sessions with tap records received at or after `since` (unix seconds).
+    pub fn sessions_with_records_since(
+        &self,
+        since: i64,
+    ) -> Result<Vec<(String, i64)>, StoreError> {
+        let mut stmt = self.conn.prepare(
+            "SELECT DISTINCT charge_box_id, ocpp_transaction_id FROM tap_records
+             WHERE received_at >= ?1 AND ocpp_transaction_id IS NOT NULL ORDER BY 1, 2",
+        )?;
+        let rows = stmt.query_map([since], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Queues a re-derived event for sending, replacing a stored one with the same key (only
+    /// for sessions Lago holds nothing of: the caller checks).
+    pub fn upsert_pending(&mut self, event: &LagoEvent, now: i64) -> Result<(), StoreError> {
+        self.conn.execute(
+            "INSERT INTO outbox (lago_transaction_id, external_subscription_id, charge_box_id,
+                 ocpp_transaction_id, event, created_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+             ON CONFLICT (external_subscription_id, lago_transaction_id)
+             DO UPDATE SET event = excluded.event, state = 'pending'",
+            params![
+                event.transaction_id,
+                event.external_subscription_id,
+                event.properties.charge_box_id,
+                event.properties.ocpp_transaction_id,
+                serde_json::to_string(event)?,
+                now
+            ],
+        )?;
+        Ok(())
     }
 
     /// Size and backlog figures.
@@ -476,16 +567,8 @@ impl Store {
         let count = |sql: &str| -> Result<i64, rusqlite::Error> {
             self.conn.query_row(sql, [], |r| r.get(0))
         };
-        let file_bytes = ["", "-wal"]
-            .iter()
-            .filter_map(|suffix| {
-                std::fs::metadata(format!("{}{suffix}", path.display()))
-                    .ok()
-                    .map(|m| m.len())
-            })
-            .sum();
         Ok(Stats {
-            file_bytes,
+            file_bytes: file_bytes(path),
             tap_records: count("SELECT COUNT(*) FROM tap_records")?,
             sessions: count("SELECT COUNT(*) FROM sessions")?,
             pending_events: count("SELECT COUNT(*) FROM outbox WHERE state = 'pending'")?,
@@ -529,6 +612,29 @@ impl Store {
     }
 }
 
+/// The spool's size on disk: the database file plus its write-ahead log.
+pub fn file_bytes(path: &Path) -> u64 {
+    ["", "-wal"]
+        .iter()
+        .filter_map(|suffix| {
+            let mut file = path.as_os_str().to_owned();
+            file.push(suffix);
+            std::fs::metadata(file).ok().map(|m| m.len())
+        })
+        .sum()
+}
+
+/// Which delivered events `replay` sends again.
+#[derive(Debug, Clone, Copy)]
+pub enum Replay<'a> {
+    Session {
+        charge_box_id: &'a str,
+        ocpp_transaction_id: i64,
+    },
+    /// Events created at or after this unix time.
+    Since(i64),
+}
+
 /// Which dead letters `requeue` takes.
 #[derive(Debug, Clone, Copy)]
 pub enum Requeue<'a> {
@@ -559,6 +665,7 @@ mod tests {
                 ocpp_transaction_id: 7,
                 state_json: r#"{"v":1}"#.into(),
             }],
+            removed_sessions: vec![],
             events,
             dead_letters: vec![],
         }
@@ -583,7 +690,7 @@ mod tests {
         assert_eq!(pending.len(), 1);
         assert_eq!(pending[0].event, event("7", "sub"));
         assert_eq!(store.sessions().unwrap().len(), 1);
-        store.mark_delivered(&[pending[0].id], 200).unwrap();
+        store.mark_delivered(&[pending[0].outbox_id], 200).unwrap();
         assert!(store.pending(100).unwrap().is_empty());
         let stats = store.stats(&path).unwrap();
         assert_eq!(
@@ -608,10 +715,11 @@ mod tests {
             detail: "no subscription for id tag TAG".into(),
             charge_box_id: Some("CP1".into()),
             ocpp_transaction_id: Some(9),
-            event: Some(event("9", "TAG")),
+            id_tag: Some("TAG".into()),
+            event: Some(event("9", "")),
         });
         store.commit(&[c], 100).unwrap();
-        let first = store.pending(1).unwrap()[0].id;
+        let first = store.pending(1).unwrap()[0].outbox_id;
         store
             .dead_letter_outbox(first, "lago_rejected", "code: does not exist", 150)
             .unwrap();
@@ -620,25 +728,35 @@ mod tests {
         assert_eq!(store.dead_letters(Some("lago_rejected")).unwrap().len(), 1);
         assert_eq!(store.pending(10).unwrap().len(), 1);
 
+        let unmapped = |_: Option<&str>| None;
+        let mapped = |id_tag: Option<&str>| id_tag.map(|t| format!("sub-of-{t}"));
+        let reason = Requeue::Reason("unmapped_id_tag");
         assert_eq!(
-            store
-                .requeue(Requeue::Reason("unmapped_id_tag"), 160)
-                .unwrap(),
-            1
+            store.requeue(reason, 155, &unmapped).unwrap(),
+            (0, 1),
+            "map still lacks it"
         );
-        assert_eq!(store.requeue(Requeue::All, 170).unwrap(), 1);
+        assert_eq!(store.requeue(reason, 160, &mapped).unwrap(), (1, 0));
+        assert_eq!(store.requeue(Requeue::All, 170, &mapped).unwrap(), (1, 0));
         assert_eq!(
-            store.requeue(Requeue::All, 180).unwrap(),
-            0,
+            store.requeue(Requeue::All, 180, &mapped).unwrap(),
+            (0, 0),
             "requeued once only"
         );
-        let pending: Vec<String> = store
+        let pending: Vec<(String, String)> = store
             .pending(10)
             .unwrap()
             .into_iter()
-            .map(|r| r.event.transaction_id)
+            .map(|r| (r.event.transaction_id, r.event.external_subscription_id))
             .collect();
-        assert_eq!(pending, ["1", "2", "9"]);
+        assert_eq!(
+            pending,
+            [
+                ("1".into(), "a".into()),
+                ("2".into(), "b".into()),
+                ("9".into(), "sub-of-TAG".into())
+            ]
+        );
         assert_eq!(store.stats(&path).unwrap().dead_letters, 0);
     }
 
@@ -655,7 +773,7 @@ mod tests {
             (0, 0),
             "pending event protects its records"
         );
-        let id = store.pending(1).unwrap()[0].id;
+        let id = store.pending(1).unwrap()[0].outbox_id;
         store.mark_delivered(&[id], 200).unwrap();
         assert_eq!(
             store.prune(150).unwrap(),

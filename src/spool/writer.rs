@@ -4,12 +4,14 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
 use tokio::sync::{Notify, mpsc, oneshot};
 
 use super::store::{Changes, NewDeadLetter, RecordRow, SessionRow, Store, StoreError};
-use crate::ledger::{Applied, BillingRules, Ledger, SessionState};
+use crate::ledger::{Applied, BillingRules, Ledger, SessionKey, SessionState};
+use crate::steve::SteveClient;
 use crate::tap::{TapKind, TapRecord};
 use crate::telemetry::Readiness;
 
@@ -17,6 +19,8 @@ use crate::telemetry::Readiness;
 const MAX_GROUP: usize = 4096;
 /// How long after a failed commit the writer tries again.
 const RETRY_AFTER_FAILURE: Duration = Duration::from_millis(500);
+/// The writer's loop turns at least this often, so its heartbeat proves it is not stuck.
+const HEARTBEAT: Duration = Duration::from_secs(1);
 /// Readiness check name of the writer.
 pub const READY_CHECK: &str = "spool";
 
@@ -55,15 +59,24 @@ pub enum Command {
 pub struct WriterSettings {
     /// Most uncommitted tap records kept in memory while the spool cannot commit.
     pub max_backlog: usize,
+    /// Delivered events (and their sessions' tap records) older than this are pruned.
+    pub retention: Duration,
+    /// The spool must never reach this size; alarms start at 80 %.
+    pub disk_cap_bytes: u64,
+    /// The spool file, for its size.
+    pub path: std::path::PathBuf,
+    /// Recovers the start of sessions the bridge never saw from SteVe's REST API.
+    pub steve: Option<SteveClient>,
 }
 
 /// Opens the spool, rebuilds the ledger from it and returns the writer's future.
 pub fn start(
-    mut store: Store,
+    store: Store,
     rules: Arc<BillingRules>,
     settings: WriterSettings,
     readiness: Readiness,
     events_committed: Arc<Notify>,
+    heartbeat: Arc<AtomicI64>,
 ) -> Result<(mpsc::Sender<Command>, impl Future<Output = ()>), StoreError> {
     let mut sessions = Vec::new();
     for row in store.sessions()? {
@@ -74,7 +87,6 @@ pub fn start(
     let (tx, rx) = mpsc::channel(MAX_GROUP * 4);
     // Make sure a restart ships whatever was committed but not delivered before it.
     events_committed.notify_one();
-    store = store;
     let writer = Writer {
         store: Some(store),
         ledger,
@@ -82,7 +94,10 @@ pub fn start(
         settings,
         readiness,
         events_committed,
+        heartbeat,
         backlog: VecDeque::new(),
+        next_housekeeping: std::time::Instant::now(),
+        next_prune: std::time::Instant::now(),
     };
     Ok((tx, writer.run(rx)))
 }
@@ -95,31 +110,41 @@ struct Writer {
     settings: WriterSettings,
     readiness: Readiness,
     events_committed: Arc<Notify>,
+    /// Unix seconds of the loop's last turn (the systemd watchdog checks it).
+    heartbeat: Arc<AtomicI64>,
     /// Applied but not yet committed, in order, with the replies waiting on them.
     backlog: VecDeque<(Changes, Option<oneshot::Sender<()>>)>,
+    next_housekeeping: std::time::Instant,
+    next_prune: std::time::Instant,
 }
 
 impl Writer {
     async fn run(mut self, mut rx: mpsc::Receiver<Command>) {
         let mut commands = Vec::with_capacity(MAX_GROUP);
         loop {
+            self.heartbeat.store(unix_now(), Ordering::Relaxed);
             commands.clear();
-            if self.backlog.is_empty() {
-                match rx.recv_many(&mut commands, MAX_GROUP).await {
-                    0 => break,
-                    _ => {}
-                }
+            // With a backlog (the last commit failed) retry soon, taking in what arrives meanwhile.
+            let wait = if self.backlog.is_empty() {
+                HEARTBEAT
             } else {
-                // Retry the backlog after a pause, taking in what arrived meanwhile.
-                tokio::select! {
-                    n = rx.recv_many(&mut commands, MAX_GROUP) => if n == 0 { break },
-                    _ = tokio::time::sleep(RETRY_AFTER_FAILURE) => {}
-                }
+                RETRY_AFTER_FAILURE
+            };
+            tokio::select! {
+                n = rx.recv_many(&mut commands, MAX_GROUP) => if n == 0 { break },
+                _ = tokio::time::sleep(wait) => {}
             }
+            self.housekeeping().await;
             let mut store_ops = Vec::new();
             for command in commands.drain(..) {
                 match command {
                     Command::Record { record, committed } => {
+                        let steve = self.settings.steve.as_ref();
+                        if let Some(start) = recover_start(steve, &self.ledger, &record).await {
+                            let applied = self.ledger.apply(&start, &self.rules);
+                            let changes = self.changes(&start, applied);
+                            self.backlog.push_back((changes, None));
+                        }
                         let applied = self.ledger.apply(&record, &self.rules);
                         let changes = self.changes(&record, applied);
                         self.backlog.push_back((changes, Some(committed)));
@@ -221,6 +246,42 @@ impl Writer {
         }
     }
 
+    /// Every minute: the size alarm; every hour: retention pruning (never undelivered data).
+    async fn housekeeping(&mut self) {
+        let now = std::time::Instant::now();
+        if now < self.next_housekeeping {
+            return;
+        }
+        self.next_housekeeping = now + Duration::from_secs(60);
+        let bytes = super::store::file_bytes(&self.settings.path);
+        metrics::gauge!("ocpp_lago_bridge_spool_bytes").set(bytes as f64);
+        let cap = self.settings.disk_cap_bytes;
+        if bytes >= cap / 10 * 8 {
+            metrics::counter!("ocpp_lago_bridge_spool_size_alarms_total").increment(1);
+            tracing::error!(
+                spool_bytes = bytes,
+                disk_cap_bytes = cap,
+                "spool above 80 % of spool.disk_cap_bytes: Lago is probably not taking events (see `spool stats`); nothing undelivered is ever dropped"
+            );
+        }
+        if now < self.next_prune {
+            return;
+        }
+        self.next_prune = now + Duration::from_secs(3600);
+        let cutoff = unix_now() - self.settings.retention.as_secs() as i64;
+        match self.with_store(move |store| store.prune(cutoff)).await {
+            Ok((events, records)) if events + records > 0 => {
+                tracing::info!(
+                    events,
+                    records,
+                    "pruned delivered data past spool.retention"
+                )
+            }
+            Ok(_) => {}
+            Err(error) => tracing::warn!(%error, "pruning the spool failed; will retry in an hour"),
+        }
+    }
+
     /// The memory queue used while the spool cannot commit is bounded: past the bound the
     /// oldest records are lost, loudly.
     fn bound_backlog(&mut self) {
@@ -235,11 +296,16 @@ impl Writer {
     }
 
     async fn commit_backlog(&mut self) {
-        let groups: Vec<Changes> = self.backlog.iter().map(|(c, _)| c.clone()).collect();
+        // The backlog travels to the blocking thread and back instead of being copied.
+        let backlog = std::mem::take(&mut self.backlog);
         let started = std::time::Instant::now();
-        let result = self
-            .with_store(move |store| store.commit(&groups, unix_now()))
+        let (backlog, result) = self
+            .with_store(move |store| {
+                let result = store.commit(backlog.iter().map(|(changes, _)| changes), unix_now());
+                (backlog, result)
+            })
             .await;
+        self.backlog = backlog;
         metrics::histogram!("ocpp_lago_bridge_spool_commit_seconds")
             .record(started.elapsed().as_secs_f64());
         match result {
@@ -297,7 +363,10 @@ impl Writer {
         &mut self,
         work: impl FnOnce(&mut Store) -> T + Send + 'static,
     ) -> T {
-        let mut store = self.store.take().expect("store is put back after every use");
+        let mut store = self
+            .store
+            .take()
+            .expect("store is put back after every use");
         let (store, out) = tokio::task::spawn_blocking(move || {
             let out = work(&mut store);
             (store, out)
@@ -306,6 +375,57 @@ impl Writer {
         .expect("spool work does not panic");
         self.store = Some(store);
         out
+    }
+}
+
+/// A Stop of a session the ledger never saw start (and without a Transaction.Begin reading)
+/// is looked up in SteVe before it is applied, so it can be billed rather than dead-lettered.
+/// Rare (the bridge was put in the path mid-session), so the writer simply waits for it.
+async fn recover_start(
+    steve: Option<&SteveClient>,
+    ledger: &Ledger,
+    record: &TapRecord,
+) -> Option<TapRecord> {
+    let steve = steve?;
+    let TapKind::Stop(stop) = &record.kind else {
+        return None;
+    };
+    let key = SessionKey {
+        charge_box_id: record.charge_box_id.clone(),
+        ocpp_transaction_id: stop.ocpp_transaction_id,
+    };
+    if stop.begin_reading.is_some()
+        || key.ocpp_transaction_id <= 0
+        || ledger.session(&key).is_some()
+    {
+        return None;
+    }
+    let outcome = steve
+        .recover_start(
+            &key.charge_box_id,
+            key.ocpp_transaction_id,
+            record.received_at,
+        )
+        .await;
+    let result = match &outcome {
+        Ok(Some(_)) => "recovered",
+        Ok(None) => "unknown_to_steve",
+        Err(_) => "error",
+    };
+    metrics::counter!("ocpp_lago_bridge_start_recoveries_total", "result" => result).increment(1);
+    match outcome {
+        Ok(Some(start)) => {
+            tracing::info!(charge_box_id = %key.charge_box_id, ocpp_transaction_id = key.ocpp_transaction_id, "session start recovered from SteVe's REST API");
+            Some(start)
+        }
+        Ok(None) => {
+            tracing::warn!(charge_box_id = %key.charge_box_id, ocpp_transaction_id = key.ocpp_transaction_id, "SteVe does not know the transaction either: missing_start");
+            None
+        }
+        Err(error) => {
+            tracing::warn!(charge_box_id = %key.charge_box_id, ocpp_transaction_id = key.ocpp_transaction_id, %error, "could not ask SteVe for the session start: missing_start");
+            None
+        }
     }
 }
 

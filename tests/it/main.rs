@@ -2,8 +2,15 @@
 //! over real loopback sockets to independent OCPP peers (PyPI `ocpp`, npm `ocpp-rpc`) and to a
 //! byte-recording upstream. Peers are installed by `.ci/run`.
 
+mod billing;
+mod corpus;
+mod delivery;
+mod fuzz_stable;
+mod hardening;
+mod lago_client;
+mod operations;
+mod packaging;
 mod peers_selfcheck;
 mod relay;
 mod simulate;
-mod lago_client;
 mod support;

@@ -9,7 +9,9 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
 use crate::support::bridge::{Bridge, check_config};
-use crate::support::peers::{CentralOptions, CentralSystem, Implementation, actions, assert_full_flow, run_charger};
+use crate::support::peers::{
+    CentralOptions, CentralSystem, Implementation, actions, assert_full_flow, run_charger,
+};
 use crate::support::recorder::{Handshake, Recorder, Script, Subprotocol};
 use crate::support::ws::{self, ClientWs};
 use crate::support::{PATH_PREFIX, net, within};
@@ -18,7 +20,14 @@ const PEER_LIMIT: Duration = Duration::from_secs(60);
 const STEP: Duration = Duration::from_secs(10);
 
 async fn full_flow_through_bridge(implementation: Implementation, charge_box_id: &str) {
-    let central = CentralSystem::start(implementation, CentralOptions { initiate_calls: true, ..Default::default() }).await;
+    let central = CentralSystem::start(
+        implementation,
+        CentralOptions {
+            initiate_calls: true,
+            ..Default::default()
+        },
+    )
+    .await;
     let bridge = Bridge::start(&central.url_base()).await;
     let run = run_charger(
         implementation,
@@ -52,14 +61,22 @@ fn awkward_frames(tag: &str) -> Vec<Message> {
         Message::text(format!(
             "[2,\"{tag}-u\",\"DataTransfer\",{{\"vendorId\":\"Ünïcødé ⚡ 充电 🚗\",\"data\":\"\\u00e9 vs é\"}}]"
         )),
-        Message::text(format!("[2,\"{tag}-big\",\"DataTransfer\",{{\"vendorId\":\"big\",\"data\":\"{one_mib_payload}\"}}]")),
+        Message::text(format!(
+            "[2,\"{tag}-big\",\"DataTransfer\",{{\"vendorId\":\"big\",\"data\":\"{one_mib_payload}\"}}]"
+        )),
         Message::text("{this is not json]"),
-        Message::text(format!("[2,\"{tag}-trunc\",\"MeterValues\",{{\"connectorId\":1,")),
-        Message::text(format!("[3,\"{tag}-num\",{{\"b\":1.0e3,\"a\":-0.0,\"b\":2}}]")),
+        Message::text(format!(
+            "[2,\"{tag}-trunc\",\"MeterValues\",{{\"connectorId\":1,"
+        )),
+        Message::text(format!(
+            "[3,\"{tag}-num\",{{\"b\":1.0e3,\"a\":-0.0,\"b\":2}}]"
+        )),
         Message::text(" "),
     ];
     // Many small frames in a row: order must be kept.
-    frames.extend((0..200).map(|i| Message::text(format!("[2,\"{tag}-seq-{i}\",\"Heartbeat\",{{}}]"))));
+    frames.extend(
+        (0..200).map(|i| Message::text(format!("[2,\"{tag}-seq-{i}\",\"Heartbeat\",{{}}]"))),
+    );
     frames
 }
 
@@ -79,44 +96,86 @@ async fn next_data_frame(charger: &mut ClientWs) -> Message {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn frames_arrive_byte_identical_in_both_directions() {
     let to_charger = awkward_frames("down");
-    let recorder = Recorder::start(Script { send_on_open: to_charger.clone(), ..Script::default() }).await;
+    let recorder = Recorder::start(Script {
+        send_on_open: to_charger.clone(),
+        ..Script::default()
+    })
+    .await;
     let bridge = Bridge::start(&recorder.url_base()).await;
-    let (mut charger, _) = within(STEP, "connect", ws::connect(&bridge.charger_url("IT-BYTES"), &["ocpp1.6"], None))
-        .await
-        .expect("bridge accepts the charger");
+    let (mut charger, _) = within(
+        STEP,
+        "connect",
+        ws::connect(&bridge.charger_url("IT-BYTES"), &["ocpp1.6"], None),
+    )
+    .await
+    .expect("bridge accepts the charger");
 
     let to_steve = awkward_frames("up");
     for frame in &to_steve {
-        within(STEP, "send", charger.send(frame.clone())).await.expect("send to the bridge");
+        within(STEP, "send", charger.send(frame.clone()))
+            .await
+            .expect("send to the bridge");
     }
-    let log = recorder.wait_for_frames(0, to_steve.len(), Duration::from_secs(30)).await;
+    let log = recorder
+        .wait_for_frames(0, to_steve.len(), Duration::from_secs(30))
+        .await;
     assert_eq!(log.frames.len(), to_steve.len(), "frames upstream received");
     for (i, (got, sent)) in log.frames.iter().zip(&to_steve).enumerate() {
-        assert!(got == sent, "frame {i} upstream differs: sent {} bytes, got {} bytes", sent.len(), got.len());
+        assert!(
+            got == sent,
+            "frame {i} upstream differs: sent {} bytes, got {} bytes",
+            sent.len(),
+            got.len()
+        );
     }
 
     for (i, sent) in to_charger.iter().enumerate() {
         let got = next_data_frame(&mut charger).await;
-        assert!(&got == sent, "frame {i} to the charger differs: sent {} bytes, got {} bytes", sent.len(), got.len());
+        assert!(
+            &got == sent,
+            "frame {i} to the charger differs: sent {} bytes, got {} bytes",
+            sent.len(),
+            got.len()
+        );
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn charger_gets_the_subprotocol_upstream_chose_from_its_offer() {
     // The recorder picks the second offer, so a bridge answering on its own cannot pass.
-    let recorder = Recorder::start(Script { subprotocol: Subprotocol::Fixed("ocpp1.5".into()), ..Script::default() }).await;
+    let recorder = Recorder::start(Script {
+        subprotocol: Subprotocol::Fixed("ocpp1.5".into()),
+        ..Script::default()
+    })
+    .await;
     let bridge = Bridge::start(&recorder.url_base()).await;
     let (_charger, response) = within(
         STEP,
         "connect",
-        ws::connect(&bridge.charger_url("IT-PROTO"), &["ocpp1.6", "ocpp1.5", "ocpp1.2"], None),
+        ws::connect(
+            &bridge.charger_url("IT-PROTO"),
+            &["ocpp1.6", "ocpp1.5", "ocpp1.2"],
+            None,
+        ),
     )
     .await
     .expect("bridge accepts the charger");
-    assert_eq!(response.headers().get("sec-websocket-protocol").map(|v| v.as_bytes()), Some(&b"ocpp1.5"[..]));
-    let offered = recorder.handshakes()[0].header("sec-websocket-protocol").expect("offer forwarded upstream");
+    assert_eq!(
+        response
+            .headers()
+            .get("sec-websocket-protocol")
+            .map(|v| v.as_bytes()),
+        Some(&b"ocpp1.5"[..])
+    );
+    let offered = recorder.handshakes()[0]
+        .header("sec-websocket-protocol")
+        .expect("offer forwarded upstream");
     let offered: Vec<&str> = offered.split(',').map(str::trim).collect();
-    assert_eq!(offered, ["ocpp1.6", "ocpp1.5", "ocpp1.2"], "the charger's offer, in order");
+    assert_eq!(
+        offered,
+        ["ocpp1.6", "ocpp1.5", "ocpp1.2"],
+        "the charger's offer, in order"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -126,9 +185,17 @@ async fn authorization_and_percent_encoded_id_reach_upstream_unchanged() {
     // "CP/7 x:" percent-encoded; SteVe basic auth has username = chargeBoxId.
     let charge_box_id = "CP%2F7%20x%3A";
     let authorization = "Basic Q1AvNyB4OjpzM2NyM3Q=";
-    let (_charger, _) = within(STEP, "connect", ws::connect(&bridge.charger_url(charge_box_id), &["ocpp1.6"], Some(authorization)))
-        .await
-        .expect("bridge accepts the charger");
+    let (_charger, _) = within(
+        STEP,
+        "connect",
+        ws::connect(
+            &bridge.charger_url(charge_box_id),
+            &["ocpp1.6"],
+            Some(authorization),
+        ),
+    )
+    .await
+    .expect("bridge accepts the charger");
     let seen = &recorder.handshakes()[0];
     assert_eq!(seen.header("authorization").as_deref(), Some(authorization));
     assert_eq!(seen.path, format!("{PATH_PREFIX}/{charge_box_id}"));
@@ -137,11 +204,28 @@ async fn authorization_and_percent_encoded_id_reach_upstream_unchanged() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_refusal_status_is_passed_to_the_charger() {
     for status in [404u16, 401] {
-        let recorder = Recorder::start(Script { handshake: Handshake::Refuse(status), ..Script::default() }).await;
+        let recorder = Recorder::start(Script {
+            handshake: Handshake::Refuse(status),
+            ..Script::default()
+        })
+        .await;
         let bridge = Bridge::start(&recorder.url_base()).await;
-        let result = within(STEP, "connect", ws::connect(&bridge.charger_url("IT-UNKNOWN"), &["ocpp1.6"], None)).await;
-        assert_eq!(ws::refusal_status(&result), Ok(status), "charger's answer when upstream refuses with {status}");
-        assert_eq!(recorder.handshakes().len(), 1, "the bridge dialled upstream exactly once");
+        let result = within(
+            STEP,
+            "connect",
+            ws::connect(&bridge.charger_url("IT-UNKNOWN"), &["ocpp1.6"], None),
+        )
+        .await;
+        assert_eq!(
+            ws::refusal_status(&result),
+            Ok(status),
+            "charger's answer when upstream refuses with {status}"
+        );
+        assert_eq!(
+            recorder.handshakes().len(),
+            1,
+            "the bridge dialled upstream exactly once"
+        );
     }
 }
 
@@ -149,20 +233,42 @@ async fn upstream_refusal_status_is_passed_to_the_charger() {
 async fn upstream_down_gives_502_at_once() {
     let bridge = Bridge::start(&format!("ws://{}{PATH_PREFIX}", net::dead_addr())).await;
     let started = Instant::now();
-    let result = within(STEP, "connect", ws::connect(&bridge.charger_url("IT-DOWN"), &["ocpp1.6"], None)).await;
+    let result = within(
+        STEP,
+        "connect",
+        ws::connect(&bridge.charger_url("IT-DOWN"), &["ocpp1.6"], None),
+    )
+    .await;
     let elapsed = started.elapsed();
     assert_eq!(ws::refusal_status(&result), Ok(502));
-    assert!(elapsed < Duration::from_secs(2), "502 took {elapsed:?}: no retries while the charger waits");
+    assert!(
+        elapsed < Duration::from_secs(2),
+        "502 took {elapsed:?}: no retries while the charger waits"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_handshake_timeout_gives_504() {
-    let recorder = Recorder::start(Script { handshake: Handshake::Hang, ..Script::default() }).await;
+    let recorder = Recorder::start(Script {
+        handshake: Handshake::Hang,
+        ..Script::default()
+    })
+    .await;
     let bridge = Bridge::start(&recorder.url_base()).await;
     let started = Instant::now();
     // Default upstream handshake timeout is 5 s.
-    let result = within(Duration::from_secs(15), "connect", ws::connect(&bridge.charger_url("IT-HANG"), &["ocpp1.6"], None)).await;
-    assert_eq!(ws::refusal_status(&result), Ok(504), "after {:?}", started.elapsed());
+    let result = within(
+        Duration::from_secs(15),
+        "connect",
+        ws::connect(&bridge.charger_url("IT-HANG"), &["ocpp1.6"], None),
+    )
+    .await;
+    assert_eq!(
+        ws::refusal_status(&result),
+        Ok(504),
+        "after {:?}",
+        started.elapsed()
+    );
     assert!(recorder.tcp_accepted() >= 1, "the bridge dialled upstream");
 }
 
@@ -180,14 +286,26 @@ async fn read_until_close(charger: &mut ClientWs) -> Option<CloseFrame> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_close_code_and_reason_reach_the_charger() {
-    let recorder =
-        Recorder::start(Script { close_after: Some((1, 4001, "bye from steve".into())), ..Script::default() }).await;
+    let recorder = Recorder::start(Script {
+        close_after: Some((1, 4001, "bye from steve".into())),
+        ..Script::default()
+    })
+    .await;
     let bridge = Bridge::start(&recorder.url_base()).await;
-    let (mut charger, _) = within(STEP, "connect", ws::connect(&bridge.charger_url("IT-CLOSE"), &["ocpp1.6"], None))
+    let (mut charger, _) = within(
+        STEP,
+        "connect",
+        ws::connect(&bridge.charger_url("IT-CLOSE"), &["ocpp1.6"], None),
+    )
+    .await
+    .expect("bridge accepts the charger");
+    charger
+        .send(Message::text("[2,\"c1\",\"Heartbeat\",{}]"))
         .await
-        .expect("bridge accepts the charger");
-    charger.send(Message::text("[2,\"c1\",\"Heartbeat\",{}]")).await.expect("send");
-    let frame = read_until_close(&mut charger).await.expect("a close frame with a code");
+        .expect("send");
+    let frame = read_until_close(&mut charger)
+        .await
+        .expect("a close frame with a code");
     assert_eq!(u16::from(frame.code), 4001);
     assert_eq!(frame.reason.as_str(), "bye from steve");
 }
@@ -196,13 +314,28 @@ async fn upstream_close_code_and_reason_reach_the_charger() {
 async fn charger_close_code_and_reason_reach_upstream() {
     let recorder = Recorder::start(Script::default()).await;
     let bridge = Bridge::start(&recorder.url_base()).await;
-    let (mut charger, _) = within(STEP, "connect", ws::connect(&bridge.charger_url("IT-LEAVE"), &["ocpp1.6"], None))
+    let (mut charger, _) = within(
+        STEP,
+        "connect",
+        ws::connect(&bridge.charger_url("IT-LEAVE"), &["ocpp1.6"], None),
+    )
+    .await
+    .expect("bridge accepts the charger");
+    let leaving = CloseFrame {
+        code: CloseCode::from(4002),
+        reason: "charger rebooting".into(),
+    };
+    within(STEP, "close", charger.close(Some(leaving)))
         .await
-        .expect("bridge accepts the charger");
-    let leaving = CloseFrame { code: CloseCode::from(4002), reason: "charger rebooting".into() };
-    within(STEP, "close", charger.close(Some(leaving))).await.expect("send close");
-    let log = recorder.wait_for_end(0, STEP).await.expect("upstream connection ended");
-    assert_eq!(log.close_received, Some((4002, "charger rebooting".to_owned())));
+        .expect("send close");
+    let log = recorder
+        .wait_for_end(0, STEP)
+        .await
+        .expect("upstream connection ended");
+    assert_eq!(
+        log.close_received,
+        Some((4002, "charger rebooting".to_owned()))
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -211,7 +344,10 @@ async fn a_thousand_concurrent_chargers_each_complete_a_session() {
     // Each charger costs a socket in the peer, two in the bridge and one in the central system;
     // children inherit this limit.
     let limit = net::raise_fd_limit(8192);
-    assert!(limit >= 4 * CHARGERS as u64 + 256, "open-file limit {limit} is too low for {CHARGERS} chargers");
+    assert!(
+        limit >= 4 * CHARGERS as u64 + 256,
+        "open-file limit {limit} is too low for {CHARGERS} chargers"
+    );
     let central = CentralSystem::start(Implementation::Python, CentralOptions::default()).await;
     let bridge = Bridge::start(&central.url_base()).await;
     let started = Instant::now();
@@ -219,32 +355,68 @@ async fn a_thousand_concurrent_chargers_each_complete_a_session() {
         Implementation::Python,
         &bridge.charger_base_url(),
         "IT-K",
-        &["--connections", &CHARGERS.to_string(), "--sessions", "1", "--meter-values", "2"],
+        &[
+            "--connections",
+            &CHARGERS.to_string(),
+            "--sessions",
+            "1",
+            "--meter-values",
+            "2",
+        ],
         Duration::from_secs(90),
     )
     .await;
     if !run.status.success() {
-        eprintln!("bridge stderr (tail):\n{}", bridge.stderr().lines().rev().take(50).collect::<Vec<_>>().join("\n"));
+        eprintln!(
+            "bridge stderr (tail):\n{}",
+            bridge
+                .stderr()
+                .lines()
+                .rev()
+                .take(50)
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
     }
     run.assert_ok("1000 chargers");
     assert_eq!(run.summary["ok_connections"], CHARGERS);
     assert_eq!(run.summary["transactions"], CHARGERS);
     let events = central
         .wait_for_events(STEP, |events| {
-            events.iter().filter(|e| e["event"] == "call_received" && e["action"] == "StopTransaction").count() >= CHARGERS
+            events
+                .iter()
+                .filter(|e| e["event"] == "call_received" && e["action"] == "StopTransaction")
+                .count()
+                >= CHARGERS
         })
         .await;
     for i in [0, CHARGERS / 2, CHARGERS - 1] {
         let id = format!("IT-K-{i}");
         assert_eq!(
             actions(&events, "call_received", &id),
-            ["BootNotification", "Heartbeat", "StartTransaction", "MeterValues", "MeterValues", "StopTransaction"],
+            [
+                "BootNotification",
+                "Heartbeat",
+                "StartTransaction",
+                "MeterValues",
+                "MeterValues",
+                "StopTransaction"
+            ],
             "{id}"
         );
     }
-    let stops = events.iter().filter(|e| e["event"] == "call_received" && e["action"] == "StopTransaction").count();
-    assert_eq!(stops, CHARGERS, "StopTransactions the central system received");
-    eprintln!("{CHARGERS} chargers through the bridge in {:?}", started.elapsed());
+    let stops = events
+        .iter()
+        .filter(|e| e["event"] == "call_received" && e["action"] == "StopTransaction")
+        .count();
+    assert_eq!(
+        stops, CHARGERS,
+        "StopTransactions the central system received"
+    );
+    eprintln!(
+        "{CHARGERS} chargers through the bridge in {:?}",
+        started.elapsed()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -263,9 +435,16 @@ mode = "weekly"
 listen = "not an address"
 "#;
     let output = check_config(config).await;
-    let said = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
     assert_eq!(output.status.code(), Some(78), "exit code; output:\n{said}");
     for key_path in ["proxy.lisen", "billing.mode", "admin.listen"] {
-        assert!(said.contains(key_path), "check-config did not mention {key_path}; output:\n{said}");
+        assert!(
+            said.contains(key_path),
+            "check-config did not mention {key_path}; output:\n{said}"
+        );
     }
 }

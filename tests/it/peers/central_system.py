@@ -3,7 +3,8 @@
 
 Accepts websocket connections on {path_prefix}/{chargeBoxId} only (anything else gets HTTP 404),
 negotiates ocpp1.6, accepts every BootNotification and id tag, and assigns increasing
-transaction ids. With --initiate-calls it sends RemoteStartTransaction, Reset and
+transaction ids; like SteVe, a repeated identical StartTransaction (same charger, connectorId, idTag,
+meterStart and timestamp: a charger re-sending it after a lost reply) gets the same id again. With --initiate-calls it sends RemoteStartTransaction, Reset and
 GetConfiguration to each charger after its BootNotification and checks the replies.
 
 The first stdout line is {"event": "listening", "port": N} once the socket is bound (use
@@ -30,6 +31,8 @@ from ocpp.v16.enums import Action
 ARGS = None
 LOG = sys.stdout
 TRANSACTION_IDS = None
+# (charge_box_id, connector_id, id_tag, meter_start, timestamp) -> transaction id already given.
+STARTS = {}
 
 
 def log(event, **fields):
@@ -69,7 +72,10 @@ class CentralSystemSide(Cp):
 
     @on(Action.start_transaction)
     def on_start(self, connector_id, id_tag, meter_start, timestamp, **kwargs):
-        tx = next(TRANSACTION_IDS)
+        key = (self.id, connector_id, id_tag, meter_start, timestamp)
+        tx = STARTS.get(key)
+        if tx is None:
+            tx = STARTS[key] = next(TRANSACTION_IDS)
         self._got("StartTransaction", {"id_tag": id_tag, "meter_start": meter_start, "transaction_id": tx})
         return call_result.StartTransaction(transaction_id=tx, id_tag_info={"status": "Accepted"})
 

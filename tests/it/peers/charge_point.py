@@ -7,6 +7,12 @@ RemoteStartTransaction, Reset and GetConfiguration. With --expect-central-calls 
 those three calls before closing. With --connections N it opens N connections concurrently
 (ids "{id}-{i}") in one asyncio process. It prints one JSON line summary on stdout and exits 0
 only if every connection completed its flow.
+
+With --clock T every timestamp the charger sends is fixed: T, then one minute later per message
+(per connection), so a recorded exchange is reproducible. With --retry a CALL whose connection
+drops or whose reply does not come within --call-timeout is re-sent unchanged (same payload) on a
+new connection, as OCPP 1.6 TransactionMessageAttempts prescribes for transaction messages; the
+flow goes on from there (no new BootNotification, as after a mere connection loss).
 """
 
 import argparse
@@ -15,7 +21,7 @@ import base64
 import json
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 import websockets
 from ocpp.routing import on
@@ -26,8 +32,105 @@ from ocpp.v16.enums import Action
 CENTRAL_CALLS = ("RemoteStartTransaction", "Reset", "GetConfiguration")
 
 
-def now_iso():
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+def iso(moment):
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+class Clock:
+    """The charger's clock: real time, or (with --clock) a fixed start advancing 1 min per reading."""
+
+    def __init__(self, fixed=None):
+        self.next = None if fixed is None else datetime.fromisoformat(fixed.replace("Z", "+00:00"))
+
+    def now_iso(self):
+        if self.next is None:
+            return iso(datetime.now(timezone.utc))
+        moment = self.next
+        self.next = moment + timedelta(minutes=1)
+        return iso(moment)
+
+
+class Link:
+    """The charger's connection; with --retry it survives drops by reconnecting and re-sending."""
+
+    def __init__(self, args, charge_box_id, deadline):
+        self.args = args
+        self.charge_box_id = charge_box_id
+        self.deadline = deadline
+        self.cp = None
+        self.ws = None
+        self.reader = None
+        self.sent = {}
+        self.received_calls = {}
+        self.central_calls_seen = asyncio.Event()
+        self.reconnects = 0
+        self.subprotocol = None
+
+    async def connect(self):
+        url = f"{self.args.url.rstrip('/')}/{self.charge_box_id}"
+        headers = {}
+        if self.args.password is not None:
+            token = base64.b64encode(f"{self.charge_box_id}:{self.args.password}".encode()).decode()
+            headers["Authorization"] = f"Basic {token}"
+        while True:
+            left = self.deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("no connection before the deadline")
+            try:
+                self.ws = await websockets.connect(
+                    url,
+                    subprotocols=self.args.subprotocols.split(","),
+                    additional_headers=headers,
+                    open_timeout=min(left, self.args.call_timeout if self.args.retry else left),
+                    max_size=16 * 2**20,
+                )
+                break
+            except Exception:  # noqa: BLE001 - without --retry the first failure is the answer
+                if not self.args.retry:
+                    raise
+                await asyncio.sleep(0.1)
+        self.subprotocol = self.ws.subprotocol
+        timeout = self.args.call_timeout if self.args.retry else max(self.deadline - time.monotonic(), 1)
+        self.cp = ChargePoint(self.charge_box_id, self.ws, response_timeout=timeout)
+        # Central-system calls are counted across connections.
+        self.cp.received_calls = self.received_calls
+        self.cp.central_calls_seen = self.central_calls_seen
+        self.reader = asyncio.create_task(self.cp.start())
+
+    async def close(self):
+        if self.reader is not None:
+            self.reader.cancel()
+        if self.ws is not None:
+            try:
+                # A peer that died never answers the close handshake: do not wait for it.
+                await asyncio.wait_for(self.ws.close(), 1.0)
+            except Exception:  # noqa: BLE001 - closing a dead connection
+                pass
+
+    async def send(self, payload):
+        """Sends a CALL, counts it, and fails loudly on a CALLERROR (suppress=False)."""
+        name = payload.__class__.__name__
+        self.sent[name] = self.sent.get(name, 0) + 1
+        if not self.args.retry:
+            return await self.cp.call(payload, suppress=False)
+        while True:
+            if time.monotonic() >= self.deadline:
+                raise TimeoutError(f"{name} unanswered before the deadline")
+            call_task = asyncio.create_task(self.cp.call(payload, suppress=False))
+            done, _ = await asyncio.wait(
+                {call_task, self.reader}, timeout=self.args.call_timeout, return_when=asyncio.FIRST_COMPLETED
+            )
+            if call_task in done and call_task.exception() is None:
+                return call_task.result()
+            if call_task in done and not isinstance(
+                call_task.exception(), (asyncio.TimeoutError, websockets.ConnectionClosed)
+            ):
+                raise call_task.exception()
+            # Dropped or unanswered: a new connection, the same payload.
+            call_task.cancel()
+            await self.close()
+            self.reconnects += 1
+            await self.connect()
 
 
 class ChargePoint(Cp):
@@ -41,12 +144,6 @@ class ChargePoint(Cp):
         self.received_calls[action] = self.received_calls.get(action, 0) + 1
         if all(a in self.received_calls for a in CENTRAL_CALLS):
             self.central_calls_seen.set()
-
-    async def send(self, payload):
-        """Sends a CALL, counts it, and fails loudly on a CALLERROR (suppress=False)."""
-        name = payload.__class__.__name__
-        self.sent[name] = self.sent.get(name, 0) + 1
-        return await self.call(payload, suppress=False)
 
     @on(Action.remote_start_transaction)
     def on_remote_start(self, id_tag, **kwargs):
@@ -73,11 +170,12 @@ def sampled(value, unit, measurand="Energy.Active.Import.Register"):
     return {"value": value, "unit": unit, "measurand": measurand, "context": "Sample.Periodic"}
 
 
-async def run_flow(cp, sessions, meter_values_per_session, expect_central_calls, id_tag):
-    result = {"charge_box_id": cp.id, "transaction_ids": [], "meter_wh": []}
+async def run_flow(cp, sessions, meter_values_per_session, expect_central_calls, id_tag, clock, interval):
+    result = {"charge_box_id": cp.charge_box_id, "transaction_ids": [], "meter_wh": []}
     boot = await cp.send(call.BootNotification(charge_point_model="ItPy", charge_point_vendor="lago-bridge-it"))
     result["boot_status"] = str(boot.status)
     await cp.send(call.Heartbeat())
+    now_iso = clock.now_iso
     meter_wh = 1_000
     for session in range(sessions):
         start = await cp.send(
@@ -86,6 +184,7 @@ async def run_flow(cp, sessions, meter_values_per_session, expect_central_calls,
         if str(start.id_tag_info["status"]) != "Accepted":
             raise RuntimeError(f"StartTransaction refused: {start.id_tag_info}")
         tx = start.transaction_id
+        await asyncio.sleep(interval)
         result["transaction_ids"].append(tx)
         meter_start_wh = meter_wh
         for i in range(meter_values_per_session):
@@ -102,6 +201,7 @@ async def run_flow(cp, sessions, meter_values_per_session, expect_central_calls,
                     meter_value=[{"timestamp": now_iso(), "sampledValue": values}],
                 )
             )
+            await asyncio.sleep(interval)
         meter_wh += 100
         await cp.send(
             call.StopTransaction(
@@ -109,40 +209,37 @@ async def run_flow(cp, sessions, meter_values_per_session, expect_central_calls,
             )
         )
         result["meter_wh"].append([meter_start_wh, meter_wh])
+        await asyncio.sleep(interval)
     if expect_central_calls:
         await cp.central_calls_seen.wait()
     return result
 
 
 async def one_connection(args, charge_box_id, timeout_s):
-    url = f"{args.url.rstrip('/')}/{charge_box_id}"
-    headers = {}
-    if args.password is not None:
-        token = base64.b64encode(f"{charge_box_id}:{args.password}".encode()).decode()
-        headers["Authorization"] = f"Basic {token}"
     summary = {"charge_box_id": charge_box_id, "ok": False}
+    link = Link(args, charge_box_id, time.monotonic() + timeout_s)
     try:
         async with asyncio.timeout(timeout_s):
-            async with websockets.connect(
-                url,
-                subprotocols=args.subprotocols.split(","),
-                additional_headers=headers,
-                open_timeout=timeout_s,
-                max_size=16 * 2**20,
-            ) as ws:
-                summary["subprotocol"] = ws.subprotocol
-                cp = ChargePoint(charge_box_id, ws, response_timeout=timeout_s)
-                reader = asyncio.create_task(cp.start())
-                try:
-                    flow = await run_flow(
-                        cp, args.sessions, args.meter_values, args.expect_central_calls, args.id_tag
-                    )
-                finally:
-                    reader.cancel()
-                summary.update(flow)
-                summary["sent"] = cp.sent
-                summary["received_calls"] = cp.received_calls
-                summary["ok"] = True
+            await link.connect()
+            summary["subprotocol"] = link.subprotocol
+            try:
+                flow = await run_flow(
+                    link,
+                    args.sessions,
+                    args.meter_values,
+                    args.expect_central_calls,
+                    args.id_tag,
+                    Clock(args.clock),
+                    args.interval,
+                )
+            finally:
+                await link.close()
+            summary.update(flow)
+            summary["sent"] = link.sent
+            summary["received_calls"] = link.received_calls
+            if args.retry:
+                summary["reconnects"] = link.reconnects
+            summary["ok"] = True
     except BaseException as e:  # noqa: BLE001 - the summary must say what failed, whatever it was
         if isinstance(e, (KeyboardInterrupt, SystemExit)):
             raise
@@ -163,6 +260,10 @@ async def main():
     p.add_argument("--id-tag", default="TAG-IT-1")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds for each connection's whole flow")
     p.add_argument("--details", action="store_true", help="with --connections > 1: include every connection")
+    p.add_argument("--clock", default=None, help="fixed clock start (ISO 8601); each timestamp sent adds 1 min")
+    p.add_argument("--retry", action="store_true", help="re-send an unanswered CALL unchanged on a new connection")
+    p.add_argument("--call-timeout", type=float, default=5.0, help="with --retry: seconds before a CALL is re-sent")
+    p.add_argument("--interval", type=float, default=0.0, help="seconds to pause after each transaction message")
     args = p.parse_args()
 
     started = time.monotonic()

@@ -14,6 +14,51 @@ pub const BRIDGE_BIN: &str = env!("CARGO_BIN_EXE_ocpp-lago-bridge");
 /// How long the daemon may take from spawn to accepting chargers.
 const STARTUP_LIMIT: Duration = Duration::from_secs(15);
 
+/// Environment variables the bridge reads that a test sets only on purpose.
+const INHERITED_ENV_CLEARED: [&str; 5] = [
+    "LAGO_API_KEY",
+    "CREDENTIALS_DIRECTORY",
+    "NOTIFY_SOCKET",
+    "WATCHDOG_USEC",
+    "WATCHDOG_PID",
+];
+
+/// How to run the bridge besides its upstream.
+#[derive(Debug, Clone)]
+pub struct BridgeOptions {
+    /// Key = value lines added to the generated `[proxy]` section.
+    pub proxy_toml: String,
+    /// More `[spool]` keys, one `key = value` a line (e.g. `hold_timeout = "1s"`).
+    pub spool_keys: String,
+    /// Extra TOML appended to the generated config (whole sections).
+    pub extra_toml: String,
+    /// Pass `--dry-run`.
+    pub dry_run: bool,
+    /// Extra environment variables of the process.
+    pub env: Vec<(String, String)>,
+    /// A spool file to use (e.g. seeded by the test) instead of a fresh one.
+    pub spool_path: Option<PathBuf>,
+    /// Return only once the proxy port accepts (else right after spawning).
+    pub wait_until_accepting: bool,
+}
+
+impl Default for BridgeOptions {
+    fn default() -> Self {
+        BridgeOptions {
+            proxy_toml: String::new(),
+            spool_keys: String::new(),
+            extra_toml: String::new(),
+            dry_run: false,
+            env: Vec::new(),
+            spool_path: None,
+            wait_until_accepting: true,
+        }
+    }
+}
+
+/// The name the operations tests use for [`BridgeOptions`].
+pub type LaunchOptions = BridgeOptions;
+
 /// A running bridge; killed with SIGKILL when dropped.
 pub struct Bridge {
     child: Child,
@@ -22,7 +67,10 @@ pub struct Bridge {
     /// Where `/metrics` and `/healthz` are served.
     pub admin_addr: SocketAddr,
     stderr_path: PathBuf,
+    stdout_path: PathBuf,
     config_path: PathBuf,
+    spool_path: PathBuf,
+    options: BridgeOptions,
     _dir: tempfile::TempDir,
 }
 
@@ -34,11 +82,36 @@ impl Bridge {
 
     /// Like [`Bridge::start`], with extra TOML appended to the generated config (whole sections).
     pub async fn start_with(upstream_url: &str, extra_toml: &str) -> Bridge {
+        Self::start_with_proxy(upstream_url, "", extra_toml).await
+    }
+
+    /// Like [`Bridge::start_with`], with `proxy_toml` (key = value lines) added to `[proxy]`,
+    /// e.g. a small `max_frame_size` or a short `handshake_timeout`.
+    pub async fn start_with_proxy(
+        upstream_url: &str,
+        proxy_toml: &str,
+        extra_toml: &str,
+    ) -> Bridge {
+        let options = BridgeOptions {
+            proxy_toml: proxy_toml.into(),
+            extra_toml: extra_toml.into(),
+            ..Default::default()
+        };
+        Self::start_opts(upstream_url, options).await
+    }
+
+    /// Like [`Bridge::start_opts`], borrowing `options`.
+    pub async fn launch(upstream_url: &str, options: &LaunchOptions) -> Bridge {
+        Self::start_opts(upstream_url, options.clone()).await
+    }
+
+    /// Like [`Bridge::start`], with `options`.
+    pub async fn start_opts(upstream_url: &str, options: BridgeOptions) -> Bridge {
         // The port is picked free, then bound by the child: another process may win that race,
         // so a startup that fails on an address in use is retried with fresh ports.
         let mut last_stderr = String::new();
         for _attempt in 0..3 {
-            match Self::try_start(upstream_url, extra_toml).await {
+            match Self::try_start(upstream_url, &options).await {
                 Ok(bridge) => return bridge,
                 Err(stderr) if stderr.to_lowercase().contains("in use") => last_stderr = stderr,
                 Err(stderr) => panic!("bridge did not start; its stderr:\n{stderr}"),
@@ -47,41 +120,92 @@ impl Bridge {
         panic!("bridge could not bind a port after 3 tries; its stderr:\n{last_stderr}");
     }
 
-    async fn try_start(upstream_url: &str, extra_toml: &str) -> Result<Bridge, String> {
+    async fn try_start(upstream_url: &str, options: &BridgeOptions) -> Result<Bridge, String> {
         let dir = tempfile::tempdir().expect("temp dir for the bridge");
         let proxy_addr = net::free_addr();
         let admin_addr = net::free_addr();
+        let spool_path = options
+            .spool_path
+            .clone()
+            .unwrap_or_else(|| dir.path().join("spool.db"));
         let config = format!(
-            "[proxy]\nlisten = \"{proxy_addr}\"\npath_prefix = \"{PATH_PREFIX}\"\nupstream_url = \"{upstream_url}\"\n\n\
-             [admin]\nlisten = \"{admin_addr}\"\n\n[spool]\npath = \"{spool}\"\n\n{extra_toml}\n",
-            spool = dir.path().join("spool.db").display(),
+            "[proxy]\nlisten = \"{proxy_addr}\"\npath_prefix = \"{PATH_PREFIX}\"\nupstream_url = \"{upstream_url}\"\n{proxy_toml}\n\n\
+             [admin]\nlisten = \"{admin_addr}\"\n\n[spool]\npath = \"{spool}\"\n{spool_keys}\n\n{extra_toml}\n",
+            spool = spool_path.display(),
+            spool_keys = options.spool_keys,
+            extra_toml = options.extra_toml,
+            proxy_toml = options.proxy_toml,
         );
         let config_path = dir.path().join("bridge.toml");
         fs::write(&config_path, config).expect("write bridge config");
         let stderr_path = dir.path().join("bridge.stderr");
-        let stderr_file = fs::File::create(&stderr_path).expect("create bridge stderr file");
-        let child = Command::new(BRIDGE_BIN)
-            .args(["run", "--config"])
-            .arg(&config_path)
-            .args(["--log-format", "json"])
-            .current_dir(dir.path())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(stderr_file)
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn {BRIDGE_BIN}: {e}"));
-        let mut bridge = Bridge { child, proxy_addr, admin_addr, stderr_path, config_path, _dir: dir };
+        let stdout_path = dir.path().join("bridge.stdout");
+        let child = spawn(
+            &config_path,
+            dir.path(),
+            &stdout_path,
+            &stderr_path,
+            options,
+        );
+        let mut bridge = Bridge {
+            child,
+            proxy_addr,
+            admin_addr,
+            stderr_path,
+            stdout_path,
+            config_path,
+            spool_path,
+            options: options.clone(),
+            _dir: dir,
+        };
+        if !options.wait_until_accepting {
+            return Ok(bridge);
+        }
+        bridge.wait_until_up().await.map(|()| bridge)
+    }
 
+    /// SIGKILLs the bridge and starts it again: same config, ports and spool; its stdout and
+    /// stderr are appended to. Panics if it is not accepting within the startup limit.
+    pub async fn restart(&mut self) {
+        self.kill();
+        let mut last = String::new();
+        // The ports were ours a moment ago; a lingering socket may hold one for a short while.
+        for _attempt in 0..20 {
+            self.child = spawn(
+                &self.config_path,
+                self._dir.path(),
+                &self.stdout_path,
+                &self.stderr_path,
+                &self.options,
+            );
+            match self.wait_until_up().await {
+                Ok(()) => return,
+                Err(stderr) if stderr.to_lowercase().contains("in use") => {
+                    last = stderr;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(stderr) => panic!("bridge did not restart; its stderr:\n{stderr}"),
+            }
+        }
+        panic!("bridge could not rebind its ports on restart; its stderr:\n{last}");
+    }
+
+    async fn wait_until_up(&mut self) -> Result<(), String> {
+        let proxy_addr = self.proxy_addr;
+        let bridge = self;
         let deadline = Instant::now() + STARTUP_LIMIT;
         while Instant::now() < deadline {
             if let Some(status) = bridge.child.try_wait().expect("try_wait on the bridge") {
                 return Err(format!("(exited with {status})\n{}", bridge.stderr()));
             }
             if net::wait_until_accepting(proxy_addr, Duration::from_millis(100)).await {
-                return Ok(bridge);
+                return Ok(());
             }
         }
-        Err(format!("(not accepting on {proxy_addr} after {STARTUP_LIMIT:?})\n{}", bridge.stderr()))
+        Err(format!(
+            "(not accepting on {proxy_addr} after {STARTUP_LIMIT:?})\n{}",
+            bridge.stderr()
+        ))
     }
 
     /// The base URL chargers use: `ws://{listen}{path_prefix}`.
@@ -97,6 +221,21 @@ impl Bridge {
     /// Everything the bridge has written to stderr so far (JSON log lines).
     pub fn stderr(&self) -> String {
         fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+
+    /// Everything the bridge has written to stdout so far (dry-run events).
+    pub fn stdout(&self) -> String {
+        fs::read_to_string(&self.stdout_path).unwrap_or_default()
+    }
+
+    /// The spool file of the bridge.
+    pub fn spool_path(&self) -> &Path {
+        &self.spool_path
+    }
+
+    /// The directory holding the bridge's config, spool and output.
+    pub fn dir(&self) -> &Path {
+        self._dir.path()
     }
 
     /// The config file the bridge was started with.
@@ -121,7 +260,22 @@ impl Bridge {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         self.kill();
-        panic!("bridge did not exit within {limit:?} of SIGTERM; stderr:\n{}", self.stderr());
+        panic!(
+            "bridge did not exit within {limit:?} of SIGTERM; stderr:\n{}",
+            self.stderr()
+        );
+    }
+
+    /// Sends `signal` (e.g. `libc::SIGHUP`) to the bridge.
+    pub fn signal(&self, signal: libc::c_int) {
+        // SAFETY: kill(2) on our own child's pid; the child is not yet reaped.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, signal) };
+    }
+
+    /// Sends SIGHUP: the bridge re-reads its TLS certificate, allowlist and config file.
+    pub fn reload(&self) {
+        // SAFETY: kill(2) on our own child's pid; the child is not yet reaped.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGHUP) };
     }
 
     /// SIGKILLs the bridge and reaps it.
@@ -134,6 +288,43 @@ impl Bridge {
     pub fn exited(&mut self) -> Option<ExitStatus> {
         self.child.try_wait().expect("try_wait on the bridge")
     }
+}
+
+/// Spawns the daemon on `config_path`, appending to its output files.
+fn spawn(
+    config_path: &Path,
+    dir: &Path,
+    stdout_path: &Path,
+    stderr_path: &Path,
+    options: &BridgeOptions,
+) -> Child {
+    let append = |path: &Path| {
+        fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .unwrap_or_else(|e| panic!("open {}: {e}", path.display()))
+    };
+    let mut command = Command::new(BRIDGE_BIN);
+    // What systemd or an operator's shell might have set must not leak into a test.
+    for name in INHERITED_ENV_CLEARED {
+        command.env_remove(name);
+    }
+    command
+        .args(["run", "--config"])
+        .arg(config_path)
+        .args(["--log-format", "json"]);
+    if options.dry_run {
+        command.arg("--dry-run");
+    }
+    command
+        .envs(options.env.iter().map(|(k, v)| (k, v)))
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .stdout(append(stdout_path))
+        .stderr(append(stderr_path))
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {BRIDGE_BIN}: {e}"))
 }
 
 impl Drop for Bridge {
@@ -157,7 +348,11 @@ pub async fn check_config(config_toml: &str) -> Output {
         .kill_on_drop(true)
         .spawn()
         .unwrap_or_else(|e| panic!("spawn {BRIDGE_BIN}: {e}"));
-    super::within(Duration::from_secs(30), "check-config", child.wait_with_output())
-        .await
-        .expect("wait for check-config")
+    super::within(
+        Duration::from_secs(30),
+        "check-config",
+        child.wait_with_output(),
+    )
+    .await
+    .expect("wait for check-config")
 }

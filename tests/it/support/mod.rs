@@ -1,7 +1,10 @@
 //! Fakes, peers and process plumbing shared by the integration tests.
 #![allow(dead_code)] // Each test uses a different slice of the harness.
 
+pub mod admin;
 pub mod bridge;
+pub mod e2e;
+pub mod http;
 pub mod net;
 pub mod peers;
 pub mod recorder;

@@ -6,7 +6,9 @@ use std::time::Duration;
 /// A loopback address that was free a moment ago (the OS picked it; we released it).
 pub fn free_addr() -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral loopback port");
-    listener.local_addr().expect("local_addr of an ephemeral listener")
+    listener
+        .local_addr()
+        .expect("local_addr of an ephemeral listener")
 }
 
 /// A loopback address with nothing listening on it: connects are refused at once.
@@ -18,7 +20,10 @@ pub fn dead_addr() -> SocketAddr {
 pub async fn wait_until_accepting(addr: SocketAddr, limit: Duration) -> bool {
     let deadline = tokio::time::Instant::now() + limit;
     while tokio::time::Instant::now() < deadline {
-        let attempt = tokio::time::timeout(Duration::from_millis(500), tokio::net::TcpStream::connect(addr));
+        let attempt = tokio::time::timeout(
+            Duration::from_millis(500),
+            tokio::net::TcpStream::connect(addr),
+        );
         if let Ok(Ok(_stream)) = attempt.await {
             return true;
         }
@@ -30,7 +35,10 @@ pub async fn wait_until_accepting(addr: SocketAddr, limit: Duration) -> bool {
 /// Raises this process's open-file soft limit to at least `wanted` (capped by the hard limit);
 /// child processes inherit it. Returns the soft limit now in force.
 pub fn raise_fd_limit(wanted: u64) -> u64 {
-    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
     // SAFETY: getrlimit/setrlimit only read and write the struct we pass.
     unsafe {
         if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {

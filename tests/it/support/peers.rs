@@ -26,7 +26,9 @@ pub fn peers_dir() -> PathBuf {
 
 fn find_on_path(program: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path).map(|dir| dir.join(program)).find(|candidate| candidate.is_file())
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(program))
+        .find(|candidate| candidate.is_file())
 }
 
 /// The `python3` to run the Python peers with (env `OCPP_IT_PYTHON` overrides); panics clearly.
@@ -64,7 +66,9 @@ pub fn node() -> PathBuf {
             .or_else(|| find_on_path("node"))
             .expect("node is not on PATH: the ocpp-rpc peers need Node 20 (see .ci/run)");
         assert!(
-            peers_dir().join("node_modules/ocpp-rpc/package.json").is_file(),
+            peers_dir()
+                .join("node_modules/ocpp-rpc/package.json")
+                .is_file(),
             "the ocpp-rpc peers are not installed in tests/it/peers/node_modules; run .ci/run \
              (or npm ci --prefix tests/it/peers)"
         );
@@ -79,7 +83,10 @@ fn command_for(implementation: Implementation, python_script: &str, node_script:
         Implementation::OcppRpc => (node(), node_script),
     };
     let mut command = Command::new(program);
-    command.arg(peers_dir().join(script)).current_dir(peers_dir()).stdin(Stdio::null());
+    command
+        .arg(peers_dir().join(script))
+        .current_dir(peers_dir())
+        .stdin(Stdio::null());
     command
 }
 
@@ -114,7 +121,15 @@ impl CentralSystem {
         let stdout_path = dir.path().join("stdout");
         let stderr_path = dir.path().join("stderr");
         let mut command = command_for(implementation, "central_system.py", "ocpp_rpc_server.mjs");
-        command.args(["--host", "127.0.0.1", "--port", "0", "--path-prefix", PATH_PREFIX, "--log"]);
+        command.args([
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--path-prefix",
+            PATH_PREFIX,
+            "--log",
+        ]);
         command.arg(&log_path);
         if options.initiate_calls {
             command.arg("--initiate-calls");
@@ -128,9 +143,17 @@ impl CentralSystem {
         command
             .stdout(fs::File::create(&stdout_path).expect("create stdout file"))
             .stderr(fs::File::create(&stderr_path).expect("create stderr file"));
-        let child = command.spawn().unwrap_or_else(|e| panic!("spawn central system {implementation:?}: {e}"));
-        let mut central =
-            CentralSystem { child, implementation, port: 0, log_path, stderr_path, _dir: dir };
+        let child = command
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn central system {implementation:?}: {e}"));
+        let mut central = CentralSystem {
+            child,
+            implementation,
+            port: 0,
+            log_path,
+            stderr_path,
+            _dir: dir,
+        };
 
         let child = &mut central.child;
         let port = poll_until(Duration::from_secs(20), || {
@@ -162,11 +185,17 @@ impl CentralSystem {
     /// The events logged so far (connected, call_received, central_call_result, disconnected).
     pub fn events(&self) -> Vec<Value> {
         let text = fs::read_to_string(&self.log_path).unwrap_or_default();
-        text.lines().filter_map(|line| serde_json::from_str(line).ok()).collect()
+        text.lines()
+            .filter_map(|line| serde_json::from_str(line).ok())
+            .collect()
     }
 
     /// Waits (at most `limit`) until `done(events)` holds; returns the events either way.
-    pub async fn wait_for_events(&self, limit: Duration, done: impl Fn(&[Value]) -> bool) -> Vec<Value> {
+    pub async fn wait_for_events(
+        &self,
+        limit: Duration,
+        done: impl Fn(&[Value]) -> bool,
+    ) -> Vec<Value> {
         poll_until(limit, || {
             let events = self.events();
             done(&events).then_some(events)
@@ -209,7 +238,14 @@ impl ChargerRun {
             "{what}: charge point failed ({}).\nstdout: {}\nstderr: {}",
             self.status,
             self.stdout,
-            self.stderr.chars().rev().take(4000).collect::<String>().chars().rev().collect::<String>()
+            self.stderr
+                .chars()
+                .rev()
+                .take(4000)
+                .collect::<String>()
+                .chars()
+                .rev()
+                .collect::<String>()
         );
     }
 }
@@ -227,7 +263,14 @@ pub async fn run_charger(
     // The peer's own deadline is a little shorter than ours, so it can report what was missing.
     let peer_limit_s = (limit.as_secs_f64() - 2.0).max(1.0);
     command
-        .args(["--url", url_base, "--id", charge_box_id, "--timeout", &format!("{peer_limit_s}")])
+        .args([
+            "--url",
+            url_base,
+            "--id",
+            charge_box_id,
+            "--timeout",
+            &format!("{peer_limit_s}"),
+        ])
         .args(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -239,8 +282,17 @@ pub async fn run_charger(
         .await
         .expect("wait for the charge point peer");
     let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
-    let summary = stdout.lines().rev().find_map(|line| serde_json::from_str(line).ok()).unwrap_or(Value::Null);
-    ChargerRun { status: output.status, summary, stdout, stderr: String::from_utf8_lossy(&output.stderr).into_owned() }
+    let summary = stdout
+        .lines()
+        .rev()
+        .find_map(|line| serde_json::from_str(line).ok())
+        .unwrap_or(Value::Null);
+    ChargerRun {
+        status: output.status,
+        summary,
+        stdout,
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    }
 }
 
 /// The `action` of each event of `kind` (e.g. "call_received") for `charge_box_id`, in order.
@@ -251,7 +303,6 @@ pub fn actions<'a>(events: &'a [Value], kind: &str, charge_box_id: &str) -> Vec<
         .filter_map(|e| e["action"].as_str())
         .collect()
 }
-
 
 /// Asserts one charger's whole flow completed on both ends: the charge point's summary (boot
 /// accepted, `sessions` transactions, the central system's calls answered) and the central
@@ -266,9 +317,14 @@ pub async fn assert_full_flow(
 ) {
     run.assert_ok(charge_box_id);
     let summary = &run.summary;
-    assert_eq!(summary["subprotocol"], "ocpp1.6", "negotiated subprotocol: {summary}");
+    assert_eq!(
+        summary["subprotocol"], "ocpp1.6",
+        "negotiated subprotocol: {summary}"
+    );
     assert_eq!(summary["boot_status"], "Accepted", "{summary}");
-    let transaction_ids = summary["transaction_ids"].as_array().expect("transaction_ids");
+    let transaction_ids = summary["transaction_ids"]
+        .as_array()
+        .expect("transaction_ids");
     assert_eq!(transaction_ids.len(), sessions, "{summary}");
 
     let central_calls_expected = if central_calls { 3 } else { 0 };
@@ -276,28 +332,44 @@ pub async fn assert_full_flow(
         .wait_for_events(Duration::from_secs(10), |events| {
             actions(events, "central_call_result", charge_box_id).len() >= central_calls_expected
                 && actions(events, "call_received", charge_box_id).contains(&"StopTransaction")
-                && actions(events, "call_received", charge_box_id).iter().filter(|a| **a == "StopTransaction").count()
+                && actions(events, "call_received", charge_box_id)
+                    .iter()
+                    .filter(|a| **a == "StopTransaction")
+                    .count()
                     >= sessions
         })
         .await;
     let received = actions(&events, "call_received", charge_box_id);
-    let meter_values = summary["sent"]["MeterValues"].as_u64().unwrap_or(0) as usize / sessions.max(1);
+    let meter_values =
+        summary["sent"]["MeterValues"].as_u64().unwrap_or(0) as usize / sessions.max(1);
     let mut expected = vec!["BootNotification", "Heartbeat"];
     for _ in 0..sessions {
         expected.push("StartTransaction");
         expected.extend(std::iter::repeat_n("MeterValues", meter_values));
         expected.push("StopTransaction");
     }
-    assert_eq!(received, expected, "CALLs the central system received from {charge_box_id}");
+    assert_eq!(
+        received, expected,
+        "CALLs the central system received from {charge_box_id}"
+    );
 
     if central_calls {
         for action in ["RemoteStartTransaction", "Reset", "GetConfiguration"] {
             let result = events
                 .iter()
-                .find(|e| e["event"] == "central_call_result" && e["charge_box_id"] == charge_box_id && e["action"] == action)
-                .unwrap_or_else(|| panic!("central system never got a reply to {action} from {charge_box_id}"));
+                .find(|e| {
+                    e["event"] == "central_call_result"
+                        && e["charge_box_id"] == charge_box_id
+                        && e["action"] == action
+                })
+                .unwrap_or_else(|| {
+                    panic!("central system never got a reply to {action} from {charge_box_id}")
+                });
             assert_eq!(result["ok"], true, "reply to {action}: {result}");
-            assert_eq!(summary["received_calls"][action], 1, "charger saw {action} once: {summary}");
+            assert_eq!(
+                summary["received_calls"][action], 1,
+                "charger saw {action} once: {summary}"
+            );
         }
     }
 }

@@ -2,6 +2,7 @@
 //! frame it receives byte-for-byte, sends scripted frames, can echo CALLRESULTs, and can refuse,
 //! close or hang on command.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -51,6 +52,9 @@ pub struct Script {
     pub subprotocol: Subprotocol,
     /// Frames sent, in order, right after the upgrade.
     pub send_on_open: Vec<Message>,
+    /// Frames sent after `send_on_open` only to the connection whose path ends with
+    /// `/{key}` (a chargeBoxId), so one recorder can feed each charger its own frames.
+    pub send_on_open_to: BTreeMap<String, Vec<Message>>,
     /// Answer each text frame that parses as a CALL `[2,"id",...]` with `[3,"id",{}]`.
     pub echo_callresult: bool,
     /// After receiving this many text/binary frames (0: right after `send_on_open`), close with
@@ -71,7 +75,10 @@ impl HandshakeSeen {
     /// The value of header `name` (case-insensitive) as text, if present.
     pub fn header(&self, name: &str) -> Option<String> {
         let name = name.to_ascii_lowercase();
-        self.headers.iter().find(|(n, _)| *n == name).map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+        self.headers
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
     }
 }
 
@@ -108,7 +115,9 @@ pub struct Recorder {
 impl Recorder {
     /// Starts a recorder following `script` on an ephemeral loopback port.
     pub async fn start(script: Script) -> Recorder {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind recorder");
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind recorder");
         let addr = listener.local_addr().expect("recorder addr");
         let state = Arc::new(Mutex::new(State::default()));
         let stop = CancellationToken::new();
@@ -121,7 +130,8 @@ impl Recorder {
                     accepted = listener.accept() => match accepted { Ok(a) => a, Err(_) => continue },
                 };
                 accept_state.lock().unwrap().tcp_accepted += 1;
-                let (state, stop, script) = (accept_state.clone(), accept_stop.clone(), script.clone());
+                let (state, stop, script) =
+                    (accept_state.clone(), accept_stop.clone(), script.clone());
                 tokio::spawn(async move {
                     tokio::select! {
                         _ = stop.cancelled() => {}
@@ -155,7 +165,12 @@ impl Recorder {
 
     /// Waits (at most `limit`) until connection `index` has received `count` frames or ended;
     /// returns its log as it then is (panics if the connection never opened).
-    pub async fn wait_for_frames(&self, index: usize, count: usize, limit: Duration) -> ConnectionLog {
+    pub async fn wait_for_frames(
+        &self,
+        index: usize,
+        count: usize,
+        limit: Duration,
+    ) -> ConnectionLog {
         super::poll_until(limit, || {
             let state = self.state.lock().unwrap();
             let conn = state.connections.get(index)?;
@@ -202,7 +217,12 @@ async fn serve(stream: TcpStream, script: Script, state: Arc<Mutex<State>>) {
     let selected: Arc<Mutex<Option<String>>> = Arc::default();
     let path_seen: Arc<Mutex<String>> = Arc::default();
     let callback = {
-        let (state, script, selected, path_seen) = (state.clone(), script.clone(), selected.clone(), path_seen.clone());
+        let (state, script, selected, path_seen) = (
+            state.clone(),
+            script.clone(),
+            selected.clone(),
+            path_seen.clone(),
+        );
         move |request: &Request, mut response: Response| -> Result<Response, ErrorResponse> {
             let seen = HandshakeSeen {
                 path: request.uri().to_string(),
@@ -216,28 +236,34 @@ async fn serve(stream: TcpStream, script: Script, state: Arc<Mutex<State>>) {
             let offered = seen.header("sec-websocket-protocol");
             state.lock().unwrap().handshakes.push(seen);
             if let Handshake::Refuse(status) = script.handshake {
-                let mut refusal = ErrorResponse::new(Some(format!("refused with {status} by the recorder")));
+                let mut refusal =
+                    ErrorResponse::new(Some(format!("refused with {status} by the recorder")));
                 *refusal.status_mut() = StatusCode::from_u16(status).expect("valid status");
                 return Err(refusal);
             }
             let choice = match &script.subprotocol {
-                Subprotocol::FirstOffered => {
-                    offered.and_then(|o| o.split(',').map(str::trim).find(|p| !p.is_empty()).map(str::to_owned))
-                }
+                Subprotocol::FirstOffered => offered.and_then(|o| {
+                    o.split(',')
+                        .map(str::trim)
+                        .find(|p| !p.is_empty())
+                        .map(str::to_owned)
+                }),
                 Subprotocol::Fixed(p) => Some(p.clone()),
                 Subprotocol::None => None,
             };
             if let Some(choice) = &choice {
-                response
-                    .headers_mut()
-                    .insert("Sec-WebSocket-Protocol", HeaderValue::from_str(choice).expect("subprotocol header"));
+                response.headers_mut().insert(
+                    "Sec-WebSocket-Protocol",
+                    HeaderValue::from_str(choice).expect("subprotocol header"),
+                );
             }
             *selected.lock().unwrap() = choice;
             Ok(response)
         }
     };
     let Ok(mut ws) =
-        tokio_tungstenite::accept_hdr_async_with_config(stream, callback, Some(large_frames())).await
+        tokio_tungstenite::accept_hdr_async_with_config(stream, callback, Some(large_frames()))
+            .await
     else {
         return;
     };
@@ -251,16 +277,29 @@ async fn serve(stream: TcpStream, script: Script, state: Arc<Mutex<State>>) {
         });
         state.connections.len() - 1
     };
-    let record = |f: &mut dyn FnMut(&mut ConnectionLog)| f(&mut state.lock().unwrap().connections[index]);
+    let record =
+        |f: &mut dyn FnMut(&mut ConnectionLog)| f(&mut state.lock().unwrap().connections[index]);
 
-    for frame in &script.send_on_open {
+    let path = path_seen.lock().unwrap().clone();
+    let own_frames = path
+        .rsplit('/')
+        .next()
+        .and_then(|id| script.send_on_open_to.get(id));
+    for frame in script
+        .send_on_open
+        .iter()
+        .chain(own_frames.into_iter().flatten())
+    {
         if ws.send(frame.clone()).await.is_err() {
             record(&mut |c| c.ended = true);
             return;
         }
     }
     let close = |ws_code: u16, reason: &str| {
-        Message::Close(Some(CloseFrame { code: CloseCode::from(ws_code), reason: Utf8Bytes::from(reason.to_owned()) }))
+        Message::Close(Some(CloseFrame {
+            code: CloseCode::from(ws_code),
+            reason: Utf8Bytes::from(reason.to_owned()),
+        }))
     };
     if let Some((0, code, reason)) = &script.close_after {
         let _ = ws.send(close(*code, reason)).await;
@@ -286,7 +325,9 @@ async fn serve(stream: TcpStream, script: Script, state: Arc<Mutex<State>>) {
                 }
             }
             Message::Close(frame) => {
-                let seen = frame.as_ref().map(|f| (u16::from(f.code), f.reason.to_string()));
+                let seen = frame
+                    .as_ref()
+                    .map(|f| (u16::from(f.code), f.reason.to_string()));
                 record(&mut |c| c.close_received = seen.clone());
             }
             Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => {}
@@ -297,7 +338,9 @@ async fn serve(stream: TcpStream, script: Script, state: Arc<Mutex<State>>) {
 
 /// `[3,"id",{}]` for a text frame holding a CALL `[2,"id",...]`.
 fn callresult_for(message: &Message) -> Option<String> {
-    let Message::Text(text) = message else { return None };
+    let Message::Text(text) = message else {
+        return None;
+    };
     let value: serde_json::Value = serde_json::from_str(text.as_str()).ok()?;
     let array = value.as_array()?;
     if array.first()?.as_u64()? != 2 {

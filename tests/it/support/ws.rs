@@ -19,23 +19,31 @@ pub async fn connect(
 ) -> Result<(ClientWs, Response), tungstenite::Error> {
     let mut request = url.into_client_request()?;
     if !subprotocols.is_empty() {
-        request
-            .headers_mut()
-            .insert("Sec-WebSocket-Protocol", HeaderValue::from_str(&subprotocols.join(", ")).expect("header value"));
+        request.headers_mut().insert(
+            "Sec-WebSocket-Protocol",
+            HeaderValue::from_str(&subprotocols.join(", ")).expect("header value"),
+        );
     }
     if let Some(authorization) = authorization {
-        request.headers_mut().insert("Authorization", HeaderValue::from_str(authorization).expect("header value"));
+        request.headers_mut().insert(
+            "Authorization",
+            HeaderValue::from_str(authorization).expect("header value"),
+        );
     }
     connect_async_with_config(request, Some(large_frames()), true).await
 }
 
 /// A config accepting the 8 MiB frames SteVe accepts, with room to spare.
 pub fn large_frames() -> WebSocketConfig {
-    WebSocketConfig::default().max_message_size(Some(32 << 20)).max_frame_size(Some(32 << 20))
+    WebSocketConfig::default()
+        .max_message_size(Some(32 << 20))
+        .max_frame_size(Some(32 << 20))
 }
 
 /// The HTTP status of a refused handshake, or a description of what happened instead.
-pub fn refusal_status(result: &Result<(ClientWs, Response), tungstenite::Error>) -> Result<u16, String> {
+pub fn refusal_status(
+    result: &Result<(ClientWs, Response), tungstenite::Error>,
+) -> Result<u16, String> {
     match result {
         Err(tungstenite::Error::Http(response)) => Ok(response.status().as_u16()),
         Err(other) => Err(format!("handshake failed without an HTTP status: {other}")),

@@ -1,0 +1,223 @@
+//! Operator commands on the spool file: stats, dead letters, requeue, replay. They run beside
+//! the daemon (SQLite serialises the writes) and print for humans or, with `--json`, for tools.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use crate::config::Config;
+use crate::lago::{LagoClient, LagoClientConfig, LagoError};
+use crate::ledger::Ledger;
+use crate::spool::store::{Replay, Requeue, Store, StoreError};
+use crate::spool::writer::unix_now;
+use crate::tap::TapRecord;
+
+/// Why an operator command failed.
+#[derive(Debug, thiserror::Error)]
+pub enum OperatorError {
+    #[error("spool {path}: {source}")]
+    Spool { path: String, source: StoreError },
+    #[error("the spool file {0} does not exist (is spool.path right?)")]
+    NoSpool(String),
+    #[error("Lago: {0}")]
+    Lago(#[from] LagoError),
+    #[error("{0}")]
+    Refused(String),
+}
+
+fn open(config: &Config) -> Result<Store, OperatorError> {
+    let path = &config.spool.path;
+    if !path.exists() {
+        return Err(OperatorError::NoSpool(path.display().to_string()));
+    }
+    Store::open(path).map_err(|source| spool_error(path, source))
+}
+
+fn spool_error(path: &Path, source: StoreError) -> OperatorError {
+    OperatorError::Spool {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+/// `spool stats`: size, pending count, oldest pending age.
+pub fn stats(config: &Config, json: bool) -> Result<String, OperatorError> {
+    let path = &config.spool.path;
+    let stats = open(config)?
+        .stats(path)
+        .map_err(|e| spool_error(path, e))?;
+    if json {
+        return Ok(serde_json::to_string(&stats).expect("stats serialise"));
+    }
+    let oldest = stats
+        .oldest_pending_created_at
+        .map_or("-".to_string(), |t| {
+            humantime::format_duration(std::time::Duration::from_secs(
+                (unix_now() - t).max(0) as u64
+            ))
+            .to_string()
+        });
+    Ok(format!(
+        "spool            {}\nsize             {} bytes\npending events   {}\noldest pending   {}\ndelivered events {}\ndead letters     {}\ntap records      {}\nsessions         {}",
+        path.display(),
+        stats.file_bytes,
+        stats.pending_events,
+        oldest,
+        stats.delivered_events,
+        stats.dead_letters,
+        stats.tap_records,
+        stats.sessions,
+    ))
+}
+
+/// `spool dead-letters`: one line per dead letter not yet requeued.
+pub fn dead_letters(
+    config: &Config,
+    reason: Option<&str>,
+    json: bool,
+) -> Result<String, OperatorError> {
+    let letters = open(config)?
+        .dead_letters(reason)
+        .map_err(|e| spool_error(&config.spool.path, e))?;
+    let mut out = String::new();
+    for letter in letters.iter().filter(|l| !l.requeued) {
+        if json {
+            let _ = writeln!(
+                out,
+                "{}",
+                serde_json::to_string(letter).expect("serialises")
+            );
+        } else {
+            let _ = writeln!(
+                out,
+                "#{} {} lago_transaction_id={} external_subscription_id={} charge_box_id={} ocpp_transaction_id={} attempts={}: {}",
+                letter.id,
+                letter.reason,
+                letter.lago_transaction_id.as_deref().unwrap_or("-"),
+                letter.external_subscription_id.as_deref().unwrap_or("-"),
+                letter.charge_box_id.as_deref().unwrap_or("-"),
+                letter
+                    .ocpp_transaction_id
+                    .map_or("-".into(), |t| t.to_string()),
+                letter.attempts,
+                letter.detail,
+            );
+        }
+    }
+    Ok(out.trim_end().to_string())
+}
+
+/// `spool requeue`: dead letters with a held event go back to the outbox.
+pub fn requeue(config: &Config, selection: Requeue<'_>) -> Result<String, OperatorError> {
+    // The subscription map as it is now: the fix an unmapped id tag was waiting for.
+    let rules = config
+        .billing_rules()
+        .map_err(|problems| OperatorError::Refused(problems.join("; ")))?;
+    let resolve = |id_tag: Option<&str>| {
+        let map = rules.subscriptions.as_ref()?;
+        map.get(id_tag?).map(str::to_string)
+    };
+    let (requeued, unmapped) = open(config)?
+        .requeue(selection, unix_now(), &resolve)
+        .map_err(|e| spool_error(&config.spool.path, e))?;
+    let mut out = format!("requeued {requeued} dead letter(s); the running daemon sends them");
+    if unmapped > 0 {
+        let _ = write!(
+            out,
+            "\n{unmapped} left as dead letters: their id tag is still not in billing.subscription_map_file"
+        );
+    }
+    Ok(out)
+}
+
+/// What `replay` re-sends.
+#[derive(Debug, Clone)]
+pub enum ReplaySelection {
+    /// One session: (charge_box_id, ocpp_transaction_id).
+    Session(String, i64),
+    /// Everything since this unix time.
+    Since(i64),
+}
+
+/// `replay`: re-send stored events unchanged (safe by construction: same ids, values and
+/// timestamps), or with `rederive`, derive them again from the tap records with the current
+/// rules, only for sessions Lago holds nothing of.
+pub async fn replay(
+    config: &Config,
+    selection: ReplaySelection,
+    rederive: bool,
+) -> Result<String, OperatorError> {
+    let mut store = open(config)?;
+    let path = config.spool.path.clone();
+    if !rederive {
+        let replay = match &selection {
+            ReplaySelection::Session(charge_box_id, ocpp_transaction_id) => Replay::Session {
+                charge_box_id,
+                ocpp_transaction_id: *ocpp_transaction_id,
+            },
+            ReplaySelection::Since(since) => Replay::Since(*since),
+        };
+        let n = store.replay(replay).map_err(|e| spool_error(&path, e))?;
+        return Ok(format!(
+            "{n} delivered event(s) queued again unchanged; Lago recognises the ones it holds"
+        ));
+    }
+
+    let sessions = match selection {
+        ReplaySelection::Session(cb, tx) => vec![(cb, tx)],
+        ReplaySelection::Since(since) => store
+            .sessions_with_records_since(since)
+            .map_err(|e| spool_error(&path, e))?,
+    };
+    let rules = config
+        .billing_rules()
+        .map_err(|problems| OperatorError::Refused(problems.join("; ")))?;
+    let key = crate::app::read_api_key(config.lago.api_key_file.as_deref())
+        .map_err(OperatorError::Refused)?;
+    let client = LagoClient::new(LagoClientConfig {
+        api_url: config.lago.api_url.clone(),
+        api_key: key,
+        connect_timeout: config.lago.request_timeout,
+        request_timeout: config.lago.request_timeout,
+    })?;
+    let mut out = String::new();
+    for (charge_box_id, ocpp_transaction_id) in sessions {
+        let mut ledger = Ledger::new();
+        let mut events = Vec::new();
+        for json in store
+            .session_records(&charge_box_id, ocpp_transaction_id)
+            .map_err(|e| spool_error(&path, e))?
+        {
+            let record: TapRecord =
+                serde_json::from_str(&json).map_err(|e| spool_error(&path, StoreError::Json(e)))?;
+            events.extend(ledger.apply(&record, &rules).events);
+        }
+        let mut held_by_lago = None;
+        for event in &events {
+            if client.get_event(&event.transaction_id).await?.is_some() {
+                held_by_lago = Some(event.transaction_id.clone());
+                break;
+            }
+        }
+        match held_by_lago {
+            Some(tid) => {
+                let _ = writeln!(
+                    out,
+                    "{charge_box_id}:{ocpp_transaction_id}: skipped, Lago already holds {tid} (replay without --rederive re-sends the stored events)"
+                );
+            }
+            None => {
+                for event in &events {
+                    store
+                        .upsert_pending(event, unix_now())
+                        .map_err(|e| spool_error(&path, e))?;
+                }
+                let _ = writeln!(
+                    out,
+                    "{charge_box_id}:{ocpp_transaction_id}: {} event(s) re-derived and queued",
+                    events.len()
+                );
+            }
+        }
+    }
+    Ok(out.trim_end().to_string())
+}
