@@ -13,6 +13,7 @@ pub mod operator;
 pub mod proxy;
 pub mod shipper;
 pub mod shutdown;
+pub mod simulate;
 pub mod spool;
 pub mod steve;
 pub mod systemd;

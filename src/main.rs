@@ -7,6 +7,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use ocpp_lago_bridge::app::{self, RunOptions};
 use ocpp_lago_bridge::config::{Config, LogFormat};
 use ocpp_lago_bridge::operator::{self, ReplaySelection};
+use ocpp_lago_bridge::simulate;
 use ocpp_lago_bridge::spool::store::Requeue;
 use ocpp_lago_bridge::telemetry;
 
@@ -68,6 +69,8 @@ enum Command {
         #[arg(long)]
         rederive: bool,
     },
+    /// Simulate a fleet of OCPP 1.6J chargers against a URL and summarize what happened.
+    Simulate(simulate::SimulateArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -121,6 +124,13 @@ fn main() -> ExitCode {
                 ExitCode::SUCCESS
             }
             Err(code) => code,
+        },
+        Command::Simulate(args) => match tokio::runtime::Runtime::new() {
+            Ok(runtime) => runtime.block_on(simulate::run(args)),
+            Err(error) => {
+                eprintln!("error: cannot start the tokio runtime: {error}");
+                ExitCode::FAILURE
+            }
         },
         Command::Run {
             config: config_arg,

@@ -12,5 +12,6 @@ mod operations;
 mod packaging;
 mod peers_selfcheck;
 mod relay;
+mod simulate;
 mod steve_recovery;
 mod support;

@@ -65,6 +65,11 @@ class CentralSystemSide(Cp):
         self._got("Heartbeat", {})
         return call_result.Heartbeat(current_time=now_iso())
 
+    @on(Action.status_notification)
+    def on_status(self, connector_id, error_code, status, **kwargs):
+        self._got("StatusNotification", {"connector_id": connector_id, "status": status})
+        return call_result.StatusNotification()
+
     @on(Action.start_transaction)
     def on_start(self, connector_id, id_tag, meter_start, timestamp, **kwargs):
         key = (self.id, connector_id, id_tag, meter_start, timestamp)
