@@ -5,7 +5,8 @@
 //! with nothing duplicated, nothing pending and no dead letter.
 //!
 //! The defaults are the CI short form; `bench/chaos --long` sets `CHAOS_SESSIONS`,
-//! `CHAOS_CHARGERS` and `CHAOS_DURATION_SECS` (and `CHAOS_SEED` replays a run) for hours.
+//! `CHAOS_CHARGERS` and `CHAOS_DURATION_SECS` for hours, and `CHAOS_SEED` repeats a run's
+//! schedule and session shapes.
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
