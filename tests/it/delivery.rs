@@ -219,7 +219,7 @@ async fn a_colliding_transaction_id_is_dead_lettered_and_an_identical_one_is_del
 
 /// Starts `processes` python charge points (each `connections` × `sessions`, tag `TAG-{prefix}{p}`)
 /// with extra `args`; the handles yield their summaries.
-fn spawn_fleet(
+pub(crate) fn spawn_fleet(
     url: &str,
     prefix: &str,
     processes: usize,
@@ -251,7 +251,7 @@ fn spawn_fleet(
 }
 
 /// Every session the fleet ran, and how often its chargers had to reconnect (with `--retry`).
-async fn join_fleet(
+pub(crate) async fn join_fleet(
     fleet: Vec<tokio::task::JoinHandle<crate::support::peers::ChargerRun>>,
 ) -> (Vec<RanSession>, u64) {
     let mut sessions = Vec::new();
@@ -271,7 +271,7 @@ async fn join_fleet(
 }
 
 /// Every session has exactly one event in Lago, with the exact kWh.
-fn assert_exactly_once(lago: &LagoStandIn, sessions: &[RanSession]) {
+pub(crate) fn assert_exactly_once(lago: &LagoStandIn, sessions: &[RanSession]) {
     let stored = lago.stored_events();
     let mut by_id: BTreeMap<&str, Vec<_>> = BTreeMap::new();
     for row in &stored {
@@ -392,17 +392,17 @@ async fn lago_faults_while_sessions_run_delay_but_never_lose_or_duplicate_events
 }
 
 /// xorshift64*: reproducible randomness from a printed seed, without a dependency.
-struct Rng(u64);
+pub(crate) struct Rng(pub(crate) u64);
 
 impl Rng {
-    fn next(&mut self) -> u64 {
+    pub(crate) fn next(&mut self) -> u64 {
         self.0 ^= self.0 >> 12;
         self.0 ^= self.0 << 25;
         self.0 ^= self.0 >> 27;
         self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
     }
 
-    fn millis(&mut self, lo: u64, hi: u64) -> Duration {
+    pub(crate) fn millis(&mut self, lo: u64, hi: u64) -> Duration {
         Duration::from_millis(lo + self.next() % (hi - lo))
     }
 }

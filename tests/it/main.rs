@@ -3,6 +3,7 @@
 //! byte-recording upstream. Peers are installed by `.ci/run`.
 
 mod billing;
+mod chaos;
 mod corpus;
 mod delivery;
 mod fuzz_stable;

@@ -7,6 +7,12 @@ transaction ids; like SteVe, a repeated identical StartTransaction (same charger
 meterStart and timestamp: a charger re-sending it after a lost reply) gets the same id again. With --initiate-calls it sends RemoteStartTransaction, Reset and
 GetConfiguration to each charger after its BootNotification and checks the replies.
 
+With --state-file PATH the transaction id counter and the Start dedupe map survive a restart, as
+SteVe's database does: the file is rewritten atomically (temp file + rename) after every new
+assignment, before the reply goes out, and read back at start. The dedupe map keeps the last
+STARTS_KEPT Starts of each charge box: a charger only ever re-sends its latest Start, and a
+bounded file keeps hours-long runs cheap.
+
 The first stdout line is {"event": "listening", "port": N} once the socket is bound (use
 --port 0 for an ephemeral port). Every event after that is one JSON line in --log (default
 stdout): connected, call_received, central_call_result, disconnected.
@@ -15,8 +21,8 @@ stdout): connected, call_received, central_call_result, disconnected.
 import argparse
 import asyncio
 import base64
-import itertools
 import json
+import os
 import signal
 import sys
 from datetime import datetime, timezone
@@ -30,9 +36,12 @@ from ocpp.v16.enums import Action
 
 ARGS = None
 LOG = sys.stdout
-TRANSACTION_IDS = None
 # (charge_box_id, connector_id, id_tag, meter_start, timestamp) -> transaction id already given.
 STARTS = {}
+# Starts remembered per charge box (oldest forgotten first).
+STARTS_KEPT = 4
+# The transaction id the next new Start gets.
+NEXT_TRANSACTION_ID = 1
 
 
 def log(event, **fields):
@@ -75,7 +84,7 @@ class CentralSystemSide(Cp):
         key = (self.id, connector_id, id_tag, meter_start, timestamp)
         tx = STARTS.get(key)
         if tx is None:
-            tx = STARTS[key] = next(TRANSACTION_IDS)
+            tx = assign_transaction_id(key)
         self._got("StartTransaction", {"id_tag": id_tag, "meter_start": meter_start, "transaction_id": tx})
         return call_result.StartTransaction(transaction_id=tx, id_tag_info={"status": "Accepted"})
 
@@ -106,6 +115,41 @@ class CentralSystemSide(Cp):
                 log("central_call_result", charge_box_id=self.id, action=action, ok=ok, response=repr(response))
             except Exception as e:  # noqa: BLE001 - any failure is reported as a failed check
                 log("central_call_result", charge_box_id=self.id, action=action, ok=False, error=f"{type(e).__name__}: {e}")
+
+
+def assign_transaction_id(key):
+    """A new transaction id for Start `key`, persisted (with --state-file) before it is answered."""
+    global NEXT_TRANSACTION_ID
+    tx = NEXT_TRANSACTION_ID
+    NEXT_TRANSACTION_ID += 1
+    STARTS[key] = tx
+    mine = [k for k in STARTS if k[0] == key[0]]
+    for old in mine[:-STARTS_KEPT]:
+        del STARTS[old]
+    if ARGS.state_file:
+        save_state(ARGS.state_file)
+    return tx
+
+
+def save_state(path):
+    state = {"next_transaction_id": NEXT_TRANSACTION_ID, "starts": [[*k, tx] for k, tx in STARTS.items()]}
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(state, f)
+    # A SIGKILL leaves either the old file or the new one, never half of one.
+    os.replace(tmp, path)
+
+
+def load_state(path):
+    global NEXT_TRANSACTION_ID
+    try:
+        with open(path) as f:
+            state = json.load(f)
+    except FileNotFoundError:
+        return
+    NEXT_TRANSACTION_ID = max(NEXT_TRANSACTION_ID, state["next_transaction_id"])
+    for *key, tx in state["starts"]:
+        STARTS[tuple(key)] = tx
 
 
 def check_request(connection, request):
@@ -140,7 +184,7 @@ async def handle(ws):
 
 
 async def main():
-    global ARGS, LOG, TRANSACTION_IDS
+    global ARGS, LOG, NEXT_TRANSACTION_ID
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=0)
@@ -150,10 +194,13 @@ async def main():
     p.add_argument("--first-transaction-id", type=int, default=1)
     p.add_argument("--password", default=None, help="require HTTP basic auth, username = charge box id")
     p.add_argument("--call-timeout", type=float, default=20.0)
+    p.add_argument("--state-file", default=None, help="keep transaction ids and Start dedupe across restarts")
     ARGS = p.parse_args()
     if ARGS.log:
         LOG = open(ARGS.log, "a", buffering=1)
-    TRANSACTION_IDS = itertools.count(ARGS.first_transaction_id)
+    NEXT_TRANSACTION_ID = ARGS.first_transaction_id
+    if ARGS.state_file:
+        load_state(ARGS.state_file)
 
     stop = asyncio.get_running_loop().create_future()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -13,12 +13,18 @@ With --clock T every timestamp the charger sends is fixed: T, then one minute la
 drops or whose reply does not come within --call-timeout is re-sent unchanged (same payload) on a
 new connection, as OCPP 1.6 TransactionMessageAttempts prescribes for transaction messages; the
 flow goes on from there (no new BootNotification, as after a mere connection loss).
+
+With --seed S every session has a random shape, reproducible from S and the charge box id: a
+random register at the first Start, 0 to --meter-values MeterValues, random energy per reading
+(zero included), readings in Wh (whole or tenths) and kWh (up to 4 decimals, trailing zeros
+trimmed or not), and a Stop at a whole Wh at or above the last reading.
 """
 
 import argparse
 import asyncio
 import base64
 import json
+import random
 import sys
 import time
 from datetime import datetime, timedelta, timezone
@@ -166,17 +172,64 @@ class ChargePoint(Cp):
         )
 
 
+def reading_text(tenths_wh, rng):
+    """A register of `tenths_wh` tenths of a Wh as a (value, unit) a charger might send."""
+    forms = [("kwh4", "kWh"), ("kwh_trim", "kWh"), ("wh1", "Wh")]
+    if tenths_wh % 10 == 0:
+        forms.append(("wh", "Wh"))
+    form, unit = rng.choice(forms)
+    if form == "wh":
+        return str(tenths_wh // 10), unit
+    if form == "wh1":
+        return f"{tenths_wh // 10}.{tenths_wh % 10}", unit
+    text = f"{tenths_wh // 10000}.{tenths_wh % 10000:04d}"
+    if form == "kwh_trim":
+        text = text.rstrip("0").rstrip(".")
+    return text, unit
+
+
+class Shape:
+    """Session shapes: the fixed pattern, or (with --seed) random ones."""
+
+    def __init__(self, seed, charge_box_id, max_meter_values):
+        self.rng = None if seed is None else random.Random(f"{seed}:{charge_box_id}")
+        self.max_meter_values = max_meter_values
+
+    def first_register_wh(self):
+        return 1_000 if self.rng is None else self.rng.randint(0, 5_000_000)
+
+    def meter_values(self):
+        return self.max_meter_values if self.rng is None else self.rng.randint(0, self.max_meter_values)
+
+    def reading(self, i, tenths_wh):
+        """The register after reading i (tenths of Wh) and the sampled value to send."""
+        if self.rng is None:
+            tenths_wh += (250 + i) * 10
+            wh = tenths_wh // 10
+            # Alternate units: a billing tap must handle both Wh and kWh readings.
+            if i % 2 == 0:
+                return tenths_wh, sampled(str(wh), "Wh")
+            return tenths_wh, sampled(f"{wh / 1000:.3f}", "kWh")
+        tenths_wh += self.rng.choice([0, self.rng.randint(1, 99), self.rng.randint(100, 500_000)])
+        return tenths_wh, sampled(*reading_text(tenths_wh, self.rng))
+
+    def stop_wh(self, tenths_wh):
+        """A whole-Wh meterStop at or above the register (tenths of Wh)."""
+        wh = -(-tenths_wh // 10)
+        return wh + (100 if self.rng is None else self.rng.choice([0, self.rng.randint(1, 30_000)]))
+
+
 def sampled(value, unit, measurand="Energy.Active.Import.Register"):
     return {"value": value, "unit": unit, "measurand": measurand, "context": "Sample.Periodic"}
 
 
-async def run_flow(cp, sessions, meter_values_per_session, expect_central_calls, id_tag, clock, interval):
+async def run_flow(cp, sessions, shape, expect_central_calls, id_tag, clock, interval):
     result = {"charge_box_id": cp.charge_box_id, "transaction_ids": [], "meter_wh": []}
     boot = await cp.send(call.BootNotification(charge_point_model="ItPy", charge_point_vendor="lago-bridge-it"))
     result["boot_status"] = str(boot.status)
     await cp.send(call.Heartbeat())
     now_iso = clock.now_iso
-    meter_wh = 1_000
+    meter_wh = shape.first_register_wh()
     for session in range(sessions):
         start = await cp.send(
             call.StartTransaction(connector_id=1, id_tag=id_tag, meter_start=meter_wh, timestamp=now_iso())
@@ -187,13 +240,10 @@ async def run_flow(cp, sessions, meter_values_per_session, expect_central_calls,
         await asyncio.sleep(interval)
         result["transaction_ids"].append(tx)
         meter_start_wh = meter_wh
-        for i in range(meter_values_per_session):
-            meter_wh += 250 + i
-            # Alternate units: a billing tap must handle both Wh and kWh readings.
-            if i % 2 == 0:
-                values = [sampled(str(meter_wh), "Wh")]
-            else:
-                values = [sampled(f"{meter_wh / 1000:.3f}", "kWh")]
+        register_tenths_wh = meter_wh * 10
+        for i in range(shape.meter_values()):
+            register_tenths_wh, value = shape.reading(i, register_tenths_wh)
+            values = [value]
             await cp.send(
                 call.MeterValues(
                     connector_id=1,
@@ -202,7 +252,7 @@ async def run_flow(cp, sessions, meter_values_per_session, expect_central_calls,
                 )
             )
             await asyncio.sleep(interval)
-        meter_wh += 100
+        meter_wh = shape.stop_wh(register_tenths_wh)
         await cp.send(
             call.StopTransaction(
                 meter_stop=meter_wh, timestamp=now_iso(), transaction_id=tx, id_tag=id_tag, reason="Local"
@@ -226,7 +276,7 @@ async def one_connection(args, charge_box_id, timeout_s):
                 flow = await run_flow(
                     link,
                     args.sessions,
-                    args.meter_values,
+                    Shape(args.seed, charge_box_id, args.meter_values),
                     args.expect_central_calls,
                     args.id_tag,
                     Clock(args.clock),
@@ -252,7 +302,7 @@ async def main():
     p.add_argument("--url", required=True, help="base URL; the charge box id is appended as a path segment")
     p.add_argument("--id", required=True, help="charge box id (with --connections > 1: a prefix)")
     p.add_argument("--sessions", type=int, default=1)
-    p.add_argument("--meter-values", type=int, default=3, help="MeterValues per session")
+    p.add_argument("--meter-values", type=int, default=3, help="MeterValues per session (with --seed: at most)")
     p.add_argument("--connections", type=int, default=1, help="concurrent connections in this process")
     p.add_argument("--expect-central-calls", action="store_true", help="wait for RemoteStart, Reset, GetConfiguration")
     p.add_argument("--subprotocols", default="ocpp1.6")
@@ -264,6 +314,7 @@ async def main():
     p.add_argument("--retry", action="store_true", help="re-send an unanswered CALL unchanged on a new connection")
     p.add_argument("--call-timeout", type=float, default=5.0, help="with --retry: seconds before a CALL is re-sent")
     p.add_argument("--interval", type=float, default=0.0, help="seconds to pause after each transaction message")
+    p.add_argument("--seed", type=int, default=None, help="random session shapes, reproducible from this seed")
     args = p.parse_args()
 
     started = time.monotonic()

@@ -1,7 +1,7 @@
 //! The independent OCPP peers in `tests/it/peers/`: PyPI `ocpp` and npm `ocpp-rpc` (strict mode).
 
 use std::fs;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -99,6 +99,8 @@ pub struct CentralOptions {
     pub password: Option<String>,
     /// The first transaction id handed out (then increasing).
     pub first_transaction_id: Option<u64>,
+    /// Keep the transaction id counter and Start dedupe in this file across restarts (Python).
+    pub state_file: Option<PathBuf>,
 }
 
 /// A central system peer (standing in for SteVe) on an ephemeral loopback port; killed on drop.
@@ -106,9 +108,11 @@ pub struct CentralSystem {
     child: Child,
     /// The implementation running.
     pub implementation: Implementation,
-    /// The loopback port it listens on.
+    /// The loopback port it listens on (kept across [`CentralSystem::restart`]).
     pub port: u16,
+    options: CentralOptions,
     log_path: PathBuf,
+    stdout_path: PathBuf,
     stderr_path: PathBuf,
     _dir: tempfile::TempDir,
 }
@@ -116,58 +120,33 @@ pub struct CentralSystem {
 impl CentralSystem {
     /// Starts a central system and waits (at most 20 s) until it listens.
     pub async fn start(implementation: Implementation, options: CentralOptions) -> CentralSystem {
+        assert!(
+            options.state_file.is_none() || implementation == Implementation::Python,
+            "only the Python central system keeps state across restarts"
+        );
         let dir = tempfile::tempdir().expect("temp dir for the central system");
         let log_path = dir.path().join("events.jsonl");
         let stdout_path = dir.path().join("stdout");
         let stderr_path = dir.path().join("stderr");
-        let mut command = command_for(implementation, "central_system.py", "ocpp_rpc_server.mjs");
-        command.args([
-            "--host",
-            "127.0.0.1",
-            "--port",
-            "0",
-            "--path-prefix",
-            PATH_PREFIX,
-            "--log",
-        ]);
-        command.arg(&log_path);
-        if options.initiate_calls {
-            command.arg("--initiate-calls");
-        }
-        if let Some(password) = &options.password {
-            command.args(["--password", password]);
-        }
-        if let Some(first) = options.first_transaction_id {
-            command.args(["--first-transaction-id", &first.to_string()]);
-        }
-        command
-            .stdout(fs::File::create(&stdout_path).expect("create stdout file"))
-            .stderr(fs::File::create(&stderr_path).expect("create stderr file"));
-        let child = command
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn central system {implementation:?}: {e}"));
+        let child = spawn_central(
+            implementation,
+            &options,
+            0,
+            &log_path,
+            &stdout_path,
+            &stderr_path,
+        );
         let mut central = CentralSystem {
             child,
             implementation,
             port: 0,
+            options,
             log_path,
+            stdout_path,
             stderr_path,
             _dir: dir,
         };
-
-        let child = &mut central.child;
-        let port = poll_until(Duration::from_secs(20), || {
-            if let Ok(Some(_)) = child.try_wait() {
-                return Some(None);
-            }
-            let stdout = fs::read_to_string(&stdout_path).ok()?;
-            let line = stdout.lines().next()?;
-            let event: Value = serde_json::from_str(line).ok()?;
-            Some(event["port"].as_u64().map(|p| p as u16))
-        })
-        .await
-        .flatten();
-        match port {
+        match central.listening_port().await {
             Some(port) => central.port = port,
             None => panic!(
                 "central system {implementation:?} did not report a listening port; stderr:\n{}",
@@ -175,6 +154,57 @@ impl CentralSystem {
             ),
         }
         central
+    }
+
+    /// SIGKILLs the central system (as a crash would) and reaps it; [`Self::restart`] brings it back.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Kills the central system if it runs and starts it again on the same port with the same
+    /// options (so the same `--state-file`), as SteVe restarting on its database. Panics if it
+    /// does not listen again within 20 s of tries.
+    pub async fn restart(&mut self) {
+        self.kill();
+        // Connections of the killed process may hold the port for a moment.
+        for _attempt in 0..20 {
+            self.child = spawn_central(
+                self.implementation,
+                &self.options,
+                self.port,
+                &self.log_path,
+                &self.stdout_path,
+                &self.stderr_path,
+            );
+            if let Some(port) = self.listening_port().await {
+                assert_eq!(port, self.port, "the central system came back on its port");
+                return;
+            }
+            self.kill();
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!(
+            "central system did not listen again on port {}; stderr:\n{}",
+            self.port,
+            self.stderr()
+        );
+    }
+
+    /// The port of the `listening` line on stdout, or `None` if the process exited or 20 s passed.
+    async fn listening_port(&mut self) -> Option<u16> {
+        let (child, stdout_path) = (&mut self.child, &self.stdout_path);
+        poll_until(Duration::from_secs(20), || {
+            if let Ok(Some(_)) = child.try_wait() {
+                return Some(None);
+            }
+            let stdout = fs::read_to_string(stdout_path).ok()?;
+            let line = stdout.lines().next()?;
+            let event: Value = serde_json::from_str(line).ok()?;
+            Some(event["port"].as_u64().map(|p| p as u16))
+        })
+        .await
+        .flatten()
     }
 
     /// The `upstream_url` for a bridge in front of this central system.
@@ -212,9 +242,54 @@ impl CentralSystem {
 
 impl Drop for CentralSystem {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.kill();
     }
+}
+
+/// Spawns a central system on `port` (0: ephemeral) logging events to `log_path` (appended);
+/// stdout (for the `listening` line) is truncated, stderr appended.
+fn spawn_central(
+    implementation: Implementation,
+    options: &CentralOptions,
+    port: u16,
+    log_path: &Path,
+    stdout_path: &Path,
+    stderr_path: &Path,
+) -> Child {
+    let mut command = command_for(implementation, "central_system.py", "ocpp_rpc_server.mjs");
+    command.args([
+        "--host",
+        "127.0.0.1",
+        "--port",
+        &port.to_string(),
+        "--path-prefix",
+        PATH_PREFIX,
+        "--log",
+    ]);
+    command.arg(log_path);
+    if options.initiate_calls {
+        command.arg("--initiate-calls");
+    }
+    if let Some(password) = &options.password {
+        command.args(["--password", password]);
+    }
+    if let Some(first) = options.first_transaction_id {
+        command.args(["--first-transaction-id", &first.to_string()]);
+    }
+    if let Some(state_file) = &options.state_file {
+        command.arg("--state-file").arg(state_file);
+    }
+    let stderr = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(stderr_path)
+        .expect("open stderr file");
+    command
+        .stdout(fs::File::create(stdout_path).expect("create stdout file"))
+        .stderr(stderr);
+    command
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn central system {implementation:?}: {e}"))
 }
 
 /// The outcome of one charge point peer run.
