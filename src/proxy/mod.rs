@@ -116,7 +116,9 @@ impl Proxy {
                 Err(refusal) => refuse(&mut stream, peer, refusal).await,
             };
         };
-        let accepting = tls.acceptor().accept(stream);
+        // Boxed, like the TLS upgrade below: a task's future is as large as its largest state,
+        // and rustls' handshake state would otherwise make every plain ws:// charger pay for it.
+        let accepting = Box::pin(tls.acceptor().accept(stream));
         match tokio::time::timeout(self.config.handshake_timeout, accepting).await {
             // The 503 of a wss:// charger over the limit can only be read inside TLS.
             Ok(Ok(mut stream)) if slot.is_err() => {
@@ -143,7 +145,7 @@ impl Proxy {
                 } else {
                     None
                 };
-                self.upgrade(stream, peer, Some(certified_id), close).await
+                Box::pin(self.upgrade(stream, peer, Some(certified_id), close)).await
             }
             Ok(Err(error)) => {
                 count_handshake("tls_error");
@@ -167,11 +169,14 @@ impl Proxy {
     ) where
         S: AsyncRead + AsyncWrite + Unpin + Send,
     {
-        let request = match read_upgrade_request(
+        // The handshake futures are boxed: they are short-lived but large (read buffers, the
+        // client handshake to SteVe), and unboxed they would size the task of every connection
+        // for its whole life (BENCHMARKS.md, idle memory).
+        let request = match Box::pin(read_upgrade_request(
             &mut stream,
             &self.config.path_prefix,
             self.config.handshake_timeout,
-        )
+        ))
         .await
         {
             Ok(request) => request,
@@ -246,14 +251,14 @@ impl Proxy {
             ("X-Forwarded-For", forwarded_for),
             ("X-Forwarded-Proto", forwarded_proto),
         ];
-        let dialled = upstream::dial(
+        let dialled = Box::pin(upstream::dial(
             &self.config.upstream_url,
             &request,
             &forwarded,
             self.upstream_tls.clone(),
             self.socket_config,
             self.config.upstream_handshake_timeout,
-        )
+        ))
         .await;
         let (upstream, protocol) = match dialled {
             Ok(dialled) => dialled,

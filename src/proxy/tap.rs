@@ -83,7 +83,8 @@ impl FrameTap {
             }
             Observation::Record { record, message_id } => {
                 count_frame(from, "record");
-                let Some(receipt) = self.submit(record).await else {
+                // Boxed: only billing frames pay for these futures, not every idle connection.
+                let Some(receipt) = Box::pin(self.submit(record)).await else {
                     return;
                 };
                 match from {
@@ -97,14 +98,14 @@ impl FrameTap {
                         receipts.insert(message_id, receipt);
                     }
                     // A StartTransaction reply completes its record: hold this very frame.
-                    Side::Upstream => self.hold(receipt, &message_id).await,
+                    Side::Upstream => Box::pin(self.hold(receipt, &message_id)).await,
                 }
             }
             Observation::BillingReply { message_id } => {
                 count_frame(from, "billing_reply");
                 let receipt = lock(&self.receipts).remove(&message_id);
                 if let Some(receipt) = receipt {
-                    self.hold(receipt, &message_id).await;
+                    Box::pin(self.hold(receipt, &message_id)).await;
                 }
             }
         }

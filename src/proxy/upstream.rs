@@ -149,10 +149,12 @@ fn classify(error: WsError) -> DialError {
 /// The tungstenite limits used on both sides of a relayed connection.
 pub fn socket_config(max_frame_size: usize) -> WebSocketConfig {
     // An idle charger should cost kilobytes: tungstenite's default reserves 128 KiB to read and
-    // buffers 128 KiB to write. Messages are flushed one by one anyway, so small buffers cost
-    // nothing in throughput; large frames grow the read buffer only while they last.
+    // buffers 128 KiB to write, per side. Messages are flushed one by one anyway, and OCPP frames
+    // are a few hundred bytes, so 1 KiB reads cost nothing in throughput; a large frame reserves
+    // its full length when its header arrives and is read in 1 KiB steps (BENCHMARKS.md: 4 KiB
+    // read buffers put an idle charger at 17.5 KB RSS, over the 16 KB target).
     WebSocketConfig::default()
-        .read_buffer_size(4 * 1024)
+        .read_buffer_size(1024)
         .write_buffer_size(0)
         .max_write_buffer_size(2 * max_frame_size + 1024)
         .max_message_size(Some(max_frame_size))
