@@ -329,7 +329,7 @@ async fn spool_dead_letters_lists_each_open_one_filters_by_reason_and_speaks_jso
         .expect("the unmapped dead letter");
     for part in [
         "lago_transaction_id=5",
-        "external_subscription_id= ",
+        "external_subscription_id=- ",
         "charge_box_id=CB-C",
         "ocpp_transaction_id=5",
         "no subscription for id tag TAG-X",
