@@ -93,7 +93,12 @@ pub fn dead_letters(
                 letter.id,
                 letter.reason,
                 letter.lago_transaction_id.as_deref().unwrap_or("-"),
-                letter.external_subscription_id.as_deref().unwrap_or("-"),
+                // An event held for want of a subscription carries an empty one: say none.
+                letter
+                    .external_subscription_id
+                    .as_deref()
+                    .filter(|s| !s.is_empty())
+                    .unwrap_or("-"),
                 letter.charge_box_id.as_deref().unwrap_or("-"),
                 letter
                     .ocpp_transaction_id

@@ -10,6 +10,7 @@ mod fuzz_stable;
 mod hardening;
 mod lago_client;
 mod operations;
+mod operator_cli;
 mod packaging;
 mod peers_selfcheck;
 mod relay;
