@@ -102,6 +102,8 @@ enum Op {
     ReplaySince(i64),
     Prune(i64),
     Upsert(EventSpec),
+    /// `upsert_pending` of a re-derivation (new value) of a row the outbox holds, in any state.
+    Rederive(Pick, u8),
     Crash {
         kill: bool,
     },
@@ -177,6 +179,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (0..20i64).prop_map(Op::ReplaySince),
         2 => (0..20i64).prop_map(Op::Prune),
         1 => event_spec().prop_map(Op::Upsert),
+        2 => (pick(), 0..3u8).prop_map(|(p, v)| Op::Rederive(p, v)),
         2 => any::<bool>().prop_map(|kill| Op::Crash { kill }),
     ]
 }
@@ -849,6 +852,21 @@ fn run(ops: &[Op]) -> Result<(), TestCaseError> {
                 store.upsert_pending(&e, now).unwrap();
                 model.upsert_pending(&e, now);
             }
+            Op::Rederive(p, variant) => {
+                let id = picked(
+                    &model,
+                    Pick {
+                        from_pending: false,
+                        ..*p
+                    },
+                );
+                if let Some(row) = model.rows.iter().find(|r| r.id == id) {
+                    let mut e = row.event.clone();
+                    e.properties.value = format!("{}.{variant}", e.properties.ocpp_transaction_id);
+                    store.upsert_pending(&e, now).unwrap();
+                    model.upsert_pending(&e, now);
+                }
+            }
             Op::Crash { kill } => {
                 if *kill {
                     generation += 1;
@@ -876,7 +894,11 @@ fn run(ops: &[Op]) -> Result<(), TestCaseError> {
         let pending_after = keys(&model, State::Pending);
         let may_resend = matches!(
             op,
-            Op::Requeue(..) | Op::ReplaySession(..) | Op::ReplaySince(_) | Op::Upsert(_)
+            Op::Requeue(..)
+                | Op::ReplaySession(..)
+                | Op::ReplaySince(_)
+                | Op::Upsert(_)
+                | Op::Rederive(..)
         );
         if !may_resend {
             for key in pending_after.difference(&pending_before) {
