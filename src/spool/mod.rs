@@ -1,6 +1,8 @@
 //! I/O: the durable SQLite spool. `store` is the file and its statements; `writer` is the single
 //! task that group-commits tap records with the ledger state and events they produce.
 
+#[cfg(test)]
+mod model_tests;
 pub mod store;
 pub mod writer;
 
