@@ -188,13 +188,16 @@ pub async fn replay(
     for (charge_box_id, ocpp_transaction_id) in sessions {
         let mut ledger = Ledger::new();
         let mut events = Vec::new();
+        let mut held = Vec::new();
         for json in store
             .session_records(&charge_box_id, ocpp_transaction_id)
             .map_err(|e| spool_error(&path, e))?
         {
             let record: TapRecord =
                 serde_json::from_str(&json).map_err(|e| spool_error(&path, StoreError::Json(e)))?;
-            events.extend(ledger.apply(&record, &rules).events);
+            let applied = ledger.apply(&record, &rules);
+            events.extend(applied.events);
+            held.extend(applied.anomalies.into_iter().map(|a| a.reason.as_str()));
         }
         let mut held_by_lago = None;
         for event in &events {
@@ -216,11 +219,17 @@ pub async fn replay(
                         .upsert_pending(event, unix_now())
                         .map_err(|e| spool_error(&path, e))?;
                 }
-                let _ = writeln!(
+                let _ = write!(
                     out,
                     "{charge_box_id}:{ocpp_transaction_id}: {} event(s) re-derived and queued",
                     events.len()
                 );
+                if held.is_empty() {
+                    let _ = writeln!(out);
+                } else {
+                    // The same anomalies the daemon would dead-letter: say why nothing went.
+                    let _ = writeln!(out, "; held, not queued: {}", held.join(", "));
+                }
             }
         }
     }

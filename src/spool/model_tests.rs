@@ -442,6 +442,13 @@ impl Model {
             // Only the event and the state change: the id, creation time and session stay.
             r.event = e.clone();
             r.state = State::Pending;
+            // The row is pending again: its open dead letters are settled, as by a requeue.
+            let id = r.id;
+            for letter in &mut self.letters {
+                if letter.outbox_id == Some(id) && !letter.listed.requeued {
+                    letter.listed.requeued = true;
+                }
+            }
         } else {
             self.insert_or_ignore(e, now);
         }

@@ -363,7 +363,8 @@ impl Store {
         let tx = self.conn.transaction()?;
         {
             let mut stmt = tx.prepare_cached(
-                "UPDATE outbox SET attempts = attempts + 1, last_error = ?2 WHERE id = ?1",
+                "UPDATE outbox SET attempts = attempts + 1, last_error = ?2
+                 WHERE id = ?1 AND state = 'pending'",
             )?;
             for id in ids {
                 stmt.execute(params![id, error])?;
@@ -558,6 +559,13 @@ impl Store {
                 serde_json::to_string(event)?,
                 now
             ],
+        )?;
+        // A row that was dead is pending again: its dead letter is settled, as by a requeue.
+        self.conn.execute(
+            "UPDATE dead_letters SET requeued_at = ?3
+             WHERE requeued_at IS NULL AND outbox_id = (SELECT id FROM outbox
+                 WHERE external_subscription_id = ?1 AND lago_transaction_id = ?2)",
+            params![event.external_subscription_id, event.transaction_id, now],
         )?;
         Ok(())
     }
