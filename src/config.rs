@@ -218,23 +218,29 @@ impl Default for Config {
 /// Warnings about the machine rather than the file: today, whether the open-file limit fits
 /// the fleet (each charger holds two sockets: its own and SteVe's).
 pub fn environment_warnings() -> Vec<String> {
+    match open_file_limit() {
+        Some((soft, hard)) if soft < 65_536 => vec![format!(
+            "the open-file limit is {soft} (hard {hard}): room for about {} chargers, as each holds two sockets; raise LimitNOFILE= (systemd) or `ulimit -n`",
+            chargers_within(soft)
+        )],
+        _ => Vec::new(),
+    }
+}
+
+/// The process's open-file limit, (soft, hard).
+pub fn open_file_limit() -> Option<(u64, u64)> {
     let mut limit = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
     };
     // SAFETY: getrlimit only writes the struct we pass.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
-        return Vec::new();
-    }
-    let chargers = limit.rlim_cur.saturating_sub(64) / 2;
-    if limit.rlim_cur < 65_536 {
-        vec![format!(
-            "the open-file limit is {} (hard {}): room for about {chargers} chargers, as each holds two sockets; raise LimitNOFILE= (systemd) or `ulimit -n`",
-            limit.rlim_cur, limit.rlim_max
-        )]
-    } else {
-        Vec::new()
-    }
+    (unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0)
+        .then_some((limit.rlim_cur, limit.rlim_max))
+}
+
+/// Chargers that fit in `open_files`: two sockets each, a few files for everything else.
+pub fn chargers_within(open_files: u64) -> u64 {
+    (open_files.saturating_sub(64) / 2).max(1)
 }
 
 /// Every problem found in one config, each naming the key it concerns.

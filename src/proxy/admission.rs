@@ -10,7 +10,7 @@ use std::sync::{Mutex, RwLock};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 
 use super::handshake::HttpResponse;
-use crate::config::{ProxyConfig, load_allowlist};
+use crate::config::{ProxyConfig, chargers_within, load_allowlist, open_file_limit};
 
 /// The per-charger message rate limiter, keyed by chargeBoxId.
 pub type ChargerRateLimiter = DefaultKeyedRateLimiter<String>;
@@ -87,7 +87,7 @@ impl Admission {
     /// Limits from `config`; `max_connections = 0` means what the open-file limit allows.
     pub fn new(config: &ProxyConfig) -> Self {
         let max_connections = match config.max_connections {
-            0 => fd_limited_connections(),
+            0 => open_file_limit().map_or(10_000, |(soft, _)| chargers_within(soft) as usize),
             n => n,
         };
         let allowlist = config.allowlist_file.as_deref().and_then(|file| {
@@ -171,19 +171,6 @@ impl Admission {
     pub fn rate_limiter(&self) -> Option<&ChargerRateLimiter> {
         self.rate.as_ref()
     }
-}
-
-/// Chargers the open-file limit allows: two sockets each, some files for the rest.
-fn fd_limited_connections() -> usize {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit only writes the struct we pass.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
-        return 10_000;
-    }
-    (limit.rlim_cur.saturating_sub(64) / 2).max(1) as usize
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
