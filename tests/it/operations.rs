@@ -411,6 +411,72 @@ fn fill(dir: &Path) -> PathBuf {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_only_spool_leaves_charging_untouched_and_the_bridge_not_ready() {
+    // A read-only remount is refused while the bridge has the spool open, so the filesystem is
+    // made read-only between two runs, as after a disk error remounted it so.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let point = dir.path().join("spool-fs");
+    std::fs::create_dir(&point).expect("mount point");
+    let _mounted = match mount_tmpfs(&point, "8m") {
+        Ok(mounted) => mounted,
+        Err(why) => {
+            eprintln!("SKIPPED read-only spool test: cannot mount a small tmpfs ({why})");
+            return;
+        }
+    };
+    let central = CentralSystem::start(Implementation::Python, CentralOptions::default()).await;
+    let options = LaunchOptions {
+        spool_path: Some(point.join("spool.db")),
+        ..LaunchOptions::default()
+    };
+    let mut first = Bridge::launch(&central.url_base(), &options).await;
+    charge(&first, "OPS-RO1", "SUB-RO", 1).await;
+    let status = first.terminate(Duration::from_secs(20)).await;
+    assert!(status.success(), "first run exit: {status}");
+    let before = std::fs::read(point.join("spool.db")).expect("spool written by the first run");
+    if let Err(why) = sh(
+        "mount",
+        &["-o", "remount,ro", point.to_str().expect("utf-8")],
+    ) {
+        eprintln!("SKIPPED read-only spool test: cannot remount read-only ({why})");
+        return;
+    }
+
+    let bridge = Bridge::launch(&central.url_base(), &options).await;
+    let (status, body) = readyz_when(&bridge, "spool", true, RECHECK_LIMIT).await;
+    assert_eq!(status, 503, "{body}");
+    // Charging goes on: the whole session is relayed and answered at once (nothing is held
+    // for a spool that cannot take it).
+    let started = Instant::now();
+    charge(&bridge, "OPS-RO2", "SUB-RO", 1).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "billing replies were not held: {:?}",
+        started.elapsed()
+    );
+    let metrics = admin::scrape(bridge.admin_addr).await;
+    assert_eq!(
+        metrics.sum("ocpp_lago_bridge_tap_records_total", &[]),
+        0.0,
+        "{}",
+        metrics.text
+    );
+    assert!(
+        bridge
+            .stderr()
+            .lines()
+            .any(|l| l.contains("\"ERROR\"") && l.contains("relaying WITHOUT billing")),
+        "an ERROR line says billing is off:\n{}",
+        bridge.stderr()
+    );
+    assert_eq!(
+        std::fs::read(point.join("spool.db")).expect("spool still there"),
+        before,
+        "the read-only spool is untouched"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readyz_names_spool_when_it_cannot_commit_and_billing_replies_still_reach_the_charger() {
     // Root ignores file modes, and a read-only bind remount is refused (EBUSY) while the bridge
     // holds the spool open for writing: a full tmpfs is what makes every commit fail here.
