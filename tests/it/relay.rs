@@ -448,3 +448,96 @@ listen = "not an address"
         );
     }
 }
+
+/// A charger that stops answering pings (its modem died, the socket stays half-open) is found
+/// dead after `ping_interval + pong_timeout` and SteVe is told it went away; a charger that only
+/// stays silent but answers pings is kept alive, however long it says nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_charger_that_stops_answering_pings_is_closed_and_a_silent_live_one_is_kept() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let recorder = Recorder::start(Script::default()).await;
+    let bridge = Bridge::start_with_proxy(
+        &recorder.url_base(),
+        "ping_interval = \"200ms\"\npong_timeout = \"300ms\"",
+        "",
+    )
+    .await;
+
+    // Live but silent: tokio-tungstenite answers the bridge's pings while it is polled.
+    let (mut live, _) = ws::connect(&bridge.charger_url("CP-LIVE"), &["ocpp1.6"], None)
+        .await
+        .expect("live charger connects");
+    let live_reader = tokio::spawn(async move {
+        let until = Instant::now() + Duration::from_millis(1500);
+        while Instant::now() < until {
+            if tokio::time::timeout(Duration::from_millis(100), live.next())
+                .await
+                .is_ok_and(|m| m.is_none_or(|m| m.is_err() || m.is_ok_and(|m| m.is_close())))
+            {
+                return (live, false);
+            }
+        }
+        (live, true)
+    });
+
+    // Dead: the upgrade is completed by hand, then nothing is ever read or answered.
+    let mut dead = tokio::net::TcpStream::connect(bridge.proxy_addr)
+        .await
+        .expect("connect");
+    let request = format!(
+        "GET {PATH_PREFIX}/CP-DEAD HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+         Sec-WebSocket-Protocol: ocpp1.6\r\n\r\n"
+    );
+    dead.write_all(request.as_bytes()).await.expect("upgrade");
+    let mut head = [0u8; 12];
+    dead.read_exact(&mut head).await.expect("101 answer");
+    assert_eq!(&head, b"HTTP/1.1 101");
+
+    let dead_index = within(
+        Duration::from_secs(5),
+        "upstream connection of CP-DEAD",
+        async {
+            loop {
+                if let Some(i) = recorder
+                    .connections()
+                    .iter()
+                    .position(|c| c.path.ends_with("/CP-DEAD"))
+                {
+                    return i;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        },
+    )
+    .await;
+    let started = Instant::now();
+    let log = recorder
+        .wait_for_end(dead_index, Duration::from_secs(5))
+        .await
+        .expect("the dead charger's upstream connection is closed");
+    assert_eq!(
+        log.close_received.as_ref().map(|(code, _)| *code),
+        Some(1001),
+        "SteVe is told the charger went away: {log:?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+
+    let (_live, stayed) = live_reader.await.expect("live reader");
+    assert!(stayed, "a charger answering pings is kept while silent");
+    let live_index = recorder
+        .connections()
+        .iter()
+        .position(|c| c.path.ends_with("/CP-LIVE"))
+        .expect("live upstream connection");
+    assert!(
+        !recorder.connections()[live_index].ended,
+        "the live charger's upstream stays"
+    );
+    drop(dead);
+}
