@@ -169,12 +169,14 @@ struct Pipeline {
     spool: SpoolHandle,
     writer: tokio::task::JoinHandle<()>,
     shipper: Option<tokio::task::JoinHandle<()>>,
+    draining: CancellationToken,
     stop_shipping: CancellationToken,
 }
 
 impl Pipeline {
     /// Gives the shipper up to `flush` to empty the outbox, then stops it and the writer.
     async fn stop(self, spool_path: &Path, flush: Duration) {
+        self.draining.cancel();
         if self.shipper.is_some() {
             let deadline = tokio::time::Instant::now() + flush;
             while tokio::time::Instant::now() < deadline && pending_events(spool_path).await > 0 {
@@ -355,6 +357,7 @@ async fn start_pipeline(
     } else {
         lago_client(config, readiness).map(Destination::Lago)
     };
+    let draining = CancellationToken::new();
     let stop_shipping = CancellationToken::new();
     let shipper = destination.map(|destination| {
         let access = SpoolAccess {
@@ -374,6 +377,7 @@ async fn start_pipeline(
             access,
             settings,
             readiness.clone(),
+            draining.clone(),
             stop_shipping.clone(),
         ))
     });
@@ -381,6 +385,7 @@ async fn start_pipeline(
         spool,
         writer,
         shipper,
+        draining,
         stop_shipping,
     })
 }

@@ -63,12 +63,14 @@ pub struct SpoolAccess {
     pub events_committed: Arc<Notify>,
 }
 
-/// Ships until `shutdown` fires (after a final drain bounded by the caller).
+/// Ships until `shutdown` fires. `draining` fires first, on SIGTERM: from then on a part-full
+/// batch goes at once instead of lingering, so the flush window is spent sending.
 pub async fn run(
     destination: Destination,
     spool: SpoolAccess,
     settings: ShipperSettings,
     readiness: Readiness,
+    draining: CancellationToken,
     shutdown: CancellationToken,
 ) {
     let reader = match crate::app::open_store(&spool.path).await {
@@ -91,6 +93,7 @@ pub async fn run(
         readiness,
         known_subscriptions: HashMap::new(),
         metric_checked_at: None,
+        draining,
     };
     let wake = spool.events_committed;
     loop {
@@ -132,6 +135,7 @@ struct Shipper {
     readiness: Readiness,
     known_subscriptions: HashMap<String, Instant>,
     metric_checked_at: Option<Instant>,
+    draining: CancellationToken,
 }
 
 fn backoff(settings: &ShipperSettings) -> backon::ExponentialBackoff {
@@ -169,7 +173,10 @@ impl Shipper {
         };
         // A part-full batch waits once for company (a full one, e.g. a backlog, goes at once).
         let rows = if rows.len() < self.batch_max_events && !self.settings.batch_linger.is_zero() {
-            tokio::time::sleep(self.settings.batch_linger).await;
+            tokio::select! {
+                _ = tokio::time::sleep(self.settings.batch_linger) => {}
+                _ = self.draining.cancelled() => {}
+            }
             match self.pending(self.batch_max_events).await {
                 Ok(rows) => rows,
                 Err(_) => rows,

@@ -557,3 +557,57 @@ async fn sigkill_at_random_points_loses_and_duplicates_nothing() {
         started.elapsed()
     );
 }
+
+/// SIGTERM sends what is pending before the bridge exits: a part-full batch lingering for
+/// `lago.batch_linger` goes at once, within `lago.shutdown_flush_timeout`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_flushes_a_lingering_batch_before_exit() {
+    let central = CentralSystem::start(Implementation::Python, CentralOptions::default()).await;
+    let lago = e2e::stand_in(StoreMode::Postgres, &["TAG-FLUSH"]).await;
+    let toml = e2e::lago_toml(&lago, None, "session").replace(
+        "batch_linger = \"100ms\"",
+        "batch_linger = \"60s\"\nshutdown_flush_timeout = \"10s\"",
+    );
+    let mut bridge = Bridge::start_opts(
+        &central.url_base(),
+        BridgeOptions {
+            extra_toml: toml,
+            env: vec![("LAGO_API_KEY".into(), lago.api_key())],
+            ..Default::default()
+        },
+    )
+    .await;
+    let run = run_charger(
+        Implementation::Python,
+        &bridge.charger_base_url(),
+        "CP-FLUSH",
+        &["--sessions", "1", "--id-tag", "TAG-FLUSH"],
+        Duration::from_secs(30),
+    )
+    .await;
+    run.assert_ok("charge point");
+    let pending = poll_until(Duration::from_secs(5), || {
+        (spool_counts(bridge.spool_path()).pending == 1).then_some(())
+    })
+    .await;
+    assert!(pending.is_some(), "the event waits in the spool, lingering");
+    assert!(
+        lago.stored_events().is_empty(),
+        "nothing sent before the linger ends"
+    );
+
+    let started = Instant::now();
+    let status = bridge.terminate(Duration::from_secs(20)).await;
+    assert!(status.success(), "bridge exit: {status}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "the flush did not wait out the 60 s linger: {:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        lago.stored_events().len(),
+        1,
+        "the pending event was sent on SIGTERM"
+    );
+    assert_eq!(spool_counts(bridge.spool_path()).pending, 0);
+}
