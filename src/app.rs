@@ -167,7 +167,8 @@ pub async fn run(
 /// The billing half of the daemon: spool writer and shipper.
 struct Pipeline {
     spool: SpoolHandle,
-    writer: tokio::task::JoinHandle<()>,
+    /// Fires when the writer thread has committed what it held and ended.
+    writer: tokio::sync::oneshot::Receiver<()>,
     shipper: Option<tokio::task::JoinHandle<()>>,
     draining: CancellationToken,
     stop_shipping: CancellationToken,
@@ -350,7 +351,7 @@ async fn start_pipeline(
         }
     };
     let spool = SpoolHandle::new(commands);
-    let writer = tokio::spawn(writer_future);
+    let writer = writer::spawn_writer(writer_future);
 
     let destination = if options.dry_run {
         Some(Destination::Stdout)

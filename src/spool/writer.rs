@@ -367,12 +367,9 @@ impl Writer {
             .store
             .take()
             .expect("store is put back after every use");
-        let (store, out) = tokio::task::spawn_blocking(move || {
-            let out = work(&mut store);
-            (store, out)
-        })
-        .await
-        .expect("spool work does not panic");
+        // The writer runs on a thread of its own (`spawn_writer`): blocking here stalls nothing
+        // else, and saves the hand-off to a pool thread and back on every group commit.
+        let out = work(&mut store);
         self.store = Some(store);
         out
     }
@@ -427,6 +424,25 @@ async fn recover_start(
             None
         }
     }
+}
+
+/// Runs the writer on a dedicated thread with its own single-threaded runtime: SQLite's blocking
+/// calls and fsyncs then never wait for (or take) a thread of the relay's runtime. The receiver
+/// fires when the writer has ended.
+pub fn spawn_writer(writer: impl Future<Output = ()> + Send + 'static) -> oneshot::Receiver<()> {
+    let (ended, receiver) = oneshot::channel();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a current-thread runtime builds");
+    std::thread::Builder::new()
+        .name("spool-writer".into())
+        .spawn(move || {
+            runtime.block_on(writer);
+            let _ = ended.send(());
+        })
+        .expect("the writer thread starts");
+    receiver
 }
 
 /// The bridge clock in unix seconds.
