@@ -53,10 +53,16 @@ const ACTIONS: &[&str] = &[
 /// A bounded label for a text frame: the action of a CALL (`other` if not an OCPP 1.6 action),
 /// `CALLRESULT`, `CALLERROR`, or `invalid` for a frame that is not OCPP-J.
 pub fn frame_label(text: &str) -> &'static str {
-    match frame::parse_head(text) {
+    head_label(&frame::parse_head(text))
+}
+
+/// [`frame_label`] of a head already parsed.
+pub fn head_label(head: &Result<frame::FrameHead<'_>, frame::FrameError>) -> &'static str {
+    match head {
         Ok(head) => match head.message_type {
             frame::MessageType::Call => head
                 .action
+                .as_deref()
                 .and_then(|action| ACTIONS.iter().find(|known| **known == action).copied())
                 .unwrap_or("other"),
             frame::MessageType::CallResult => "CALLRESULT",

@@ -57,16 +57,23 @@ impl FrameTap {
             }
             _ => return "control",
         };
-        self.observe_text(from, text).await;
-        crate::ocpp::frame_label(text)
+        // The head is parsed once, for the label and for the tap.
+        let head = crate::ocpp::frame::parse_head(text);
+        let label = crate::ocpp::head_label(&head);
+        self.observe_text(from, head).await;
+        label
     }
 
-    async fn observe_text(&self, from: Side, text: &str) {
+    async fn observe_text(
+        &self,
+        from: Side,
+        head: Result<crate::ocpp::frame::FrameHead<'_>, crate::ocpp::frame::FrameError>,
+    ) {
         let observation = {
             let mut tap = lock(&self.tap);
             match from {
-                Side::Charger => tap.from_charger(text, unix_now()),
-                Side::Upstream => tap.from_central(text, unix_now()),
+                Side::Charger => tap.charger_head(head, unix_now()),
+                Side::Upstream => tap.central_head(head, unix_now()),
             }
         };
         match observation {

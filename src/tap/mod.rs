@@ -262,7 +262,17 @@ impl ConnectionTap {
 
     /// Observes a text frame sent by the charger; `received_at` is the bridge clock in unix seconds.
     pub fn from_charger(&mut self, text: &str, received_at: i64) -> Observation {
-        let head = match frame::parse_head(text) {
+        self.charger_head(frame::parse_head(text), received_at)
+    }
+
+    /// Like [`ConnectionTap::from_charger`], for a head the caller already parsed (the relay
+    /// parses each frame's head once, for its metric label and for the tap).
+    pub fn charger_head(
+        &mut self,
+        head: Result<FrameHead<'_>, frame::FrameError>,
+        received_at: i64,
+    ) -> Observation {
+        let head = match head {
             Ok(head) => head,
             Err(e) => return Observation::malformed_frame(e),
         };
@@ -369,8 +379,17 @@ impl ConnectionTap {
 
     /// Observes a text frame sent by the central system; `received_at` is the bridge clock.
     pub fn from_central(&mut self, text: &str, received_at: i64) -> Observation {
+        self.central_head(frame::parse_head(text), received_at)
+    }
+
+    /// Like [`ConnectionTap::from_central`], for a head the caller already parsed.
+    pub fn central_head(
+        &mut self,
+        head: Result<FrameHead<'_>, frame::FrameError>,
+        received_at: i64,
+    ) -> Observation {
         let _ = received_at; // The Start record is dated by its request, not by the answer.
-        let head = match frame::parse_head(text) {
+        let head = match head {
             Ok(head) => head,
             Err(e) => return Observation::malformed_frame(e),
         };
