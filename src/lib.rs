@@ -25,3 +25,9 @@ pub mod telemetry;
 pub(crate) fn ensure_rustls_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
+
+/// Locks a mutex that is only held for short, non-panicking updates: a poisoned one still holds
+/// consistent data, so its guard is taken rather than propagating another thread's panic.
+pub(crate) fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}

@@ -99,8 +99,7 @@ impl Readiness {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<&'static str, String>> {
-        // A panic elsewhere while holding this lock leaves a map that is still valid.
-        self.problems.lock().unwrap_or_else(|e| e.into_inner())
+        crate::lock(&self.problems)
     }
 }
 

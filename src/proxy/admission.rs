@@ -11,6 +11,7 @@ use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 
 use super::handshake::HttpResponse;
 use crate::config::{ProxyConfig, chargers_within, load_allowlist, open_file_limit};
+use crate::lock;
 
 /// The per-charger message rate limiter, keyed by chargeBoxId.
 pub type ChargerRateLimiter = DefaultKeyedRateLimiter<String>;
@@ -171,8 +172,4 @@ impl Admission {
     pub fn rate_limiter(&self) -> Option<&ChargerRateLimiter> {
         self.rate.as_ref()
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }

@@ -10,6 +10,7 @@ use tokio::sync::oneshot;
 use tokio_tungstenite::tungstenite::Message;
 
 use super::relay::Side;
+use crate::lock;
 use crate::spool::SpoolHandle;
 use crate::spool::writer::unix_now;
 use crate::tap::{ConnectionTap, MAX_PENDING_CALLS, Observation, TapRecord};
@@ -153,9 +154,4 @@ fn count_frame(from: Side, outcome: &'static str) {
 
 fn bad_frame(from: Side, reason: &'static str) {
     metrics::counter!("ocpp_lago_bridge_bad_frames_total", "direction" => from.direction(), "reason" => reason).increment(1);
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // Held only for non-awaiting, non-panicking updates; a poisoned map is still consistent.
-    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
