@@ -419,18 +419,16 @@ fn lago_client(config: &Config, readiness: &Readiness) -> Option<LagoClient> {
 /// SteVe's REST client, when `[steve] api_url` is set and its key can be read.
 fn steve_client(config: &Config) -> Option<crate::steve::SteveClient> {
     let api_url = config.steve.api_url.as_deref()?;
-    let key = match &config.steve.api_key_file {
-        Some(path) => std::fs::read_to_string(path)
-            .map_err(|e| format!("cannot read {}: {e}", path.display())),
-        None => std::env::var("STEVE_API_KEY").map_err(|_| "STEVE_API_KEY is not set".to_string()),
-    };
+    let key = read_secret(
+        "SteVe API key",
+        config.steve.api_key_file.as_deref(),
+        None,
+        "STEVE_API_KEY",
+        "set steve.api_key_file or STEVE_API_KEY",
+    );
     let client = key.and_then(|key| {
-        crate::steve::SteveClient::new(
-            api_url,
-            ApiKey::new(key.trim()),
-            config.steve.request_timeout,
-        )
-        .map_err(|e| e.to_string())
+        crate::steve::SteveClient::new(api_url, key, config.steve.request_timeout)
+            .map_err(|e| e.to_string())
     });
     match client {
         Ok(client) => Some(client),
@@ -444,23 +442,41 @@ fn steve_client(config: &Config) -> Option<crate::steve::SteveClient> {
 /// The Lago API key: `lago.api_key_file`, else the systemd credential `lago-api-key`, else the
 /// environment variable `LAGO_API_KEY`. Errors never contain the key.
 pub fn read_api_key(api_key_file: Option<&Path>) -> Result<ApiKey, String> {
-    let credential = std::env::var_os("CREDENTIALS_DIRECTORY")
-        .map(|dir| PathBuf::from(dir).join("lago-api-key"));
-    let file = api_key_file
+    read_secret(
+        "Lago API key",
+        api_key_file,
+        Some("lago-api-key"),
+        "LAGO_API_KEY",
+        "set lago.api_key_file, a systemd credential `lago-api-key` or LAGO_API_KEY",
+    )
+}
+
+/// A secret from `file`, else the systemd credential `credential` (under
+/// `$CREDENTIALS_DIRECTORY`), else the environment variable `var`; trimmed, never empty.
+/// Errors name where it was looked for, never what it holds.
+fn read_secret(
+    what: &str,
+    file: Option<&Path>,
+    credential: Option<&str>,
+    var: &str,
+    how_to_set: &str,
+) -> Result<ApiKey, String> {
+    let credential = credential.and_then(|name| {
+        std::env::var_os("CREDENTIALS_DIRECTORY").map(|dir| PathBuf::from(dir).join(name))
+    });
+    let file = file
         .map(Path::to_path_buf)
         .or(credential.filter(|p| p.exists()));
-    let key = match file {
+    let secret = match file {
         Some(path) => std::fs::read_to_string(&path)
-            .map_err(|e| format!("cannot read the Lago API key file {}: {e}", path.display()))?,
-        None => std::env::var("LAGO_API_KEY").map_err(|_| {
-            "no Lago API key: set lago.api_key_file, a systemd credential `lago-api-key` or LAGO_API_KEY".to_string()
-        })?,
+            .map_err(|e| format!("cannot read the {what} file {}: {e}", path.display()))?,
+        None => std::env::var(var).map_err(|_| format!("no {what}: {how_to_set}"))?,
     };
-    let key = key.trim();
-    if key.is_empty() {
-        return Err("the Lago API key is empty".into());
+    let secret = secret.trim();
+    if secret.is_empty() {
+        return Err(format!("the {what} is empty"));
     }
-    Ok(ApiKey::new(key))
+    Ok(ApiKey::new(secret))
 }
 
 fn tempdir_for_dry_run() -> PathBuf {
