@@ -178,9 +178,17 @@ impl Pipeline {
     /// Gives the shipper up to `flush` to empty the outbox, then stops it and the writer.
     async fn stop(self, spool_path: &Path, flush: Duration) {
         self.draining.cancel();
+        // One read connection for the whole shutdown, not one per look.
+        let reader = open_store(spool_path).await.ok();
+        let pending_events = || {
+            reader
+                .as_ref()
+                .and_then(|store| store.backlog().ok())
+                .map_or(0, |(pending, _)| pending)
+        };
         if self.shipper.is_some() {
             let deadline = tokio::time::Instant::now() + flush;
-            while tokio::time::Instant::now() < deadline && pending_events(spool_path).await > 0 {
+            while tokio::time::Instant::now() < deadline && pending_events() > 0 {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
@@ -191,7 +199,7 @@ impl Pipeline {
         // The last handle: dropping it lets the writer commit what it holds and end.
         drop(self.spool);
         let _ = self.writer.await;
-        let pending = pending_events(spool_path).await;
+        let pending = pending_events();
         if pending > 0 {
             tracing::info!(
                 pending,
@@ -291,13 +299,6 @@ pub async fn open_store(spool_path: &Path) -> Result<Store, String> {
         Err(_) => Err(format!(
             "opening the spool took longer than {SPOOL_OPEN_TIMEOUT:?}: is its disk hung?"
         )),
-    }
-}
-
-async fn pending_events(spool_path: &Path) -> i64 {
-    match open_store(spool_path).await {
-        Ok(store) => store.backlog().map(|(pending, _)| pending).unwrap_or(0),
-        Err(_) => 0,
     }
 }
 
