@@ -25,9 +25,10 @@ use tracing::Instrument;
 
 use crate::config::ProxyConfig;
 use crate::shutdown::Shutdown;
-use admission::{Admission, Refusal};
+use admission::{Admission, Refusal, Slot};
 use handshake::{HttpResponse, UpgradeRequest, read_upgrade_request};
-use relay::{Limits, relay};
+use futures_util::StreamExt;
+use relay::{Halves, Limits, relay};
 use tap::{Billing, FrameTap};
 use tls::{ReloadableAcceptor, TlsError};
 
@@ -111,72 +112,88 @@ impl Proxy {
         // Counted from accept, so a flood of handshakes is bounded too.
         let slot = self.admission.admit(peer.ip());
         let Some(tls) = &self.tls else {
-            return match slot {
-                Ok(_slot) => self.upgrade(stream, peer, None, close).await,
-                Err(refusal) => refuse(&mut stream, peer, refusal).await,
+            let _slot = match slot {
+                Ok(slot) => slot,
+                Err(refusal) => return refuse(&mut stream, peer, refusal).await,
             };
+            // The handshakes are boxed: a task's future is as large as its largest state, and
+            // theirs (read buffers, the client handshake to SteVe) would otherwise size every
+            // connection for its whole life (BENCHMARKS.md, idle memory).
+            if let Some(connected) = Box::pin(self.connect(stream, peer, None)).await {
+                self.relay_connected(connected, close).await;
+            }
+            return;
         };
-        // Boxed, like the TLS upgrade below: a task's future is as large as its largest state,
-        // and rustls' handshake state would otherwise make every plain ws:// charger pay for it.
+        // wss:// chargers pay one more allocation, so that plain ws:// ones do not carry
+        // rustls' state in their task.
+        Box::pin(self.handle_tls(tls, stream, peer, slot, close)).await
+    }
+
+    async fn handle_tls(
+        &self,
+        tls: &ReloadableAcceptor,
+        stream: TcpStream,
+        peer: SocketAddr,
+        slot: Result<Slot<'_>, Refusal>,
+        close: CancellationToken,
+    ) {
         let accepting = Box::pin(tls.acceptor().accept(stream));
-        match tokio::time::timeout(self.config.handshake_timeout, accepting).await {
-            // The 503 of a wss:// charger over the limit can only be read inside TLS.
-            Ok(Ok(mut stream)) if slot.is_err() => {
-                if let Err(refusal) = slot {
-                    refuse(&mut stream, peer, refusal).await;
-                }
-            }
-            Ok(Ok(stream)) => {
-                let certified_id = if tls.requires_client_certificate() {
-                    let cn = stream
-                        .get_ref()
-                        .1
-                        .peer_certificates()
-                        .and_then(|chain| chain.first())
-                        .and_then(tls::subject_common_name);
-                    match cn {
-                        Some(cn) => Some(cn),
-                        None => {
-                            count_handshake("client_certificate_without_cn");
-                            tracing::warn!(%peer, "charger refused: its certificate has no subject CN to match a chargeBoxId");
-                            return;
-                        }
-                    }
-                } else {
-                    None
-                };
-                Box::pin(self.upgrade(stream, peer, Some(certified_id), close)).await
-            }
+        let stream = match tokio::time::timeout(self.config.handshake_timeout, accepting).await {
+            Ok(Ok(stream)) => stream,
             Ok(Err(error)) => {
                 count_handshake("tls_error");
-                tracing::warn!(%peer, %error, "charger TLS handshake failed");
+                return tracing::warn!(%peer, %error, "charger TLS handshake failed");
             }
             Err(_) => {
                 count_handshake("handshake_timeout");
-                tracing::warn!(%peer, "charger TLS handshake timed out");
+                return tracing::warn!(%peer, "charger TLS handshake timed out");
             }
+        };
+        let (stream, _slot) = match slot {
+            Ok(slot) => (stream, slot),
+            // The 503 of a wss:// charger over the limit can only be read inside TLS.
+            Err(refusal) => return refuse(&mut { stream }, peer, refusal).await,
+        };
+        let certified_id = if tls.requires_client_certificate() {
+            let cn = stream
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|chain| chain.first())
+                .and_then(tls::subject_common_name);
+            match cn {
+                Some(cn) => Some(cn),
+                None => {
+                    count_handshake("client_certificate_without_cn");
+                    tracing::warn!(%peer, "charger refused: its certificate has no subject CN to match a chargeBoxId");
+                    return;
+                }
+            }
+        } else {
+            None
+        };
+        if let Some(connected) = Box::pin(self.connect(stream, peer, Some(certified_id))).await {
+            self.relay_connected(connected, close).await;
         }
     }
 
-    /// The WebSocket upgrade on a plain or TLS stream. `tls` is `None` on plain `ws://`, else
-    /// `Some(certified chargeBoxId)` (that inner `Some` only under security profile 3).
-    async fn upgrade<S>(
+    /// The WebSocket upgrade on a plain or TLS stream, and SteVe dialled for it. `tls` is
+    /// `None` on plain `ws://`, else `Some(certified chargeBoxId)` (that inner `Some` only
+    /// under security profile 3). `None` when the charger was refused (and told why).
+    async fn connect<S>(
         &self,
         mut stream: S,
         peer: SocketAddr,
         tls: Option<Option<String>>,
-        close: CancellationToken,
-    ) where
+    ) -> Option<Connected<S>>
+    where
         S: AsyncRead + AsyncWrite + Unpin + Send,
     {
-        // The handshake futures are boxed: they are short-lived but large (read buffers, the
-        // client handshake to SteVe), and unboxed they would size the task of every connection
-        // for its whole life (BENCHMARKS.md, idle memory).
-        let request = match Box::pin(read_upgrade_request(
+        let request = match read_upgrade_request(
             &mut stream,
             &self.config.path_prefix,
             self.config.handshake_timeout,
-        ))
+        )
         .await
         {
             Ok(request) => request,
@@ -186,23 +203,23 @@ impl Proxy {
                 if let Some(response) = error.response() {
                     let _ = response.write_to(&mut stream).await;
                 }
-                return;
+                return None;
             }
         };
         let span = tracing::info_span!("charger", charge_box_id = %request.charge_box_id);
-        async {
+        let connected = async {
             if let Err(refusal) = self.authorise(&request, tls.as_ref().and_then(Option::as_deref))
             {
                 count_handshake(refusal.reason());
                 tracing::warn!(%peer, reason = refusal.reason(), "charger refused: {refusal}");
                 let _ = refusal.response().write_to(&mut stream).await;
-                return;
+                return None;
             }
-            self.relay_charger(stream, peer, request, tls.is_some(), close)
-                .await
+            self.dial_for(stream, peer, request, tls.is_some()).await
         }
-        .instrument(span)
-        .await
+        .instrument(span.clone())
+        .await?;
+        Some(Connected { span, ..connected })
     }
 
     fn authorise(
@@ -220,14 +237,15 @@ impl Proxy {
         self.admission.allowed(&request.charge_box_id)
     }
 
-    async fn relay_charger<S>(
+    /// Dials SteVe for the charger and answers the charger's handshake with SteVe's choice.
+    async fn dial_for<S>(
         &self,
         mut stream: S,
         peer: SocketAddr,
         request: UpgradeRequest,
         tls_at_bridge: bool,
-        close: CancellationToken,
-    ) where
+    ) -> Option<Connected<S>>
+    where
         S: AsyncRead + AsyncWrite + Unpin + Send,
     {
         // SteVe sees a reverse proxy: who the charger is, and whether it came over TLS (it
@@ -251,14 +269,14 @@ impl Proxy {
             ("X-Forwarded-For", forwarded_for),
             ("X-Forwarded-Proto", forwarded_proto),
         ];
-        let dialled = Box::pin(upstream::dial(
+        let dialled = upstream::dial(
             &self.config.upstream_url,
             &request,
             &forwarded,
             self.upstream_tls.clone(),
             self.socket_config,
             self.config.upstream_handshake_timeout,
-        ))
+        )
         .await;
         let (upstream, protocol) = match dialled {
             Ok(dialled) => dialled,
@@ -266,7 +284,7 @@ impl Proxy {
                 count_handshake(error.reason());
                 tracing::warn!(%peer, reason = error.reason(), %error, "charger refused: no upstream connection");
                 let _ = error.response().write_to(&mut stream).await;
-                return;
+                return None;
             }
         };
         let accept =
@@ -274,7 +292,7 @@ impl Proxy {
         if let Err(error) = accept.write_to(&mut stream).await {
             count_handshake("disconnected");
             tracing::warn!(%peer, %error, "charger left before its handshake was answered");
-            return;
+            return None;
         }
         count_handshake("accepted");
         let charger = WebSocketStream::from_partially_read(
@@ -284,7 +302,30 @@ impl Proxy {
             Some(self.socket_config),
         )
         .await;
+        Some(Connected {
+            charger: charger.split(),
+            upstream: upstream.split(),
+            charge_box_id: request.charge_box_id,
+            protocol,
+            peer,
+            span: tracing::Span::none(),
+        })
+    }
 
+    /// Relays a connected charger until either side ends, inside the charger's span.
+    async fn relay_connected<S>(&self, connected: Connected<S>, close: CancellationToken)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send,
+    {
+        let Connected {
+            charger,
+            upstream,
+            charge_box_id,
+            protocol,
+            peer,
+            span,
+        } = connected;
+        async {
         let connections = metrics::gauge!("ocpp_lago_bridge_charger_connections");
         connections.increment(1.0);
         tracing::info!(%peer, protocol = protocol.as_deref().unwrap_or(""), "charger connected");
@@ -293,10 +334,10 @@ impl Proxy {
             pong_timeout: self.config.pong_timeout,
             idle_timeout: self.config.idle_timeout,
             rate: self.admission.rate_limiter(),
-            charge_box_id: &request.charge_box_id,
+            charge_box_id: &charge_box_id,
         };
         let tap = FrameTap::new(
-            request.charge_box_id.clone(),
+            charge_box_id.clone(),
             protocol.as_deref(),
             self.billing.clone(),
         );
@@ -316,7 +357,20 @@ impl Proxy {
             ),
             _ => tracing::info!(reason = end.reason(), "connection closed"),
         }
+        }
+        .instrument(span)
+        .await
     }
+}
+
+/// A charger whose handshakes with the bridge and with SteVe are done.
+struct Connected<S> {
+    charger: Halves<WebSocketStream<S>>,
+    upstream: Halves<upstream::UpstreamSocket>,
+    charge_box_id: String,
+    protocol: Option<String>,
+    peer: SocketAddr,
+    span: tracing::Span,
 }
 
 /// Answers a charger over a connection limit with 503 (it retries later).

@@ -10,6 +10,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{Sink, SinkExt, Stream, StreamExt};
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_tungstenite::tungstenite::error::{CapacityError, ProtocolError};
@@ -145,10 +146,14 @@ impl Liveness {
     }
 }
 
+/// A connection split into its sending and receiving halves. Each half is a pointer to the
+/// shared connection: a relay's task holds these, not the (large) connections themselves.
+pub type Halves<S> = (SplitSink<S, Message>, SplitStream<S>);
+
 /// Relays until either side ends or `close` fires, then propagates the close to both sides.
 pub async fn relay<C, U>(
-    charger: C,
-    upstream: U,
+    charger: Halves<C>,
+    upstream: Halves<U>,
     limits: Limits<'_>,
     tap: &FrameTap,
     close: &CancellationToken,
@@ -157,8 +162,8 @@ where
     C: Stream<Item = Result<Message, WsError>> + Sink<Message, Error = WsError> + Unpin,
     U: Stream<Item = Result<Message, WsError>> + Sink<Message, Error = WsError> + Unpin,
 {
-    let (mut charger_tx, mut charger_rx) = charger.split();
-    let (mut upstream_tx, mut upstream_rx) = upstream.split();
+    let (mut charger_tx, mut charger_rx) = charger;
+    let (mut upstream_tx, mut upstream_rx) = upstream;
     let liveness = Liveness {
         started: Instant::now(),
         last_heard_ms: [AtomicU64::new(0), AtomicU64::new(0)],

@@ -61,15 +61,19 @@ impl FrameTap {
         // The head is parsed once, for the label and for the tap.
         let head = crate::ocpp::frame::parse_head(text);
         let label = crate::ocpp::head_label(&head);
-        self.observe_text(from, head).await;
+        if let Some(billing) = self.classify(from, head) {
+            // Boxed: only billing frames pay for this future, not every connection's task.
+            Box::pin(self.bill(from, billing)).await;
+        }
         label
     }
 
-    async fn observe_text(
+    /// Counts and logs what the tap made of a frame; returns it when it is billing work.
+    fn classify(
         &self,
         from: Side,
         head: Result<crate::ocpp::frame::FrameHead<'_>, crate::ocpp::frame::FrameError>,
-    ) {
+    ) -> Option<Observation> {
         let observation = {
             let mut tap = lock(&self.tap);
             match from {
@@ -89,10 +93,23 @@ impl FrameTap {
                 bad_frame(from, reason);
                 tracing::warn!(charge_box_id = %self.charge_box_id, direction = from.direction(), reason, %detail, "frame relayed unchanged but not understood");
             }
-            Observation::Record { record, message_id } => {
+            Observation::Record { .. } => {
                 count_frame(from, "record");
-                // Boxed: only billing frames pay for these futures, not every idle connection.
-                let Some(receipt) = Box::pin(self.submit(record)).await else {
+                return Some(observation);
+            }
+            Observation::BillingReply { .. } => {
+                count_frame(from, "billing_reply");
+                return Some(observation);
+            }
+        }
+        None
+    }
+
+    /// Queues a record for the spool, or holds a billing reply until its record is on disk.
+    async fn bill(&self, from: Side, observation: Observation) {
+        match observation {
+            Observation::Record { record, message_id } => {
+                let Some(receipt) = self.submit(record).await else {
                     return;
                 };
                 match from {
@@ -106,16 +123,16 @@ impl FrameTap {
                         receipts.insert(message_id, receipt);
                     }
                     // A StartTransaction reply completes its record: hold this very frame.
-                    Side::Upstream => Box::pin(self.hold(receipt, &message_id)).await,
+                    Side::Upstream => self.hold(receipt, &message_id).await,
                 }
             }
             Observation::BillingReply { message_id } => {
-                count_frame(from, "billing_reply");
                 let receipt = lock(&self.receipts).remove(&message_id);
                 if let Some(receipt) = receipt {
-                    Box::pin(self.hold(receipt, &message_id)).await;
+                    self.hold(receipt, &message_id).await;
                 }
             }
+            Observation::Pass | Observation::Unbilled { .. } | Observation::Malformed { .. } => {}
         }
     }
 
