@@ -8,6 +8,7 @@
 //! `send` is either fully buffered or not at all), and the close is propagated.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::Poll;
 use std::time::Duration;
 
 use futures_util::stream::{SplitSink, SplitStream};
@@ -307,7 +308,14 @@ where
                 (Message::Ping(Default::default()), None)
             }
         };
-        match tokio::time::timeout(deadline, dst.send(outgoing)).await {
+        // Almost every frame fits the socket buffer at once; only a send that has to wait
+        // arms a deadline (a timer per frame costs two timer-wheel locks for nothing).
+        let mut sending = std::pin::pin!(dst.send(outgoing));
+        let sent = match futures_util::poll!(sending.as_mut()) {
+            Poll::Ready(result) => Ok(result),
+            Poll::Pending => tokio::time::timeout(deadline, sending).await,
+        };
+        match sent {
             Ok(Ok(())) => {
                 if let Some(action) = label {
                     metrics::counter!("ocpp_lago_bridge_frames_relayed_total", "direction" => from.direction(), "action" => action).increment(1);
