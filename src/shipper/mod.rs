@@ -36,6 +36,9 @@ const REPROBE_EVERY: Duration = Duration::from_secs(5);
 const SUBSCRIPTION_TTL: Duration = Duration::from_secs(600);
 /// How often the billable metric is re-validated while everything is fine.
 const METRIC_RECHECK: Duration = Duration::from_secs(300);
+/// While full batches go out, the backlog gauges are refreshed this often, not before every
+/// batch: counting a million pending rows takes tens of milliseconds, several requests' worth.
+const BACKLOG_PUBLISH_EVERY: Duration = Duration::from_secs(1);
 
 /// The shipper's settings (from `[lago]`).
 #[derive(Debug, Clone)]
@@ -93,6 +96,7 @@ pub async fn run(
         readiness,
         known_subscriptions: HashMap::new(),
         metric_checked_at: None,
+        backlog_published_at: None,
         draining,
     };
     let wake = spool.events_committed;
@@ -135,6 +139,7 @@ struct Shipper {
     readiness: Readiness,
     known_subscriptions: HashMap<String, Instant>,
     metric_checked_at: Option<Instant>,
+    backlog_published_at: Option<Instant>,
     draining: CancellationToken,
 }
 
@@ -156,7 +161,14 @@ impl Shipper {
                 return Step::Wait(REPROBE_EVERY);
             }
         };
-        self.publish_backlog().await;
+        // A short read is the tail of a backlog (or nothing): the count is cheap and exact then.
+        if rows.len() < self.batch_max_events
+            || self
+                .backlog_published_at
+                .is_none_or(|at| at.elapsed() >= BACKLOG_PUBLISH_EVERY)
+        {
+            self.publish_backlog().await;
+        }
         // Checked even with nothing to send: /readyz must say at start whether the key and the
         // metric are right, not when the first session ends.
         if let Destination::Lago(client) = destination
@@ -458,6 +470,7 @@ impl Shipper {
     /// Publishes the backlog gauges (pending events, oldest pending age).
     async fn publish_backlog(&mut self) {
         let now = unix_now();
+        self.backlog_published_at = Some(Instant::now());
         if let Ok((pending, oldest)) = self.with_reader(|store| store.backlog()).await {
             metrics::gauge!("ocpp_lago_bridge_spool_pending_events").set(pending as f64);
             let age = oldest.map_or(0, |created| (now - created).max(0));

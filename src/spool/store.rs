@@ -334,12 +334,27 @@ impl Store {
     }
 
     /// How many events are pending and when the oldest was created (unix seconds).
+    ///
+    /// The oldest is the pending row with the lowest id: ids and `created_at` both come from the
+    /// single writer's commit, so they grow together (a requeued or replayed row keeps both).
+    /// `MIN(created_at)` would visit every pending row: ~0.3 s per call on a million-event backlog,
+    /// which the shipper paid before each batch. Both parts here read only the `(state, id)` index,
+    /// plus one row.
     pub fn backlog(&self) -> Result<(i64, Option<i64>), StoreError> {
-        Ok(self.conn.query_row(
-            "SELECT COUNT(*), MIN(created_at) FROM outbox WHERE state = 'pending'",
+        let pending = self.conn.query_row(
+            "SELECT COUNT(*) FROM outbox WHERE state = 'pending'",
             [],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )?)
+            |r| r.get(0),
+        )?;
+        let oldest = self
+            .conn
+            .query_row(
+                "SELECT created_at FROM outbox WHERE state = 'pending' ORDER BY id LIMIT 1",
+                [],
+                |r| r.get(0),
+            )
+            .optional()?;
+        Ok((pending, oldest))
     }
 
     /// Marks outbox rows delivered.
