@@ -529,14 +529,15 @@ impl Shipper {
                 break;
             };
             let result = match mark.done.try_recv() {
-                Err(oneshot::error::TryRecvError::Empty) if over => {
-                    (&mut mark.done).await.ok()
-                }
+                Err(oneshot::error::TryRecvError::Empty) if over => (&mut mark.done).await.ok(),
                 Err(oneshot::error::TryRecvError::Empty) => return failed,
                 Ok(result) => Some(result),
                 Err(oneshot::error::TryRecvError::Closed) => None,
             };
-            let mark = self.marks.pop_front().expect("the front mark was just seen");
+            let mark = self
+                .marks
+                .pop_front()
+                .expect("the front mark was just seen");
             for id in &mark.ids {
                 self.marking.remove(id);
             }

@@ -716,7 +716,12 @@ mod tests {
         let mut store = Store::open(&path).unwrap();
         let events = (1..=6).map(|n| event(&n.to_string(), "sub")).collect();
         store.commit(&[changes(events)], 100).unwrap();
-        let ids: Vec<i64> = store.pending(10).unwrap().iter().map(|r| r.outbox_id).collect();
+        let ids: Vec<i64> = store
+            .pending(10)
+            .unwrap()
+            .iter()
+            .map(|r| r.outbox_id)
+            .collect();
         assert_eq!(ids.len(), 6);
 
         // The first two are being marked delivered: the next three after them, in order.

@@ -746,7 +746,10 @@ fn to_row(state: &mut State, event: &Value, received_at: f64) -> StoredRow {
 }
 
 fn find_event(state: &State, transaction_id: &str) -> Response {
-    match state.rows().find(|row| row.transaction_id == transaction_id) {
+    match state
+        .rows()
+        .find(|row| row.transaction_id == transaction_id)
+    {
         Some(row) => Response::json(
             200,
             json!({"event": row.to_event_object(&state.config.subscriptions)}),
