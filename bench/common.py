@@ -19,8 +19,11 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-BRIDGE = ROOT / "target/release/ocpp-lago-bridge"
-RESPONDER = ROOT / "target/release/examples/responder"
+# Where cargo puts the binaries: $CARGO_TARGET_DIR (relative to the repo root) or target/.
+TARGET = ROOT / os.environ.get("CARGO_TARGET_DIR", "target")
+BRIDGE = TARGET / "release/ocpp-lago-bridge"
+RESPONDER = TARGET / "release/examples/responder"
+LAGO_STANDIN = TARGET / "release/examples/lago_standin"
 PATH_PREFIX = "/steve/websocket/CentralSystemService"
 FD_LIMIT = 20000
 
@@ -29,12 +32,12 @@ def log(message):
     print(f"[bench] {message}", file=sys.stderr, flush=True)
 
 
-def build():
-    log("building release binaries (cargo build --release --bin ocpp-lago-bridge --example responder)")
-    subprocess.run(
-        ["cargo", "build", "--release", "--bin", "ocpp-lago-bridge", "--example", "responder"],
-        cwd=ROOT, check=True, timeout=3600,
-    )
+def build(examples=("responder",)):
+    argv = ["cargo", "build", "--release", "--bin", "ocpp-lago-bridge"]
+    for example in examples:
+        argv += ["--example", example]
+    log(f"building release binaries ({' '.join(argv)})")
+    subprocess.run(argv, cwd=ROOT, check=True, timeout=3600)
 
 
 def raise_fd_limit():
@@ -143,15 +146,18 @@ class Procs:
         wait_port(port)
         return proc, port
 
-    def bridge(self, upstream_port):
+    def bridge(self, upstream_port, extra_toml=""):
+        """The bridge on a spool in the temp dir; `extra_toml` adds sections (e.g. `[lago]`).
+        Its config file is `self.tmp / "bridge.toml"`, its admin port `self.admin_port`."""
         port, admin = free_port(), free_port()
         config = self.tmp / "bridge.toml"
         config.write_text(
             f'[proxy]\nlisten = "127.0.0.1:{port}"\npath_prefix = "{PATH_PREFIX}"\n'
             f'upstream_url = "ws://127.0.0.1:{upstream_port}{PATH_PREFIX}"\n'
             f'[admin]\nlisten = "127.0.0.1:{admin}"\n[spool]\npath = "{self.tmp}/spool.db"\n'
-            f'[log]\nlevel = "warn"\n'
+            f'[log]\nlevel = "warn"\n{extra_toml}'
         )
+        self.admin_port = admin
         proc = self.start("bridge", [str(BRIDGE), "run", "--config", str(config)], cwd=self.tmp)
         wait_port(port)
         return proc, port

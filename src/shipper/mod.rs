@@ -3,10 +3,15 @@
 //!
 //! Every retry re-reads the same outbox rows, so the same events (same ids, values and
 //! timestamps) are sent every time: delivery is idempotent by construction.
+//!
+//! A batch Lago accepted is marked delivered without waiting for that commit: the next batch is
+//! read (skipping the rows being marked) and sent while the writer commits, so a backlog drains
+//! at the rate limit instead of at one request plus one fsync per batch. Nothing is marked before
+//! Lago accepted it; a mark that fails to commit leaves its rows pending, to be sent again.
 
 pub mod outcome;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::num::NonZeroU32;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -36,6 +41,13 @@ const REPROBE_EVERY: Duration = Duration::from_secs(5);
 const SUBSCRIPTION_TTL: Duration = Duration::from_secs(600);
 /// How often the billable metric is re-validated while everything is fine.
 const METRIC_RECHECK: Duration = Duration::from_secs(300);
+/// Most batches whose "delivered" commit may be outstanding at once.
+const MAX_OPEN_MARKS: usize = 4;
+/// On shutdown, how long the shipper waits for its outstanding marks to commit.
+const MARKS_ON_SHUTDOWN: Duration = Duration::from_secs(2);
+/// While full batches go out, the backlog gauges are refreshed this often, not before every
+/// batch: counting a million pending rows takes tens of milliseconds, several requests' worth.
+const BACKLOG_PUBLISH_EVERY: Duration = Duration::from_secs(1);
 
 /// The shipper's settings (from `[lago]`).
 #[derive(Debug, Clone)]
@@ -93,13 +105,21 @@ pub async fn run(
         readiness,
         known_subscriptions: HashMap::new(),
         metric_checked_at: None,
+        backlog_published_at: None,
         draining,
+        marks: VecDeque::new(),
+        marking: HashSet::new(),
     };
     let wake = spool.events_committed;
     loop {
         let progressed = tokio::select! {
             progressed = shipper.step(&destination) => progressed,
-            _ = shutdown.cancelled() => return,
+            _ = shutdown.cancelled() => {
+                // Unsettled marks are still committed by the writer; waiting only keeps the
+                // delivered counter exact. Should it not happen, the rows are sent again.
+                let _ = tokio::time::timeout(MARKS_ON_SHUTDOWN, shipper.settle_marks(0)).await;
+                return;
+            }
         };
         let pause = match progressed {
             Step::Idle => None,
@@ -135,7 +155,18 @@ struct Shipper {
     readiness: Readiness,
     known_subscriptions: HashMap<String, Instant>,
     metric_checked_at: Option<Instant>,
+    backlog_published_at: Option<Instant>,
     draining: CancellationToken,
+    /// "Delivered" commands sent to the writer whose commit is not confirmed yet, oldest first.
+    marks: VecDeque<Mark>,
+    /// The rows of `marks`: pending on disk until their commit, never to be read for sending.
+    marking: HashSet<i64>,
+}
+
+/// Outbox rows Lago accepted, being marked delivered by the writer.
+struct Mark {
+    ids: Vec<i64>,
+    done: oneshot::Receiver<Result<(), String>>,
 }
 
 fn backoff(settings: &ShipperSettings) -> backon::ExponentialBackoff {
@@ -149,14 +180,32 @@ fn backoff(settings: &ShipperSettings) -> backon::ExponentialBackoff {
 
 impl Shipper {
     async fn step(&mut self, destination: &Destination) -> Step {
-        let rows = match self.pending(self.batch_max_events).await {
+        // Room for the mark this step may add.
+        self.settle_marks(MAX_OPEN_MARKS - 1).await;
+        let mut rows = match self.pending(self.batch_max_events).await {
             Ok(rows) => rows,
             Err(error) => {
                 tracing::error!(%error, "reading pending events from the spool failed");
                 return Step::Wait(REPROBE_EVERY);
             }
         };
-        self.publish_backlog().await;
+        let short = rows.len() < self.batch_max_events;
+        // The tail of a backlog (or nothing): let the marks land, so the gauge is exact and the
+        // rows of a mark that failed are read again before the shipper goes idle.
+        if short
+            && self.settle_marks(0).await
+            && let Ok(again) = self.pending(self.batch_max_events).await
+        {
+            rows = again;
+        }
+        // A short read is the tail of a backlog (or nothing): the count is cheap and exact then.
+        if short
+            || self
+                .backlog_published_at
+                .is_none_or(|at| at.elapsed() >= BACKLOG_PUBLISH_EVERY)
+        {
+            self.publish_backlog().await;
+        }
         // Checked even with nothing to send: /readyz must say at start whether the key and the
         // metric are right, not when the first session ends.
         if let Destination::Lago(client) = destination
@@ -240,13 +289,7 @@ impl Shipper {
                     }
                 }
                 if !delivered.is_empty() {
-                    let count = delivered.len() as u64;
-                    write(&self.writer, |done| Command::Delivered {
-                        ids: delivered,
-                        done,
-                    })
-                    .await;
-                    metrics::counter!("ocpp_lago_bridge_events_delivered_total").increment(count);
+                    self.mark_delivered(delivered).await;
                 }
                 Step::Sent
             }
@@ -451,13 +494,71 @@ async fn write(
 }
 
 impl Shipper {
+    /// The oldest pending rows, without those being marked delivered right now.
     async fn pending(&mut self, limit: usize) -> Result<Vec<OutboxRow>, StoreError> {
-        self.with_reader(move |store| store.pending(limit)).await
+        if self.marking.is_empty() {
+            return self.with_reader(move |store| store.pending(limit)).await;
+        }
+        let marking = self.marking.clone();
+        self.with_reader(move |store| store.pending_except(limit, &marking))
+            .await
+    }
+
+    /// Sends "delivered" for rows Lago accepted to the writer, without waiting for the commit.
+    async fn mark_delivered(&mut self, ids: Vec<i64>) {
+        let (done, result) = oneshot::channel();
+        let command = Command::Delivered {
+            ids: ids.clone(),
+            done,
+        };
+        if self.writer.send(command).await.is_err() {
+            // The writer is gone (shutdown): the rows stay pending and go again after restart.
+            return;
+        }
+        self.marking.extend(ids.iter().copied());
+        self.marks.push_back(Mark { ids, done: result });
+    }
+
+    /// Takes in the marks that committed, then waits (oldest first) until at most `open` remain.
+    /// True if a mark failed: its rows are pending again.
+    async fn settle_marks(&mut self, open: usize) -> bool {
+        let mut failed = false;
+        loop {
+            let over = self.marks.len() > open;
+            let Some(mark) = self.marks.front_mut() else {
+                break;
+            };
+            let result = match mark.done.try_recv() {
+                Err(oneshot::error::TryRecvError::Empty) if over => (&mut mark.done).await.ok(),
+                Err(oneshot::error::TryRecvError::Empty) => return failed,
+                Ok(result) => Some(result),
+                Err(oneshot::error::TryRecvError::Closed) => None,
+            };
+            let mark = self
+                .marks
+                .pop_front()
+                .expect("the front mark was just seen");
+            for id in &mark.ids {
+                self.marking.remove(id);
+            }
+            match result {
+                Some(Ok(())) => metrics::counter!("ocpp_lago_bridge_events_delivered_total")
+                    .increment(mark.ids.len() as u64),
+                // The rows stay pending: at worst the events are sent again, which Lago dedupes.
+                Some(Err(error)) => {
+                    failed = true;
+                    tracing::error!(%error, "recording a delivery result in the spool failed");
+                }
+                None => failed = true,
+            }
+        }
+        failed
     }
 
     /// Publishes the backlog gauges (pending events, oldest pending age).
     async fn publish_backlog(&mut self) {
         let now = unix_now();
+        self.backlog_published_at = Some(Instant::now());
         if let Ok((pending, oldest)) = self.with_reader(|store| store.backlog()).await {
             metrics::gauge!("ocpp_lago_bridge_spool_pending_events").set(pending as f64);
             let age = oldest.map_or(0, |created| (now - created).max(0));

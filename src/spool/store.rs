@@ -1,6 +1,7 @@
 //! The SQLite file: schema, migrations and every statement. Synchronous; the writer thread and
 //! the operator CLI are its only users, and only the writer thread writes while the daemon runs.
 
+use std::collections::HashSet;
 use std::path::Path;
 use std::time::Duration;
 
@@ -316,30 +317,59 @@ impl Store {
 
     /// The oldest pending events, in creation order (so a session's events go out in order).
     pub fn pending(&self, limit: usize) -> Result<Vec<OutboxRow>, StoreError> {
+        self.pending_except(limit, &HashSet::new())
+    }
+
+    /// Like [`Self::pending`], skipping the rows in `except` (the shipper's rows whose delivery
+    /// is being committed right now: still pending on disk, but not to be sent again).
+    pub fn pending_except(
+        &self,
+        limit: usize,
+        except: &HashSet<i64>,
+    ) -> Result<Vec<OutboxRow>, StoreError> {
         let mut stmt = self.conn.prepare_cached(
             "SELECT id, event FROM outbox WHERE state = 'pending' ORDER BY id LIMIT ?1",
         )?;
-        let rows = stmt.query_map([limit as i64], |r| {
-            Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))
-        })?;
+        let mut rows = stmt.query([(limit + except.len()) as i64])?;
         let mut out = Vec::new();
-        for row in rows {
-            let (outbox_id, json) = row?;
+        while let Some(row) = rows.next()? {
+            if out.len() == limit {
+                break;
+            }
+            let outbox_id: i64 = row.get(0)?;
+            if except.contains(&outbox_id) {
+                continue;
+            }
             out.push(OutboxRow {
                 outbox_id,
-                event: serde_json::from_str(&json)?,
+                event: serde_json::from_str(&row.get::<_, String>(1)?)?,
             });
         }
         Ok(out)
     }
 
     /// How many events are pending and when the oldest was created (unix seconds).
+    ///
+    /// The oldest is the pending row with the lowest id: ids and `created_at` both come from the
+    /// single writer's commit, so they grow together (a requeued or replayed row keeps both).
+    /// `MIN(created_at)` would visit every pending row: ~0.3 s per call on a million-event backlog,
+    /// which the shipper paid before each batch. Both parts here read only the `(state, id)` index,
+    /// plus one row.
     pub fn backlog(&self) -> Result<(i64, Option<i64>), StoreError> {
-        Ok(self.conn.query_row(
-            "SELECT COUNT(*), MIN(created_at) FROM outbox WHERE state = 'pending'",
+        let pending = self.conn.query_row(
+            "SELECT COUNT(*) FROM outbox WHERE state = 'pending'",
             [],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )?)
+            |r| r.get(0),
+        )?;
+        let oldest = self
+            .conn
+            .query_row(
+                "SELECT created_at FROM outbox WHERE state = 'pending' ORDER BY id LIMIT 1",
+                [],
+                |r| r.get(0),
+            )
+            .optional()?;
+        Ok((pending, oldest))
     }
 
     /// Marks outbox rows delivered.
@@ -677,6 +707,39 @@ mod tests {
             events,
             dead_letters: vec![],
         }
+    }
+
+    #[test]
+    fn pending_except_skips_rows_being_marked_and_still_fills_the_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("spool.db");
+        let mut store = Store::open(&path).unwrap();
+        let events = (1..=6).map(|n| event(&n.to_string(), "sub")).collect();
+        store.commit(&[changes(events)], 100).unwrap();
+        let ids: Vec<i64> = store
+            .pending(10)
+            .unwrap()
+            .iter()
+            .map(|r| r.outbox_id)
+            .collect();
+        assert_eq!(ids.len(), 6);
+
+        // The first two are being marked delivered: the next three after them, in order.
+        let marking: HashSet<i64> = ids[..2].iter().copied().collect();
+        let next = store.pending_except(3, &marking).unwrap();
+        let got: Vec<i64> = next.iter().map(|r| r.outbox_id).collect();
+        assert_eq!(got, ids[2..5]);
+        assert_eq!(next[0].event, event("3", "sub"));
+        // A skipped row below the others (a failed batch's rest) still comes first.
+        let marking: HashSet<i64> = [ids[1], ids[3]].into_iter().collect();
+        let got: Vec<i64> = store
+            .pending_except(10, &marking)
+            .unwrap()
+            .iter()
+            .map(|r| r.outbox_id)
+            .collect();
+        assert_eq!(got, vec![ids[0], ids[2], ids[4], ids[5]]);
+        assert_eq!(store.backlog().unwrap(), (6, Some(100)));
     }
 
     #[test]

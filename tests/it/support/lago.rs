@@ -1,10 +1,14 @@
 //! A Lago stand-in speaking HTTP/1.1 on 127.0.0.1 that follows EVENTS-CONTRACT.md: batch
 //! ingestion with validation, Postgres (unique, whole-batch rollback) or ClickHouse (dedupe)
 //! storage, the three lookups, and a fault schedule the test changes at runtime.
+//!
+//! Also the benchmarks' Lago (`examples/lago_standin.rs` includes this file): lookups of a
+//! stored key are hash-indexed so a million stored events cost no more per batch than ten, and
+//! `GET /stand-in/stats` (same key, no fault consumed, not counted) reports what was stored.
 
 #![allow(dead_code)] // Each test uses a different part of the stand-in.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
@@ -135,12 +139,105 @@ impl StoredRow {
     }
 }
 
+/// ClickHouse's deduplication key: (code, external_subscription_id, transaction_id, timestamp bits).
+type DedupeKey = (String, String, String, u64);
+
 struct State {
     config: StandInConfig,
-    stored: Vec<StoredRow>,
+    /// In arrival order; `None` where ClickHouse replaced a row (it moves to the end).
+    stored: Vec<Option<StoredRow>>,
+    /// Live rows in `stored`.
+    live: usize,
+    /// Every (external_subscription_id, transaction_id) ever stored. A row only ever disappears
+    /// when a row with the same key replaces it, so this is exactly the keys of the live rows.
+    keys: HashSet<(String, String)>,
+    /// Positions in `stored` of the live rows of each ClickHouse dedupe key.
+    by_dedupe_key: HashMap<DedupeKey, Vec<usize>>,
     faults: VecDeque<Fault>,
     counts: RequestCounts,
+    accepted: AcceptedBatches,
     next_id: u64,
+}
+
+/// What the stand-in stored per accepted (200) batch, for the benchmarks.
+#[derive(Debug, Clone, Default)]
+struct AcceptedBatches {
+    batches: u64,
+    events: u64,
+    /// Events per accepted batch → how many batches had that size.
+    sizes: BTreeMap<usize, u64>,
+    /// Unix seconds of the first and the last accepted batch.
+    first_at: Option<f64>,
+    last_at: Option<f64>,
+}
+
+impl State {
+    fn new(config: StandInConfig) -> Self {
+        Self {
+            config,
+            stored: Vec::new(),
+            live: 0,
+            keys: HashSet::new(),
+            by_dedupe_key: HashMap::new(),
+            faults: VecDeque::new(),
+            counts: RequestCounts::default(),
+            accepted: AcceptedBatches::default(),
+            next_id: 1,
+        }
+    }
+
+    /// Appends a row; in ClickHouse mode first drops the live rows it replaces.
+    fn store(&mut self, row: StoredRow, replace_same_dedupe_key: bool) {
+        let dedupe_key = (
+            row.code.clone(),
+            row.external_subscription_id.clone(),
+            row.transaction_id.clone(),
+            row.timestamp_secs.to_bits(),
+        );
+        let positions = self.by_dedupe_key.entry(dedupe_key).or_default();
+        if replace_same_dedupe_key {
+            for position in positions.drain(..) {
+                if self.stored[position].take().is_some() {
+                    self.live -= 1;
+                }
+            }
+        }
+        positions.push(self.stored.len());
+        self.keys.insert((
+            row.external_subscription_id.clone(),
+            row.transaction_id.clone(),
+        ));
+        self.stored.push(Some(row));
+        self.live += 1;
+    }
+
+    fn rows(&self) -> impl Iterator<Item = &StoredRow> {
+        self.stored.iter().flatten()
+    }
+
+    fn stats(&self) -> Value {
+        let accepted = &self.accepted;
+        json!({
+            "stored_events": self.live,
+            "distinct_keys": self.keys.len(),
+            "requests": {
+                "batch": self.counts.batch,
+                "get_event": self.counts.get_event,
+                "get_billable_metric": self.counts.get_billable_metric,
+                "get_subscription": self.counts.get_subscription,
+                "other": self.counts.other,
+            },
+            "accepted_batches": accepted.batches,
+            "accepted_events": accepted.events,
+            "accepted_batch_sizes": accepted
+                .sizes
+                .iter()
+                .map(|(size, count)| (size.to_string(), json!(count)))
+                .collect::<Map<String, Value>>(),
+            "first_accepted_at": accepted.first_at,
+            "last_accepted_at": accepted.last_at,
+        })
+    }
 }
 
 /// The running stand-in; dropping it stops accepting connections.
@@ -167,23 +264,22 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 impl LagoStandIn {
     /// Binds an ephemeral port on 127.0.0.1 and starts serving.
     pub async fn start(config: StandInConfig) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0")
+        Self::start_on("127.0.0.1:0".parse().expect("literal address"), config)
             .await
-            .expect("bind stand-in");
-        let addr = listener.local_addr().expect("stand-in address");
-        let state = Arc::new(Mutex::new(State {
-            config,
-            stored: Vec::new(),
-            faults: VecDeque::new(),
-            counts: RequestCounts::default(),
-            next_id: 1,
-        }));
+            .expect("bind stand-in")
+    }
+
+    /// Binds `addr` and starts serving.
+    pub async fn start_on(addr: SocketAddr, config: StandInConfig) -> std::io::Result<Self> {
+        let listener = TcpListener::bind(addr).await?;
+        let addr = listener.local_addr()?;
+        let state = Arc::new(Mutex::new(State::new(config)));
         let acceptor = tokio::spawn(accept_loop(listener, state.clone()));
-        Self {
+        Ok(Self {
             addr,
             state,
             acceptor: Mutex::new(Some(acceptor)),
-        }
+        })
     }
 
     /// The server root to configure as `lago.api_url`.
@@ -258,12 +354,17 @@ impl LagoStandIn {
     pub fn seed(&self, event: Value) {
         let mut state = lock(&self.state);
         let row = to_row(&mut state, &event, 0.0);
-        state.stored.push(row);
+        state.store(row, false);
     }
 
     /// Everything stored, in arrival order.
     pub fn stored_events(&self) -> Vec<StoredRow> {
-        lock(&self.state).stored.clone()
+        lock(&self.state).rows().cloned().collect()
+    }
+
+    /// What `GET /stand-in/stats` answers.
+    pub fn stats(&self) -> Value {
+        lock(&self.state).stats()
     }
 
     /// Requests seen so far, per endpoint.
@@ -392,11 +493,16 @@ enum Route {
     Event(String),
     BillableMetric(String),
     Subscription(String),
+    /// The benchmarks' counters; not part of Lago's API.
+    Stats,
     Other,
 }
 
 fn route(method: &str, path: &str) -> Route {
     let path = path.split('?').next().unwrap_or_default();
+    if (method, path) == ("GET", "/stand-in/stats") {
+        return Route::Stats;
+    }
     let Some(rest) = path.strip_prefix("/api/v1/") else {
         return Route::Other;
     };
@@ -412,6 +518,14 @@ fn route(method: &str, path: &str) -> Route {
 
 async fn handle(state: &Mutex<State>, request: Request) -> Response {
     let route = route(&request.method, &request.path);
+    if let Route::Stats = route {
+        let state = lock(state);
+        let expected = format!("Bearer {}", state.config.api_key);
+        if request.authorization.as_deref() != Some(expected.as_str()) {
+            return unauthorized();
+        }
+        return Response::json(200, state.stats());
+    }
     let (fault, authorized) = {
         let mut state = lock(state);
         let counts = &mut state.counts;
@@ -420,7 +534,7 @@ async fn handle(state: &Mutex<State>, request: Request) -> Response {
             Route::Event(_) => counts.get_event += 1,
             Route::BillableMetric(_) => counts.get_billable_metric += 1,
             Route::Subscription(_) => counts.get_subscription += 1,
-            Route::Other => counts.other += 1,
+            Route::Stats | Route::Other => counts.other += 1,
         }
         let expected = format!("Bearer {}", state.config.api_key);
         (
@@ -472,7 +586,7 @@ async fn handle(state: &Mutex<State>, request: Request) -> Response {
             Route::Event(transaction_id) => find_event(&state, &transaction_id),
             Route::BillableMetric(code) => find_metric(&state, &code),
             Route::Subscription(external_id) => find_subscription(&state, &external_id),
-            Route::Other => not_found("route_not_found"),
+            Route::Stats | Route::Other => not_found("route_not_found"),
         }
     };
     if garbage && response.status == 200 {
@@ -532,28 +646,20 @@ fn ingest(state: &mut State, body: &[u8]) -> Response {
     let mut echoes = Vec::new();
     for event in &events {
         let row = to_row(state, event, received_at);
-        if state.config.mode == StoreMode::ClickHouse {
-            // ReplacingMergeTree: the same key overwrites instead of adding a row.
-            state.stored.retain(|old| {
-                (
-                    &old.code,
-                    &old.external_subscription_id,
-                    &old.transaction_id,
-                    old.timestamp_secs.to_bits(),
-                ) != (
-                    &row.code,
-                    &row.external_subscription_id,
-                    &row.transaction_id,
-                    row.timestamp_secs.to_bits(),
-                )
-            });
-        }
         let mut echo = row.to_event_object(&state.config.subscriptions);
         // The batch echo never names the customer: processing is asynchronous.
         echo["lago_customer_id"] = Value::Null;
         echoes.push(echo);
-        state.stored.push(row);
+        // ClickHouse's ReplacingMergeTree: the same key overwrites instead of adding a row.
+        let replace = state.config.mode == StoreMode::ClickHouse;
+        state.store(row, replace);
     }
+    let accepted = &mut state.accepted;
+    accepted.batches += 1;
+    accepted.events += events.len() as u64;
+    *accepted.sizes.entry(events.len()).or_default() += 1;
+    accepted.first_at.get_or_insert(received_at);
+    accepted.last_at = Some(received_at);
     Response::json(200, json!({ "events": echoes }))
 }
 
@@ -599,11 +705,7 @@ fn validate(state: &State, event: &Value, earlier_in_batch: &[(String, String)])
             str_field(event, "external_subscription_id"),
             str_field(event, "transaction_id"),
         );
-        let exists = state
-            .stored
-            .iter()
-            .any(|row| row.external_subscription_id == key.0 && row.transaction_id == key.1)
-            || earlier_in_batch.contains(&key);
+        let exists = state.keys.contains(&key) || earlier_in_batch.contains(&key);
         if exists && !key.1.is_empty() {
             fields.insert("transaction_id".into(), json!(["value_already_exist"]));
         }
@@ -645,8 +747,7 @@ fn to_row(state: &mut State, event: &Value, received_at: f64) -> StoredRow {
 
 fn find_event(state: &State, transaction_id: &str) -> Response {
     match state
-        .stored
-        .iter()
+        .rows()
         .find(|row| row.transaction_id == transaction_id)
     {
         Some(row) => Response::json(
