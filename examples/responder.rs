@@ -79,38 +79,59 @@ impl Responder {
     }
 
     /// The reply frame to one text frame, or `None` for anything but a CALL.
+    ///
+    /// Written into one `String` sized up front: the fixed answers are copied in, not cloned
+    /// and re-formatted, and the message id is copied as it came unless it needs escaping.
     fn answer(&self, text: &str) -> Option<String> {
         let head = parse_head(text).ok()?;
         if head.message_type != MessageType::Call {
             return None;
         }
-        let id = serde_json::to_string(head.message_id.as_ref()).ok()?;
-        let payload = match head.action.as_deref().unwrap_or("") {
-            "Heartbeat" => json(&HeartbeatResponse {
+        let mut frame = String::with_capacity(96 + head.message_id.len());
+        frame.push_str("[3,");
+        push_json_string(&mut frame, &head.message_id);
+        frame.push(',');
+        match head.action.as_deref().unwrap_or("") {
+            "Heartbeat" => frame.push_str(&json(&HeartbeatResponse {
                 current_time: Utc::now(),
-            }),
-            "MeterValues" => self.fixed.meter_values.clone(),
-            "StatusNotification" => self.fixed.status_notification.clone(),
-            "StartTransaction" => json(&StartTransactionResponse {
+            })),
+            "MeterValues" => frame.push_str(&self.fixed.meter_values),
+            "StatusNotification" => frame.push_str(&self.fixed.status_notification),
+            "StartTransaction" => frame.push_str(&json(&StartTransactionResponse {
                 id_tag_info: accepted(),
                 transaction_id: self.next_transaction_id.fetch_add(1, Ordering::Relaxed),
-            }),
-            "StopTransaction" => self.fixed.stop_transaction.clone(),
-            "BootNotification" => json(&BootNotificationResponse {
+            })),
+            "StopTransaction" => frame.push_str(&self.fixed.stop_transaction),
+            "BootNotification" => frame.push_str(&json(&BootNotificationResponse {
                 current_time: Utc::now(),
                 interval: HEARTBEAT_INTERVAL_S,
                 status: RegistrationStatus::Accepted,
-            }),
-            "Authorize" => self.fixed.authorize.clone(),
-            "DataTransfer" => self.fixed.data_transfer.clone(),
+            })),
+            "Authorize" => frame.push_str(&self.fixed.authorize),
+            "DataTransfer" => frame.push_str(&self.fixed.data_transfer),
             other => {
-                return Some(format!(
-                    "[4,{id},\"NotImplemented\",{},{{}}]",
-                    serde_json::to_string(&format!("responder does not implement {other}")).ok()?
-                ));
+                let mut error = String::from("[4,");
+                push_json_string(&mut error, &head.message_id);
+                error.push_str(",\"NotImplemented\",");
+                push_json_string(&mut error, &format!("responder does not implement {other}"));
+                error.push_str(",{}]");
+                return Some(error);
             }
-        };
-        Some(format!("[3,{id},{payload}]"))
+        }
+        frame.push(']');
+        Some(frame)
+    }
+}
+
+/// Appends `value` as a JSON string: copied between quotes when nothing in it needs escaping
+/// (the usual numeric or UUID message id), else through serde_json.
+fn push_json_string(out: &mut String, value: &str) {
+    if value.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+        out.push('"');
+        out.push_str(value);
+        out.push('"');
+    } else {
+        out.push_str(&serde_json::to_string(value).expect("strings serialize"));
     }
 }
 
@@ -204,4 +225,32 @@ fn main() {
             }
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::{Value, json};
+
+    fn answer(text: &str) -> Value {
+        let frame = Responder::new().answer(text).expect("an answer");
+        serde_json::from_str(&frame).expect("the answer is JSON")
+    }
+
+    #[test]
+    fn answers_are_json_with_the_call_s_message_id() {
+        assert_eq!(answer(r#"[2,"17","MeterValues",{}]"#), json!([3, "17", {}]));
+        assert_eq!(
+            answer(r#"[2,"a\"b\\c","StatusNotification",{}]"#),
+            json!([3, "a\"b\\c", {}])
+        );
+        let start = answer(r#"[2,"1","StartTransaction",{}]"#);
+        assert_eq!(start[2]["idTagInfo"]["status"], "Accepted");
+        assert!(start[2]["transactionId"].is_i64());
+        let error = answer(r#"[2,"9","GetDiagnostics",{}]"#);
+        assert_eq!(error[0], 4);
+        assert_eq!(error[1], "9");
+        assert_eq!(error[2], "NotImplemented");
+        assert!(Responder::new().answer(r#"[3,"1",{}]"#).is_none());
+    }
 }

@@ -125,7 +125,7 @@ fn main() -> ExitCode {
             }
             Err(code) => code,
         },
-        Command::Simulate(args) => match tokio::runtime::Runtime::new() {
+        Command::Simulate(args) => match args.runtime() {
             Ok(runtime) => runtime.block_on(simulate::run(args)),
             Err(error) => {
                 eprintln!("error: cannot start the tokio runtime: {error}");

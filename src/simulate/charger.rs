@@ -9,17 +9,19 @@ use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use rust_ocpp::v1_6::types::{ChargePointStatus, UnitOfMeasure};
+use serde::Serialize;
 use serde_json::{Value, json};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
-use tokio_tungstenite::tungstenite::{self, Message};
+use tokio_tungstenite::tungstenite::{self, Message, Utf8Bytes};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 use super::messages::{self, EnergyUnit, Reply};
 use super::stats::{ActionClass, Stats};
+use crate::ocpp::frame::{FrameHead, MessageType, parse_head};
 
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
@@ -272,10 +274,19 @@ impl Charger {
     }
 
     /// Sends a CALL and waits for its CALLRESULT, checked against the action's schema.
-    async fn call(&mut self, action: &'static str, payload: Value) -> Result<Reply, ChargerError> {
-        let message_id = self.next_message_id.to_string();
+    ///
+    /// The frame is serialized straight from the rust-ocpp request type (no intermediate
+    /// `serde_json::Value`), and the answer's payload is deserialized straight from its text
+    /// into the rust-ocpp response type: the same checks, without building JSON trees.
+    async fn call<T: Serialize>(
+        &mut self,
+        action: &'static str,
+        payload: T,
+    ) -> Result<Reply, ChargerError> {
+        let message_id = self.next_message_id;
         self.next_message_id += 1;
-        let frame = json!([2, message_id, action, payload]).to_string();
+        let frame = serde_json::to_string(&(2, message_id.to_string(), action, &payload))
+            .expect("rust-ocpp payloads serialize");
         let sent_at = Instant::now();
         self.send(frame).await?;
         let deadline = sent_at + self.plan.reply_timeout;
@@ -284,30 +295,26 @@ impl Charger {
                 Ok(frame) => frame?,
                 Err(_) => return Err(ChargerError::ReplyTimeout(action)),
             };
-            let Some((message_type, id, rest)) = answer else {
+            let Some(text) = answer else {
                 continue; // a central-system CALL, already answered
             };
-            if id != message_id {
+            let head = parse_answer(&text)?;
+            if !id_matches(&head.message_id, message_id) {
                 return Err(ChargerError::WrongMessageId {
-                    expected: message_id,
-                    got: id,
+                    expected: message_id.to_string(),
+                    got: head.message_id.into_owned(),
                 });
             }
             self.stats
                 .record_latency(ActionClass::of(action), sent_at.elapsed());
-            return match message_type {
-                3 => Ok(messages::check_reply(
-                    action,
-                    rest.into_iter().next().unwrap_or(Value::Null),
-                )?),
+            return match head.message_type {
+                MessageType::CallResult => Ok(messages::check_reply(action, head.payload_text)?),
                 _ => {
-                    let mut rest = rest.into_iter();
-                    let code = rest.next().unwrap_or(Value::Null);
-                    let description = rest.next().unwrap_or(Value::Null);
+                    let (code, description) = call_error_fields(&text, head.payload_text)?;
                     Err(ChargerError::CallError {
                         action,
-                        code: code.as_str().unwrap_or("?").to_owned(),
-                        description: description.as_str().unwrap_or("").to_owned(),
+                        code,
+                        description,
                     })
                 }
             };
@@ -316,14 +323,20 @@ impl Charger {
 
     /// Reads frames until `until`, answering central-system CALLs; any answer is unexpected.
     async fn serve_until(&mut self, until: Instant) -> Result<(), ChargerError> {
+        if until <= Instant::now() {
+            // Back to back (`--meter-interval 0s`): no frame can be pending (one CALL
+            // outstanding, the central system's CALLs are answered as they come while
+            // waiting for a reply), and skipping the zero timeout saves a timer per message.
+            return Ok(());
+        }
         loop {
             match tokio::time::timeout_at(until, self.next_frame()).await {
                 Err(_) => return Ok(()),
                 Ok(Ok(None)) => continue,
-                Ok(Ok(Some((_, id, _)))) => {
+                Ok(Ok(Some(text))) => {
                     return Err(ChargerError::WrongMessageId {
                         expected: "none (no CALL outstanding)".into(),
-                        got: id,
+                        got: parse_answer(&text)?.message_id.into_owned(),
                     });
                 }
                 Ok(Err(error)) => return Err(error),
@@ -331,9 +344,10 @@ impl Charger {
         }
     }
 
-    /// The next OCPP-J answer as (message type, message id, remaining elements); `None` after
-    /// answering a central-system CALL. Pings are answered by tungstenite as it reads.
-    async fn next_frame(&mut self) -> Result<Option<(u64, String, Vec<Value>)>, ChargerError> {
+    /// The next OCPP-J answer (CALLRESULT or CALLERROR) as its text, its head already
+    /// checked; `None` after answering a central-system CALL. Pings are answered by
+    /// tungstenite as it reads.
+    async fn next_frame(&mut self) -> Result<Option<Utf8Bytes>, ChargerError> {
         loop {
             let message = match self.ws.next().await {
                 None => return Err(ChargerError::Closed),
@@ -347,37 +361,18 @@ impl Charger {
                 Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => continue,
             };
             Stats::bump(&self.stats.frames_received);
-            let mut elements = match serde_json::from_str::<Value>(&text) {
-                Ok(Value::Array(elements)) if elements.len() >= 3 => elements.into_iter(),
-                _ => {
-                    return Err(ChargerError::NotOcpp(
-                        text.as_str().chars().take(200).collect(),
-                    ));
+            let head = parse_head(&text).map_err(|_| not_ocpp(&text))?;
+            if head.message_type == MessageType::Call {
+                // The whole frame must be JSON, as for answers (checked by their payload parse).
+                if serde_json::from_str::<serde::de::IgnoredAny>(head.payload_text).is_err() {
+                    return Err(not_ocpp(&text));
                 }
-            };
-            let message_type = elements.next().and_then(|v| v.as_u64());
-            let id = match elements.next() {
-                Some(Value::String(id)) => id,
-                _ => {
-                    return Err(ChargerError::NotOcpp(
-                        text.as_str().chars().take(200).collect(),
-                    ));
-                }
-            };
-            match message_type {
-                Some(2) => {
-                    let action = elements.next();
-                    self.answer_central_call(&id, action.as_ref().and_then(Value::as_str))
-                        .await?;
-                    return Ok(None);
-                }
-                Some(kind @ (3 | 4)) => return Ok(Some((kind, id, elements.collect()))),
-                _ => {
-                    return Err(ChargerError::NotOcpp(
-                        text.as_str().chars().take(200).collect(),
-                    ));
-                }
+                let id = head.message_id.into_owned();
+                let action = head.action.map(|a| a.into_owned());
+                self.answer_central_call(&id, action.as_deref()).await?;
+                return Ok(None);
             }
+            return Ok(Some(text));
         }
     }
 
@@ -404,5 +399,80 @@ impl Charger {
         self.send(frame.to_string()).await?;
         Stats::bump(&self.stats.central_calls_answered);
         Ok(())
+    }
+}
+
+fn not_ocpp(text: &str) -> ChargerError {
+    ChargerError::NotOcpp(text.chars().take(200).collect())
+}
+
+/// The head of an answer frame that `next_frame` already accepted.
+fn parse_answer(text: &str) -> Result<FrameHead<'_>, ChargerError> {
+    parse_head(text).map_err(|_| not_ocpp(text))
+}
+
+/// Whether an answer's message id is the decimal `expected` the CALL was sent with.
+fn id_matches(got: &str, expected: u64) -> bool {
+    // Compare digits without allocating: "007" or "+7" are other ids, not 7.
+    !got.is_empty()
+        && (got == "0" || !got.starts_with('0'))
+        && got.bytes().all(|b| b.is_ascii_digit())
+        && got.parse::<u64>() == Ok(expected)
+}
+
+/// errorCode and errorDescription of a CALLERROR, whose elements after the message id are
+/// `payload_text`; the frame must be JSON, missing or non-string fields read as "?" and "",
+/// as before (a CALLERROR is an error whatever its shape; this is the rare path).
+fn call_error_fields(text: &str, payload_text: &str) -> Result<(String, String), ChargerError> {
+    let elements: Vec<Value> =
+        serde_json::from_str(&format!("[{payload_text}]")).map_err(|_| not_ocpp(text))?;
+    let field = |i: usize, default: &str| {
+        elements
+            .get(i)
+            .and_then(Value::as_str)
+            .unwrap_or(default)
+            .to_owned()
+    };
+    Ok((field(0, "?"), field(1, "")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn message_ids_match_only_their_own_decimal_form() {
+        assert!(id_matches("7", 7));
+        assert!(id_matches("0", 0));
+        assert!(id_matches("18446744073709551615", u64::MAX));
+        for other in ["", "8", "07", "+7", "7 ", "x7", "70", "-7"] {
+            assert!(!id_matches(other, 7), "{other:?}");
+        }
+    }
+
+    #[test]
+    fn call_errors_give_code_and_description() {
+        let text = r#"[4,"3","NotImplemented","no such action",{}]"#;
+        let head = parse_answer(text).unwrap();
+        assert_eq!(
+            call_error_fields(text, head.payload_text).unwrap(),
+            ("NotImplemented".to_owned(), "no such action".to_owned())
+        );
+        let text = r#"[4,"3","NotImplemented"]"#;
+        let head = parse_answer(text).unwrap();
+        assert_eq!(
+            call_error_fields(text, head.payload_text).unwrap(),
+            ("NotImplemented".to_owned(), String::new())
+        );
+        let text = r#"[4,"3","NotImplemented",}]"#;
+        let head = parse_answer(text).unwrap();
+        assert!(call_error_fields(text, head.payload_text).is_err());
+    }
+
+    #[test]
+    fn answers_that_are_not_ocpp_frames_are_rejected() {
+        for bad in ["{}", "[5,\"1\",{}]", "[3,1,{}]", "[3,\"1\"", "not json"] {
+            assert!(parse_answer(bad).is_err(), "{bad}");
+        }
     }
 }

@@ -32,8 +32,8 @@ use rust_ocpp::v1_6::types::{
     ReadingContext, Reason, RegistrationStatus, RemoteStartStopStatus, ResetResponseStatus,
     SampledValue, TriggerMessageStatus, UnitOfMeasure, UnlockStatus,
 };
+use serde::Deserialize;
 use serde::Serialize;
-use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 /// How sampled energy values are written.
@@ -56,49 +56,53 @@ fn to_value<T: Serialize>(payload: &T) -> Value {
 }
 
 /// BootNotification.req for a simulated charger.
-pub fn boot_notification() -> Value {
-    to_value(&BootNotificationRequest {
+pub fn boot_notification() -> BootNotificationRequest {
+    BootNotificationRequest {
         charge_point_vendor: "ocpp-lago-bridge".into(),
         charge_point_model: "simulate".into(),
         firmware_version: Some(env!("CARGO_PKG_VERSION").into()),
         ..Default::default()
-    })
+    }
 }
 
 /// Heartbeat.req.
-pub fn heartbeat() -> Value {
-    to_value(&HeartbeatRequest {})
+pub fn heartbeat() -> HeartbeatRequest {
+    HeartbeatRequest {}
 }
 
 /// StatusNotification.req for the simulated connector.
-pub fn status_notification(status: ChargePointStatus) -> Value {
-    to_value(&StatusNotificationRequest {
+pub fn status_notification(status: ChargePointStatus) -> StatusNotificationRequest {
+    StatusNotificationRequest {
         connector_id: CONNECTOR_ID,
         error_code: ChargePointErrorCode::NoError,
         status,
         timestamp: Some(Utc::now()),
         ..Default::default()
-    })
+    }
 }
 
 /// StartTransaction.req with the meter register at `meter_start_wh`.
-pub fn start_transaction(id_tag: &str, meter_start_wh: i32) -> Value {
-    to_value(&StartTransactionRequest {
+pub fn start_transaction(id_tag: &str, meter_start_wh: i32) -> StartTransactionRequest {
+    StartTransactionRequest {
         connector_id: CONNECTOR_ID,
         id_tag: id_tag.into(),
         meter_start: meter_start_wh,
         reservation_id: None,
         timestamp: Utc::now(),
-    })
+    }
 }
 
 /// MeterValues.req carrying the cumulative Energy.Active.Import.Register in `unit`.
-pub fn meter_values(ocpp_transaction_id: i32, register_wh: i32, unit: UnitOfMeasure) -> Value {
+pub fn meter_values(
+    ocpp_transaction_id: i32,
+    register_wh: i32,
+    unit: UnitOfMeasure,
+) -> MeterValuesRequest {
     let value = match unit {
         UnitOfMeasure::KWh => format!("{}.{:03}", register_wh / 1000, register_wh % 1000),
         _ => register_wh.to_string(),
     };
-    to_value(&MeterValuesRequest {
+    MeterValuesRequest {
         connector_id: CONNECTOR_ID,
         transaction_id: Some(ocpp_transaction_id),
         meter_value: vec![MeterValue {
@@ -111,19 +115,23 @@ pub fn meter_values(ocpp_transaction_id: i32, register_wh: i32, unit: UnitOfMeas
                 ..Default::default()
             }],
         }],
-    })
+    }
 }
 
 /// StopTransaction.req with the meter register at `meter_stop_wh`.
-pub fn stop_transaction(ocpp_transaction_id: i32, id_tag: &str, meter_stop_wh: i32) -> Value {
-    to_value(&StopTransactionRequest {
+pub fn stop_transaction(
+    ocpp_transaction_id: i32,
+    id_tag: &str,
+    meter_stop_wh: i32,
+) -> StopTransactionRequest {
+    StopTransactionRequest {
         id_tag: Some(id_tag.into()),
         meter_stop: meter_stop_wh,
         timestamp: Utc::now(),
         transaction_id: ocpp_transaction_id,
         reason: Some(Reason::Local),
         transaction_data: None,
-    })
+    }
 }
 
 /// Why a CALLRESULT payload is not what the action's schema demands.
@@ -134,8 +142,14 @@ pub struct InvalidReply {
     source: serde_json::Error,
 }
 
-fn parse<T: DeserializeOwned>(action: &'static str, payload: Value) -> Result<T, InvalidReply> {
-    serde_json::from_value(payload).map_err(|source| InvalidReply { action, source })
+/// Deserializes the payload text straight into the rust-ocpp type: the same checks as going
+/// through a `serde_json::Value` first (types, required fields, enum values, no trailing text),
+/// without building the intermediate tree.
+fn parse<'a, T: Deserialize<'a>>(
+    action: &'static str,
+    payload: &'a str,
+) -> Result<T, InvalidReply> {
+    serde_json::from_str(payload).map_err(|source| InvalidReply { action, source })
 }
 
 /// What the simulator needs from a valid answer.
@@ -152,8 +166,8 @@ pub enum Reply {
     Other,
 }
 
-/// Checks a CALLRESULT payload against the schema of `action`'s .conf.
-pub fn check_reply(action: &'static str, payload: Value) -> Result<Reply, InvalidReply> {
+/// Checks a CALLRESULT payload (its JSON text) against the schema of `action`'s .conf.
+pub fn check_reply(action: &'static str, payload: &str) -> Result<Reply, InvalidReply> {
     Ok(match action {
         "BootNotification" => {
             let conf: BootNotificationResponse = parse(action, payload)?;
@@ -185,7 +199,10 @@ pub fn check_reply(action: &'static str, payload: Value) -> Result<Reply, Invali
             parse::<StopTransactionResponse>(action, payload)?;
             Reply::Other
         }
-        _ => Reply::Other,
+        _ => {
+            parse::<serde::de::IgnoredAny>(action, payload)?;
+            Reply::Other
+        }
     })
 }
 
@@ -239,7 +256,7 @@ mod tests {
 
     #[test]
     fn kwh_samples_keep_three_decimals_of_the_wh_register() {
-        let payload = meter_values(7, 12_005, UnitOfMeasure::KWh);
+        let payload = serde_json::to_value(meter_values(7, 12_005, UnitOfMeasure::KWh)).unwrap();
         let sample = &payload["meterValue"][0]["sampledValue"][0];
         assert_eq!(sample["value"], "12.005");
         assert_eq!(sample["unit"], "kWh");
@@ -249,11 +266,11 @@ mod tests {
 
     #[test]
     fn a_start_conf_without_id_tag_info_is_invalid() {
-        let error = check_reply("StartTransaction", serde_json::json!({"transactionId": 1}));
+        let error = check_reply("StartTransaction", r#"{"transactionId": 1}"#);
         assert!(error.is_err());
         let ok = check_reply(
             "StartTransaction",
-            serde_json::json!({"transactionId": 3, "idTagInfo": {"status": "Accepted"}}),
+            r#"{"transactionId": 3, "idTagInfo": {"status": "Accepted"}}"#,
         )
         .unwrap();
         assert_eq!(
@@ -263,6 +280,46 @@ mod tests {
                 accepted: true
             }
         );
+    }
+
+    #[test]
+    fn replies_are_checked_as_text_like_a_parsed_value_would_be() {
+        // Wrong type, unknown enum value, trailing garbage and a non-object all fail.
+        for bad in [
+            r#"{"transactionId": "3", "idTagInfo": {"status": "Accepted"}}"#,
+            r#"{"transactionId": 3, "idTagInfo": {"status": "Maybe"}}"#,
+            r#"{"transactionId": 3, "idTagInfo": {"status": "Accepted"}} x"#,
+            r#"[3]"#,
+        ] {
+            assert!(check_reply("StartTransaction", bad).is_err(), "{bad}");
+        }
+        assert!(check_reply("MeterValues", "{}").is_ok());
+        assert!(check_reply("MeterValues", "{").is_err());
+        assert!(
+            check_reply("Heartbeat", "{}").is_err(),
+            "currentTime is required"
+        );
+        let boot = check_reply(
+            "BootNotification",
+            r#"{"currentTime":"2026-11-25T23:00:00Z","interval":300,"status":"Accepted"}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            boot,
+            Reply::Boot {
+                accepted: true,
+                interval_s: 300
+            }
+        );
+    }
+
+    #[test]
+    fn request_payloads_serialize_without_an_intermediate_value() {
+        // The frame is written straight from the typed request; it must equal the Value route.
+        let request = stop_transaction(9, "SIM-1", 1234);
+        let direct = serde_json::to_string(&(2, "17", "StopTransaction", &request)).unwrap();
+        let via_value = serde_json::json!([2, "17", "StopTransaction", request]);
+        assert_eq!(serde_json::from_str::<Value>(&direct).unwrap(), via_value);
     }
 
     #[test]

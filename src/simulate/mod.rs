@@ -78,6 +78,28 @@ pub struct SimulateArgs {
     /// Print the summary as one JSON object on stdout.
     #[arg(long)]
     pub json: bool,
+    /// Threads running the chargers: 1 (a single-threaded runtime, the cheapest per message:
+    /// no cross-thread wake-ups) or N worker threads; 0 means one per core.
+    #[arg(long, default_value_t = THREADS_DEFAULT)]
+    pub threads: usize,
+}
+
+/// `--threads` default.
+pub const THREADS_DEFAULT: usize = 0;
+
+impl SimulateArgs {
+    /// The tokio runtime `--threads` asks for.
+    pub fn runtime(&self) -> std::io::Result<tokio::runtime::Runtime> {
+        let mut builder = if self.threads == 1 {
+            tokio::runtime::Builder::new_current_thread()
+        } else {
+            tokio::runtime::Builder::new_multi_thread()
+        };
+        if self.threads > 1 {
+            builder.worker_threads(self.threads);
+        }
+        builder.enable_all().build()
+    }
 }
 
 impl SimulateArgs {
