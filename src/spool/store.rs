@@ -223,24 +223,6 @@ impl Store {
         Ok(())
     }
 
-    /// Leaves WAL checkpoints to [`Store::checkpoint`] on another connection, so this one's
-    /// commits never copy the WAL into the database file (and fsync it) while chargers wait.
-    pub fn leave_checkpoints_to_others(&self) -> Result<(), StoreError> {
-        self.conn.pragma_update(None, "wal_autocheckpoint", 0)?;
-        Ok(())
-    }
-
-    /// Copies what it can of the WAL into the database file without waiting for (or blocking)
-    /// the writer or readers (`PASSIVE`). Returns the WAL's frames and those now checkpointed.
-    pub fn checkpoint(&self) -> Result<(i64, i64), StoreError> {
-        let frames = self
-            .conn
-            .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
-                Ok((r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
-            })?;
-        Ok(frames)
-    }
-
     /// Commits every change set in one transaction (one fsync for the whole group).
     pub fn commit<'a>(
         &mut self,
@@ -766,31 +748,30 @@ mod tests {
     }
 
     #[test]
-    fn the_writer_leaves_checkpoints_to_another_connection() {
+    fn the_wal_stays_bounded_under_a_continuous_writer() {
+        // SQLite's own checkpoint, at the end of the commit crossing 1 000 pages, lets the next
+        // commit restart the WAL. (A checkpoint from another connection never caught up with a
+        // busy writer: the WAL reached 13.9 GB beside a 0.88 GB spool, BENCHMARKS.md.)
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("spool.db");
         let mut writer = Store::open(&path).unwrap();
-        writer.leave_checkpoints_to_others().unwrap();
-        let checkpointer = Store::open(&path).unwrap();
-        // Past SQLite's automatic threshold (1 000 pages), the writer's WAL is not copied back.
-        for n in 0..400 {
+        let reader = Store::open(&path).unwrap();
+        for n in 0..1500 {
             let mut group = changes(vec![event(&n.to_string(), "sub")]);
             group.records[0].json = "x".repeat(8 * 1024);
             writer.commit(&[group], 100).unwrap();
+            if n % 100 == 0 {
+                // A reader (the shipper) comes and goes meanwhile.
+                assert!(!reader.pending(10).unwrap().is_empty());
+            }
         }
-        // (Reading the WAL's size is a checkpoint call too.)
-        let (frames, _) = writer.checkpoint().unwrap();
-        assert!(frames > 1000, "the WAL holds every commit: {frames} frames");
-        // The other connection checkpoints all of it, and the data is intact.
-        for n in 400..410 {
-            writer
-                .commit(&[changes(vec![event(&n.to_string(), "sub")])], 100)
-                .unwrap();
-        }
-        let (frames, checkpointed) = checkpointer.checkpoint().unwrap();
-        assert!(frames > 0);
-        assert_eq!(checkpointed, frames);
-        assert_eq!(checkpointer.pending(1000).unwrap().len(), 410);
+        let wal = std::fs::metadata(dir.path().join("spool.db-wal"))
+            .unwrap()
+            .len();
+        assert!(
+            wal < 8 * 1024 * 1024,
+            "WAL {wal} bytes after 1 500 commits of ~12 KB"
+        );
     }
 
     #[test]

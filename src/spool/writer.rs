@@ -21,8 +21,6 @@ const MAX_GROUP: usize = 4096;
 const RETRY_AFTER_FAILURE: Duration = Duration::from_millis(500);
 /// The writer's loop turns at least this often, so its heartbeat proves it is not stuck.
 const HEARTBEAT: Duration = Duration::from_secs(1);
-/// How often the checkpoint thread copies the WAL into the database file.
-const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
 /// Readiness check name of the writer.
 pub const READY_CHECK: &str = "spool";
 
@@ -86,10 +84,6 @@ pub fn start(
     }
     tracing::info!(sessions = sessions.len(), "ledger restored from the spool");
     let ledger = Ledger::from_sessions(sessions);
-    let checkpointer = spawn_checkpointer(&settings.path);
-    if checkpointer.is_some() {
-        store.leave_checkpoints_to_others()?;
-    }
     let (tx, rx) = mpsc::channel(MAX_GROUP * 4);
     // Make sure a restart ships whatever was committed but not delivered before it.
     events_committed.notify_one();
@@ -104,7 +98,6 @@ pub fn start(
         backlog: VecDeque::new(),
         next_housekeeping: std::time::Instant::now(),
         next_prune: std::time::Instant::now(),
-        _checkpointer: checkpointer,
     };
     Ok((tx, writer.run(rx)))
 }
@@ -123,8 +116,6 @@ struct Writer {
     backlog: VecDeque<(Changes, Option<oneshot::Sender<()>>)>,
     next_housekeeping: std::time::Instant,
     next_prune: std::time::Instant,
-    /// Dropped with the writer, which stops the checkpoint thread.
-    _checkpointer: Option<std::sync::mpsc::Sender<()>>,
 }
 
 impl Writer {
@@ -452,39 +443,6 @@ pub fn spawn_writer(writer: impl Future<Output = ()> + Send + 'static) -> onesho
         })
         .expect("the writer thread starts");
     receiver
-}
-
-/// Checkpoints the spool's WAL from a thread and connection of its own, so that the writer's
-/// commits (which chargers wait on) never include one: SQLite's automatic checkpoint runs inside
-/// the commit that crosses 1 000 WAL pages, copying them to the database file and fsyncing it.
-/// `None` (the writer then checkpoints as SQLite does by default) if it cannot start.
-fn spawn_checkpointer(path: &std::path::Path) -> Option<std::sync::mpsc::Sender<()>> {
-    let store = match Store::open(path) {
-        Ok(store) => store,
-        Err(error) => {
-            tracing::warn!(%error, "no checkpoint thread: the writer checkpoints the spool itself");
-            return None;
-        }
-    };
-    let (stop, stopped) = std::sync::mpsc::channel::<()>();
-    let spawned = std::thread::Builder::new()
-        .name("spool-checkpoint".into())
-        .spawn(move || {
-            while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
-                stopped.recv_timeout(CHECKPOINT_EVERY)
-            {
-                if let Err(error) = store.checkpoint() {
-                    tracing::warn!(%error, "checkpointing the spool's WAL failed; will retry");
-                }
-            }
-        });
-    match spawned {
-        Ok(_) => Some(stop),
-        Err(error) => {
-            tracing::warn!(%error, "no checkpoint thread: the writer checkpoints the spool itself");
-            None
-        }
-    }
 }
 
 /// The bridge clock in unix seconds.
