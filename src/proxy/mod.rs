@@ -116,13 +116,7 @@ impl Proxy {
                 Ok(slot) => slot,
                 Err(refusal) => return refuse(&mut stream, peer, refusal).await,
             };
-            // The handshakes are boxed: a task's future is as large as its largest state, and
-            // theirs (read buffers, the client handshake to SteVe) would otherwise size every
-            // connection for its whole life (BENCHMARKS.md, idle memory).
-            if let Some(connected) = Box::pin(self.connect(stream, peer, None)).await {
-                self.relay_connected(connected, close).await;
-            }
-            return;
+            return self.serve_charger(stream, peer, None, close).await;
         };
         // wss:// chargers pay one more allocation, so that plain ws:// ones do not carry
         // rustls' state in their task.
@@ -172,20 +166,40 @@ impl Proxy {
         } else {
             None
         };
-        if let Some(connected) = Box::pin(self.connect(stream, peer, Some(certified_id))).await {
-            self.relay_connected(connected, close).await;
+        self.serve_charger(stream, peer, Some(certified_id), close)
+            .await
+    }
+
+    /// Handshakes, then relays inside the charger's span. The handshakes are boxed: a task's
+    /// future is as large as its largest state, and theirs (read buffers, the client handshake
+    /// to SteVe) would otherwise size every connection for its whole life (BENCHMARKS.md, idle
+    /// memory).
+    async fn serve_charger<S>(
+        &self,
+        stream: S,
+        peer: SocketAddr,
+        tls: Option<Option<String>>,
+        close: CancellationToken,
+    ) where
+        S: AsyncRead + AsyncWrite + Unpin + Send,
+    {
+        if let Some((connected, span)) = Box::pin(self.connect(stream, peer, tls)).await {
+            self.relay_connected(connected, close)
+                .instrument(span)
+                .await;
         }
     }
 
     /// The WebSocket upgrade on a plain or TLS stream, and SteVe dialled for it. `tls` is
     /// `None` on plain `ws://`, else `Some(certified chargeBoxId)` (that inner `Some` only
-    /// under security profile 3). `None` when the charger was refused (and told why).
+    /// under security profile 3). `None` when the charger was refused (and told why); else the
+    /// connection and the charger's span.
     async fn connect<S>(
         &self,
         mut stream: S,
         peer: SocketAddr,
         tls: Option<Option<String>>,
-    ) -> Option<Connected<S>>
+    ) -> Option<(Connected<S>, tracing::Span)>
     where
         S: AsyncRead + AsyncWrite + Unpin + Send,
     {
@@ -219,7 +233,7 @@ impl Proxy {
         }
         .instrument(span.clone())
         .await?;
-        Some(Connected { span, ..connected })
+        Some((connected, span))
     }
 
     fn authorise(
@@ -308,11 +322,10 @@ impl Proxy {
             charge_box_id: request.charge_box_id,
             protocol,
             peer,
-            span: tracing::Span::none(),
         })
     }
 
-    /// Relays a connected charger until either side ends, inside the charger's span.
+    /// Relays a connected charger until either side ends.
     async fn relay_connected<S>(&self, connected: Connected<S>, close: CancellationToken)
     where
         S: AsyncRead + AsyncWrite + Unpin + Send,
@@ -323,9 +336,7 @@ impl Proxy {
             charge_box_id,
             protocol,
             peer,
-            span,
         } = connected;
-        async {
         let connections = metrics::gauge!("ocpp_lago_bridge_charger_connections");
         connections.increment(1.0);
         tracing::info!(%peer, protocol = protocol.as_deref().unwrap_or(""), "charger connected");
@@ -357,9 +368,6 @@ impl Proxy {
             ),
             _ => tracing::info!(reason = end.reason(), "connection closed"),
         }
-        }
-        .instrument(span)
-        .await
     }
 }
 
@@ -370,7 +378,6 @@ struct Connected<S> {
     charge_box_id: String,
     protocol: Option<String>,
     peer: SocketAddr,
-    span: tracing::Span,
 }
 
 /// Answers a charger over a connection limit with 503 (it retries later).
