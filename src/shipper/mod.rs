@@ -496,9 +496,6 @@ async fn write(
 impl Shipper {
     /// The oldest pending rows, without those being marked delivered right now.
     async fn pending(&mut self, limit: usize) -> Result<Vec<OutboxRow>, StoreError> {
-        if self.marking.is_empty() {
-            return self.with_reader(move |store| store.pending(limit)).await;
-        }
         let marking = self.marking.clone();
         self.with_reader(move |store| store.pending_except(limit, &marking))
             .await
