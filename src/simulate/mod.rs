@@ -80,12 +80,9 @@ pub struct SimulateArgs {
     pub json: bool,
     /// Threads running the chargers: 1 (a single-threaded runtime, the cheapest per message:
     /// no cross-thread wake-ups) or N worker threads; 0 means one per core.
-    #[arg(long, default_value_t = THREADS_DEFAULT)]
+    #[arg(long, default_value_t = 0)]
     pub threads: usize,
 }
-
-/// `--threads` default.
-pub const THREADS_DEFAULT: usize = 0;
 
 impl SimulateArgs {
     /// The tokio runtime `--threads` asks for.
@@ -100,9 +97,7 @@ impl SimulateArgs {
         }
         builder.enable_all().build()
     }
-}
 
-impl SimulateArgs {
     fn plan(&self) -> Result<Plan, String> {
         if !(0.0..=2_000_000.0).contains(&self.kwh_per_session) {
             return Err("--kwh-per-session must be between 0 and 2000000".into());
