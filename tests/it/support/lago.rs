@@ -516,12 +516,20 @@ fn route(method: &str, path: &str) -> Route {
     }
 }
 
+/// Whether the request carries the stand-in's key (`Authorization: Bearer <key>`).
+fn authorized(state: &State, request: &Request) -> bool {
+    request
+        .authorization
+        .as_deref()
+        .and_then(|value| value.strip_prefix("Bearer "))
+        == Some(state.config.api_key.as_str())
+}
+
 async fn handle(state: &Mutex<State>, request: Request) -> Response {
     let route = route(&request.method, &request.path);
     if let Route::Stats = route {
         let state = lock(state);
-        let expected = format!("Bearer {}", state.config.api_key);
-        if request.authorization.as_deref() != Some(expected.as_str()) {
+        if !authorized(&state, &request) {
             return unauthorized();
         }
         return Response::json(200, state.stats());
@@ -536,11 +544,8 @@ async fn handle(state: &Mutex<State>, request: Request) -> Response {
             Route::Subscription(_) => counts.get_subscription += 1,
             Route::Stats | Route::Other => counts.other += 1,
         }
-        let expected = format!("Bearer {}", state.config.api_key);
-        (
-            state.faults.pop_front(),
-            request.authorization.as_deref() == Some(expected.as_str()),
-        )
+        let authorized = authorized(&state, &request);
+        (state.faults.pop_front(), authorized)
     };
     let mut garbage = false;
     match fault {
