@@ -95,18 +95,26 @@ def today():
     return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 
 
-def rss_kb(pid):
-    """VmRSS of `pid` and of all its descendants (nginx: master + workers), in KB."""
-    total = 0
+def process_tree(pid):
+    """`pid` and all its descendants (nginx: master + workers) that still exist."""
     pending = [pid]
     while pending:
         p = pending.pop()
         try:
+            pending.extend(int(c) for c in Path(f"/proc/{p}/task/{p}/children").read_text().split())
+        except OSError:
+            continue
+        yield p
+
+
+def rss_kb(pid):
+    """VmRSS of `pid` and of all its descendants, in KB."""
+    total = 0
+    for p in process_tree(pid):
+        try:
             for line in Path(f"/proc/{p}/status").read_text().splitlines():
                 if line.startswith("VmRSS:"):
                     total += int(line.split()[1])
-            children = Path(f"/proc/{p}/task/{p}/children").read_text().split()
-            pending.extend(int(c) for c in children)
         except OSError:
             pass
     return total
