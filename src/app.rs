@@ -201,8 +201,10 @@ impl Pipeline {
         // The last handle: dropping it lets the writer commit what it holds and end.
         drop(self.spool);
         let _ = self.writer.await;
-        // The writer dropped its recovery handle on the way out: the task ends by itself.
+        // The writer has ended: an answer could no longer be applied, and the parked Stops are
+        // on disk to be asked again after the restart. Lookups may be sleeping in their backoff.
         if let Some(recovery) = self.recovery {
+            recovery.abort();
             let _ = recovery.await;
         }
         let pending = pending_events();

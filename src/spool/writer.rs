@@ -260,7 +260,11 @@ impl Writer {
         if !asked {
             metrics::counter!("ocpp_lago_bridge_start_recoveries_total", "result" => "error")
                 .increment(1);
-            tracing::error!(charge_box_id = %key.charge_box_id, ocpp_transaction_id = key.ocpp_transaction_id, "the SteVe recovery task is not running: the Stop is billed as it is (missing_start)");
+            if self.settings.recovery.is_some() {
+                tracing::error!(charge_box_id = %key.charge_box_id, ocpp_transaction_id = key.ocpp_transaction_id, "the SteVe recovery task is not running: the Stop is billed as it is (missing_start)");
+            } else {
+                tracing::warn!(charge_box_id = %key.charge_box_id, ocpp_transaction_id = key.ocpp_transaction_id, "a Stop parked before the restart cannot be looked up: [steve] is no longer configured; billed as it is (missing_start)");
+            }
             let changes = self.apply_parked(&key, Changes::default());
             self.backlog.push_back((changes, None));
         }
@@ -553,4 +557,143 @@ pub fn unix_now() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::recovery;
+    use crate::tap::{StartRecord, StopRecord};
+    use rust_decimal::Decimal;
+
+    fn stop(tx: i64, wh: i64) -> TapRecord {
+        TapRecord {
+            charge_box_id: "CP".into(),
+            received_at: 1_767_265_200,
+            kind: TapKind::Stop(StopRecord {
+                ocpp_transaction_id: tx,
+                meter_stop_wh: Decimal::from(wh),
+                timestamp: Some(1_767_265_200),
+                id_tag: None,
+                reason: None,
+                begin_reading: None,
+                readings: vec![],
+            }),
+        }
+    }
+
+    fn start_record(tx: i64, wh: i64) -> TapRecord {
+        TapRecord {
+            charge_box_id: "CP".into(),
+            received_at: 1_767_265_200,
+            kind: TapKind::Start(StartRecord {
+                connector_id: 1,
+                id_tag: "TAG".into(),
+                meter_start_wh: Decimal::from(wh),
+                timestamp: Some(1_767_261_600),
+                ocpp_transaction_id: tx,
+                id_tag_status: "Accepted".into(),
+            }),
+        }
+    }
+
+    /// A writer on a fresh spool in `dir`, with recovery; returns its commands, the lookups
+    /// it asks for, and the end of its thread.
+    fn writer(
+        dir: &std::path::Path,
+    ) -> (
+        mpsc::Sender<Command>,
+        mpsc::UnboundedReceiver<Lookup>,
+        oneshot::Receiver<()>,
+    ) {
+        let path = dir.join("spool.db");
+        let store = Store::open(&path).unwrap();
+        let rules = Arc::new(crate::config::Config::default().billing_rules().unwrap());
+        let (handle, lookups) = recovery::channel();
+        let settings = WriterSettings {
+            max_backlog: 100,
+            retention: Duration::from_secs(3600),
+            disk_cap_bytes: 1 << 30,
+            path,
+            recovery: Some(handle),
+        };
+        let (tx, future) = start(
+            store,
+            rules,
+            settings,
+            Readiness::default(),
+            Arc::new(Notify::new()),
+            Arc::new(AtomicI64::new(0)),
+        )
+        .unwrap();
+        (tx, lookups, spawn_writer(future))
+    }
+
+    async fn record(tx: &mpsc::Sender<Command>, record: TapRecord) {
+        let (committed, receipt) = oneshot::channel();
+        tx.send(Command::Record { record, committed })
+            .await
+            .unwrap();
+        tokio::time::timeout(Duration::from_secs(10), receipt)
+            .await
+            .expect("committed in time")
+            .expect("committed");
+    }
+
+    fn counts(dir: &std::path::Path) -> (i64, usize, usize) {
+        let store = Store::open(&dir.join("spool.db")).unwrap();
+        (
+            store.backlog().unwrap().0,
+            store.parked_stops().unwrap().len(),
+            store.dead_letters(Some("missing_start")).unwrap().len(),
+        )
+    }
+
+    #[tokio::test]
+    async fn a_parked_stop_waits_for_its_start_is_kept_across_a_restart_and_billed_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let (tx, mut lookups, ended) = writer(dir.path());
+        // Two copies of the Stop (a charger retrying): one lookup, both parked.
+        record(&tx, stop(7, 5_000)).await;
+        record(&tx, stop(7, 5_000)).await;
+        let asked = lookups.recv().await.unwrap();
+        assert_eq!(asked.key.ocpp_transaction_id, 7);
+        assert!(lookups.try_recv().is_err(), "one lookup per session");
+        assert_eq!(counts(dir.path()), (0, 2, 0), "parked, nothing billed");
+        drop(tx);
+        ended.await.unwrap();
+
+        // After a restart the parked Stops are read back and asked for again.
+        let (tx, mut lookups, ended) = writer(dir.path());
+        let asked = lookups.recv().await.unwrap();
+        assert_eq!(asked.key.charge_box_id, "CP");
+        record(&tx, start_record(7, 1_000)).await;
+        assert_eq!(counts(dir.path()), (1, 0, 0), "one event, nothing parked");
+        // A Stop arriving now is a duplicate of a known session: never parked again.
+        record(&tx, stop(7, 5_000)).await;
+        assert!(lookups.try_recv().is_err());
+        assert_eq!(counts(dir.path()), (1, 0, 0));
+        drop(tx);
+        ended.await.unwrap();
+        let store = Store::open(&dir.path().join("spool.db")).unwrap();
+        let event = &store.pending(10).unwrap()[0].event;
+        assert_eq!(event.properties.value, "4", "(5000 - 1000) / 1000 kWh");
+    }
+
+    #[tokio::test]
+    async fn a_start_steve_does_not_know_bills_the_parked_stop_as_it_is() {
+        let dir = tempfile::tempdir().unwrap();
+        let (tx, mut lookups, ended) = writer(dir.path());
+        record(&tx, stop(9, 5_000)).await;
+        let asked = lookups.recv().await.unwrap();
+        tx.send(Command::StartUnknown { key: asked.key })
+            .await
+            .unwrap();
+        // A later record's commit comes after the StartUnknown's.
+        record(&tx, stop(10, 1)).await;
+        assert_eq!(counts(dir.path()).2, 1, "missing_start for 9");
+        assert_eq!(counts(dir.path()).1, 1, "10 is parked, 9 is not");
+        drop(tx);
+        ended.await.unwrap();
+    }
 }
