@@ -696,4 +696,27 @@ mod tests {
         drop(tx);
         ended.await.unwrap();
     }
+
+    #[tokio::test]
+    async fn a_stop_with_a_transaction_begin_reading_is_still_looked_up_in_steve() {
+        let dir = tempfile::tempdir().unwrap();
+        let (tx, mut lookups, ended) = writer(dir.path());
+        let mut with_begin = stop(11, 5_000);
+        if let TapKind::Stop(s) = &mut with_begin.kind {
+            s.begin_reading = Some(crate::ocpp::payload::EnergyReading {
+                timestamp: Some(1_767_261_600),
+                wh: Decimal::from(1_000),
+                context: "Transaction.Begin".into(),
+            });
+        }
+        record(&tx, with_begin).await;
+        let asked = lookups.recv().await.unwrap();
+        assert_eq!(
+            asked.key.ocpp_transaction_id, 11,
+            "only SteVe names who started it"
+        );
+        assert_eq!(counts(dir.path()), (0, 1, 0));
+        drop(tx);
+        ended.await.unwrap();
+    }
 }

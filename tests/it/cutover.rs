@@ -325,6 +325,12 @@ async fn cutover_bills_sessions_started_before_the_bridge_once_and_other_charger
         "one lookup per cut-over session, none for sessions the bridge saw start"
     );
     assert!(requests.iter().all(|r| r.authorized && r.status == 200));
+    let concurrent = steve.max_in_flight();
+    println!("SteVe REST requests in flight at once: at most {concurrent}");
+    assert!(
+        (2..=4).contains(&concurrent),
+        "lookups run in parallel, bounded by steve.max_concurrent_requests = 4: {concurrent}"
+    );
 
     let us = |d: &Duration| d.as_micros() as u64;
     print_histogram(

@@ -59,6 +59,8 @@ struct State {
     registered: Vec<SteveTransaction>,
     central_log: Option<PathBuf>,
     seen: Vec<SeenRequest>,
+    in_flight: usize,
+    max_in_flight: usize,
 }
 
 /// The running stand-in; dropping it stops it.
@@ -92,6 +94,8 @@ impl SteveRest {
             registered: Vec::new(),
             central_log,
             seen: Vec::new(),
+            in_flight: 0,
+            max_in_flight: 0,
         }));
         let shared = state.clone();
         let acceptor = tokio::spawn(async move {
@@ -123,6 +127,11 @@ impl SteveRest {
     /// Adds a transaction SteVe knows (e.g. started before the bridge was in the path).
     pub fn register(&self, transaction: SteveTransaction) {
         lock(&self.state).registered.push(transaction);
+    }
+
+    /// The most requests it was answering at once.
+    pub fn max_in_flight(&self) -> usize {
+        lock(&self.state).max_in_flight
     }
 
     /// The requests seen so far.
@@ -302,10 +311,13 @@ async fn serve(mut stream: TcpStream, state: Arc<Mutex<State>>) {
         })
         .collect();
     let (delay, ok_auth) = {
-        let state = lock(&state);
+        let mut state = lock(&state);
+        state.in_flight += 1;
+        state.max_in_flight = state.max_in_flight.max(state.in_flight);
         (state.delay, authorized(&state.auth, &headers))
     };
     tokio::time::sleep(delay).await;
+    lock(&state).in_flight -= 1;
     let (status, body) = if !ok_auth {
         (
             401,
