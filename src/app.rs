@@ -170,6 +170,8 @@ struct Pipeline {
     /// Fires when the writer thread has committed what it held and ended.
     writer: tokio::sync::oneshot::Receiver<()>,
     shipper: Option<tokio::task::JoinHandle<()>>,
+    /// Asks SteVe for the start of parked Stops (`[steve]` configured); ends after the writer.
+    recovery: Option<tokio::task::JoinHandle<()>>,
     draining: CancellationToken,
     stop_shipping: CancellationToken,
 }
@@ -199,6 +201,12 @@ impl Pipeline {
         // The last handle: dropping it lets the writer commit what it holds and end.
         drop(self.spool);
         let _ = self.writer.await;
+        // The writer has ended: an answer could no longer be applied, and the parked Stops are
+        // on disk to be asked again after the restart. Lookups may be sleeping in their backoff.
+        if let Some(recovery) = self.recovery {
+            recovery.abort();
+            let _ = recovery.await;
+        }
         let pending = pending_events();
         if pending > 0 {
             tracing::info!(
@@ -329,13 +337,16 @@ async fn start_pipeline(
         }
     };
     let events_committed = Arc::new(Notify::new());
+    let steve = steve_client(config);
+    let (recovery_handle, recovery_requests) = crate::recovery::channel();
     let settings = WriterSettings {
         max_backlog: config.spool.max_memory_records,
         retention: config.spool.retention,
         disk_cap_bytes: config.spool.disk_cap_bytes,
         path: spool_path.to_path_buf(),
-        steve: steve_client(config),
+        recovery: steve.is_some().then(|| recovery_handle.clone()),
     };
+    drop(recovery_handle);
     let (commands, writer_future) = match writer::start(
         store,
         rules,
@@ -351,6 +362,19 @@ async fn start_pipeline(
             return None;
         }
     };
+    // The recovery task answers through a weak sender, so it never keeps the writer alive.
+    let recovery = steve.map(|client| {
+        tokio::spawn(crate::recovery::run(
+            client,
+            crate::recovery::RecoverySettings {
+                max_concurrent_requests: config.steve.max_concurrent_requests,
+                max_requests_per_second: config.steve.max_requests_per_second,
+                recovery_timeout: config.steve.recovery_timeout,
+            },
+            recovery_requests,
+            commands.downgrade(),
+        ))
+    });
     let spool = SpoolHandle::new(commands);
     let writer = writer::spawn_writer(writer_future);
 
@@ -387,6 +411,7 @@ async fn start_pipeline(
         spool,
         writer,
         shipper,
+        recovery,
         draining,
         stop_shipping,
     })
@@ -417,18 +442,16 @@ fn lago_client(config: &Config, readiness: &Readiness) -> Option<LagoClient> {
     }
 }
 
-/// SteVe's REST client, when `[steve] api_url` is set and its key can be read.
+/// SteVe's REST client, when `[steve] api_url` is set and its credentials can be read.
 fn steve_client(config: &Config) -> Option<crate::steve::SteveClient> {
     let api_url = config.steve.api_url.as_deref()?;
-    let key = read_secret(
-        "SteVe API key",
-        config.steve.api_key_file.as_deref(),
-        None,
-        "STEVE_API_KEY",
-        "set steve.api_key_file or STEVE_API_KEY",
-    );
-    let client = key.and_then(|key| {
-        crate::steve::SteveClient::new(api_url, key, config.steve.request_timeout)
+    let client = steve_auth(&config.steve).and_then(|auth| {
+        tracing::info!(
+            api_url,
+            auth = auth.kind(),
+            "SteVe REST API configured: Stops without a known start are looked up there"
+        );
+        crate::steve::SteveClient::new(api_url, auth, config.steve.request_timeout)
             .map_err(|e| e.to_string())
     });
     match client {
@@ -437,6 +460,33 @@ fn steve_client(config: &Config) -> Option<crate::steve::SteveClient> {
             tracing::error!(%problem, "[steve] is configured but unusable: sessions the bridge did not see start become missing_start dead letters");
             None
         }
+    }
+}
+
+/// SteVe ≥ 3.8 takes HTTP Basic (`steve.api_user` + `steve.api_password_file` or
+/// `STEVE_API_PASSWORD`); older SteVe the `STEVE-API-KEY` header (`steve.api_key_file` or
+/// `STEVE_API_KEY`). `check-config` refuses both at once.
+fn steve_auth(steve: &crate::config::SteveConfig) -> Result<crate::steve::SteveAuth, String> {
+    match &steve.api_user {
+        Some(user) => read_secret(
+            "SteVe API password",
+            steve.api_password_file.as_deref(),
+            None,
+            "STEVE_API_PASSWORD",
+            "set steve.api_password_file or STEVE_API_PASSWORD",
+        )
+        .map(|password| crate::steve::SteveAuth::Basic {
+            user: user.clone(),
+            password,
+        }),
+        None => read_secret(
+            "SteVe API key",
+            steve.api_key_file.as_deref(),
+            None,
+            "STEVE_API_KEY",
+            "set steve.api_user and its API password (SteVe >= 3.8), or steve.api_key_file / STEVE_API_KEY (older SteVe)",
+        )
+        .map(crate::steve::SteveAuth::LegacyKey),
     }
 }
 

@@ -32,9 +32,23 @@ pub struct Config {
 pub struct SteveConfig {
     /// e.g. `http://127.0.0.1:8080/steve`; `None` turns recovery off.
     pub api_url: Option<String>,
-    /// File holding SteVe's API key; `None` means the `STEVE_API_KEY` environment variable.
+    /// File holding SteVe's legacy API key (SteVe < 3.8, header `STEVE-API-KEY`); `None` means
+    /// the `STEVE_API_KEY` environment variable.
     pub api_key_file: Option<PathBuf>,
+    /// SteVe ≥ 3.8: the web user with API access (HTTP Basic); never set with `api_key_file`.
+    pub api_user: Option<String>,
+    /// File holding that user's API password; `None` means the `STEVE_API_PASSWORD` environment
+    /// variable.
+    pub api_password_file: Option<PathBuf>,
+    /// How long one REST request may take.
     pub request_timeout: Duration,
+    /// Most lookups in flight at once.
+    pub max_concurrent_requests: usize,
+    /// Most lookups started per second.
+    pub max_requests_per_second: u32,
+    /// How long a parked Stop waits for SteVe (with retries) before it is billed as it is,
+    /// which makes it a `missing_start` dead letter.
+    pub recovery_timeout: Duration,
 }
 
 /// `[proxy]`: where chargers connect and where SteVe is.
@@ -209,7 +223,12 @@ impl Default for Config {
             steve: SteveConfig {
                 api_url: None,
                 api_key_file: None,
+                api_user: None,
+                api_password_file: None,
                 request_timeout: Duration::from_secs(2),
+                max_concurrent_requests: 4,
+                max_requests_per_second: 10,
+                recovery_timeout: Duration::from_secs(300),
             },
         }
     }
@@ -548,8 +567,26 @@ impl Reader {
                 .filter(|url| !url.is_empty())
                 .and_then(|url| self.check_url("steve", "api_url", &["http", "https"], &url)),
             api_key_file: self.optional_path("steve", "api_key_file"),
+            api_user: self
+                .take::<String>("steve", "api_user", "a user name string")
+                .filter(|user| !user.is_empty()),
+            api_password_file: self.optional_path("steve", "api_password_file"),
             request_timeout: self.duration("steve", "request_timeout", d.steve.request_timeout),
+            max_concurrent_requests: self.bounded(
+                "steve",
+                "max_concurrent_requests",
+                d.steve.max_concurrent_requests,
+                1..=1024,
+            ),
+            max_requests_per_second: self.bounded(
+                "steve",
+                "max_requests_per_second",
+                d.steve.max_requests_per_second as usize,
+                1..=100_000,
+            ) as u32,
+            recovery_timeout: self.duration("steve", "recovery_timeout", d.steve.recovery_timeout),
         };
+        self.check_steve_auth(&steve);
         self.reject_unknown_keys();
         Config {
             steve,
@@ -559,6 +596,30 @@ impl Reader {
             spool,
             admin,
             log,
+        }
+    }
+
+    /// SteVe takes one way of authenticating: HTTP Basic (≥ 3.8) or the legacy header key.
+    fn check_steve_auth(&mut self, steve: &SteveConfig) {
+        if steve.api_key_file.is_some()
+            && (steve.api_user.is_some() || steve.api_password_file.is_some())
+        {
+            self.problems.push(
+                "`steve.api_key_file` (legacy STEVE-API-KEY header, SteVe < 3.8) and `steve.api_user`/`steve.api_password_file` (HTTP Basic, SteVe >= 3.8) are both set: keep the one your SteVe speaks".into(),
+            );
+        }
+        if steve.api_password_file.is_some() && steve.api_user.is_none() {
+            self.problems.push(
+                "`steve.api_password_file` is set without `steve.api_user`: HTTP Basic needs the SteVe web user too".into(),
+            );
+        }
+        if let Some(user) = &steve.api_user
+            && user.contains(':')
+        {
+            // RFC 7617: the user-id of Basic credentials cannot contain a colon (the password can).
+            self.problems.push(
+                "`steve.api_user` must not contain `:` (HTTP Basic splits on the first one)".into(),
+            );
         }
     }
 
@@ -883,6 +944,36 @@ mod tests {
                 "no problem mentions {needle}: {problems:#?}"
             );
         }
+    }
+
+    #[test]
+    fn steve_takes_basic_auth_or_the_legacy_key_never_both() {
+        let both = Config::parse(
+            r#"
+            [steve]
+            api_url = "http://127.0.0.1:8080/steve"
+            api_user = "bridge"
+            api_password_file = "/run/steve-password"
+            api_key_file = "/run/steve-key"
+        "#,
+        )
+        .unwrap_err();
+        assert_eq!(both.len(), 1, "{both:?}");
+        assert!(both[0].contains("both set"), "{both:?}");
+        let problems = Config::parse("[steve]\napi_password_file = \"/p\"\n").unwrap_err();
+        assert!(
+            problems[0].contains("without `steve.api_user`"),
+            "{problems:?}"
+        );
+        let problems = Config::parse("[steve]\napi_user = \"a:b\"\n").unwrap_err();
+        assert!(problems[0].contains("must not contain `:`"), "{problems:?}");
+        let basic = Config::parse(
+            "[steve]\napi_url = \"http://h/steve\"\napi_user = \"bridge\"\nmax_concurrent_requests = 2\nrecovery_timeout = \"30s\"\n",
+        )
+        .unwrap();
+        assert_eq!(basic.steve.api_user.as_deref(), Some("bridge"));
+        assert_eq!(basic.steve.max_concurrent_requests, 2);
+        assert_eq!(basic.steve.recovery_timeout, Duration::from_secs(30));
     }
 
     #[test]

@@ -11,6 +11,7 @@ pub mod ledger;
 pub mod ocpp;
 pub mod operator;
 pub mod proxy;
+pub mod recovery;
 pub mod shipper;
 pub mod shutdown;
 pub mod simulate;

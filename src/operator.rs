@@ -189,12 +189,16 @@ pub async fn replay(
         let mut ledger = Ledger::new();
         let mut events = Vec::new();
         let mut held = Vec::new();
+        let mut records = Vec::new();
         for json in store
             .session_records(&charge_box_id, ocpp_transaction_id)
             .map_err(|e| spool_error(&path, e))?
         {
             let record: TapRecord =
                 serde_json::from_str(&json).map_err(|e| spool_error(&path, StoreError::Json(e)))?;
+            records.push(record);
+        }
+        for record in in_ledger_order(records) {
             let applied = ledger.apply(&record, &rules);
             events.extend(applied.events);
             held.extend(applied.anomalies.into_iter().map(|a| a.reason.as_str()));
@@ -234,4 +238,86 @@ pub async fn replay(
         }
     }
     Ok(out.trim_end().to_string())
+}
+
+/// One session's tap records in the order the daemon applied them: a Stop parked while SteVe
+/// was asked for the start is stored before the Start recovered for it (spool/writer.rs), and
+/// was applied after that Start; any Stop read before the session has a Start waits for the
+/// next Start record, if there is one.
+fn in_ledger_order(records: Vec<TapRecord>) -> Vec<TapRecord> {
+    use crate::tap::TapKind;
+    let mut ordered = Vec::with_capacity(records.len());
+    let mut waiting = Vec::new();
+    let mut started = false;
+    for (i, record) in records.iter().enumerate() {
+        match record.kind {
+            TapKind::Stop(_)
+                if !started
+                    && records[i + 1..]
+                        .iter()
+                        .any(|r| matches!(r.kind, TapKind::Start(_))) =>
+            {
+                waiting.push(record.clone());
+            }
+            TapKind::Start(_) => {
+                started = true;
+                ordered.push(record.clone());
+                ordered.append(&mut waiting);
+            }
+            _ => ordered.push(record.clone()),
+        }
+    }
+    ordered.append(&mut waiting);
+    ordered
+}
+
+#[cfg(test)]
+mod tests {
+    use super::in_ledger_order;
+    use crate::tap::{StartRecord, StopRecord, TapKind, TapRecord};
+    use rust_decimal::Decimal;
+
+    fn start(tx: i64) -> TapRecord {
+        TapRecord {
+            charge_box_id: "CP".into(),
+            received_at: 1,
+            kind: TapKind::Start(StartRecord {
+                connector_id: 1,
+                id_tag: "T".into(),
+                meter_start_wh: Decimal::ZERO,
+                timestamp: None,
+                ocpp_transaction_id: tx,
+                id_tag_status: "Accepted".into(),
+            }),
+        }
+    }
+
+    fn stop(tx: i64, wh: i64) -> TapRecord {
+        TapRecord {
+            charge_box_id: "CP".into(),
+            received_at: 1,
+            kind: TapKind::Stop(StopRecord {
+                ocpp_transaction_id: tx,
+                meter_stop_wh: Decimal::from(wh),
+                timestamp: None,
+                id_tag: None,
+                reason: None,
+                begin_reading: None,
+                readings: vec![],
+            }),
+        }
+    }
+
+    #[test]
+    fn a_parked_stop_is_replayed_after_the_start_recovered_for_it() {
+        assert_eq!(
+            in_ledger_order(vec![stop(7, 10), stop(7, 10), start(7)]),
+            vec![start(7), stop(7, 10), stop(7, 10)]
+        );
+        // Seen in order, or reused ids (Start, Stop, Start, Stop): unchanged.
+        let seen = vec![start(7), stop(7, 10), start(7), stop(7, 20)];
+        assert_eq!(in_ledger_order(seen.clone()), seen);
+        // No Start at all: the Stop stays (and reads as missing_start).
+        assert_eq!(in_ledger_order(vec![stop(7, 10)]), vec![stop(7, 10)]);
+    }
 }

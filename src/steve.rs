@@ -1,7 +1,21 @@
-//! I/O: SteVe's REST API (`GET /api/v1/transactions`), used for one thing: recovering the start
-//! of a session whose StartTransaction the bridge never saw (it was started before the bridge
-//! was in the path, or during an outage), so its Stop can still be billed instead of becoming a
-//! `missing_start` dead letter.
+//! I/O: SteVe's REST API (`GET {root}/api/v1/transactions`), used for one thing: recovering the
+//! start of a session whose StartTransaction the bridge never saw (it was started before the
+//! bridge was in the path, on another bridge, or during an outage), so its Stop can still be
+//! billed instead of becoming a `missing_start` dead letter.
+//!
+//! What SteVe serves, from its source (steve-community/steve):
+//! - `web/api/TransactionsRestController.java`: `GET /api/v1/transactions` → a JSON array of
+//!   `repository/dto/Transaction.java` (no paging); the query form
+//!   (`web/dto/TransactionQueryForm.java`) takes repeatable `transactionPk` and `chargeBoxId`
+//!   and `type` = `ACTIVE` | `STOPPED` | `ALL`. We ask `type=ALL`: once SteVe has answered the
+//!   Stop the session is already STOPPED there.
+//! - `repository/dto/Transaction.java`: `id` (int, the OCPP transactionId), `connectorId`,
+//!   `chargeBoxId`, `ocppIdTag`, `startValue` (String, Wh), `startTimestamp` (Joda `DateTime`,
+//!   written ISO-8601 by Jackson's Joda module, e.g. `2022-10-01T00:00:00.000Z` as in
+//!   `TransactionRestControllerTest.java`), stop fields null while active.
+//! - `config/ApiAuthenticationManager.java` (SteVe ≥ 3.8.0, PR #1545): HTTP Basic with a web
+//!   user that has API access and its API password; 401 with a JSON error body otherwise.
+//!   Older SteVe took a `STEVE-API-KEY` header instead.
 
 use std::time::Duration;
 
@@ -12,31 +26,84 @@ use crate::lago::ApiKey;
 use crate::ocpp::units::{parse_decimal, parse_timestamp};
 use crate::tap::{StartRecord, TapKind, TapRecord};
 
-/// SteVe's REST endpoint and key.
+/// How the bridge authenticates to SteVe's REST API.
+#[derive(Clone, PartialEq, Eq)]
+pub enum SteveAuth {
+    /// SteVe ≥ 3.8.0: HTTP Basic with a web user with API access and its API password (which
+    /// may contain `:`; only the user name may not).
+    Basic {
+        /// The SteVe web user.
+        user: String,
+        /// Its API password.
+        password: ApiKey,
+    },
+    /// SteVe < 3.8.0: the `STEVE-API-KEY` header.
+    LegacyKey(ApiKey),
+}
+
+impl std::fmt::Debug for SteveAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SteveAuth::Basic { user, .. } => f
+                .debug_struct("Basic")
+                .field("user", user)
+                .field("password", &"<redacted>")
+                .finish(),
+            SteveAuth::LegacyKey(_) => f.write_str("LegacyKey(<redacted>)"),
+        }
+    }
+}
+
+impl SteveAuth {
+    /// `basic` or `legacy_key`, for logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            SteveAuth::Basic { .. } => "basic",
+            SteveAuth::LegacyKey(_) => "legacy_key",
+        }
+    }
+}
+
+/// SteVe's REST endpoint and credentials.
 #[derive(Clone)]
 pub struct SteveClient {
     http: reqwest::Client,
     transactions_url: String,
-    api_key: ApiKey,
+    auth: SteveAuth,
 }
 
 impl std::fmt::Debug for SteveClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SteveClient")
             .field("transactions_url", &self.transactions_url)
+            .field("auth", &self.auth)
             .finish_non_exhaustive()
     }
 }
 
-/// Why SteVe could not tell us a session's start.
+/// Why SteVe could not tell us a session's start. Never carries a credential.
 #[derive(Debug, thiserror::Error)]
 pub enum SteveError {
     #[error("SteVe REST request failed: {0}")]
     Http(String),
-    #[error("SteVe REST answered HTTP {0}")]
-    Status(u16),
+    #[error("SteVe REST answered HTTP {status}: {body}")]
+    Status { status: u16, body: String },
     #[error("SteVe REST answer does not parse: {0}")]
     Schema(String),
+}
+
+impl SteveError {
+    /// A label for metrics: `http`, `unauthorized`, `status`, `schema`.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            SteveError::Http(_) => "http",
+            SteveError::Status {
+                status: 401 | 403, ..
+            } => "unauthorized",
+            SteveError::Status { .. } => "status",
+            SteveError::Schema(_) => "schema",
+        }
+    }
 }
 
 /// The fields of SteVe's `Transaction` DTO we use; SteVe adds others freely.
@@ -47,13 +114,13 @@ struct SteveTransaction {
     connector_id: i64,
     charge_box_id: String,
     ocpp_id_tag: String,
-    start_timestamp: Option<serde_json::Value>,
+    start_timestamp: Option<String>,
     start_value: serde_json::Value,
 }
 
 impl SteveClient {
-    /// A client for SteVe at `api_url` (e.g. `http://127.0.0.1:8080/steve`).
-    pub fn new(api_url: &str, api_key: ApiKey, timeout: Duration) -> Result<Self, SteveError> {
+    /// A client for SteVe at `api_url` (its root, e.g. `http://127.0.0.1:8080/steve`).
+    pub fn new(api_url: &str, auth: SteveAuth, timeout: Duration) -> Result<Self, SteveError> {
         crate::ensure_rustls_provider();
         let http = reqwest::Client::builder()
             .timeout(timeout)
@@ -63,13 +130,14 @@ impl SteveClient {
         Ok(SteveClient {
             http,
             transactions_url: format!("{}/api/v1/transactions", api_url.trim_end_matches('/')),
-            api_key,
+            auth,
         })
     }
 
     /// The start of `ocpp_transaction_id` at `charge_box_id` as SteVe recorded it, as a tap
-    /// record (`None` if SteVe does not know it). SteVe's REST does not report the idTagInfo
-    /// status of the start: SteVe stored the transaction, so it is taken as accepted.
+    /// record received at `received_at` (`None` if SteVe does not know it at that charge box).
+    /// SteVe's REST does not report the idTagInfo status of the start: SteVe stored the
+    /// transaction, so it is taken as accepted.
     pub async fn recover_start(
         &self,
         charge_box_id: &str,
@@ -84,54 +152,74 @@ impl SteveClient {
                 percent_encoding::NON_ALPHANUMERIC
             )
         );
-        let response = self
-            .http
-            .get(url)
-            .header("STEVE-API-KEY", self.api_key.expose())
+        let request = match &self.auth {
+            SteveAuth::Basic { user, password } => {
+                self.http.get(url).basic_auth(user, Some(password.expose()))
+            }
+            SteveAuth::LegacyKey(key) => self.http.get(url).header("STEVE-API-KEY", key.expose()),
+        };
+        let response = request
             .send()
             .await
             .map_err(|e| SteveError::Http(e.without_url().to_string()))?;
         let status = response.status().as_u16();
-        if status != 200 {
-            return Err(SteveError::Status(status));
-        }
         let body = response
             .text()
             .await
-            .map_err(|e| SteveError::Http(e.to_string()))?;
-        let transactions: Vec<SteveTransaction> = serde_json::from_str(&body).map_err(|e| {
-            SteveError::Schema(format!(
-                "{e}: {}",
-                body.chars().take(500).collect::<String>()
-            ))
-        })?;
-        let Some(found) = transactions
-            .into_iter()
-            .find(|t| t.id == ocpp_transaction_id && t.charge_box_id == charge_box_id)
-        else {
-            return Ok(None);
-        };
-        let meter_start_wh = number(&found.start_value).ok_or_else(|| {
-            SteveError::Schema(format!("startValue {} is not a number", found.start_value))
-        })?;
-        let timestamp = found
-            .start_timestamp
-            .as_ref()
-            .and_then(|t| t.as_str())
-            .and_then(|t| parse_timestamp(t).ok());
-        Ok(Some(TapRecord {
-            charge_box_id: charge_box_id.to_string(),
-            received_at,
-            kind: TapKind::Start(StartRecord {
-                connector_id: found.connector_id,
-                id_tag: found.ocpp_id_tag,
-                meter_start_wh,
-                timestamp,
-                ocpp_transaction_id,
-                id_tag_status: "Accepted".into(),
-            }),
-        }))
+            .map_err(|e| SteveError::Http(e.without_url().to_string()))?;
+        if status != 200 {
+            return Err(SteveError::Status {
+                status,
+                body: body.chars().take(300).collect(),
+            });
+        }
+        start_from_transactions(&body, charge_box_id, ocpp_transaction_id, received_at)
     }
+}
+
+/// Picks the transaction `ocpp_transaction_id` of `charge_box_id` out of SteVe's answer and
+/// turns it into a Start record. A record of another charge box is never taken: transaction
+/// ids are SteVe's, but a stale or filtered-out answer must not bill the wrong charger.
+fn start_from_transactions(
+    body: &str,
+    charge_box_id: &str,
+    ocpp_transaction_id: i64,
+    received_at: i64,
+) -> Result<Option<TapRecord>, SteveError> {
+    let transactions: Vec<SteveTransaction> = serde_json::from_str(body).map_err(|e| {
+        SteveError::Schema(format!(
+            "{e}: {}",
+            body.chars().take(500).collect::<String>()
+        ))
+    })?;
+    let Some(found) = transactions
+        .into_iter()
+        .find(|t| t.id == ocpp_transaction_id && t.charge_box_id == charge_box_id)
+    else {
+        return Ok(None);
+    };
+    let meter_start_wh = number(&found.start_value).ok_or_else(|| {
+        SteveError::Schema(format!("startValue {} is not a number", found.start_value))
+    })?;
+    let timestamp =
+        match found.start_timestamp.as_deref() {
+            Some(text) => Some(parse_timestamp(text).map_err(|_| {
+                SteveError::Schema(format!("startTimestamp {text:?} is not ISO-8601"))
+            })?),
+            None => None,
+        };
+    Ok(Some(TapRecord {
+        charge_box_id: charge_box_id.to_string(),
+        received_at,
+        kind: TapKind::Start(StartRecord {
+            connector_id: found.connector_id,
+            id_tag: found.ocpp_id_tag,
+            meter_start_wh,
+            timestamp,
+            ocpp_transaction_id,
+            id_tag_status: "Accepted".into(),
+        }),
+    }))
 }
 
 fn number(value: &serde_json::Value) -> Option<Decimal> {
@@ -139,5 +227,98 @@ fn number(value: &serde_json::Value) -> Option<Decimal> {
         serde_json::Value::String(s) => parse_decimal(s).ok(),
         serde_json::Value::Number(n) => parse_decimal(&n.to_string()).ok(),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// SteVe's answer to `GET /api/v1/transactions?...&type=ALL`, built from the field names
+    /// and formats of `repository/dto/Transaction.java` and the expectations of
+    /// `web/api/TransactionRestControllerTest.java` (steve-community/steve).
+    const FIXTURE: &str = include_str!("../tests/fixtures/steve/transactions.json");
+
+    fn start(record: TapRecord) -> StartRecord {
+        match record.kind {
+            TapKind::Start(start) => start,
+            other => panic!("not a start: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_stopped_transaction_of_the_charger_becomes_its_start() {
+        let found = start_from_transactions(FIXTURE, "cb-2", 1, 99)
+            .unwrap()
+            .expect("transaction 1 of cb-2");
+        let s = start(found);
+        assert_eq!(s.ocpp_transaction_id, 1);
+        assert_eq!(s.connector_id, 2);
+        assert_eq!(s.id_tag, "id-3");
+        assert_eq!(s.meter_start_wh, Decimal::from(12_345));
+        assert_eq!(s.timestamp, Some(1_664_582_400), "2022-10-01T00:00:00.000Z");
+        assert_eq!(s.id_tag_status, "Accepted");
+    }
+
+    #[test]
+    fn an_active_transaction_with_a_zone_offset_is_read_in_utc() {
+        let s = start(
+            start_from_transactions(FIXTURE, "cb-2", 7, 99)
+                .unwrap()
+                .unwrap(),
+        );
+        assert_eq!(s.meter_start_wh, Decimal::new(5005, 1), "500.5 Wh");
+        assert_eq!(s.timestamp, Some(1_664_582_400), "02:00+02:00 is 00:00Z");
+    }
+
+    #[test]
+    fn a_record_of_another_charge_box_is_never_taken() {
+        // Transaction 1 exists, but at cb-2: cb-9 asking for 1 learns nothing.
+        assert!(
+            start_from_transactions(FIXTURE, "cb-9", 1, 99)
+                .unwrap()
+                .is_none()
+        );
+        assert!(
+            start_from_transactions("[]", "cb-2", 1, 99)
+                .unwrap()
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn a_broken_answer_is_an_error_not_a_missing_start() {
+        for body in [
+            "<html>",
+            r#"{"status":401}"#,
+            r#"[{"id":1,"connectorId":1,"chargeBoxId":"cb-2","ocppIdTag":"t","startValue":"x","startTimestamp":null}]"#,
+            r#"[{"id":1,"connectorId":1,"chargeBoxId":"cb-2","ocppIdTag":"t","startValue":"1","startTimestamp":"yesterday"}]"#,
+        ] {
+            assert!(
+                start_from_transactions(body, "cb-2", 1, 99).is_err(),
+                "{body}"
+            );
+        }
+    }
+
+    #[test]
+    fn credentials_never_show_in_debug_output() {
+        let basic = SteveAuth::Basic {
+            user: "bridge".into(),
+            password: ApiKey::new("pa:ss"),
+        };
+        let legacy = SteveAuth::LegacyKey(ApiKey::new("k-123"));
+        let client = SteveClient::new(
+            "http://127.0.0.1:1/steve",
+            basic.clone(),
+            Duration::from_secs(1),
+        )
+        .unwrap();
+        let shown = format!("{basic:?} {legacy:?} {client:?}");
+        assert!(shown.contains("bridge"));
+        assert!(
+            !shown.contains("pa:ss") && !shown.contains("k-123"),
+            "{shown}"
+        );
     }
 }

@@ -733,6 +733,7 @@ fn changes(spec: &GroupSpec, now: i64) -> Changes {
                 }
             })
             .collect(),
+        ..Changes::default()
     }
 }
 

@@ -10,7 +10,8 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use crate::event::LagoEvent;
 
 /// Schema versions this binary knows, in order; `MIGRATIONS[n]` brings version n to n + 1.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE tap_records (
     id INTEGER PRIMARY KEY,
     received_at INTEGER NOT NULL,          -- unix seconds, bridge clock
@@ -63,7 +64,21 @@ CREATE TABLE dead_letters (
     requeued_at INTEGER
 );
 CREATE INDEX dead_letters_reason ON dead_letters (reason);
-"#];
+"#,
+    r#"
+-- Stops of sessions the ledger did not know, waiting for their start from SteVe's REST API
+-- (recovery.rs). Each is also in tap_records; this copy outlives pruning and a restart, and a
+-- row is deleted in the same transaction that applies its Stop to the ledger.
+CREATE TABLE parked_stops (
+    id INTEGER PRIMARY KEY,
+    charge_box_id TEXT NOT NULL,
+    ocpp_transaction_id INTEGER NOT NULL,
+    record TEXT NOT NULL,                  -- the Stop TapRecord as JSON
+    parked_at INTEGER NOT NULL
+);
+CREATE INDEX parked_stops_session ON parked_stops (charge_box_id, ocpp_transaction_id);
+"#,
+];
 
 /// The schema version this binary writes.
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
@@ -124,6 +139,19 @@ pub struct Changes {
     pub removed_sessions: Vec<(String, i64)>,
     pub events: Vec<LagoEvent>,
     pub dead_letters: Vec<NewDeadLetter>,
+    /// Stops parked until SteVe tells their session's start (kept across restarts).
+    pub parked: Vec<ParkedStopRow>,
+    /// Sessions whose parked Stops this change set applies: (charge_box_id, ocpp_transaction_id).
+    pub unparked: Vec<(String, i64)>,
+}
+
+/// A Stop waiting for its session's start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParkedStopRow {
+    pub charge_box_id: String,
+    pub ocpp_transaction_id: i64,
+    /// The Stop TapRecord as JSON.
+    pub json: String,
 }
 
 /// One outbox row: its id and the event exactly as first derived (and sent on every retry).
@@ -255,7 +283,20 @@ impl Store {
                      lago_transaction_id, external_subscription_id, event, first_attempt, last_attempt)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?9)",
             )?;
+            let mut park = tx.prepare_cached(
+                "INSERT INTO parked_stops (charge_box_id, ocpp_transaction_id, record, parked_at)
+                 VALUES (?1, ?2, ?3, ?4)",
+            )?;
+            let mut unpark = tx.prepare_cached(
+                "DELETE FROM parked_stops WHERE charge_box_id = ?1 AND ocpp_transaction_id = ?2",
+            )?;
             for changes in groups {
+                for p in &changes.parked {
+                    park.execute(params![p.charge_box_id, p.ocpp_transaction_id, p.json, now])?;
+                }
+                for (charge_box_id, ocpp_transaction_id) in &changes.unparked {
+                    unpark.execute(params![charge_box_id, ocpp_transaction_id])?;
+                }
                 for r in &changes.records {
                     record.execute(params![
                         r.received_at,
@@ -303,6 +344,21 @@ impl Store {
         }
         tx.commit()?;
         Ok(())
+    }
+
+    /// The parked Stops, oldest first, to resume their lookups at startup.
+    pub fn parked_stops(&self) -> Result<Vec<ParkedStopRow>, StoreError> {
+        let mut stmt = self.conn.prepare(
+            "SELECT charge_box_id, ocpp_transaction_id, record FROM parked_stops ORDER BY id",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok(ParkedStopRow {
+                charge_box_id: r.get(0)?,
+                ocpp_transaction_id: r.get(1)?,
+                json: r.get(2)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
     }
 
     /// All persisted session states, to rebuild the ledger at startup.
@@ -711,6 +767,7 @@ mod tests {
             removed_sessions: vec![],
             events,
             dead_letters: vec![],
+            ..Changes::default()
         }
     }
 

@@ -1,17 +1,28 @@
 //! The single writer: tap records in, ledger applied, records + session state + events + dead
 //! letters committed in one transaction per group, then every charger reply waiting on that group
 //! released. Group commit: whatever queued up while the last fsync ran goes into the next one.
+//!
+//! A Stop of a session the ledger does not know is *parked* when SteVe's REST API is configured:
+//! its tap record is committed (releasing the charger's reply as usual) together with a
+//! `parked_stops` row, and the session goes to the recovery task (`recovery.rs`), never awaited
+//! here. The answer comes back as a command: SteVe's start as an ordinary Start record, after
+//! which the parked Stops are applied as if the bridge had seen that Start; or "unknown", after
+//! which they are applied as they are (`missing_start`). Applying them deletes the
+//! `parked_stops` rows in the same transaction, so a crash in between neither loses a Stop nor
+//! bills it twice; at startup the parked rows are read back and asked for again.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
 use tokio::sync::{Notify, mpsc, oneshot};
 
-use super::store::{Changes, NewDeadLetter, RecordRow, SessionRow, Store, StoreError};
+use super::store::{
+    Changes, NewDeadLetter, ParkedStopRow, RecordRow, SessionRow, Store, StoreError,
+};
 use crate::ledger::{Applied, BillingRules, Ledger, SessionKey, SessionState};
-use crate::steve::SteveClient;
+use crate::recovery::{Lookup, RecoveryHandle};
 use crate::tap::{TapKind, TapRecord};
 use crate::telemetry::Readiness;
 
@@ -52,6 +63,9 @@ pub enum Command {
     },
     /// New billing rules (subscription map reloaded on SIGHUP).
     Rules(Arc<BillingRules>),
+    /// SteVe does not know this session's start (or could not be asked in time): its parked
+    /// Stops are applied as they are. A found start comes back as a [`Command::Record`].
+    StartUnknown { key: SessionKey },
 }
 
 /// The writer's settings.
@@ -65,8 +79,9 @@ pub struct WriterSettings {
     pub disk_cap_bytes: u64,
     /// The spool file, for its size.
     pub path: std::path::PathBuf,
-    /// Recovers the start of sessions the bridge never saw from SteVe's REST API.
-    pub steve: Option<SteveClient>,
+    /// Where Stops of sessions the bridge never saw start are looked up (SteVe's REST API);
+    /// `None`: they are applied at once (`missing_start`).
+    pub recovery: Option<RecoveryHandle>,
 }
 
 /// Opens the spool, rebuilds the ledger from it and returns the writer's future.
@@ -84,6 +99,23 @@ pub fn start(
     }
     tracing::info!(sessions = sessions.len(), "ledger restored from the spool");
     let ledger = Ledger::from_sessions(sessions);
+    let mut parked: HashMap<SessionKey, Vec<TapRecord>> = HashMap::new();
+    for row in store.parked_stops()? {
+        let record: TapRecord = serde_json::from_str(&row.json)?;
+        parked
+            .entry(SessionKey {
+                charge_box_id: row.charge_box_id,
+                ocpp_transaction_id: row.ocpp_transaction_id,
+            })
+            .or_default()
+            .push(record);
+    }
+    if !parked.is_empty() {
+        tracing::info!(
+            sessions = parked.len(),
+            "Stops parked for SteVe's start restored from the spool"
+        );
+    }
     let (tx, rx) = mpsc::channel(MAX_GROUP * 4);
     // Make sure a restart ships whatever was committed but not delivered before it.
     events_committed.notify_one();
@@ -96,6 +128,7 @@ pub fn start(
         events_committed,
         heartbeat,
         backlog: VecDeque::new(),
+        parked,
         next_housekeeping: std::time::Instant::now(),
         next_prune: std::time::Instant::now(),
     };
@@ -114,6 +147,8 @@ struct Writer {
     heartbeat: Arc<AtomicI64>,
     /// Applied but not yet committed, in order, with the replies waiting on them.
     backlog: VecDeque<(Changes, Option<oneshot::Sender<()>>)>,
+    /// Stops waiting for their session's start from SteVe, in arrival order per session.
+    parked: HashMap<SessionKey, Vec<TapRecord>>,
     next_housekeeping: std::time::Instant,
     next_prune: std::time::Instant,
 }
@@ -121,6 +156,7 @@ struct Writer {
 impl Writer {
     async fn run(mut self, mut rx: mpsc::Receiver<Command>) {
         let mut commands = Vec::with_capacity(MAX_GROUP);
+        self.resume_parked();
         loop {
             self.heartbeat.store(unix_now(), Ordering::Relaxed);
             commands.clear();
@@ -138,16 +174,10 @@ impl Writer {
             let mut store_ops = Vec::new();
             for command in commands.drain(..) {
                 match command {
-                    Command::Record { record, committed } => {
-                        let steve = self.settings.steve.as_ref();
-                        if let Some(start) = recover_start(steve, &self.ledger, &record).await {
-                            let applied = self.ledger.apply(&start, &self.rules);
-                            let changes = self.changes(&start, applied);
-                            self.backlog.push_back((changes, None));
-                        }
-                        let applied = self.ledger.apply(&record, &self.rules);
-                        let changes = self.changes(&record, applied);
-                        self.backlog.push_back((changes, Some(committed)));
+                    Command::Record { record, committed } => self.record(record, committed),
+                    Command::StartUnknown { key } => {
+                        let changes = self.apply_parked(&key, Changes::default());
+                        self.backlog.push_back((changes, None));
                     }
                     Command::Rules(rules) => self.rules = rules,
                     other => store_ops.push(other),
@@ -173,14 +203,115 @@ impl Writer {
         }
     }
 
-    /// Turns what the ledger derived from `record` into rows, logging and counting on the way.
-    fn changes(&self, record: &TapRecord, applied: Applied) -> Changes {
-        let (kind, ocpp_transaction_id) = match &record.kind {
-            TapKind::Start(s) => ("start", s.ocpp_transaction_id),
-            TapKind::MeterValues(m) => ("meter_values", m.ocpp_transaction_id),
-            TapKind::Stop(s) => ("stop", s.ocpp_transaction_id),
+    /// One tap record: parked if it is a Stop waiting for SteVe, else applied to the ledger
+    /// (a Start of a parked session then applies the parked Stops after it, in one change set).
+    fn record(&mut self, record: TapRecord, committed: oneshot::Sender<()>) {
+        let key = session_key(&record);
+        if self.parks(&record, &key) {
+            let first = !self.parked.contains_key(&key);
+            let changes = Changes {
+                records: vec![record_row(&record)],
+                parked: vec![ParkedStopRow {
+                    charge_box_id: key.charge_box_id.clone(),
+                    ocpp_transaction_id: key.ocpp_transaction_id,
+                    json: serde_json::to_string(&record).expect("tap record serialises"),
+                }],
+                ..Changes::default()
+            };
+            let received_at = record.received_at;
+            self.parked.entry(key.clone()).or_default().push(record);
+            self.backlog.push_back((changes, Some(committed)));
+            metrics::counter!("ocpp_lago_bridge_stops_parked_total").increment(1);
+            if first {
+                tracing::info!(charge_box_id = %key.charge_box_id, ocpp_transaction_id = key.ocpp_transaction_id, "Stop without a known start: parked while SteVe is asked for the start");
+                self.ask(key, received_at);
+            }
+            metrics::gauge!("ocpp_lago_bridge_parked_sessions").set(self.parked.len() as f64);
+            return;
+        }
+        let applied = self.ledger.apply(&record, &self.rules);
+        let mut changes = self.applied_changes(&record, applied);
+        changes.records.push(record_row(&record));
+        if matches!(record.kind, TapKind::Start(_)) && self.parked.contains_key(&key) {
+            changes = self.apply_parked(&key, changes);
+        }
+        self.backlog.push_back((changes, Some(committed)));
+    }
+
+    /// A Stop is parked when SteVe can be asked and the ledger does not know its session (or
+    /// earlier Stops of it are parked already). A `Transaction.Begin` reading does not exempt it:
+    /// only SteVe's record names who started the session.
+    fn parks(&self, record: &TapRecord, key: &SessionKey) -> bool {
+        matches!(record.kind, TapKind::Stop(_))
+            && self.settings.recovery.is_some()
+            && key.ocpp_transaction_id > 0
+            && (self.parked.contains_key(key) || self.ledger.session(key).is_none())
+    }
+
+    /// Hands a parked session to the recovery task; if it has ended, applies the Stops as they
+    /// are rather than leaving them parked for ever.
+    fn ask(&mut self, key: SessionKey, received_at: i64) {
+        let asked = self.settings.recovery.as_ref().is_some_and(|recovery| {
+            recovery.request(Lookup {
+                key: key.clone(),
+                received_at,
+            })
+        });
+        if !asked {
+            metrics::counter!("ocpp_lago_bridge_start_recoveries_total", "result" => "error")
+                .increment(1);
+            if self.settings.recovery.is_some() {
+                tracing::error!(charge_box_id = %key.charge_box_id, ocpp_transaction_id = key.ocpp_transaction_id, "the SteVe recovery task is not running: the Stop is billed as it is (missing_start)");
+            } else {
+                tracing::warn!(charge_box_id = %key.charge_box_id, ocpp_transaction_id = key.ocpp_transaction_id, "a Stop parked before the restart cannot be looked up: [steve] is no longer configured; billed as it is (missing_start)");
+            }
+            let changes = self.apply_parked(&key, Changes::default());
+            self.backlog.push_back((changes, None));
+        }
+    }
+
+    /// At startup: asks again for every session whose Stops were parked before the restart (or,
+    /// with `[steve]` no longer configured, applies them as they are).
+    fn resume_parked(&mut self) {
+        let mut keys: Vec<(SessionKey, i64)> = self
+            .parked
+            .iter()
+            .map(|(key, stops)| (key.clone(), stops.first().map_or(0, |s| s.received_at)))
+            .collect();
+        keys.sort();
+        for (key, received_at) in keys {
+            self.ask(key, received_at);
+        }
+        metrics::gauge!("ocpp_lago_bridge_parked_sessions").set(self.parked.len() as f64);
+    }
+
+    /// Applies the parked Stops of `key` to the ledger (after the Start `changes` may hold),
+    /// adding what they derive and the removal of their parking to `changes`.
+    fn apply_parked(&mut self, key: &SessionKey, mut changes: Changes) -> Changes {
+        let Some(stops) = self.parked.remove(key) else {
+            // Already applied (a Start for the session arrived first): nothing is waiting.
+            tracing::debug!(charge_box_id = %key.charge_box_id, ocpp_transaction_id = key.ocpp_transaction_id, "SteVe's answer came after the session's Stops were applied");
+            return changes;
         };
-        metrics::counter!("ocpp_lago_bridge_tap_records_total", "kind" => kind).increment(1);
+        for stop in &stops {
+            let applied = self.ledger.apply(stop, &self.rules);
+            let more = self.applied_changes(stop, applied);
+            changes.sessions.extend(more.sessions);
+            changes.removed_sessions.extend(more.removed_sessions);
+            changes.events.extend(more.events);
+            changes.dead_letters.extend(more.dead_letters);
+        }
+        changes
+            .unparked
+            .push((key.charge_box_id.clone(), key.ocpp_transaction_id));
+        metrics::gauge!("ocpp_lago_bridge_parked_sessions").set(self.parked.len() as f64);
+        changes
+    }
+
+    /// Turns what the ledger derived from `record` into rows (the record's own row aside),
+    /// logging and counting on the way.
+    fn applied_changes(&self, record: &TapRecord, applied: Applied) -> Changes {
+        let ocpp_transaction_id = session_key(record).ocpp_transaction_id;
         for ignored in &applied.ignored {
             metrics::counter!("ocpp_lago_bridge_ledger_ignored_total", "reason" => ignored.as_str())
                 .increment(1);
@@ -228,13 +359,6 @@ impl Writer {
             })
             .collect();
         Changes {
-            records: vec![RecordRow {
-                received_at: record.received_at,
-                charge_box_id: record.charge_box_id.clone(),
-                ocpp_transaction_id: Some(ocpp_transaction_id),
-                kind,
-                json: serde_json::to_string(record).expect("tap record serialises"),
-            }],
             sessions,
             removed_sessions: applied
                 .removed
@@ -243,6 +367,7 @@ impl Writer {
                 .collect(),
             events: applied.events,
             dead_letters,
+            ..Changes::default()
         }
     }
 
@@ -350,7 +475,9 @@ impl Writer {
                         detail,
                         done,
                     } => (store.dead_letter_outbox(id, &reason, &detail, now), done),
-                    Command::Record { .. } | Command::Rules(_) => continue,
+                    Command::Record { .. } | Command::Rules(_) | Command::StartUnknown { .. } => {
+                        continue;
+                    }
                 };
                 let _ = done.send(result.map_err(|e| e.to_string()));
             }
@@ -375,54 +502,33 @@ impl Writer {
     }
 }
 
-/// A Stop of a session the ledger never saw start (and without a Transaction.Begin reading)
-/// is looked up in SteVe before it is applied, so it can be billed rather than dead-lettered.
-/// Rare (the bridge was put in the path mid-session), so the writer simply waits for it.
-async fn recover_start(
-    steve: Option<&SteveClient>,
-    ledger: &Ledger,
-    record: &TapRecord,
-) -> Option<TapRecord> {
-    let steve = steve?;
-    let TapKind::Stop(stop) = &record.kind else {
-        return None;
+/// The session a record belongs to.
+fn session_key(record: &TapRecord) -> SessionKey {
+    let ocpp_transaction_id = match &record.kind {
+        TapKind::Start(s) => s.ocpp_transaction_id,
+        TapKind::MeterValues(m) => m.ocpp_transaction_id,
+        TapKind::Stop(s) => s.ocpp_transaction_id,
     };
-    let key = SessionKey {
+    SessionKey {
         charge_box_id: record.charge_box_id.clone(),
-        ocpp_transaction_id: stop.ocpp_transaction_id,
-    };
-    if stop.begin_reading.is_some()
-        || key.ocpp_transaction_id <= 0
-        || ledger.session(&key).is_some()
-    {
-        return None;
+        ocpp_transaction_id,
     }
-    let outcome = steve
-        .recover_start(
-            &key.charge_box_id,
-            key.ocpp_transaction_id,
-            record.received_at,
-        )
-        .await;
-    let result = match &outcome {
-        Ok(Some(_)) => "recovered",
-        Ok(None) => "unknown_to_steve",
-        Err(_) => "error",
+}
+
+/// The tap record's own row, counted as it is taken in.
+fn record_row(record: &TapRecord) -> RecordRow {
+    let kind = match &record.kind {
+        TapKind::Start(_) => "start",
+        TapKind::MeterValues(_) => "meter_values",
+        TapKind::Stop(_) => "stop",
     };
-    metrics::counter!("ocpp_lago_bridge_start_recoveries_total", "result" => result).increment(1);
-    match outcome {
-        Ok(Some(start)) => {
-            tracing::info!(charge_box_id = %key.charge_box_id, ocpp_transaction_id = key.ocpp_transaction_id, "session start recovered from SteVe's REST API");
-            Some(start)
-        }
-        Ok(None) => {
-            tracing::warn!(charge_box_id = %key.charge_box_id, ocpp_transaction_id = key.ocpp_transaction_id, "SteVe does not know the transaction either: missing_start");
-            None
-        }
-        Err(error) => {
-            tracing::warn!(charge_box_id = %key.charge_box_id, ocpp_transaction_id = key.ocpp_transaction_id, %error, "could not ask SteVe for the session start: missing_start");
-            None
-        }
+    metrics::counter!("ocpp_lago_bridge_tap_records_total", "kind" => kind).increment(1);
+    RecordRow {
+        received_at: record.received_at,
+        charge_box_id: record.charge_box_id.clone(),
+        ocpp_transaction_id: Some(session_key(record).ocpp_transaction_id),
+        kind,
+        json: serde_json::to_string(record).expect("tap record serialises"),
     }
 }
 
@@ -451,4 +557,166 @@ pub fn unix_now() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::recovery;
+    use crate::tap::{StartRecord, StopRecord};
+    use rust_decimal::Decimal;
+
+    fn stop(tx: i64, wh: i64) -> TapRecord {
+        TapRecord {
+            charge_box_id: "CP".into(),
+            received_at: 1_767_265_200,
+            kind: TapKind::Stop(StopRecord {
+                ocpp_transaction_id: tx,
+                meter_stop_wh: Decimal::from(wh),
+                timestamp: Some(1_767_265_200),
+                id_tag: None,
+                reason: None,
+                begin_reading: None,
+                readings: vec![],
+            }),
+        }
+    }
+
+    fn start_record(tx: i64, wh: i64) -> TapRecord {
+        TapRecord {
+            charge_box_id: "CP".into(),
+            received_at: 1_767_265_200,
+            kind: TapKind::Start(StartRecord {
+                connector_id: 1,
+                id_tag: "TAG".into(),
+                meter_start_wh: Decimal::from(wh),
+                timestamp: Some(1_767_261_600),
+                ocpp_transaction_id: tx,
+                id_tag_status: "Accepted".into(),
+            }),
+        }
+    }
+
+    /// A writer on a fresh spool in `dir`, with recovery; returns its commands, the lookups
+    /// it asks for, and the end of its thread.
+    fn writer(
+        dir: &std::path::Path,
+    ) -> (
+        mpsc::Sender<Command>,
+        mpsc::UnboundedReceiver<Lookup>,
+        oneshot::Receiver<()>,
+    ) {
+        let path = dir.join("spool.db");
+        let store = Store::open(&path).unwrap();
+        let rules = Arc::new(crate::config::Config::default().billing_rules().unwrap());
+        let (handle, lookups) = recovery::channel();
+        let settings = WriterSettings {
+            max_backlog: 100,
+            retention: Duration::from_secs(3600),
+            disk_cap_bytes: 1 << 30,
+            path,
+            recovery: Some(handle),
+        };
+        let (tx, future) = start(
+            store,
+            rules,
+            settings,
+            Readiness::default(),
+            Arc::new(Notify::new()),
+            Arc::new(AtomicI64::new(0)),
+        )
+        .unwrap();
+        (tx, lookups, spawn_writer(future))
+    }
+
+    async fn record(tx: &mpsc::Sender<Command>, record: TapRecord) {
+        let (committed, receipt) = oneshot::channel();
+        tx.send(Command::Record { record, committed })
+            .await
+            .unwrap();
+        tokio::time::timeout(Duration::from_secs(10), receipt)
+            .await
+            .expect("committed in time")
+            .expect("committed");
+    }
+
+    fn counts(dir: &std::path::Path) -> (i64, usize, usize) {
+        let store = Store::open(&dir.join("spool.db")).unwrap();
+        (
+            store.backlog().unwrap().0,
+            store.parked_stops().unwrap().len(),
+            store.dead_letters(Some("missing_start")).unwrap().len(),
+        )
+    }
+
+    #[tokio::test]
+    async fn a_parked_stop_waits_for_its_start_is_kept_across_a_restart_and_billed_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let (tx, mut lookups, ended) = writer(dir.path());
+        // Two copies of the Stop (a charger retrying): one lookup, both parked.
+        record(&tx, stop(7, 5_000)).await;
+        record(&tx, stop(7, 5_000)).await;
+        let asked = lookups.recv().await.unwrap();
+        assert_eq!(asked.key.ocpp_transaction_id, 7);
+        assert!(lookups.try_recv().is_err(), "one lookup per session");
+        assert_eq!(counts(dir.path()), (0, 2, 0), "parked, nothing billed");
+        drop(tx);
+        ended.await.unwrap();
+
+        // After a restart the parked Stops are read back and asked for again.
+        let (tx, mut lookups, ended) = writer(dir.path());
+        let asked = lookups.recv().await.unwrap();
+        assert_eq!(asked.key.charge_box_id, "CP");
+        record(&tx, start_record(7, 1_000)).await;
+        assert_eq!(counts(dir.path()), (1, 0, 0), "one event, nothing parked");
+        // A Stop arriving now is a duplicate of a known session: never parked again.
+        record(&tx, stop(7, 5_000)).await;
+        assert!(lookups.try_recv().is_err());
+        assert_eq!(counts(dir.path()), (1, 0, 0));
+        drop(tx);
+        ended.await.unwrap();
+        let store = Store::open(&dir.path().join("spool.db")).unwrap();
+        let event = &store.pending(10).unwrap()[0].event;
+        assert_eq!(event.properties.value, "4", "(5000 - 1000) / 1000 kWh");
+    }
+
+    #[tokio::test]
+    async fn a_start_steve_does_not_know_bills_the_parked_stop_as_it_is() {
+        let dir = tempfile::tempdir().unwrap();
+        let (tx, mut lookups, ended) = writer(dir.path());
+        record(&tx, stop(9, 5_000)).await;
+        let asked = lookups.recv().await.unwrap();
+        tx.send(Command::StartUnknown { key: asked.key })
+            .await
+            .unwrap();
+        // A later record's commit comes after the StartUnknown's.
+        record(&tx, stop(10, 1)).await;
+        assert_eq!(counts(dir.path()).2, 1, "missing_start for 9");
+        assert_eq!(counts(dir.path()).1, 1, "10 is parked, 9 is not");
+        drop(tx);
+        ended.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_stop_with_a_transaction_begin_reading_is_still_looked_up_in_steve() {
+        let dir = tempfile::tempdir().unwrap();
+        let (tx, mut lookups, ended) = writer(dir.path());
+        let mut with_begin = stop(11, 5_000);
+        if let TapKind::Stop(s) = &mut with_begin.kind {
+            s.begin_reading = Some(crate::ocpp::payload::EnergyReading {
+                timestamp: Some(1_767_261_600),
+                wh: Decimal::from(1_000),
+                context: "Transaction.Begin".into(),
+            });
+        }
+        record(&tx, with_begin).await;
+        let asked = lookups.recv().await.unwrap();
+        assert_eq!(
+            asked.key.ocpp_transaction_id, 11,
+            "only SteVe names who started it"
+        );
+        assert_eq!(counts(dir.path()), (0, 1, 0));
+        drop(tx);
+        ended.await.unwrap();
+    }
 }

@@ -5,6 +5,7 @@
 mod billing;
 mod chaos;
 mod corpus;
+mod cutover;
 mod delivery;
 mod fuzz_stable;
 mod hardening;

@@ -1,120 +1,118 @@
 //! A Stop whose Start the bridge never saw is billed from the start SteVe recorded, through
-//! SteVe's REST API (`[steve]`); one SteVe does not know either stays a `missing_start` dead
-//! letter. SteVe's REST API is a stand-in on loopback answering like
-//! `GET /steve/api/v1/transactions?transactionPk=N`.
+//! SteVe's REST API (`[steve]`): HTTP Basic for SteVe ≥ 3.8, the legacy `STEVE-API-KEY` header
+//! for older ones. The lookup runs beside the spool writer, so the Stop's reply never waits on
+//! SteVe, and a parked Stop survives a SIGKILL. One SteVe does not know stays a `missing_start`
+//! dead letter. SteVe's REST API is the stand-in of `support/steve.rs`.
 
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::path::Path;
+use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::support::bridge::{Bridge, BridgeOptions};
+use crate::support::bridge::{Bridge, BridgeOptions, check_config};
 use crate::support::e2e::{dead_letter_details, spool_counts};
+use crate::support::http;
 use crate::support::recorder::{Recorder, Script};
-use crate::support::{poll_until, within, ws};
+use crate::support::steve::{SteveAuth, SteveRest, SteveTransaction};
+use crate::support::ws::{self, ClientWs};
+use crate::support::{poll_until, within};
 
-const STEVE_KEY: &str = "steve-key-7a1c";
+const USER: &str = "bridge";
+/// SteVe's API passwords may contain `:` (only the user name may not).
+const PASSWORD: &str = "pa:ss:7a1c-wd";
+const LEGACY_KEY: &str = "steve-key-7a1c";
 
-/// Serves SteVe's transactions endpoint: transaction 42 of CP-REC started at 1000 Wh; every
-/// request line and its STEVE-API-KEY header are recorded.
-async fn steve_rest() -> (String, Arc<Mutex<Vec<(String, Option<String>)>>>) {
-    let listener = TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind SteVe REST");
-    let url = format!("http://{}/steve", listener.local_addr().unwrap());
-    let seen = Arc::new(Mutex::new(Vec::new()));
-    let log = seen.clone();
-    tokio::spawn(async move {
-        for _ in 0..100 {
-            let Ok((mut stream, _)) = listener.accept().await else {
-                return;
-            };
-            let mut head = Vec::new();
-            let mut buf = [0u8; 1024];
-            while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 16_384 {
-                match stream.read(&mut buf).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => head.extend_from_slice(&buf[..n]),
-                }
-            }
-            let head = String::from_utf8_lossy(&head).into_owned();
-            let target = head.split_whitespace().nth(1).unwrap_or("").to_string();
-            let key = head
-                .lines()
-                .find_map(|l| {
-                    l.strip_prefix("steve-api-key: ")
-                        .or(l.strip_prefix("STEVE-API-KEY: "))
-                })
-                .map(str::to_string);
-            log.lock().unwrap().push((target.clone(), key));
-            let body = if target.contains("transactionPk=42&") {
-                r#"[{"id":42,"connectorId":2,"chargeBoxId":"CP-REC","chargeBoxPk":1,"ocppIdTag":"TAG-REC","ocppTagPk":1,"startTimestamp":"2026-01-01T10:00:00.000Z","startValue":"1000","stopTimestamp":null,"stopValue":null}]"#
-            } else {
-                "[]"
-            };
-            let response = format!(
-                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = stream.write_all(response.as_bytes()).await;
-        }
-    });
-    (url, seen)
+fn transaction_42() -> SteveTransaction {
+    SteveTransaction {
+        id: 42,
+        charge_box_id: "CP-REC".into(),
+        connector_id: 2,
+        id_tag: "TAG-REC".into(),
+        start_value_wh: 1000,
+        start_timestamp: "2026-01-01T10:00:00.000Z".into(),
+        stop_value_wh: None,
+        stop_timestamp: None,
+    }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stop_without_a_seen_start_is_billed_from_steves_record() {
-    let (steve_url, steve_requests) = steve_rest().await;
-    let recorder = Recorder::start(Script {
-        echo_callresult: true,
-        ..Script::default()
-    })
-    .await;
+fn basic() -> SteveAuth {
+    SteveAuth::Basic {
+        user: USER.into(),
+        password: PASSWORD.into(),
+    }
+}
+
+/// A bridge in front of an echoing recorder with `[steve]` pointing at `steve`, Basic auth with
+/// the password in a file (written into `dir`), and extra `[steve]` lines.
+async fn bridge_with_basic_auth(
+    recorder: &Recorder,
+    steve: &SteveRest,
+    dir: &Path,
+    password: &str,
+    steve_keys: &str,
+) -> Bridge {
+    let password_file = dir.join("steve-password");
+    std::fs::write(&password_file, format!("{password}\n")).unwrap();
     // No Lago key: the events stay in the spool, where the test reads them.
-    let bridge = Bridge::start_opts(
+    Bridge::start_opts(
         &recorder.url_base(),
         BridgeOptions {
-            extra_toml: format!("[steve]\napi_url = \"{steve_url}\"\n"),
-            env: vec![("STEVE_API_KEY".into(), STEVE_KEY.into())],
+            extra_toml: format!(
+                "[steve]\napi_url = \"{}\"\napi_user = \"{USER}\"\napi_password_file = \"{}\"\n{steve_keys}\n",
+                steve.url(),
+                password_file.display()
+            ),
             ..BridgeOptions::default()
         },
     )
-    .await;
+    .await
+}
 
-    let (mut charger, _) = ws::connect(&bridge.charger_url("CP-REC"), &["ocpp1.6"], None)
-        .await
-        .unwrap_or_else(|e| panic!("charger connects: {e}; bridge stderr:\n{}", bridge.stderr()));
-    for (id, transaction_id, meter_stop) in [("s1", 42, 4200), ("s2", 43, 9000)] {
-        let stop = format!(
-            r#"[2,"{id}","StopTransaction",{{"transactionId":{transaction_id},"meterStop":{meter_stop},"timestamp":"2026-01-01T11:00:00Z","reason":"Local"}}]"#
-        );
-        charger.send(Message::text(stop)).await.expect("send Stop");
-        let reply = within(Duration::from_secs(10), "Stop reply", charger.next())
-            .await
-            .expect("a reply")
-            .expect("a frame");
-        assert_eq!(
-            reply.into_text().unwrap().as_str(),
-            format!(r#"[3,"{id}",{{}}]"#)
-        );
-    }
-
-    let spool = bridge.spool_path().to_path_buf();
-    let settled = poll_until(Duration::from_secs(10), || {
-        let counts = spool_counts(&spool);
-        (counts.pending == 1 && counts.dead_letters.get("missing_start") == Some(&1)).then_some(())
+async fn echo_recorder() -> Recorder {
+    Recorder::start(Script {
+        echo_callresult: true,
+        ..Script::default()
     })
-    .await;
-    assert!(settled.is_some(), "spool: {:?}", spool_counts(&spool));
+    .await
+}
 
-    let conn = rusqlite::Connection::open(&spool).unwrap();
-    let event: String = conn
-        .query_row("SELECT event FROM outbox", [], |r| r.get(0))
+/// Sends a StopTransaction and returns how long its reply took.
+async fn stop(charger: &mut ClientWs, id: &str, transaction_id: i64, meter_stop: i64) -> Duration {
+    let frame = format!(
+        r#"[2,"{id}","StopTransaction",{{"transactionId":{transaction_id},"meterStop":{meter_stop},"timestamp":"2026-01-01T11:00:00Z","reason":"Local"}}]"#
+    );
+    let sent = Instant::now();
+    charger.send(Message::text(frame)).await.expect("send Stop");
+    let reply = within(Duration::from_secs(10), "Stop reply", charger.next())
+        .await
+        .expect("a reply")
+        .expect("a frame");
+    assert_eq!(
+        reply.into_text().unwrap().as_str(),
+        format!(r#"[3,"{id}",{{}}]"#)
+    );
+    sent.elapsed()
+}
+
+fn outbox_events(spool: &Path) -> Vec<serde_json::Value> {
+    let conn = rusqlite::Connection::open(spool).unwrap();
+    let mut stmt = conn
+        .prepare("SELECT event FROM outbox ORDER BY id")
         .unwrap();
-    let event: serde_json::Value = serde_json::from_str(&event).unwrap();
+    stmt.query_map([], |r| r.get::<_, String>(0))
+        .unwrap()
+        .map(|e| serde_json::from_str(&e.unwrap()).unwrap())
+        .collect()
+}
+
+fn parked_rows(spool: &Path) -> i64 {
+    let conn = rusqlite::Connection::open(spool).unwrap();
+    conn.query_row("SELECT COUNT(*) FROM parked_stops", [], |r| r.get(0))
+        .unwrap()
+}
+
+fn assert_billed_from_steve(event: &serde_json::Value) {
     assert_eq!(event["transaction_id"], "42");
     assert_eq!(
         event["external_subscription_id"], "TAG-REC",
@@ -130,6 +128,40 @@ async fn a_stop_without_a_seen_start_is_billed_from_steves_record() {
         event["properties"]["started_at"], 1_767_261_600,
         "SteVe's start time"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_without_a_seen_start_is_billed_from_steves_record() {
+    let steve = SteveRest::start(basic(), None).await;
+    steve.register(transaction_42());
+    // SteVe answers slowly: the Stop's reply must not wait for it.
+    steve.set_delay(Duration::from_millis(1500));
+    let recorder = echo_recorder().await;
+    let dir = tempfile::tempdir().unwrap();
+    let bridge = bridge_with_basic_auth(&recorder, &steve, dir.path(), PASSWORD, "").await;
+
+    let (mut charger, _) = ws::connect(&bridge.charger_url("CP-REC"), &["ocpp1.6"], None)
+        .await
+        .unwrap_or_else(|e| panic!("charger connects: {e}; bridge stderr:\n{}", bridge.stderr()));
+    for (id, transaction_id, meter_stop) in [("s1", 42, 4200), ("s2", 43, 9000)] {
+        let took = stop(&mut charger, id, transaction_id, meter_stop).await;
+        assert!(
+            took < Duration::from_millis(1000),
+            "the Stop's reply waited {took:?}: it must not wait for SteVe's 1.5 s lookup"
+        );
+    }
+
+    let spool = bridge.spool_path().to_path_buf();
+    let settled = poll_until(Duration::from_secs(15), || {
+        let counts = spool_counts(&spool);
+        (counts.pending == 1 && counts.dead_letters.get("missing_start") == Some(&1)).then_some(())
+    })
+    .await;
+    assert!(settled.is_some(), "spool: {:?}", spool_counts(&spool));
+    let events = outbox_events(&spool);
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_billed_from_steve(&events[0]);
+    let conn = rusqlite::Connection::open(&spool).unwrap();
     let missing: i64 = conn
         .query_row(
             "SELECT ocpp_transaction_id FROM dead_letters WHERE reason = 'missing_start'",
@@ -143,25 +175,205 @@ async fn a_stop_without_a_seen_start_is_billed_from_steves_record() {
         "{:?}",
         dead_letter_details(&spool, "missing_start")
     );
+    assert_eq!(parked_rows(&spool), 0, "nothing stays parked");
 
-    let requests = steve_requests.lock().unwrap().clone();
+    let requests = steve.requests();
     assert_eq!(
         requests.len(),
         2,
         "one lookup per unknown session: {requests:?}"
     );
+    let targets: Vec<&str> = requests.iter().map(|r| r.target.as_str()).collect();
     assert!(
-        requests[0]
-            .0
-            .starts_with("/steve/api/v1/transactions?transactionPk=42&chargeBoxId=CP%2DREC")
+        targets
+            .contains(&"/steve/api/v1/transactions?transactionPk=42&chargeBoxId=CP%2DREC&type=ALL"),
+        "{targets:?}"
     );
     assert!(
-        requests
-            .iter()
-            .all(|(_, key)| key.as_deref() == Some(STEVE_KEY))
+        requests.iter().all(|r| r.authorized && r.status == 200),
+        "{requests:?}"
     );
+    let metrics = http::get(bridge.admin_addr, "/metrics").await.unwrap().1;
+    for result in ["recovered", "unknown_to_steve"] {
+        assert!(
+            metrics.contains(&format!(
+                "ocpp_lago_bridge_start_recoveries_total{{result=\"{result}\"}} 1"
+            )),
+            "{result}: {metrics}"
+        );
+    }
     assert!(
-        !bridge.stderr().contains(STEVE_KEY),
+        !bridge.stderr().contains(PASSWORD) && !bridge.stderr().contains("pa:ss"),
+        "the SteVe password is never logged"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_legacy_steve_api_key_header_still_works_for_steve_before_3_8() {
+    let steve = SteveRest::start(SteveAuth::LegacyKey(LEGACY_KEY.into()), None).await;
+    steve.register(transaction_42());
+    let recorder = echo_recorder().await;
+    let bridge = Bridge::start_opts(
+        &recorder.url_base(),
+        BridgeOptions {
+            extra_toml: format!("[steve]\napi_url = \"{}\"\n", steve.url()),
+            env: vec![("STEVE_API_KEY".into(), LEGACY_KEY.into())],
+            ..BridgeOptions::default()
+        },
+    )
+    .await;
+    let (mut charger, _) = ws::connect(&bridge.charger_url("CP-REC"), &["ocpp1.6"], None)
+        .await
+        .expect("charger connects");
+    stop(&mut charger, "s1", 42, 4200).await;
+    let spool = bridge.spool_path().to_path_buf();
+    let settled = poll_until(Duration::from_secs(10), || {
+        (spool_counts(&spool).pending == 1).then_some(())
+    })
+    .await;
+    assert!(
+        settled.is_some(),
+        "spool: {:?}; stderr:\n{}",
+        spool_counts(&spool),
+        bridge.stderr()
+    );
+    assert_billed_from_steve(&outbox_events(&spool)[0]);
+    let requests = steve.requests();
+    assert!(requests.iter().all(|r| r.authorized), "{requests:?}");
+    assert!(
+        !bridge.stderr().contains(LEGACY_KEY),
         "the SteVe key is never logged"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_steve_credentials_are_named_and_the_stop_becomes_missing_start_after_the_recovery_timeout()
+ {
+    let steve = SteveRest::start(basic(), None).await;
+    steve.register(transaction_42());
+    let recorder = echo_recorder().await;
+    let dir = tempfile::tempdir().unwrap();
+    let wrong = "not:the-password";
+    let bridge = bridge_with_basic_auth(
+        &recorder,
+        &steve,
+        dir.path(),
+        wrong,
+        "recovery_timeout = \"2s\"",
+    )
+    .await;
+    let (mut charger, _) = ws::connect(&bridge.charger_url("CP-REC"), &["ocpp1.6"], None)
+        .await
+        .expect("charger connects");
+    let took = stop(&mut charger, "s1", 42, 4200).await;
+    assert!(took < Duration::from_secs(1), "reply waited {took:?}");
+    let spool = bridge.spool_path().to_path_buf();
+    assert_eq!(
+        within(Duration::from_secs(2), "parked", async {
+            poll_until(Duration::from_secs(2), || {
+                (parked_rows(&spool) == 1).then_some(())
+            })
+            .await
+        })
+        .await,
+        Some(()),
+        "the Stop is parked while SteVe is asked"
+    );
+    let settled = poll_until(Duration::from_secs(10), || {
+        (spool_counts(&spool).dead_letters.get("missing_start") == Some(&1)).then_some(())
+    })
+    .await;
+    assert!(settled.is_some(), "spool: {:?}", spool_counts(&spool));
+    assert_eq!(parked_rows(&spool), 0);
+    let requests = steve.requests();
+    assert!(requests.len() >= 2, "retried: {requests:?}");
+    assert!(requests.iter().all(|r| r.status == 401), "{requests:?}");
+    let stderr = bridge.stderr();
+    assert!(
+        stderr.contains("refuses the bridge's REST credentials"),
+        "the 401 is named: {stderr}"
+    );
+    assert!(
+        !stderr.contains(wrong) && !stderr.contains("the-password"),
+        "{stderr}"
+    );
+    let metrics = http::get(bridge.admin_addr, "/metrics").await.unwrap().1;
+    assert!(
+        metrics.contains("ocpp_lago_bridge_start_recoveries_total{result=\"error\"} 1"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parked_stop_survives_a_sigkill_during_the_lookup_and_is_billed_once() {
+    let steve = SteveRest::start(basic(), None).await;
+    steve.register(transaction_42());
+    // The first lookup is still in flight when the bridge is killed.
+    steve.set_delay(Duration::from_secs(30));
+    let recorder = echo_recorder().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut bridge = bridge_with_basic_auth(&recorder, &steve, dir.path(), PASSWORD, "").await;
+    let (mut charger, _) = ws::connect(&bridge.charger_url("CP-REC"), &["ocpp1.6"], None)
+        .await
+        .expect("charger connects");
+    stop(&mut charger, "s1", 42, 4200).await;
+    let spool = bridge.spool_path().to_path_buf();
+    assert_eq!(
+        parked_rows(&spool),
+        1,
+        "the reply went out once the parked Stop was on disk"
+    );
+    bridge.kill();
+    drop(charger);
+    assert_eq!(
+        spool_counts(&spool).pending,
+        0,
+        "nothing billed before SteVe answered"
+    );
+
+    steve.set_delay(Duration::ZERO);
+    bridge.restart().await;
+    let settled = poll_until(Duration::from_secs(10), || {
+        (spool_counts(&spool).pending == 1 && parked_rows(&spool) == 0).then_some(())
+    })
+    .await;
+    assert!(
+        settled.is_some(),
+        "spool: {:?}; stderr:\n{}",
+        spool_counts(&spool),
+        bridge.stderr()
+    );
+    // A charger that resends the Stop now is a duplicate, never a second bill.
+    let (mut charger, _) = ws::connect(&bridge.charger_url("CP-REC"), &["ocpp1.6"], None)
+        .await
+        .expect("charger reconnects");
+    stop(&mut charger, "s1", 42, 4200).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let events = outbox_events(&spool);
+    assert_eq!(events.len(), 1, "billed exactly once: {events:?}");
+    assert_billed_from_steve(&events[0]);
+    assert!(
+        spool_counts(&spool).dead_letters.is_empty(),
+        "{:?}",
+        spool_counts(&spool)
+    );
+}
+
+#[tokio::test]
+async fn check_config_refuses_basic_auth_and_the_legacy_key_together() {
+    let output = check_config(
+        "[steve]\napi_url = \"http://127.0.0.1:8080/steve\"\napi_user = \"bridge\"\n\
+         api_password_file = \"/run/steve-password\"\napi_key_file = \"/run/steve-key\"\n",
+    )
+    .await;
+    assert_eq!(output.status.code(), Some(78), "{output:?}");
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        said.contains("steve.api_key_file") && said.contains("both set"),
+        "{said}"
     );
 }

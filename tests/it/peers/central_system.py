@@ -85,7 +85,10 @@ class CentralSystemSide(Cp):
         tx = STARTS.get(key)
         if tx is None:
             tx = assign_transaction_id(key)
-        self._got("StartTransaction", {"id_tag": id_tag, "meter_start": meter_start, "transaction_id": tx})
+        self._got(
+            "StartTransaction",
+            {"id_tag": id_tag, "meter_start": meter_start, "transaction_id": tx, "connector_id": connector_id, "timestamp": timestamp},
+        )
         return call_result.StartTransaction(transaction_id=tx, id_tag_info={"status": "Accepted"})
 
     @on(Action.meter_values)
@@ -95,7 +98,7 @@ class CentralSystemSide(Cp):
 
     @on(Action.stop_transaction)
     def on_stop(self, meter_stop, timestamp, transaction_id, **kwargs):
-        self._got("StopTransaction", {"transaction_id": transaction_id, "meter_stop": meter_stop})
+        self._got("StopTransaction", {"transaction_id": transaction_id, "meter_stop": meter_stop, "timestamp": timestamp})
         return call_result.StopTransaction(id_tag_info={"status": "Accepted"})
 
     async def initiate_calls(self):

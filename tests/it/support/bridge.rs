@@ -15,8 +15,10 @@ pub const BRIDGE_BIN: &str = env!("CARGO_BIN_EXE_ocpp-lago-bridge");
 const STARTUP_LIMIT: Duration = Duration::from_secs(15);
 
 /// Environment variables the bridge reads that a test sets only on purpose.
-const INHERITED_ENV_CLEARED: [&str; 5] = [
+const INHERITED_ENV_CLEARED: [&str; 7] = [
     "LAGO_API_KEY",
+    "STEVE_API_KEY",
+    "STEVE_API_PASSWORD",
     "CREDENTIALS_DIRECTORY",
     "NOTIFY_SOCKET",
     "WATCHDOG_USEC",

@@ -8,6 +8,7 @@ pub mod http;
 pub mod net;
 pub mod peers;
 pub mod recorder;
+pub mod steve;
 pub mod ws;
 
 use std::future::Future;

@@ -212,6 +212,11 @@ impl CentralSystem {
         format!("ws://127.0.0.1:{}{PATH_PREFIX}", self.port)
     }
 
+    /// The file its events are logged to (read by the SteVe REST stand-in).
+    pub fn log_path(&self) -> PathBuf {
+        self.log_path.clone()
+    }
+
     /// The events logged so far (connected, call_received, central_call_result, disconnected).
     pub fn events(&self) -> Vec<Value> {
         let text = fs::read_to_string(&self.log_path).unwrap_or_default();
