@@ -47,6 +47,7 @@ fn mv(txid: i64, readings: &[(&str, i64)], received_at: i64) -> TapRecord {
                     timestamp: Some(*ts),
                     wh: d(wh),
                     context: "Sample.Periodic".into(),
+                    resolution_wh: Decimal::ONE,
                 })
                 .collect(),
         }),
@@ -152,31 +153,35 @@ fn incremental_mode_bills_deltas() {
         &mv(7, &[("1500", T0 + 60), ("2250.5", T0 + 120)], T0 + 120),
         &r,
     );
+    // Each reading bills up to (reading − 1 Wh, its least resolution); the Stop the rest.
     let ids: Vec<_> = a.events.iter().map(|e| e.transaction_id.as_str()).collect();
-    assert_eq!(ids, vec!["CB-7:1500", "CB-7:2250.5"]);
+    assert_eq!(ids, vec!["CB-7:1499", "CB-7:2249.5"]);
     let values: Vec<_> = a
         .events
         .iter()
         .map(|e| e.properties.value.as_str())
         .collect();
-    assert_eq!(values, vec!["0.5", "0.7505"]);
+    assert_eq!(values, vec!["0.499", "0.7505"]);
     // a retried MeterValues and a late reading change nothing
     let a = l.apply(
         &mv(7, &[("1500", T0 + 60), ("2250.5", T0 + 120)], T0 + 130),
         &r,
     );
     assert!(a.events.is_empty());
-    assert_eq!(a.ignored, vec![Ignored::LateReading, Ignored::LateReading]);
+    assert_eq!(
+        a.ignored,
+        vec![Ignored::LateReading, Ignored::WithinResolution]
+    );
     let a = l.apply(&mv(7, &[("2100", T0 + 90)], T0 + 140), &r);
     assert!(a.events.is_empty() && a.anomalies.is_empty());
     // a newer, lower reading is a meter going backwards
     let a = l.apply(&mv(7, &[("100", T0 + 180)], T0 + 180), &r);
     assert_eq!(reasons(&a), vec!["meter_went_backwards"]);
-    assert!(a.anomalies[0].detail.contains("100") && a.anomalies[0].detail.contains("2250.5"));
+    assert!(a.anomalies[0].detail.contains("100") && a.anomalies[0].detail.contains("2249.5"));
     let a = l.apply(&stop(7, "3000", T0 + 240), &r);
     assert_eq!(a.events.len(), 1);
     assert_eq!(a.events[0].transaction_id, "CB-7:3000");
-    assert_eq!(a.events[0].properties.value, "0.7495");
+    assert_eq!(a.events[0].properties.value, "0.7505");
     assert_eq!(
         l.apply(&mv(7, &[("3100", T0 + 300)], T0 + 300), &r).ignored,
         vec![Ignored::AfterStop]
@@ -184,18 +189,24 @@ fn incremental_mode_bills_deltas() {
 }
 
 #[test]
-fn incremental_stop_equal_to_last_reading_emits_nothing_more() {
+fn incremental_stop_equal_to_what_is_billed_emits_nothing_more() {
     let r = rules(BillingMode::Incremental);
     let mut l = Ledger::new();
     l.apply(&start(7, "1000", T0), &r);
     assert_eq!(
-        l.apply(&mv(7, &[("1500", T0 + 60)], T0 + 60), &r)
+        l.apply(&mv(7, &[("1501", T0 + 60)], T0 + 60), &r)
             .events
             .len(),
         1
     );
     let a = l.apply(&stop(7, "1500", T0 + 120), &r);
     assert!(a.events.is_empty() && a.anomalies.is_empty());
+    // meterStop equal to the reading bills the last Wh the reading could not vouch for.
+    l.apply(&start(8, "1000", T0), &r);
+    l.apply(&mv(8, &[("1500", T0 + 60)], T0 + 60), &r);
+    let a = l.apply(&stop(8, "1500", T0 + 120), &r);
+    assert_eq!(a.anomalies, vec![]);
+    assert_eq!(a.events[0].properties.value, "0.001");
 }
 
 #[test]
@@ -269,15 +280,34 @@ fn transaction_id_reuse() {
 fn invalid_transaction_ids() {
     let r = rules(BillingMode::Session);
     let mut l = Ledger::new();
-    for rec in [
-        start(0, "0", T0),
-        stop(-1, "10", T0),
-        mv(-5, &[("1", T0)], T0),
-    ] {
+    for rec in [start(0, "0", T0), stop(-1, "10", T0)] {
         let a = l.apply(&rec, &r);
         assert_eq!(reasons(&a), vec!["invalid_transaction_id"]);
     }
     assert_eq!(l.sessions().count(), 0);
+}
+
+/// Issue 12: MeterValues with transactionId 0 or -1 between sessions are counted (and logged
+/// at most hourly by the relay), never a billing anomaly or a dead letter.
+#[test]
+fn meter_values_outside_a_session_are_no_anomaly() {
+    let r = rules(BillingMode::Incremental);
+    let mut l = Ledger::new();
+    for txid in [0, -1] {
+        let a = l.apply(&mv(txid, &[("1", T0)], T0), &r);
+        assert_eq!(a.anomalies, vec![]);
+        assert_eq!(a.ignored, vec![Ignored::TransactionIdNotPositive]);
+    }
+    assert_eq!(l.sessions().count(), 0);
+}
+
+fn begin(wh: &str, ts: i64) -> EnergyReading {
+    EnergyReading {
+        timestamp: Some(ts),
+        wh: d(wh),
+        context: "Transaction.Begin".into(),
+        resolution_wh: Decimal::ONE,
+    }
 }
 
 #[test]
@@ -286,34 +316,43 @@ fn missing_start_and_transaction_begin() {
     let mut l = Ledger::new();
     let a = l.apply(&stop(3, "900", T0), &r);
     assert_eq!(reasons(&a), vec!["missing_start"]);
+    assert!(a.anomalies[0].held_event.is_none());
     assert_eq!(
         l.apply(&stop(3, "900", T0), &r).ignored,
         vec![Ignored::DuplicateStop]
     );
+}
+
+/// Issue 12: a Stop whose Start the bridge never saw was billed to the Stop's idTag (the fleet
+/// manager's card that ended the session). The customer comes from the start only: the event
+/// valued from the Transaction.Begin reading is held with no subscription.
+#[test]
+fn stop_without_start_is_never_billed_to_the_stops_id_tag() {
+    let r = rules(BillingMode::Session);
+    let mut l = Ledger::new();
     let mut s = stop(4, "4000", T0 + 3600);
     if let TapKind::Stop(st) = &mut s.kind {
-        st.id_tag = Some("TAG".into());
-        st.begin_reading = Some(EnergyReading {
-            timestamp: Some(T0),
-            wh: d("1000"),
-            context: "Transaction.Begin".into(),
-        });
+        st.id_tag = Some("FLEET-MANAGER".into());
+        st.begin_reading = Some(begin("1000", T0));
     }
     let a = l.apply(&s, &r);
-    assert_eq!(reasons(&a), Vec::<&str>::new());
-    assert_eq!(a.events[0].properties.value, "3");
-    assert_eq!(a.events[0].properties.started_at, T0);
-    assert_eq!(a.events[0].external_subscription_id, "sub_TAG");
-    // without an idTag the subscription cannot be rendered: held, not guessed
+    assert_eq!(a.events, vec![]);
+    assert_eq!(reasons(&a), vec!["missing_start"]);
+    let held = a.anomalies[0].held_event.as_ref().expect("held event");
+    assert_eq!(held.properties.value, "3");
+    assert_eq!(held.external_subscription_id, "");
+    assert_eq!(a.anomalies[0].id_tag.as_deref(), Some("FLEET-MANAGER"));
+    // Re-sent: a duplicate, nothing new.
+    let a = l.apply(&s, &r);
+    assert_eq!((a.events.len(), a.anomalies.len()), (0, 0));
+    // A Begin reading above meterStop cannot value it: nothing held, still a dead letter.
     let mut s = stop(5, "4000", T0 + 3600);
     if let TapKind::Stop(st) = &mut s.kind {
-        st.begin_reading = Some(EnergyReading {
-            timestamp: Some(T0),
-            wh: d("1000"),
-            context: "Transaction.Begin".into(),
-        });
+        st.begin_reading = Some(begin("5000", T0));
     }
-    assert_eq!(reasons(&l.apply(&s, &r)), vec!["unmapped_id_tag"]);
+    let a = l.apply(&s, &r);
+    assert_eq!(reasons(&a), vec!["missing_start"]);
+    assert!(a.anomalies[0].held_event.is_none());
 }
 
 #[test]

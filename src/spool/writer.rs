@@ -10,7 +10,7 @@ use std::time::Duration;
 use tokio::sync::{Notify, mpsc, oneshot};
 
 use super::store::{Changes, NewDeadLetter, RecordRow, SessionRow, Store, StoreError};
-use crate::ledger::{Applied, BillingRules, Ledger, SessionKey, SessionState};
+use crate::ledger::{AnomalyReason, Applied, BillingRules, Ledger, SessionKey, SessionState};
 use crate::steve::SteveClient;
 use crate::tap::{TapKind, TapRecord};
 use crate::telemetry::Readiness;
@@ -176,9 +176,10 @@ impl Writer {
     /// Turns what the ledger derived from `record` into rows, logging and counting on the way.
     fn changes(&self, record: &TapRecord, applied: Applied) -> Changes {
         let (kind, ocpp_transaction_id) = match &record.kind {
-            TapKind::Start(s) => ("start", s.ocpp_transaction_id),
-            TapKind::MeterValues(m) => ("meter_values", m.ocpp_transaction_id),
-            TapKind::Stop(s) => ("stop", s.ocpp_transaction_id),
+            TapKind::Start(s) => ("start", Some(s.ocpp_transaction_id)),
+            TapKind::MeterValues(m) => ("meter_values", Some(m.ocpp_transaction_id)),
+            TapKind::Stop(s) => ("stop", Some(s.ocpp_transaction_id)),
+            TapKind::Unreadable(_) => ("unreadable", None),
         };
         metrics::counter!("ocpp_lago_bridge_tap_records_total", "kind" => kind).increment(1);
         for ignored in &applied.ignored {
@@ -194,6 +195,19 @@ impl Writer {
                 external_subscription_id = %event.external_subscription_id,
                 value_kwh = %event.properties.value,
                 "event derived"
+            );
+        }
+        for fallback in &applied.clock_fallbacks {
+            let reason = fallback.problem.as_str();
+            metrics::counter!("ocpp_lago_bridge_charger_clock_fallbacks_total", "reason" => reason)
+                .increment(1);
+            tracing::warn!(
+                charge_box_id = %fallback.charge_box_id,
+                ocpp_transaction_id = fallback.ocpp_transaction_id,
+                reason,
+                charger_timestamp = ?fallback.charger_timestamp,
+                received_at = fallback.received_at,
+                "charger clock not believed: the event is dated by the bridge's receive time (timestamp_source bridge)"
             );
         }
         let mut dead_letters = Vec::new();
@@ -212,7 +226,9 @@ impl Writer {
                 reason: reason.to_string(),
                 detail: anomaly.detail,
                 charge_box_id: Some(anomaly.charge_box_id),
-                ocpp_transaction_id: Some(anomaly.ocpp_transaction_id),
+                // An unreadable frame has no transactionId the bridge could read.
+                ocpp_transaction_id: (anomaly.reason != AnomalyReason::UnreadableFrame)
+                    .then_some(anomaly.ocpp_transaction_id),
                 id_tag: anomaly.id_tag,
                 event: anomaly.held_event,
             });
@@ -231,7 +247,7 @@ impl Writer {
             records: vec![RecordRow {
                 received_at: record.received_at,
                 charge_box_id: record.charge_box_id.clone(),
-                ocpp_transaction_id: Some(ocpp_transaction_id),
+                ocpp_transaction_id,
                 kind,
                 json: serde_json::to_string(record).expect("tap record serialises"),
             }],
