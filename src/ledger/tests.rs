@@ -637,3 +637,441 @@ proptest! {
         prop_assert_eq!(run_schedule(&steps, &r), run_schedule(&without, &r));
     }
 }
+
+// ---- issue 12: field billing, through the real tap and parser ----
+
+/// 2026-11-17: a bridge clock years after the chargers' fallen-back clocks.
+const NOW: i64 = 1_795_000_000;
+
+/// One frame as the relay sees it: from the charger (`true`) or the central system.
+type Frame<'a> = (bool, &'a str, i64);
+
+/// Feeds frames through a real [`crate::tap::ConnectionTap`] and returns the records the relay
+/// would persist, in order (those of unanswered Stops last, as at connection end).
+fn through_tap(charge_box_id: &str, frames: &[Frame<'_>]) -> Vec<TapRecord> {
+    use crate::tap::{ConnectionTap, Observation};
+    let mut tap = ConnectionTap::new(charge_box_id.into(), Some("ocpp1.6"));
+    let mut records = Vec::new();
+    for (from_charger, text, at) in frames {
+        let observation = if *from_charger {
+            tap.from_charger(text, *at)
+        } else {
+            tap.from_central(text, *at)
+        };
+        match observation {
+            Observation::Record { record, .. }
+            | Observation::Malformed {
+                record: Some((record, _)),
+                ..
+            } => records.push(record),
+            _ => {}
+        }
+        records.extend(tap.take_unanswered_stops());
+    }
+    records.extend(tap.connection_ended());
+    records
+}
+
+fn start_frames(
+    id: &str,
+    connector: i64,
+    id_tag: &str,
+    meter_start: &str,
+    timestamp: &str,
+    txid: i64,
+) -> [String; 2] {
+    [
+        format!(
+            r#"[2,"{id}","StartTransaction",{{"connectorId":{connector},"idTag":"{id_tag}","meterStart":{meter_start},"timestamp":"{timestamp}"}}]"#
+        ),
+        format!(r#"[3,"{id}",{{"idTagInfo":{{"status":"Accepted"}},"transactionId":{txid}}}]"#),
+    ]
+}
+
+fn stop_frame(id: &str, txid: i64, meter_stop: &str, timestamp: &str, extra: &str) -> String {
+    format!(
+        r#"[2,"{id}","StopTransaction",{{"transactionId":{txid},"meterStop":{meter_stop},"timestamp":"{timestamp}"{extra}}}]"#
+    )
+}
+
+fn mv_frame(id: &str, txid: i64, value: &str, unit: &str, timestamp: &str) -> String {
+    format!(
+        r#"[2,"{id}","MeterValues",{{"connectorId":1,"transactionId":{txid},"meterValue":[{{"timestamp":"{timestamp}","sampledValue":[{{"value":"{value}","unit":"{unit}"}}]}}]}}]"#
+    )
+}
+
+fn accepted(id: &str) -> String {
+    format!(r#"[3,"{id}",{{"idTagInfo":{{"status":"Accepted"}}}}]"#)
+}
+
+/// Applies records to a fresh ledger; all events and anomalies.
+fn apply_all(records: &[TapRecord], r: &BillingRules) -> (Vec<LagoEvent>, Vec<Anomaly>) {
+    let mut l = Ledger::new();
+    let mut events = Vec::new();
+    let mut anomalies = Vec::new();
+    for record in records {
+        let a = l.apply(record, r);
+        events.extend(a.events);
+        anomalies.extend(a.anomalies);
+    }
+    (events, anomalies)
+}
+
+fn anomaly_reasons(anomalies: &[Anomaly]) -> Vec<&'static str> {
+    anomalies.iter().map(|a| a.reason.as_str()).collect()
+}
+
+fn total_kwh(events: &[LagoEvent]) -> Decimal {
+    events
+        .iter()
+        .map(|e| Decimal::from_str(&e.properties.value).unwrap())
+        .sum()
+}
+
+#[test]
+fn the_plausible_register_bound_is_a_petawatt_hour() {
+    assert_eq!(MAX_PLAUSIBLE_REGISTER_WH, Decimal::from(1_000_000_000_000i64));
+}
+
+/// Issue 12: `-5E28` / `5E28` overflowed meterStop − meterStart and panicked the writer. Now
+/// an `implausible_register` dead letter, and the next charger's session is billed.
+#[test]
+fn huge_registers_are_implausible_not_a_panic() {
+    for mode in [BillingMode::Session, BillingMode::Incremental] {
+        let r = rules(mode);
+        for (meter_start, meter_stop) in [("-5E28", "5E28"), ("0", "5E28"), ("\"-5E28\"", "0")] {
+            let [s1, s2] = start_frames("a", 1, "TAG", meter_start, "2023-11-14T22:13:20Z", 1);
+            let mv = mv_frame("m", 1, "7.9E28", "Wh", "2023-11-14T22:20:00Z");
+            let stop = stop_frame("b", 1, meter_stop, "2023-11-14T23:13:20Z", "");
+            let mut records = through_tap(
+                "CB",
+                &[
+                    (true, &s1, T0),
+                    (false, &s2, T0),
+                    (true, &mv, T0 + 400),
+                    (false, r#"[3,"m",{}]"#, T0 + 400),
+                    (true, &stop, T0 + 3600),
+                    (false, &accepted("b"), T0 + 3600),
+                ],
+            );
+            let [n1, n2] = start_frames("c", 1, "TAG", "100", "2023-11-14T22:13:20Z", 2);
+            let next_stop = stop_frame("d", 2, "1100", "2023-11-14T23:13:20Z", "");
+            records.extend(through_tap(
+                "CB-NEXT",
+                &[
+                    (true, &n1, T0),
+                    (false, &n2, T0),
+                    (true, &next_stop, T0 + 3600),
+                    (false, &accepted("d"), T0 + 3600),
+                ],
+            ));
+            let (events, anomalies) = apply_all(&records, &r);
+            assert!(
+                anomaly_reasons(&anomalies).contains(&"implausible_register"),
+                "{meter_start}/{meter_stop}: {anomalies:?}"
+            );
+            assert!(
+                events.iter().all(|e| e.properties.charge_box_id == "CB-NEXT"),
+                "{events:?}"
+            );
+            assert_eq!(total_kwh(&events), d("1"), "{mode:?} {meter_start}");
+        }
+    }
+}
+
+/// Issue 12: with `{transaction_id}-{started_at}`, an old Stop re-sent after its tombstone was
+/// evicted was re-derived with started_at and connector from Transaction.Begin, and billed again.
+#[test]
+fn a_resent_old_stop_is_not_billed_twice() {
+    let r = BillingRules::new(
+        BillingMode::Session,
+        "kwh",
+        "{transaction_id}-{started_at}",
+        "sub_{id_tag}",
+    )
+    .unwrap();
+    let [s1, s2] = start_frames("a", 2, "TAG", "1000", "2023-11-14T22:13:20Z", 1);
+    let begin = r#","transactionData":[{"timestamp":"2023-11-14T22:13:22Z","sampledValue":[{"value":"1000","context":"Transaction.Begin"}]}]"#;
+    let stop = stop_frame("b", 1, "4000", "2023-11-14T23:13:20Z", begin);
+    let mut frames: Vec<(bool, String, i64)> = vec![
+        (true, s1, T0),
+        (false, s2, T0),
+        (true, stop.clone(), T0 + 3600),
+        (false, accepted("b"), T0 + 3600),
+    ];
+    // Enough later sessions on the charge box to evict the first one's tombstone.
+    for i in 0..(MAX_FINISHED_PER_CHARGE_BOX as i64 + 2) {
+        let txid = 100 + i;
+        let at = T0 + 10_000 + i * 100;
+        let [a, b] = start_frames(&format!("s{i}"), 1, "TAG", "0", "2023-11-15T00:00:00Z", txid);
+        frames.push((true, a, at));
+        frames.push((false, b, at));
+        frames.push((
+            true,
+            stop_frame(&format!("t{i}"), txid, "10", "2023-11-15T00:01:00Z", ""),
+            at + 1,
+        ));
+        frames.push((false, accepted(&format!("t{i}")), at + 1));
+    }
+    frames.push((true, stop.replace("\"b\"", "\"b2\""), T0 + 20_000));
+    frames.push((false, accepted("b2"), T0 + 20_000));
+    let borrowed: Vec<Frame<'_>> = frames.iter().map(|(c, t, at)| (*c, t.as_str(), *at)).collect();
+    let (events, anomalies) = apply_all(&through_tap("CB", &borrowed), &r);
+    let first: Vec<_> = events
+        .iter()
+        .filter(|e| e.properties.ocpp_transaction_id == 1)
+        .collect();
+    assert_eq!(first.len(), 1, "{first:?}");
+    assert_eq!(first[0].transaction_id, "1-1700000000");
+    assert_eq!(first[0].properties.value, "3");
+    let late: Vec<_> = anomalies
+        .iter()
+        .filter(|a| a.ocpp_transaction_id == 1)
+        .collect();
+    assert_eq!(late.len(), 1);
+    assert_eq!(late[0].reason, AnomalyReason::MissingStart);
+    assert_eq!(
+        late[0].held_event.as_ref().unwrap().external_subscription_id,
+        ""
+    );
+}
+
+/// Issue 12: a charger whose clock fell back to 2023 had its session dated 2023 in Lago,
+/// inside a period invoiced long ago. The event gets the receive time; `{started_at}` stays
+/// what the charger sent (what SteVe stores).
+#[test]
+fn a_clock_fallen_back_to_2023_is_not_believed() {
+    let r = BillingRules::new(
+        BillingMode::Session,
+        "kwh",
+        "{transaction_id}-{started_at}",
+        "sub_{id_tag}",
+    )
+    .unwrap();
+    let [s1, s2] = start_frames("a", 1, "TAG", "1000", "2023-01-01T00:00:00Z", 7);
+    let stop = stop_frame("b", 7, "4000", "2023-01-01T01:00:00Z", "");
+    let records = through_tap(
+        "CB",
+        &[
+            (true, &s1, NOW),
+            (false, &s2, NOW),
+            (true, &stop, NOW + 3600),
+            (false, &accepted("b"), NOW + 3601),
+        ],
+    );
+    let mut l = Ledger::new();
+    l.apply(&records[0], &r);
+    let a = l.apply(&records[1], &r);
+    let e = &a.events[0];
+    assert_eq!(e.timestamp, NOW + 3600);
+    assert_eq!(e.properties.timestamp_source, TimestampSource::Bridge);
+    assert_eq!(e.properties.charger_timestamp, Some(1_672_534_800));
+    assert_eq!(e.properties.started_at, 1_672_531_200);
+    assert_eq!(e.transaction_id, "7-1672531200");
+    assert_eq!(a.clock_fallbacks.len(), 1);
+    assert_eq!(a.clock_fallbacks[0].problem, ClockProblem::TooOld);
+    assert_eq!(a.clock_fallbacks[0].charge_box_id, "CB");
+    // A re-sent copy later changes nothing.
+    let mut again = records[1].clone();
+    again.received_at = NOW + 9000;
+    let a = l.apply(&again, &r);
+    assert_eq!((a.events.len(), a.anomalies.len()), (0, 0));
+    // Within max_clock_lag (an offline charger uploading late) the charger's time counts.
+    let mut late = records[1].clone();
+    late.received_at = 1_672_534_800 + 6 * 86_400;
+    let mut l = Ledger::new();
+    let mut start = records[0].clone();
+    start.received_at = late.received_at;
+    l.apply(&start, &r);
+    let a = l.apply(&late, &r);
+    assert_eq!(a.events[0].timestamp, 1_672_534_800);
+    assert_eq!(a.clock_fallbacks, vec![]);
+}
+
+/// Issue 12: kWh readings of 1 decimal with Wh meterStart/meterStop billed 4.466 kWh for a
+/// 4.444 kWh session and raised a spurious meter_went_backwards.
+#[test]
+fn incremental_kwh_readings_never_over_bill() {
+    let r = rules(BillingMode::Incremental);
+    let [s1, s2] = start_frames("a", 1, "TAG", "1234", "2023-11-14T22:13:20Z", 9);
+    let mut frames = vec![(true, s1, T0), (false, s2, T0)];
+    for (i, kwh) in ["1.2", "3.5", "5.7"].iter().enumerate() {
+        let id = format!("m{i}");
+        let at = T0 + 600 * (i as i64 + 1);
+        let ts = format!("2023-11-14T22:{}:20Z", 23 + 10 * i);
+        frames.push((true, mv_frame(&id, 9, kwh, "kWh", &ts), at));
+        frames.push((false, format!(r#"[3,"{id}",{{}}]"#), at));
+    }
+    frames.push((true, stop_frame("b", 9, "5678", "2023-11-14T23:13:20Z", ""), T0 + 3600));
+    frames.push((false, accepted("b"), T0 + 3600));
+    let borrowed: Vec<Frame<'_>> = frames.iter().map(|(c, t, at)| (*c, t.as_str(), *at)).collect();
+    let (events, anomalies) = apply_all(&through_tap("CB", &borrowed), &r);
+    assert_eq!(anomalies, vec![]);
+    assert_eq!(total_kwh(&events), d("4.444"));
+    let values: Vec<_> = events.iter().map(|e| e.properties.value.as_str()).collect();
+    assert_eq!(values, vec!["2.166", "2.2", "0.078"]);
+}
+
+/// Issue 12: readings in tenths of Wh, then a meterStop the charger truncated to whole Wh.
+#[test]
+fn tenths_of_wh_then_a_truncated_meter_stop() {
+    let r = rules(BillingMode::Incremental);
+    let [s1, s2] = start_frames("a", 1, "TAG", "50000", "2023-11-14T22:13:20Z", 9);
+    let frames = [
+        (true, s1, T0),
+        (false, s2, T0),
+        (true, mv_frame("m1", 9, "51000.7", "Wh", "2023-11-14T22:23:20Z"), T0 + 600),
+        (false, r#"[3,"m1",{}]"#.to_owned(), T0 + 600),
+        (true, mv_frame("m2", 9, "51608.5", "Wh", "2023-11-14T22:33:20Z"), T0 + 1200),
+        (false, r#"[3,"m2",{}]"#.to_owned(), T0 + 1200),
+        (true, stop_frame("b", 9, "51608", "2023-11-14T22:43:20Z", ""), T0 + 1800),
+        (false, accepted("b"), T0 + 1800),
+    ];
+    let borrowed: Vec<Frame<'_>> = frames.iter().map(|(c, t, at)| (*c, t.as_str(), *at)).collect();
+    let (events, anomalies) = apply_all(&through_tap("CB", &borrowed), &r);
+    assert_eq!(anomalies, vec![]);
+    assert_eq!(total_kwh(&events), d("1.608"));
+    for e in &events {
+        assert!(!e.properties.value.starts_with('-'), "{e:?}");
+    }
+}
+
+/// Issue 12: `04a1b2c3d4` did not match `04A1B2C3D4` in the subscription map.
+#[test]
+fn id_tags_are_case_insensitive() {
+    let mut r = BillingRules::new(
+        BillingMode::Session,
+        "kwh",
+        "{id_tag}-{transaction_id}",
+        "{id_tag}",
+    )
+    .unwrap();
+    r.subscriptions = Some(SubscriptionMap::from_csv("04A1B2C3D4,sub_a\n").unwrap());
+    let session = |id_tag: &str| {
+        let mut s = start(1, "0", T0);
+        if let TapKind::Start(st) = &mut s.kind {
+            st.id_tag = id_tag.into();
+        }
+        s
+    };
+    let mut l = Ledger::new();
+    l.apply(&session("04a1b2c3d4"), &r);
+    // The same Start re-sent in another case is the same session.
+    assert_eq!(
+        l.apply(&session("04A1B2C3D4"), &r).ignored,
+        vec![Ignored::DuplicateStart]
+    );
+    let a = l.apply(&stop(1, "1000", T0 + 60), &r);
+    assert_eq!(a.anomalies, vec![]);
+    assert_eq!(a.events[0].external_subscription_id, "sub_a");
+    assert_eq!(a.events[0].transaction_id, "04a1b2c3d4-1");
+    // billing.id_tag_case renders {id_tag} in one case (here without a map).
+    for (case, expected) in [(IdTagCase::Upper, "04A1B2C3D4"), (IdTagCase::Lower, "04a1b2c3d4")] {
+        r.subscriptions = None;
+        r.id_tag_case = case;
+        let mut l = Ledger::new();
+        l.apply(&session("04A1b2C3d4"), &r);
+        let e = &l.apply(&stop(1, "1000", T0 + 60), &r).events[0];
+        assert_eq!(e.external_subscription_id, expected);
+        assert_eq!(e.transaction_id, format!("{expected}-1"));
+    }
+}
+
+/// Issue 12: `"meterStop": "4200,0"` was relayed but not recorded: the session stayed open
+/// forever with no dead letter. Now an `unreadable_frame` dead letter with the raw payload,
+/// and the charger's readable Stop still bills the session.
+#[test]
+fn an_unreadable_meter_stop_is_a_dead_letter() {
+    let r = rules(BillingMode::Session);
+    let [s1, s2] = start_frames("a", 1, "TAG", "1000", "2023-11-14T22:13:20Z", 3);
+    let bad = stop_frame("b", 3, r#""4200,0""#, "2023-11-14T23:13:20Z", "");
+    let good = stop_frame("c", 3, r#""4200.0""#, "2023-11-14T23:13:20Z", "");
+    let records = through_tap(
+        "CB",
+        &[
+            (true, &s1, T0),
+            (false, &s2, T0),
+            (true, &bad, T0 + 3600),
+            (false, &accepted("b"), T0 + 3600),
+            (true, &good, T0 + 3700),
+            (false, &accepted("c"), T0 + 3700),
+        ],
+    );
+    let (events, anomalies) = apply_all(&records, &r);
+    assert_eq!(anomaly_reasons(&anomalies), vec!["unreadable_frame"]);
+    assert!(anomalies[0].detail.contains(r#""meterStop":"4200,0""#), "{}", anomalies[0].detail);
+    assert!(anomalies[0].detail.contains("StopTransaction"));
+    assert_eq!(anomalies[0].charge_box_id, "CB");
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0].properties.value, "3.2");
+}
+
+/// Issue 12: a Stop SteVe answered with CALLERROR was billed, and the corrected Stop the
+/// charger sent next became a conflicting_stop.
+#[test]
+fn a_stop_refused_by_steve_does_not_count() {
+    let r = rules(BillingMode::Session);
+    let [s1, s2] = start_frames("a", 1, "TAG", "1000", "2023-11-14T22:13:20Z", 3);
+    let wrong = stop_frame("b", 3, "4200", "2023-11-14T23:13:20Z", "");
+    let corrected = stop_frame("c", 3, "4300", "2023-11-14T23:13:20Z", "");
+    let records = through_tap(
+        "CB",
+        &[
+            (true, &s1, T0),
+            (false, &s2, T0),
+            (true, &wrong, T0 + 3600),
+            (false, r#"[4,"b","PropertyConstraintViolation","meterStop",{}]"#, T0 + 3600),
+            (true, &corrected, T0 + 3700),
+            (false, &accepted("c"), T0 + 3700),
+        ],
+    );
+    let (events, anomalies) = apply_all(&records, &r);
+    assert_eq!(anomalies, vec![]);
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0].properties.meter_stop_wh, "4300");
+    // A Stop never answered before the connection ended is recorded at the end.
+    let records = through_tap("CB", &[(true, &s1, T0), (false, &s2, T0), (true, &wrong, T0 + 3600)]);
+    let (events, _) = apply_all(&records, &r);
+    assert_eq!(events[0].properties.meter_stop_wh, "4200");
+}
+
+/// Issue 12: meterStart 0 while the charger's own Transaction.Begin reading says 5 000 000 Wh
+/// billed 5 010 kWh for a one-hour session, with no anomaly.
+#[test]
+fn meter_start_disagreeing_with_transaction_begin_is_held() {
+    let r = rules(BillingMode::Session);
+    let begin = |kwh: &str| {
+        format!(
+            r#","transactionData":[{{"timestamp":"2023-11-14T22:13:20Z","sampledValue":[{{"value":"{kwh}","unit":"kWh","context":"Transaction.Begin"}}]}}]"#
+        )
+    };
+    let run = |meter_start: &str, begin_kwh: &str, meter_stop: &str| {
+        let [s1, s2] = start_frames("a", 1, "TAG", meter_start, "2023-11-14T22:13:20Z", 3);
+        let stop = stop_frame("b", 3, meter_stop, "2023-11-14T23:13:20Z", &begin(begin_kwh));
+        apply_all(
+            &through_tap(
+                "CB",
+                &[
+                    (true, &s1, T0),
+                    (false, &s2, T0),
+                    (true, &stop, T0 + 3600),
+                    (false, &accepted("b"), T0 + 3600),
+                ],
+            ),
+            &r,
+        )
+    };
+    let (events, anomalies) = run("0", "5000", "5010000");
+    assert_eq!(events, vec![]);
+    assert_eq!(anomaly_reasons(&anomalies), vec!["meter_start_mismatch"]);
+    let detail = &anomalies[0].detail;
+    assert!(detail.contains("meterStart 0 Wh") && detail.contains("5000000"), "{detail}");
+    assert!(anomalies[0].held_event.is_some());
+    // Within the tolerance (100 Wh), or within the reading's resolution (0.1 kWh): billed.
+    let (events, anomalies) = run("4950", "5", "6000");
+    assert_eq!((events.len(), anomalies.len()), (1, 0));
+    let (events, anomalies) = run("4950", "5.0", "6000");
+    assert_eq!((events.len(), anomalies.len()), (1, 0), "{anomalies:?}");
+    let (events, anomalies) = run("4850", "5.00", "6000");
+    assert_eq!((events.len(), anomalies.len()), (0, 1));
+}
