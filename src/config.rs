@@ -525,9 +525,8 @@ impl Reader {
             ),
             max_clock_lag: self.duration("billing", "max_clock_lag", d.billing.max_clock_lag),
             id_tag_case: self.id_tag_case(d.billing.id_tag_case),
-            meter_start_tolerance_wh: self.meter_start_tolerance(
-                d.billing.meter_start_tolerance_wh,
-            ),
+            meter_start_tolerance_wh: self
+                .meter_start_tolerance(d.billing.meter_start_tolerance_wh),
         };
         let spool = SpoolConfig {
             path: self.optional_path("spool", "path").unwrap_or(d.spool.path),

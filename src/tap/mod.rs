@@ -857,7 +857,10 @@ mod tests {
     #[test]
     fn stop_is_recorded_when_the_central_system_accepts_it() {
         let mut tap = tap();
-        assert_eq!(tap.from_charger(&stop_call("s1", "4200"), T0), Observation::Pass);
+        assert_eq!(
+            tap.from_charger(&stop_call("s1", "4200"), T0),
+            Observation::Pass
+        );
         // Another answer id, then the answer to the Stop: that frame is the one to hold.
         assert_eq!(tap.from_central(r#"[3,"x",{}]"#, T0), Observation::Pass);
         let obs = tap.from_central(r#"[3,"s1",{"idTagInfo":{"status":"Accepted"}}]"#, T0 + 5);
@@ -881,8 +884,7 @@ mod tests {
         );
         // The corrected Stop is the one recorded.
         tap.from_charger(&stop_call("s2", "4300"), T0 + 10);
-        let Observation::Record { record, .. } = tap.from_central(r#"[3,"s2",{}]"#, T0 + 11)
-        else {
+        let Observation::Record { record, .. } = tap.from_central(r#"[3,"s2",{}]"#, T0 + 11) else {
             panic!("the corrected Stop is recorded")
         };
         assert!(matches!(record.kind, TapKind::Stop(ref s) if s.meter_stop_wh == d("4300")));
