@@ -490,6 +490,7 @@ fn session_plan(txid: i64) -> impl Strategy<Value = SessionPlan> {
 }
 
 #[derive(Debug, Clone)]
+#[allow(clippy::large_enum_variant)] // test schedules only
 enum Step {
     Apply(TapRecord),
     Restart,

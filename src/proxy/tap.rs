@@ -175,14 +175,14 @@ impl FrameTap {
                 reason = reason.as_str(),
                 "StopTransaction answered with a CALLERROR: not billed, the session stays open for the charger's next Stop"
             ),
-            Unbilled::TransactionIdNotPositive => {
-                if outside_session_log_due(&self.charge_box_id, unix_now()) {
-                    tracing::info!(
-                        charge_box_id = %self.charge_box_id,
-                        reason = reason.as_str(),
-                        "MeterValues with transactionId 0 or below (outside a session): counted, not billed; logged at most once an hour per charge box"
-                    );
-                }
+            Unbilled::TransactionIdNotPositive
+                if outside_session_log_due(&self.charge_box_id, unix_now()) =>
+            {
+                tracing::info!(
+                    charge_box_id = %self.charge_box_id,
+                    reason = reason.as_str(),
+                    "MeterValues with transactionId 0 or below (outside a session): counted, not billed; logged at most once an hour per charge box"
+                );
             }
             _ => {}
         }

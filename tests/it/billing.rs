@@ -405,6 +405,8 @@ async fn numbering_central() -> String {
             };
             let next = next_transaction_id.clone();
             tokio::spawn(async move {
+                // tungstenite's callback type returns its large ErrorResponse by value.
+                #[allow(clippy::result_large_err)]
                 let select = |_: &Request, mut response: Response| {
                     response.headers_mut().insert(
                         "Sec-WebSocket-Protocol",
