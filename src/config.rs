@@ -978,4 +978,48 @@ mod tests {
         assert_eq!(config.billing.mode, BillingMode::Incremental);
         assert_eq!(config.log.format, LogFormat::Text);
     }
+
+    #[test]
+    fn field_billing_keys() {
+        let config = Config::parse(
+            r#"
+            [billing]
+            max_clock_lag = "2days"
+            id_tag_case = "upper"
+            meter_start_tolerance = 250
+        "#,
+        )
+        .unwrap();
+        let rules = config.billing_rules().unwrap();
+        assert_eq!(rules.max_clock_lag_secs, 2 * 86_400);
+        assert_eq!(rules.id_tag_case, IdTagCase::Upper);
+        assert_eq!(
+            rules.meter_start_tolerance_wh,
+            rust_decimal::Decimal::from(250)
+        );
+        let defaults = Config::default().billing_rules().unwrap();
+        assert_eq!(defaults.max_clock_lag_secs, 7 * 86_400);
+        assert_eq!(defaults.future_tolerance_secs, 600);
+        assert_eq!(defaults.id_tag_case, IdTagCase::AsSent);
+        let problems = Config::parse(
+            r#"
+            [billing]
+            max_clock_lag = "0s"
+            id_tag_case = "title"
+            meter_start_tolerance = -1
+        "#,
+        )
+        .unwrap_err();
+        for needle in [
+            "`billing.max_clock_lag`",
+            "`billing.id_tag_case`",
+            "`billing.meter_start_tolerance`",
+        ] {
+            assert!(
+                problems.iter().any(|p| p.contains(needle)),
+                "no problem mentions {needle}: {problems:#?}"
+            );
+        }
+        assert_eq!(problems.len(), 3, "{problems:#?}");
+    }
 }
