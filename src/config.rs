@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 
-use crate::ledger::{BillingMode, BillingRules, SubscriptionMap, Template};
+use crate::ledger::{BillingMode, BillingRules, IdTagCase, SubscriptionMap, Template};
 use tokio_tungstenite::tungstenite::http::Uri;
 
 /// The config file used when `--config` is not given; absent means "all defaults".
@@ -126,6 +126,13 @@ pub struct BillingConfig {
     pub subscription_map_file: Option<PathBuf>,
     /// A charger timestamp further in the future than this is implausible.
     pub future_timestamp_tolerance: Duration,
+    /// A charger timestamp further in the past than this is implausible (a clock that fell
+    /// back); offline chargers upload late sessions, hence days, not minutes.
+    pub max_clock_lag: Duration,
+    /// How `{id_tag}` renders; matching idTags is case-insensitive regardless.
+    pub id_tag_case: IdTagCase,
+    /// How far meterStart may be from the charger's own Transaction.Begin reading, in Wh.
+    pub meter_start_tolerance_wh: u64,
 }
 
 /// `[spool]`: the durable SQLite spool.
@@ -204,6 +211,9 @@ impl Default for Config {
                 external_subscription_id: "{id_tag}".parse().expect("literal template"),
                 subscription_map_file: None,
                 future_timestamp_tolerance: Duration::from_secs(600),
+                max_clock_lag: Duration::from_secs(7 * 24 * 3600),
+                id_tag_case: IdTagCase::AsSent,
+                meter_start_tolerance_wh: crate::ledger::DEFAULT_METER_START_TOLERANCE_WH,
             },
             spool: SpoolConfig {
                 path: PathBuf::from("data/spool.db"),
@@ -344,7 +354,12 @@ impl Config {
             transaction_id: self.billing.transaction_id.clone(),
             external_subscription_id: self.billing.external_subscription_id.clone(),
             subscriptions,
-            future_tolerance_secs: self.billing.future_timestamp_tolerance.as_secs() as i64,
+            future_tolerance_secs: secs(self.billing.future_timestamp_tolerance),
+            max_clock_lag_secs: secs(self.billing.max_clock_lag),
+            id_tag_case: self.billing.id_tag_case,
+            meter_start_tolerance_wh: rust_decimal::Decimal::from(
+                self.billing.meter_start_tolerance_wh,
+            ),
         })
     }
 
@@ -527,6 +542,10 @@ impl Reader {
                 "future_timestamp_tolerance",
                 d.billing.future_timestamp_tolerance,
             ),
+            max_clock_lag: self.duration("billing", "max_clock_lag", d.billing.max_clock_lag),
+            id_tag_case: self.id_tag_case(d.billing.id_tag_case),
+            meter_start_tolerance_wh: self
+                .meter_start_tolerance(d.billing.meter_start_tolerance_wh),
         };
         let spool = SpoolConfig {
             path: self.optional_path("spool", "path").unwrap_or(d.spool.path),
@@ -836,6 +855,42 @@ impl Reader {
         }
     }
 
+    fn id_tag_case(&mut self, default: IdTagCase) -> IdTagCase {
+        let expected = "\"as_sent\", \"upper\" or \"lower\"";
+        match self
+            .take::<String>("billing", "id_tag_case", expected)
+            .as_deref()
+        {
+            None => default,
+            Some("as_sent") => IdTagCase::AsSent,
+            Some("upper") => IdTagCase::Upper,
+            Some("lower") => IdTagCase::Lower,
+            Some(other) => {
+                self.problems.push(format!(
+                    "`billing.id_tag_case` = {other:?} must be {expected}"
+                ));
+                default
+            }
+        }
+    }
+
+    fn meter_start_tolerance(&mut self, default: u64) -> u64 {
+        let Some(n) = self.take::<i64>("billing", "meter_start_tolerance", "an integer (Wh)")
+        else {
+            return default;
+        };
+        // Beyond a megawatt-hour the check would catch nothing a charger gets wrong.
+        match u64::try_from(n) {
+            Ok(n) if n <= 1_000_000 => n,
+            _ => {
+                self.problems.push(format!(
+                    "`billing.meter_start_tolerance` = {n} Wh is out of range 0..=1000000"
+                ));
+                default
+            }
+        }
+    }
+
     fn template(&mut self, key: &str, default: Template) -> Template {
         let Some(text) = self.take::<String>("billing", key, "a template string") else {
             return default;
@@ -889,6 +944,11 @@ impl Reader {
             }
         }
     }
+}
+
+/// A duration in whole seconds as the ledger's i64 (saturating: no config can overflow it).
+fn secs(d: Duration) -> i64 {
+    i64::try_from(d.as_secs()).unwrap_or(i64::MAX)
 }
 
 #[cfg(test)]
@@ -1008,5 +1068,49 @@ mod tests {
         assert_eq!(config.proxy.ping_interval, Duration::from_millis(250));
         assert_eq!(config.billing.mode, BillingMode::Incremental);
         assert_eq!(config.log.format, LogFormat::Text);
+    }
+
+    #[test]
+    fn field_billing_keys() {
+        let config = Config::parse(
+            r#"
+            [billing]
+            max_clock_lag = "2days"
+            id_tag_case = "upper"
+            meter_start_tolerance = 250
+        "#,
+        )
+        .unwrap();
+        let rules = config.billing_rules().unwrap();
+        assert_eq!(rules.max_clock_lag_secs, 2 * 86_400);
+        assert_eq!(rules.id_tag_case, IdTagCase::Upper);
+        assert_eq!(
+            rules.meter_start_tolerance_wh,
+            rust_decimal::Decimal::from(250)
+        );
+        let defaults = Config::default().billing_rules().unwrap();
+        assert_eq!(defaults.max_clock_lag_secs, 7 * 86_400);
+        assert_eq!(defaults.future_tolerance_secs, 600);
+        assert_eq!(defaults.id_tag_case, IdTagCase::AsSent);
+        let problems = Config::parse(
+            r#"
+            [billing]
+            max_clock_lag = "0s"
+            id_tag_case = "title"
+            meter_start_tolerance = -1
+        "#,
+        )
+        .unwrap_err();
+        for needle in [
+            "`billing.max_clock_lag`",
+            "`billing.id_tag_case`",
+            "`billing.meter_start_tolerance`",
+        ] {
+            assert!(
+                problems.iter().any(|p| p.contains(needle)),
+                "no problem mentions {needle}: {problems:#?}"
+            );
+        }
+        assert_eq!(problems.len(), 3, "{problems:#?}");
     }
 }

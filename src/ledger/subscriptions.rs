@@ -15,16 +15,20 @@ pub struct MapError {
     pub message: String,
 }
 
-/// A validated id_tag → external_subscription_id map.
+/// A validated id_tag → external_subscription_id map. idTags are OCPP `CiString20Type`
+/// (case-insensitive), so `04a1b2c3d4` and `04A1B2C3D4` are one key.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SubscriptionMap {
+    /// Keyed by the ASCII upper case of the id_tag.
     by_id_tag: HashMap<String, String>,
 }
 
 impl SubscriptionMap {
-    /// The external_subscription_id of `id_tag`, if mapped.
+    /// The external_subscription_id of `id_tag` (in any case), if mapped.
     pub fn get(&self, id_tag: &str) -> Option<&str> {
-        self.by_id_tag.get(id_tag).map(String::as_str)
+        self.by_id_tag
+            .get(&id_tag.to_ascii_uppercase())
+            .map(String::as_str)
     }
 
     /// Number of mapped id tags.
@@ -46,14 +50,15 @@ impl SubscriptionMap {
             err(format!(
                 "empty external_subscription_id for id_tag {id_tag:?}"
             ));
-        } else if let Some(previous) = self.by_id_tag.get(id_tag) {
+        } else if let Some(previous) = self.by_id_tag.get(&id_tag.to_ascii_uppercase()) {
             if previous != sub {
                 err(format!(
-                    "id_tag {id_tag:?} mapped twice ({previous:?} and {sub:?})"
+                    "id_tag {id_tag:?} mapped twice ({previous:?} and {sub:?}; idTags are case-insensitive)"
                 ));
             }
         } else {
-            self.by_id_tag.insert(id_tag.to_owned(), sub.to_owned());
+            self.by_id_tag
+                .insert(id_tag.to_ascii_uppercase(), sub.to_owned());
         }
     }
 
@@ -157,6 +162,15 @@ mod tests {
             SubscriptionMap::from_csv("A,1\nB\n,x\nC,\nA,2\n\"D\",3\nE,1,2\n").unwrap_err();
         let lines: Vec<usize> = errors.iter().map(|e| e.line).collect();
         assert_eq!(lines, vec![2, 3, 4, 5, 6, 7]);
+    }
+
+    #[test]
+    fn id_tags_match_in_any_case() {
+        let map = SubscriptionMap::from_csv("04A1B2C3D4,sub_a\n").unwrap();
+        assert_eq!(map.get("04a1b2c3d4"), Some("sub_a"));
+        assert_eq!(map.get("04A1b2C3d4"), Some("sub_a"));
+        let errors = SubscriptionMap::from_csv("abc,sub_1\nABC,sub_2\nAbc,sub_1\n").unwrap_err();
+        assert_eq!(errors.iter().map(|e| e.line).collect::<Vec<_>>(), vec![2]);
     }
 
     #[test]

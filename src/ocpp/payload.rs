@@ -135,6 +135,14 @@ pub struct EnergyReading {
     pub wh: Decimal,
     /// The reading context (`Sample.Periodic` when absent).
     pub context: String,
+    /// One unit of the reading's last digit, in Wh (`"3.5"` kWh → 100); records stored before
+    /// this field read as 1 Wh.
+    #[serde(default = "one_wh")]
+    pub resolution_wh: Decimal,
+}
+
+fn one_wh() -> Decimal {
+    Decimal::ONE
 }
 
 /// `StartTransaction.req`.
@@ -282,8 +290,8 @@ fn energy_readings(
                 "sampledValue.value",
             )?;
             let unit = opt_text(sv.unit);
-            let wh = match units::energy_to_wh(&value, unit.as_deref()) {
-                Ok(wh) => wh,
+            let (wh, resolution_wh) = match units::energy_reading_wh(&value, unit.as_deref()) {
+                Ok(reading) => reading,
                 // A sampled value with no measurand but a non-energy unit is not a register.
                 Err(UnitError::NotEnergy(_)) => continue,
                 Err(e) => {
@@ -300,6 +308,7 @@ fn energy_readings(
                 timestamp,
                 wh,
                 context,
+                resolution_wh,
             });
             break;
         }
@@ -520,6 +529,11 @@ mod tests {
             timestamp: Some(1_700_000_000),
             wh: d(wh),
             context: "Sample.Periodic".into(),
+            resolution_wh: Decimal::ONE,
+        };
+        let kwh = |wh: &str, resolution: &str| EnergyReading {
+            resolution_wh: d(resolution),
+            ..r(wh)
         };
         // strict 1.6
         assert_eq!(
@@ -530,14 +544,17 @@ mod tests {
         // lowercase kWh, numeric value, missing unit, float string
         assert_eq!(
             mv(r#"[{"value":"1.5","unit":"kwh"}]"#).readings,
-            vec![r("1500")]
+            vec![kwh("1500", "100")]
         );
         assert_eq!(
             mv(r#"[{"value":1.5,"unit":"kWh"}]"#).readings,
-            vec![r("1500")]
+            vec![kwh("1500", "100")]
         );
         assert_eq!(mv(r#"[{"value":1500}]"#).readings, vec![r("1500")]);
-        assert_eq!(mv(r#"[{"value":"1500.0"}]"#).readings, vec![r("1500")]);
+        assert_eq!(
+            mv(r#"[{"value":"1500.0"}]"#).readings,
+            vec![kwh("1500", "0.1")]
+        );
         // other measurands are skipped, the register is found after them
         let m = mv(
             r#"[{"value":"7400","measurand":"Power.Active.Import","unit":"W"},{"value":"16","measurand":"Current.Import","unit":"A","phase":"L1"},{"value":"2000","context":"Sample.Clock"}]"#,

@@ -91,13 +91,26 @@ pub fn parse_decimal(text: &str) -> Result<Decimal, UnitError> {
 
 /// Converts an energy reading to Wh exactly: unit "Wh"/"kWh" case-insensitive, absent = Wh.
 pub fn energy_to_wh(value_text: &str, unit: Option<&str>) -> Result<Decimal, UnitError> {
+    energy_reading_wh(value_text, unit).map(|(wh, _)| wh)
+}
+
+/// Like [`energy_to_wh`], with the reading's resolution in Wh: one unit of its last written
+/// digit (`"3.5"` kWh → 100 Wh, `"51608.5"` Wh → 0.1 Wh, `"4200"` Wh → 1 Wh). A charger may
+/// have rounded the value by up to that much, so it is how far the reading can be trusted.
+pub fn energy_reading_wh(
+    value_text: &str,
+    unit: Option<&str>,
+) -> Result<(Decimal, Decimal), UnitError> {
     let value = parse_decimal(value_text)?;
+    let resolution = Decimal::new(1, value.scale());
+    let kwh = |d: Decimal| {
+        d.checked_mul(Decimal::ONE_THOUSAND)
+            .ok_or_else(|| UnitError::NotANumber(value_text.to_owned()))
+    };
     match unit.map(str::trim) {
-        None => Ok(value),
-        Some(u) if u.eq_ignore_ascii_case("wh") => Ok(value),
-        Some(u) if u.eq_ignore_ascii_case("kwh") => value
-            .checked_mul(Decimal::ONE_THOUSAND)
-            .ok_or_else(|| UnitError::NotANumber(value_text.to_owned())),
+        None => Ok((value, resolution)),
+        Some(u) if u.eq_ignore_ascii_case("wh") => Ok((value, resolution)),
+        Some(u) if u.eq_ignore_ascii_case("kwh") => Ok((kwh(value)?, kwh(resolution)?)),
         Some(other) => Err(UnitError::NotEnergy(other.to_owned())),
     }
 }
@@ -160,6 +173,17 @@ mod tests {
             energy_to_wh("5", Some("W")),
             Err(UnitError::NotEnergy("W".into()))
         );
+    }
+
+    #[test]
+    fn reading_resolutions() {
+        let res = |v: &str, u: Option<&str>| energy_reading_wh(v, u).unwrap().1.normalize();
+        assert_eq!(res("3.5", Some("kWh")), d("100"));
+        assert_eq!(res("3", Some("kWh")), d("1000"));
+        assert_eq!(res("51608.5", Some("Wh")), d("0.1"));
+        assert_eq!(res("4200", None), d("1"));
+        assert_eq!(res(" 1.234 ", Some("kwh")), d("1"));
+        assert_eq!(energy_reading_wh("4.2E3", None).unwrap().0, d("4200"));
     }
 
     #[test]

@@ -353,6 +353,7 @@ impl Proxy {
             self.billing.clone(),
         );
         let end = relay(charger, upstream, limits, &tap, &close).await;
+        tap.connection_ended().await;
         connections.decrement(1.0);
         metrics::counter!("ocpp_lago_bridge_connections_closed_total", "reason" => end.reason())
             .increment(1);

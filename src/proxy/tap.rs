@@ -13,7 +13,7 @@ use super::relay::Side;
 use crate::lock;
 use crate::spool::SpoolHandle;
 use crate::spool::writer::unix_now;
-use crate::tap::{ConnectionTap, MAX_PENDING_CALLS, Observation, TapRecord};
+use crate::tap::{ConnectionTap, MAX_PENDING_CALLS, Observation, TapRecord, Unbilled};
 
 /// Where billing records go, shared by all connections.
 #[derive(Debug, Clone)]
@@ -61,9 +61,14 @@ impl FrameTap {
         // The head is parsed once, for the label and for the tap.
         let head = crate::ocpp::frame::parse_head(text);
         let label = crate::ocpp::head_label(&head);
-        if let Some(billing) = self.classify(from, head) {
+        let (billing, orphans) = self.classify(from, head);
+        if let Some(billing) = billing {
             // Boxed: only billing frames pay for this future, not every connection's task.
             Box::pin(self.bill(from, billing)).await;
+        }
+        if !orphans.is_empty() {
+            // Stops pushed out of the tap's bounded memory unanswered: recorded as they are.
+            Box::pin(self.submit_all(orphans)).await;
         }
         label
     }
@@ -73,13 +78,14 @@ impl FrameTap {
         &self,
         from: Side,
         head: Result<crate::ocpp::frame::FrameHead<'_>, crate::ocpp::frame::FrameError>,
-    ) -> Option<Observation> {
-        let observation = {
+    ) -> (Option<Observation>, Vec<TapRecord>) {
+        let (observation, orphans) = {
             let mut tap = lock(&self.tap);
-            match from {
+            let observation = match from {
                 Side::Charger => tap.charger_head(head, unix_now()),
                 Side::Upstream => tap.central_head(head, unix_now()),
-            }
+            };
+            (observation, tap.take_unanswered_stops())
         };
         match observation {
             Observation::Pass => count_frame(from, "pass"),
@@ -87,22 +93,37 @@ impl FrameTap {
                 count_frame(from, "unbilled");
                 metrics::counter!("ocpp_lago_bridge_unbilled_total", "reason" => reason.as_str())
                     .increment(1);
+                self.log_unbilled(reason);
             }
-            Observation::Malformed { reason, detail } => {
+            Observation::Malformed {
+                reason,
+                detail,
+                record,
+            } => {
                 count_frame(from, "malformed");
                 bad_frame(from, reason);
                 tracing::warn!(charge_box_id = %self.charge_box_id, direction = from.direction(), reason, %detail, "frame relayed unchanged but not understood");
+                // A billing message: its record becomes an `unreadable_frame` dead letter.
+                if let Some((record, message_id)) = record {
+                    return (Some(Observation::Record { record, message_id }), orphans);
+                }
             }
             Observation::Record { .. } => {
                 count_frame(from, "record");
-                return Some(observation);
+                return (Some(observation), orphans);
             }
             Observation::BillingReply { .. } => {
                 count_frame(from, "billing_reply");
-                return Some(observation);
+                return (Some(observation), orphans);
             }
         }
-        None
+        (None, orphans)
+    }
+
+    async fn submit_all(&self, records: Vec<TapRecord>) {
+        for record in records {
+            let _ = self.submit(record).await;
+        }
     }
 
     /// Queues a record for the spool, or holds a billing reply until its record is on disk.
@@ -136,6 +157,37 @@ impl FrameTap {
         }
     }
 
+    /// The connection ended: Stops SteVe never answered are recorded now (no reply to hold), so
+    /// a session never stays open because its answer was lost with the connection.
+    pub async fn connection_ended(&self) {
+        let stops = lock(&self.tap).connection_ended();
+        if !stops.is_empty() {
+            tracing::info!(charge_box_id = %self.charge_box_id, stops = stops.len(), "StopTransaction unanswered when the connection ended: recorded as sent");
+        }
+        self.submit_all(stops).await;
+    }
+
+    /// The unbilled reasons that need a log line beside their counter.
+    fn log_unbilled(&self, reason: Unbilled) {
+        match reason {
+            Unbilled::StopCallError => tracing::warn!(
+                charge_box_id = %self.charge_box_id,
+                reason = reason.as_str(),
+                "StopTransaction answered with a CALLERROR: not billed, the session stays open for the charger's next Stop"
+            ),
+            Unbilled::TransactionIdNotPositive
+                if outside_session_log_due(&self.charge_box_id, unix_now()) =>
+            {
+                tracing::info!(
+                    charge_box_id = %self.charge_box_id,
+                    reason = reason.as_str(),
+                    "MeterValues with transactionId 0 or below (outside a session): counted, not billed; logged at most once an hour per charge box"
+                );
+            }
+            _ => {}
+        }
+    }
+
     async fn submit(&self, record: TapRecord) -> Option<oneshot::Receiver<()>> {
         let billing = self.billing.as_ref()?;
         match billing.spool.submit(record, billing.hold_timeout).await {
@@ -165,10 +217,49 @@ impl FrameTap {
     }
 }
 
+/// Charge boxes whose out-of-session MeterValues were logged, with when: such chargers send one
+/// every sample interval, so one line an hour per charge box is enough next to the counter.
+static OUTSIDE_SESSION_LOGGED: Mutex<Option<HashMap<String, i64>>> = Mutex::new(None);
+/// Bounds [`OUTSIDE_SESSION_LOGGED`] (a fleet far larger than this only logs a bit more often).
+const OUTSIDE_SESSION_LOG_ENTRIES: usize = 100_000;
+
+fn outside_session_log_due(charge_box_id: &str, now: i64) -> bool {
+    let mut logged = lock(&OUTSIDE_SESSION_LOGGED);
+    let logged = logged.get_or_insert_with(HashMap::new);
+    match logged.get(charge_box_id) {
+        Some(&at) if now.saturating_sub(at) < 3600 => false,
+        _ => {
+            if logged.len() >= OUTSIDE_SESSION_LOG_ENTRIES {
+                logged.retain(|_, at| now.saturating_sub(*at) < 3600);
+                if logged.len() >= OUTSIDE_SESSION_LOG_ENTRIES {
+                    logged.clear();
+                }
+            }
+            logged.insert(charge_box_id.to_owned(), now);
+            true
+        }
+    }
+}
+
 fn count_frame(from: Side, outcome: &'static str) {
     metrics::counter!("ocpp_lago_bridge_tap_frames_total", "direction" => from.direction(), "outcome" => outcome).increment(1);
 }
 
 fn bad_frame(from: Side, reason: &'static str) {
     metrics::counter!("ocpp_lago_bridge_bad_frames_total", "direction" => from.direction(), "reason" => reason).increment(1);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::outside_session_log_due;
+
+    #[test]
+    fn out_of_session_meter_values_are_logged_once_an_hour_per_charge_box() {
+        let now = 1_700_000_000;
+        assert!(outside_session_log_due("LOG-ONCE-A", now));
+        assert!(!outside_session_log_due("LOG-ONCE-A", now + 10));
+        assert!(outside_session_log_due("LOG-ONCE-B", now + 10));
+        assert!(!outside_session_log_due("LOG-ONCE-A", now + 3599));
+        assert!(outside_session_log_due("LOG-ONCE-A", now + 3600));
+    }
 }

@@ -21,7 +21,7 @@ use tokio::sync::{Notify, mpsc, oneshot};
 use super::store::{
     Changes, NewDeadLetter, ParkedStopRow, RecordRow, SessionRow, Store, StoreError,
 };
-use crate::ledger::{Applied, BillingRules, Ledger, SessionKey, SessionState};
+use crate::ledger::{AnomalyReason, Applied, BillingRules, Ledger, SessionKey, SessionState};
 use crate::recovery::{Lookup, RecoveryHandle};
 use crate::tap::{TapKind, TapRecord};
 use crate::telemetry::Readiness;
@@ -327,6 +327,19 @@ impl Writer {
                 "event derived"
             );
         }
+        for fallback in &applied.clock_fallbacks {
+            let reason = fallback.problem.as_str();
+            metrics::counter!("ocpp_lago_bridge_charger_clock_fallbacks_total", "reason" => reason)
+                .increment(1);
+            tracing::warn!(
+                charge_box_id = %fallback.charge_box_id,
+                ocpp_transaction_id = fallback.ocpp_transaction_id,
+                reason,
+                charger_timestamp = ?fallback.charger_timestamp,
+                received_at = fallback.received_at,
+                "charger clock not believed: the event is dated by the bridge's receive time (timestamp_source bridge)"
+            );
+        }
         let mut dead_letters = Vec::new();
         for anomaly in applied.anomalies {
             let reason = anomaly.reason.as_str();
@@ -343,7 +356,9 @@ impl Writer {
                 reason: reason.to_string(),
                 detail: anomaly.detail,
                 charge_box_id: Some(anomaly.charge_box_id),
-                ocpp_transaction_id: Some(anomaly.ocpp_transaction_id),
+                // An unreadable frame has no transactionId the bridge could read.
+                ocpp_transaction_id: (anomaly.reason != AnomalyReason::UnreadableFrame)
+                    .then_some(anomaly.ocpp_transaction_id),
                 id_tag: anomaly.id_tag,
                 event: anomaly.held_event,
             });
@@ -508,6 +523,8 @@ fn session_key(record: &TapRecord) -> SessionKey {
         TapKind::Start(s) => s.ocpp_transaction_id,
         TapKind::MeterValues(m) => m.ocpp_transaction_id,
         TapKind::Stop(s) => s.ocpp_transaction_id,
+        // No transactionId could be read: no session (the ledger dead-letters the frame).
+        TapKind::Unreadable(_) => 0,
     };
     SessionKey {
         charge_box_id: record.charge_box_id.clone(),
@@ -521,12 +538,17 @@ fn record_row(record: &TapRecord) -> RecordRow {
         TapKind::Start(_) => "start",
         TapKind::MeterValues(_) => "meter_values",
         TapKind::Stop(_) => "stop",
+        TapKind::Unreadable(_) => "unreadable",
     };
     metrics::counter!("ocpp_lago_bridge_tap_records_total", "kind" => kind).increment(1);
+    let ocpp_transaction_id = match record.kind {
+        TapKind::Unreadable(_) => None,
+        _ => Some(session_key(record).ocpp_transaction_id),
+    };
     RecordRow {
         received_at: record.received_at,
         charge_box_id: record.charge_box_id.clone(),
-        ocpp_transaction_id: Some(session_key(record).ocpp_transaction_id),
+        ocpp_transaction_id,
         kind,
         json: serde_json::to_string(record).expect("tap record serialises"),
     }
@@ -707,6 +729,7 @@ mod tests {
                 timestamp: Some(1_767_261_600),
                 wh: Decimal::from(1_000),
                 context: "Transaction.Begin".into(),
+                resolution_wh: Decimal::ONE,
             });
         }
         record(&tx, with_begin).await;

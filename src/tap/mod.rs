@@ -5,13 +5,21 @@
 //! never changes a frame. Only billing actions have their payload parsed.
 //!
 //! Hold protocol (what the relay does with an observation):
-//! - `Pass`, `Unbilled`, `Malformed`: relay the frame at once (count the last two).
-//! - `Record` from `from_charger` (MeterValues, StopTransaction): relay the CALL at once, persist
-//!   the record; the central system's answer with `message_id` will come back from
-//!   `from_central` as `BillingReply` and must be held until the record is committed.
-//! - `Record` from `from_central` (a StartTransaction CALLRESULT, which completes the Start): the
-//!   frame in hand is that answer; hold it until the record is committed.
+//! - `Pass`, `Unbilled`, `Malformed` without a record: relay the frame at once (count the last
+//!   two).
+//! - `Record` from `from_charger` (MeterValues), or `Malformed` with a record from
+//!   `from_charger` (a billing CALL the tap cannot read, recorded as [`TapKind::Unreadable`]):
+//!   relay the CALL at once, persist the record; the central system's answer with `message_id`
+//!   will come back from `from_central` as `BillingReply` and must be held until the record is
+//!   committed.
+//! - `Record` from `from_central`: the CALLRESULT that completes a StartTransaction (with its
+//!   transactionId) or a StopTransaction (a Stop counts only once the central system accepted
+//!   it: a CALLERROR answer leaves the session open for the charger's next Stop). The frame in
+//!   hand is that answer; hold it until the record is committed.
 //! - `BillingReply`: hold this answer until the record of its CALL is committed.
+//! - When the connection ends, [`ConnectionTap::connection_ended`] returns the Stops that were
+//!   never answered: persist them (nothing to hold). Stops forgotten to bound memory come out
+//!   of [`ConnectionTap::take_unanswered_stops`] the same way, at once.
 
 use crate::ocpp::frame::{self, FrameHead, MessageType};
 use crate::ocpp::payload::{self, EnergyReading, StartTransactionReq, ViewError};
@@ -20,7 +28,8 @@ use serde::{Deserialize, Serialize};
 use std::collections::VecDeque;
 
 /// Most charger CALLs awaiting an answer we remember per connection; OCPP allows one in flight,
-/// so this only bounds a charger that is never answered. The oldest is forgotten first.
+/// so this only bounds a charger that is never answered. The oldest is forgotten first (an
+/// unanswered Stop is handed back to be recorded, never forgotten).
 pub const MAX_PENDING_CALLS: usize = 16;
 
 /// The OCPP version negotiated on the websocket, as far as the tap cares.
@@ -66,8 +75,10 @@ pub enum TapKind {
     Start(StartRecord),
     /// Energy register readings of a session.
     MeterValues(MeterValuesRecord),
-    /// A StopTransaction.
+    /// A StopTransaction (the central system accepted it, or never answered).
     Stop(StopRecord),
+    /// A billing message relayed but unreadable: the ledger makes it a dead letter.
+    Unreadable(UnreadableRecord),
 }
 
 /// `StartTransaction.req` joined with its `.conf`.
@@ -107,7 +118,7 @@ pub struct StopRecord {
     pub meter_stop_wh: Decimal,
     /// The charger's stop time, unix seconds (`None` when unreadable).
     pub timestamp: Option<i64>,
-    /// The idTag that stopped the session, if sent.
+    /// The idTag that stopped the session, if sent (not the customer: OCPP 1.6 §6.50).
     pub id_tag: Option<String>,
     /// The stop reason, if sent.
     pub reason: Option<String>,
@@ -117,6 +128,19 @@ pub struct StopRecord {
     pub readings: Vec<EnergyReading>,
 }
 
+/// A billing message the tap could not read (a register such as `"4200,0"`, a wrong type).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UnreadableRecord {
+    /// `StartTransaction`, `MeterValues`, `StopTransaction` or `StartTransaction.conf`.
+    pub action: String,
+    /// What could not be read.
+    pub problem: String,
+    /// The OCPP message id of the frame.
+    pub message_id: String,
+    /// The frame's payload exactly as relayed.
+    pub raw_payload: String,
+}
+
 /// Why a billing message is relayed but not billed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Unbilled {
@@ -124,6 +148,9 @@ pub enum Unbilled {
     ConnectorZero,
     /// MeterValues without a transactionId cannot be attributed without guessing.
     NoTransactionId,
+    /// MeterValues with transactionId 0 or below: readings outside any session, which some
+    /// chargers send between sessions. Counted and logged, never billed.
+    TransactionIdNotPositive,
     /// The energy register came only as `SignedData`.
     SignedDataOnly,
     /// The energy register came only per phase or from a non-Outlet location.
@@ -132,6 +159,9 @@ pub enum Unbilled {
     UntappedProtocol,
     /// The central system answered a StartTransaction with a CALLERROR: no session exists.
     StartCallError,
+    /// The central system answered a StopTransaction with a CALLERROR: the session stays open
+    /// and the charger's next Stop for it is the one billed.
+    StopCallError,
 }
 
 impl Unbilled {
@@ -140,10 +170,12 @@ impl Unbilled {
         match self {
             Unbilled::ConnectorZero => "connector_zero",
             Unbilled::NoTransactionId => "no_transaction_id",
+            Unbilled::TransactionIdNotPositive => "transaction_id_not_positive",
             Unbilled::SignedDataOnly => "signed_data_only",
             Unbilled::NotMainMeter => "not_main_meter",
             Unbilled::UntappedProtocol => "untapped_protocol",
             Unbilled::StartCallError => "start_call_error",
+            Unbilled::StopCallError => "stop_call_error",
         }
     }
 }
@@ -176,6 +208,9 @@ pub enum Observation {
         reason: &'static str,
         /// What was wrong, for the log line.
         detail: String,
+        /// For a billing message: its [`TapKind::Unreadable`] record and the message id of the
+        /// answer to hold, handled exactly like [`Observation::Record`].
+        record: Option<(TapRecord, String)>,
     },
 }
 
@@ -184,13 +219,7 @@ impl Observation {
         Observation::Malformed {
             reason: e.as_str(),
             detail: e.to_string(),
-        }
-    }
-
-    fn malformed_payload(action: &str, e: ViewError) -> Observation {
-        Observation::Malformed {
-            reason: e.as_str(),
-            detail: format!("{action}: {e}"),
+            record: None,
         }
     }
 }
@@ -202,7 +231,10 @@ enum PendingCall {
         req: StartTransactionReq,
         received_at: i64,
     },
-    /// A MeterValues/StopTransaction whose record was emitted; its answer is a BillingReply.
+    /// A StopTransaction waiting for the central system to accept it.
+    Stop(Box<TapRecord>),
+    /// A MeterValues (or unreadable billing CALL) whose record was emitted; its answer is a
+    /// BillingReply.
     Billing,
 }
 
@@ -213,6 +245,8 @@ pub struct ConnectionTap {
     protocol: Protocol,
     pending: VecDeque<(String, PendingCall)>,
     evicted_pending: u64,
+    /// Stops pushed out of `pending` unanswered: recorded as they are, never dropped.
+    unanswered_stops: Vec<TapRecord>,
 }
 
 impl ConnectionTap {
@@ -223,6 +257,7 @@ impl ConnectionTap {
             protocol: Protocol::from_subprotocol(subprotocol),
             pending: VecDeque::new(),
             evicted_pending: 0,
+            unanswered_stops: Vec::new(),
         }
     }
 
@@ -236,12 +271,33 @@ impl ConnectionTap {
         self.evicted_pending
     }
 
+    /// Stops pushed out of the pending calls before any answer came (a central system that
+    /// never answers): persist them now, without a reply to hold.
+    pub fn take_unanswered_stops(&mut self) -> Vec<TapRecord> {
+        std::mem::take(&mut self.unanswered_stops)
+    }
+
+    /// The connection ended: every Stop still waiting for an answer, to persist as it is (the
+    /// charger may have been answered by a central system we no longer see).
+    pub fn connection_ended(&mut self) -> Vec<TapRecord> {
+        let mut stops = self.take_unanswered_stops();
+        for (_, call) in self.pending.drain(..) {
+            if let PendingCall::Stop(record) = call {
+                stops.push(*record);
+            }
+        }
+        stops
+    }
+
     fn remember(&mut self, message_id: String, call: PendingCall) {
         if let Some(pos) = self.pending.iter().position(|(id, _)| *id == message_id) {
+            // The same message id again: the charger's retry of that CALL replaces it.
             self.pending.remove(pos);
         }
         if self.pending.len() >= MAX_PENDING_CALLS {
-            self.pending.pop_front();
+            if let Some((_, PendingCall::Stop(record))) = self.pending.pop_front() {
+                self.unanswered_stops.push(*record);
+            }
             self.evicted_pending += 1;
         }
         self.pending.push_back((message_id, call));
@@ -257,6 +313,36 @@ impl ConnectionTap {
             charge_box_id: self.charge_box_id.clone(),
             received_at,
             kind,
+        }
+    }
+
+    /// A billing message that cannot be read: relayed, counted, and recorded as
+    /// [`TapKind::Unreadable`] so that it becomes a dead letter instead of a silent gap.
+    fn unreadable(
+        &mut self,
+        head: &FrameHead<'_>,
+        action: &str,
+        problem: String,
+        e: &ViewError,
+        received_at: i64,
+    ) -> Observation {
+        let message_id = head.message_id.clone().into_owned();
+        let record = self.record(
+            received_at,
+            TapKind::Unreadable(UnreadableRecord {
+                action: action.to_owned(),
+                problem: problem.clone(),
+                message_id: message_id.clone(),
+                raw_payload: head.payload_text.to_owned(),
+            }),
+        );
+        if head.message_type == MessageType::Call {
+            self.remember(message_id.clone(), PendingCall::Billing);
+        }
+        Observation::Malformed {
+            reason: e.as_str(),
+            detail: format!("{action}: {problem}"),
+            record: Some((record, message_id)),
         }
     }
 
@@ -303,7 +389,9 @@ impl ConnectionTap {
     fn start_call(&mut self, head: &FrameHead<'_>, received_at: i64) -> Observation {
         let req = match payload::start_transaction_req(head.payload_text) {
             Ok(req) => req,
-            Err(e) => return Observation::malformed_payload("StartTransaction", e),
+            Err(e) => {
+                return self.unreadable(head, "StartTransaction", e.to_string(), &e, received_at);
+            }
         };
         if req.connector_id == 0 {
             return Observation::Unbilled {
@@ -321,7 +409,9 @@ impl ConnectionTap {
     fn meter_values_call(&mut self, head: &FrameHead<'_>, received_at: i64) -> Observation {
         let req = match payload::meter_values_req(head.payload_text) {
             Ok(req) => req,
-            Err(e) => return Observation::malformed_payload("MeterValues", e),
+            Err(e) => {
+                return self.unreadable(head, "MeterValues", e.to_string(), &e, received_at);
+            }
         };
         let unbilled = |reason| Observation::Unbilled { reason };
         if req.connector_id == 0 {
@@ -330,6 +420,9 @@ impl ConnectionTap {
         let Some(ocpp_transaction_id) = req.transaction_id else {
             return unbilled(Unbilled::NoTransactionId);
         };
+        if ocpp_transaction_id <= 0 {
+            return unbilled(Unbilled::TransactionIdNotPositive);
+        }
         if req.readings.is_empty() {
             return if req.skipped.signed > 0 {
                 unbilled(Unbilled::SignedDataOnly)
@@ -357,10 +450,10 @@ impl ConnectionTap {
         let read_transaction_data = self.protocol == Protocol::V16;
         let req = match payload::stop_transaction_req(head.payload_text, read_transaction_data) {
             Ok(req) => req,
-            Err(e) => return Observation::malformed_payload("StopTransaction", e),
+            Err(e) => {
+                return self.unreadable(head, "StopTransaction", e.to_string(), &e, received_at);
+            }
         };
-        let message_id = head.message_id.clone().into_owned();
-        self.remember(message_id.clone(), PendingCall::Billing);
         let begin_reading = req.begin_reading().cloned();
         let record = self.record(
             received_at,
@@ -374,7 +467,12 @@ impl ConnectionTap {
                 readings: req.readings,
             }),
         );
-        Observation::Record { record, message_id }
+        // Recorded when the central system accepts it (or the connection ends unanswered).
+        self.remember(
+            head.message_id.clone().into_owned(),
+            PendingCall::Stop(Box::new(record)),
+        );
+        Observation::Pass
     }
 
     /// Observes a text frame sent by the central system; `received_at` is the bridge clock.
@@ -388,7 +486,7 @@ impl ConnectionTap {
         head: Result<FrameHead<'_>, frame::FrameError>,
         received_at: i64,
     ) -> Observation {
-        let _ = received_at; // The Start record is dated by its request, not by the answer.
+        let _ = received_at; // Records are dated by their request, not by the answer.
         let head = match head {
             Ok(head) => head,
             Err(e) => return Observation::malformed_frame(e),
@@ -396,17 +494,37 @@ impl ConnectionTap {
         if head.message_type == MessageType::Call || self.pending.is_empty() {
             return Observation::Pass;
         }
-        let message_id = head.message_id.into_owned();
+        let message_id = head.message_id.clone().into_owned();
         match (self.take(&message_id), head.message_type) {
             (None, _) => Observation::Pass,
             (Some(PendingCall::Billing), _) => Observation::BillingReply { message_id },
             (Some(PendingCall::Start { .. }), MessageType::CallError) => Observation::Unbilled {
                 reason: Unbilled::StartCallError,
             },
+            (Some(PendingCall::Stop(_)), MessageType::CallError) => Observation::Unbilled {
+                reason: Unbilled::StopCallError,
+            },
+            (Some(PendingCall::Stop(record)), _) => Observation::Record {
+                record: *record,
+                message_id,
+            },
             (Some(PendingCall::Start { req, received_at }), _) => {
                 let conf = match payload::start_transaction_conf(head.payload_text) {
                     Ok(conf) => conf,
-                    Err(e) => return Observation::malformed_payload("StartTransaction.conf", e),
+                    Err(e) => {
+                        let problem = format!(
+                            "{e}; the request: connectorId {}, idTag {:?}, meterStart {} Wh, \
+                             timestamp {:?}",
+                            req.connector_id, req.id_tag, req.meter_start_wh, req.timestamp
+                        );
+                        return self.unreadable(
+                            &head,
+                            "StartTransaction.conf",
+                            problem,
+                            &e,
+                            received_at,
+                        );
+                    }
                 };
                 let record = self.record(
                     received_at,
@@ -568,7 +686,8 @@ mod tests {
                 readings: vec![EnergyReading {
                     timestamp: Some(T0),
                     wh: d("1500"),
-                    context: "Sample.Periodic".into()
+                    context: "Sample.Periodic".into(),
+                    resolution_wh: d("100"),
                 }],
             })
         );
@@ -627,6 +746,8 @@ mod tests {
                 "transactionData":[{"timestamp":"2023-11-14T21:13:20Z","sampledValue":[{"value":"1","unit":"kWh","context":"Transaction.Begin"}]}]}]"#,
             T0,
         );
+        assert_eq!(obs, Observation::Pass);
+        let obs = tap.from_central(r#"[3,"s1",{}]"#, T0 + 1);
         let Observation::Record { record, .. } = obs else {
             panic!("{obs:?}")
         };
@@ -645,8 +766,9 @@ mod tests {
         let mv = r#"[2,"m","MeterValues",{"connectorId":1,"transactionId":1,"values":[{"timestamp":"2023-11-14T22:13:20Z","value":[{"value":"1"}]}]}]"#;
         for sub in [Some("ocpp1.5"), Some("OCPP1.2")] {
             let mut tap = ConnectionTap::new("CB".into(), sub);
+            assert_eq!(tap.from_charger(stop, T0), Observation::Pass);
             assert!(matches!(
-                tap.from_charger(stop, T0),
+                tap.from_central(r#"[3,"s",{}]"#, T0),
                 Observation::Record { .. }
             ));
             assert_eq!(
@@ -726,6 +848,142 @@ mod tests {
         );
     }
 
+    fn stop_call(id: &str, meter_stop: &str) -> String {
+        format!(
+            r#"[2,"{id}","StopTransaction",{{"transactionId":42,"meterStop":{meter_stop},"timestamp":"2023-11-14T22:13:20Z"}}]"#
+        )
+    }
+
+    #[test]
+    fn stop_is_recorded_when_the_central_system_accepts_it() {
+        let mut tap = tap();
+        assert_eq!(
+            tap.from_charger(&stop_call("s1", "4200"), T0),
+            Observation::Pass
+        );
+        // Another answer id, then the answer to the Stop: that frame is the one to hold.
+        assert_eq!(tap.from_central(r#"[3,"x",{}]"#, T0), Observation::Pass);
+        let obs = tap.from_central(r#"[3,"s1",{"idTagInfo":{"status":"Accepted"}}]"#, T0 + 5);
+        let Observation::Record { record, message_id } = obs else {
+            panic!("{obs:?}")
+        };
+        assert_eq!((message_id.as_str(), record.received_at), ("s1", T0));
+        assert!(matches!(record.kind, TapKind::Stop(ref s) if s.meter_stop_wh == d("4200")));
+        assert!(tap.connection_ended().is_empty());
+    }
+
+    #[test]
+    fn stop_answered_with_a_call_error_is_not_recorded() {
+        let mut tap = tap();
+        tap.from_charger(&stop_call("s1", "4200"), T0);
+        assert_eq!(
+            tap.from_central(r#"[4,"s1","InternalError","no such transaction",{}]"#, T0),
+            Observation::Unbilled {
+                reason: Unbilled::StopCallError
+            }
+        );
+        // The corrected Stop is the one recorded.
+        tap.from_charger(&stop_call("s2", "4300"), T0 + 10);
+        let Observation::Record { record, .. } = tap.from_central(r#"[3,"s2",{}]"#, T0 + 11) else {
+            panic!("the corrected Stop is recorded")
+        };
+        assert!(matches!(record.kind, TapKind::Stop(ref s) if s.meter_stop_wh == d("4300")));
+    }
+
+    #[test]
+    fn unanswered_stops_are_handed_back_never_dropped() {
+        let mut tap = tap();
+        tap.from_charger(&stop_call("s1", "4200"), T0);
+        let stops = tap.connection_ended();
+        assert_eq!(stops.len(), 1);
+        assert_eq!(stops[0].received_at, T0);
+        assert!(tap.connection_ended().is_empty());
+        // Pushed out of the bounded memory by later CALLs: handed back at once.
+        tap.from_charger(&stop_call("s2", "4300"), T0);
+        for i in 0..MAX_PENDING_CALLS {
+            tap.from_charger(&start_req(&format!("st{i}")), T0);
+        }
+        let orphans = tap.take_unanswered_stops();
+        assert_eq!(orphans.len(), 1);
+        assert!(matches!(orphans[0].kind, TapKind::Stop(ref s) if s.meter_stop_wh == d("4300")));
+        assert!(tap.connection_ended().is_empty());
+    }
+
+    #[test]
+    fn unreadable_billing_messages_become_records() {
+        for (frame, action) in [
+            (stop_call("u1", r#""4200,0""#), "StopTransaction"),
+            (stop_call("u1", r#""abc""#), "StopTransaction"),
+            (
+                r#"[2,"u1","StartTransaction",{"connectorId":1,"idTag":"A","meterStart":[1]}]"#
+                    .to_owned(),
+                "StartTransaction",
+            ),
+            (
+                r#"[2,"u1","MeterValues",{"connectorId":1,"transactionId":4,"meterValue":[{"timestamp":"2023-11-14T22:13:20Z","sampledValue":[{"value":"1,5"}]}]}]"#
+                    .to_owned(),
+                "MeterValues",
+            ),
+        ] {
+            let mut tap = tap();
+            let obs = tap.from_charger(&frame, T0);
+            let Observation::Malformed {
+                record: Some((record, message_id)),
+                ..
+            } = obs
+            else {
+                panic!("{frame}: {obs:?}")
+            };
+            assert_eq!(message_id, "u1");
+            let TapKind::Unreadable(u) = record.kind else {
+                panic!("{frame}")
+            };
+            assert_eq!(u.action, action);
+            assert!(frame.contains(&u.raw_payload), "{frame}");
+            // Its answer is held like any billing reply.
+            assert_eq!(
+                tap.from_central(r#"[3,"u1",{}]"#, T0),
+                Observation::BillingReply {
+                    message_id: "u1".into()
+                }
+            );
+        }
+        // Exponent forms, JSON numbers and padded strings are exact numbers.
+        for (meter_stop, wh) in [
+            (r#""4.2E3""#, "4200"),
+            ("4.2e3", "4200"),
+            (r#"" 4200 ""#, "4200"),
+            ("4200.0", "4200"),
+            ("-5E28", "-50000000000000000000000000000"),
+        ] {
+            let mut tap = tap();
+            tap.from_charger(&stop_call("s", meter_stop), T0);
+            let Observation::Record { record, .. } = tap.from_central(r#"[3,"s",{}]"#, T0) else {
+                panic!("{meter_stop}")
+            };
+            assert!(
+                matches!(record.kind, TapKind::Stop(ref s) if s.meter_stop_wh == d(wh)),
+                "{meter_stop}"
+            );
+        }
+    }
+
+    #[test]
+    fn meter_values_outside_a_session_are_unbilled() {
+        let mut tap = tap();
+        for txid in ["0", "-1"] {
+            assert_eq!(
+                tap.from_charger(
+                    &format!(r#"[2,"m","MeterValues",{{"connectorId":1,"transactionId":{txid},"meterValue":[{{"timestamp":"2023-11-14T22:13:20Z","sampledValue":[{{"value":"10"}}]}}]}}]"#),
+                    T0
+                ),
+                Observation::Unbilled {
+                    reason: Unbilled::TransactionIdNotPositive
+                }
+            );
+        }
+    }
+
     #[test]
     fn tap_record_round_trips_through_json() {
         let record = TapRecord {
@@ -742,6 +1000,7 @@ mod tests {
                     timestamp: Some(1),
                     wh: d("0.001"),
                     context: "Transaction.End".into(),
+                    resolution_wh: d("0.001"),
                 }],
             }),
         };

@@ -5,8 +5,10 @@
 use std::collections::{BTreeMap, HashSet};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use futures_util::{SinkExt, StreamExt};
 use rust_decimal::Decimal;
 use serde_json::Value;
+use tokio_tungstenite::tungstenite::Message;
 
 use ocpp_lago_bridge::event::LagoEvent;
 
@@ -60,6 +62,9 @@ async fn golden_session_produces_exactly_the_recorded_event_line() {
         &central.url_base(),
         BridgeOptions {
             dry_run: true,
+            // The charge point's clock is fixed at 2026-01-01; the charger clock check (issue
+            // 12) would date the event by the bridge beyond `max_clock_lag` of that.
+            extra_toml: "[billing]\nmax_clock_lag = \"36500days\"\n".into(),
             ..Default::default()
         },
     )
@@ -379,4 +384,183 @@ async fn incremental_mode_events_of_each_session_sum_exactly_to_its_energy() {
     );
     assert_eq!(delivered_total(&bridge).await, stored.len() as f64);
     assert_secret_not_exposed(&bridge, &key).await;
+}
+
+/// A SteVe stand-in speaking OCPP 1.6J on loopback: every StartTransaction gets the next
+/// transactionId (from 1) with `Accepted`; a StopTransaction whose meterStop is 9999 gets a
+/// CALLERROR (as SteVe answers a Stop it cannot store); every other CALL gets `{}`.
+async fn numbering_central() -> String {
+    use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
+    use tokio_tungstenite::tungstenite::http::HeaderValue;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind central");
+    let url = format!(
+        "ws://{}{}",
+        listener.local_addr().unwrap(),
+        crate::support::PATH_PREFIX
+    );
+    let next_transaction_id = std::sync::Arc::new(std::sync::atomic::AtomicI64::new(1));
+    tokio::spawn(async move {
+        for _ in 0..64 {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            let next = next_transaction_id.clone();
+            tokio::spawn(async move {
+                // tungstenite's callback type returns its large ErrorResponse by value.
+                #[allow(clippy::result_large_err)]
+                let select = |_: &Request, mut response: Response| {
+                    response.headers_mut().insert(
+                        "Sec-WebSocket-Protocol",
+                        HeaderValue::from_static("ocpp1.6"),
+                    );
+                    Ok(response)
+                };
+                let Ok(mut ws) = tokio_tungstenite::accept_hdr_async(stream, select).await else {
+                    return;
+                };
+                while let Some(Ok(message)) = ws.next().await {
+                    let Message::Text(text) = message else {
+                        continue;
+                    };
+                    let Ok(Value::Array(call)) = serde_json::from_str::<Value>(text.as_str())
+                    else {
+                        continue;
+                    };
+                    if call.first().and_then(Value::as_u64) != Some(2) {
+                        continue;
+                    }
+                    let id = call[1].clone();
+                    let payload = &call[3];
+                    let answer = match call[2].as_str() {
+                        Some("StartTransaction") => serde_json::json!([3, id, {
+                            "idTagInfo": {"status": "Accepted"},
+                            "transactionId": next.fetch_add(1, std::sync::atomic::Ordering::SeqCst),
+                        }]),
+                        Some("StopTransaction") if payload["meterStop"] == 9999 => {
+                            serde_json::json!([4, id, "InternalError", "cannot store", {}])
+                        }
+                        _ => serde_json::json!([3, id, {}]),
+                    };
+                    if ws.send(Message::text(answer.to_string())).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    url
+}
+
+/// Sends one CALL and returns the answer's text.
+async fn call(charger: &mut crate::support::ws::ClientWs, frame: &str) -> String {
+    charger
+        .send(Message::text(frame.to_owned()))
+        .await
+        .expect("send CALL");
+    let reply = crate::support::within(Duration::from_secs(10), "the answer", charger.next())
+        .await
+        .expect("an answer")
+        .expect("a frame");
+    reply
+        .into_text()
+        .expect("a text answer")
+        .as_str()
+        .to_owned()
+}
+
+/// Issue 12: one Start/Stop pair with registers `-5E28` / `5E28` panicked the spool writer, and
+/// from then on every charger's billing record was dropped. Now it is an `implausible_register`
+/// dead letter, the daemon stays healthy, and the next charger's session is billed. The same
+/// run shows a Stop SteVe refused (CALLERROR) does not count, the corrected Stop does (no
+/// `conflicting_stop`), and a `"4200,0"` meterStop is an `unreadable_frame` dead letter.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frame_that_panicked_the_writer_is_contained_and_the_next_session_is_billed() {
+    let central = numbering_central().await;
+    // No Lago key: the events stay in the spool, where the test reads them.
+    let bridge = Bridge::start_opts(&central, BridgeOptions::default()).await;
+    let connect = |id: &'static str| {
+        let url = bridge.charger_url(id);
+        async move {
+            crate::support::ws::connect(&url, &["ocpp1.6"], None)
+                .await
+                .unwrap_or_else(|e| panic!("{id} connects: {e}"))
+                .0
+        }
+    };
+    let start = |connector: u32, meter_start: &str| {
+        format!(
+            r#"[2,"s","StartTransaction",{{"connectorId":{connector},"idTag":"TAG-F","meterStart":{meter_start},"timestamp":"2026-01-01T10:00:00Z"}}]"#
+        )
+    };
+    let stop = |id: &str, txid: i64, meter_stop: &str| {
+        format!(
+            r#"[2,"{id}","StopTransaction",{{"transactionId":{txid},"meterStop":{meter_stop},"timestamp":"2026-01-01T11:00:00Z","reason":"Local"}}]"#
+        )
+    };
+
+    let mut huge = connect("CP-HUGE").await;
+    let answer = call(&mut huge, &start(1, "-5E28")).await;
+    assert!(answer.contains(r#""transactionId":1"#), "{answer}");
+    assert_eq!(
+        call(&mut huge, &stop("t", 1, "5E28")).await,
+        r#"[3,"t",{}]"#
+    );
+
+    let mut next = connect("CP-NEXT").await;
+    let answer = call(&mut next, &start(1, "1000")).await;
+    assert!(answer.contains(r#""transactionId":2"#), "{answer}");
+    // SteVe refuses the first Stop; the charger's corrected one is billed.
+    assert!(
+        call(&mut next, &stop("x", 2, "9999"))
+            .await
+            .starts_with(r#"[4,"x""#)
+    );
+    assert_eq!(
+        call(&mut next, &stop("y", 2, r#""4200,0""#)).await,
+        r#"[3,"y",{}]"#
+    );
+    assert_eq!(
+        call(&mut next, &stop("z", 2, "4300")).await,
+        r#"[3,"z",{}]"#
+    );
+
+    let spool = bridge.spool_path().to_path_buf();
+    let settled = poll_until(Duration::from_secs(10), || {
+        let counts = spool_counts(&spool);
+        (counts.pending == 1
+            && counts.dead_letters.get("implausible_register") == Some(&1)
+            && counts.dead_letters.get("unreadable_frame") == Some(&1))
+        .then_some(counts)
+    })
+    .await;
+    let counts = settled.unwrap_or_else(|| {
+        panic!(
+            "spool: {:?}; bridge stderr:\n{}",
+            spool_counts(&spool),
+            bridge.stderr()
+        )
+    });
+    assert_eq!(counts.dead_letters.len(), 2, "{counts:?}");
+    let conn = rusqlite::Connection::open(&spool).unwrap();
+    let event: String = conn
+        .query_row("SELECT event FROM outbox", [], |r| r.get(0))
+        .unwrap();
+    let event: Value = serde_json::from_str(&event).unwrap();
+    assert_eq!(event["properties"]["charge_box_id"], "CP-NEXT");
+    assert_eq!(
+        event["properties"]["value"], "3.3",
+        "(4300 - 1000) / 1000 kWh"
+    );
+    let unreadable = crate::support::e2e::dead_letter_details(&spool, "unreadable_frame");
+    assert!(unreadable[0].contains("4200,0"), "{unreadable:?}");
+    // The writer is alive and the daemon healthy.
+    let (status, body) = crate::support::admin::get(bridge.admin_addr, "/healthz").await;
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        !bridge.stderr().contains("panicked"),
+        "no task panicked:\n{}",
+        bridge.stderr()
+    );
 }
