@@ -92,7 +92,8 @@ enum SpoolCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Put dead letters back into the outbox once their cause is fixed.
+    /// Put dead letters back into the outbox once their cause is fixed; says per dead letter
+    /// whether it was queued and why not, and exits 1 if any selected one was not.
     Requeue {
         #[command(flatten)]
         config: ConfigArg,
@@ -102,6 +103,10 @@ enum SpoolCommand {
         reason: Option<String>,
         #[arg(long, group = "which")]
         all: bool,
+        /// With --id: bill a held event that has no subscription (a `missing_start` whose Start
+        /// was never seen, an unmapped id tag) to this Lago external_subscription_id.
+        #[arg(long, requires = "id", value_name = "SUB")]
+        subscription: Option<String>,
     },
 }
 
@@ -171,6 +176,7 @@ fn main() -> ExitCode {
                     id,
                     reason,
                     all,
+                    subscription,
                 } => (
                     config,
                     Box::new(move |c: &Config| {
@@ -184,7 +190,7 @@ fn main() -> ExitCode {
                                 ));
                             }
                         };
-                        operator::requeue(c, selection)
+                        operator::requeue(c, selection, subscription.as_deref())
                     }) as Operation,
                 ),
             };
@@ -235,6 +241,11 @@ fn operate(config: &ConfigArg, operation: Operation) -> ExitCode {
                 println!("{output}");
             }
             ExitCode::SUCCESS
+        }
+        Err(operator::OperatorError::NotAllQueued(output)) => {
+            println!("{output}");
+            eprintln!("error: not every selected dead letter was queued");
+            ExitCode::FAILURE
         }
         Err(error) => {
             eprintln!("error: {error}");
