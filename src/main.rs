@@ -289,9 +289,13 @@ fn run(config: Config, format: LogFormat, options: RunOptions) -> anyhow::Result
     let log_level =
         telemetry::init_logging(format, &config.log.level).map_err(anyhow::Error::msg)?;
     let runtime = tokio::runtime::Runtime::new()?;
-    runtime.block_on(async {
+    let result = runtime.block_on(async {
         let metrics = telemetry::init_metrics().map_err(anyhow::Error::msg)?;
         app::run(config, options, metrics, log_level).await?;
         Ok(())
-    })
+    });
+    // Dropping a runtime waits for its blocking tasks without limit; a failed daemon must exit
+    // (for its restart) even when one of them hangs on a stuck disk.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(2));
+    result
 }

@@ -16,4 +16,5 @@ mod peers_selfcheck;
 mod relay;
 mod simulate;
 mod steve_recovery;
+mod supervision;
 mod support;
