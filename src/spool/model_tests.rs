@@ -253,12 +253,12 @@ impl Model {
 
     /// A key already present (in any state) keeps its row unchanged: the same billing content
     /// is a no-op, different content is reported with the stored event.
-    fn insert(&mut self, e: &LagoEvent, now: i64) -> Result<bool, LagoEvent> {
+    fn insert(&mut self, e: &LagoEvent, now: i64) -> Result<bool, Box<LagoEvent>> {
         if let Some(r) = self.row_by_key(&e.external_subscription_id, &e.transaction_id) {
             return if same_billing_content(&r.event, e) {
                 Ok(false)
             } else {
-                Err(r.event.clone())
+                Err(Box::new(r.event.clone()))
             };
         }
         let id = self.rows.last().map_or(1, |r| r.id + 1);

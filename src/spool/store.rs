@@ -814,7 +814,7 @@ enum Inserted {
     /// The key held the same billing content: nothing changed.
     Identical,
     /// The key holds this different event: nothing changed.
-    Taken(LagoEvent),
+    Taken(Box<LagoEvent>),
 }
 
 /// Inserts `e` as a pending outbox row unless its key is taken; never replaces a stored row.
@@ -842,7 +842,7 @@ fn insert_event(conn: &Connection, e: &LagoEvent, now: i64) -> Result<Inserted, 
     Ok(if same_billing_content(&existing, e) {
         Inserted::Identical
     } else {
-        Inserted::Taken(existing)
+        Inserted::Taken(Box::new(existing))
     })
 }
 

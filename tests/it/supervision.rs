@@ -30,6 +30,8 @@ async fn healthz(bridge: &Bridge) -> Option<(u16, Value)> {
 /// Starts a bridge whose `task` panics [`PANIC_AFTER_MS`] after it starts, checks it is healthy
 /// before, then that `/healthz` and `/readyz` name the task and the process exits non-zero.
 async fn injected_panic_fails_the_bridge(task: &str, dry_run: bool) {
+    // A run-time check, so a release test build fails here rather than failing to compile.
+    #[allow(clippy::assertions_on_constants)]
     assert!(
         cfg!(debug_assertions),
         "the fault is injected only into debug builds: run the tests without --release"
