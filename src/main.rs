@@ -105,7 +105,7 @@ enum SpoolCommand {
         all: bool,
         /// With --id: bill a held event that has no subscription (a `missing_start` whose Start
         /// was never seen, an unmapped id tag) to this Lago external_subscription_id.
-        #[arg(long, requires = "id", value_name = "SUB")]
+        #[arg(long, requires = "id", conflicts_with_all = ["reason", "all"], value_name = "SUB")]
         subscription: Option<String>,
     },
 }

@@ -123,6 +123,12 @@ pub fn requeue(
     selection: Requeue<'_>,
     subscription: Option<&str>,
 ) -> Result<String, OperatorError> {
+    // One subscription names the customer of one session, never of a whole selection.
+    if subscription.is_some() && !matches!(selection, Requeue::Id(_)) {
+        return Err(OperatorError::Refused(
+            "--subscription goes with --id N only".into(),
+        ));
+    }
     if subscription.is_some_and(|s| s.trim().is_empty()) {
         return Err(OperatorError::Refused(
             "--subscription needs a Lago external_subscription_id".into(),
