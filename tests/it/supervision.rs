@@ -147,6 +147,9 @@ async fn an_orderly_sigterm_ends_every_supervised_task_without_a_failure() {
     let mut bridge = Bridge::start_opts(&upstream, options).await;
     let (status, _) = healthz(&bridge).await.expect("the admin listener answers");
     assert_eq!(status, 200);
+    // The SIGTERM handler is installed once startup is done (READY=1), a moment after the
+    // admin port answers; a SIGTERM before it would end the process by the default action.
+    tokio::time::sleep(Duration::from_secs(2)).await;
     let status = bridge.terminate(Duration::from_secs(20)).await;
     assert_eq!(status.code(), Some(0), "stderr:\n{}", bridge.stderr());
     assert!(
