@@ -145,7 +145,8 @@ pub async fn run(
             signal = &mut stop_signal => break signal.map_err(AppError::Signals)?,
             failure = supervisor.failed() => {
                 probe.abort();
-                return Err(exit_on_failure(failure, &supervisor, &shutdown, &connections, proxy, pipeline, &spool_path, &stop_admin).await);
+                let wind_down = (&shutdown, &connections, proxy, pipeline);
+                return Err(exit_on_failure(failure, &supervisor, wind_down, &spool_path, &stop_admin).await);
             }
             _ = hangup.recv() => {
                 systemd::reloading(false);
@@ -201,14 +202,15 @@ pub async fn run(
 /// A supervised task failed: stop accepting, close the chargers with 1001 (they reconnect to
 /// the restarted bridge), let the writer commit what it holds, all bounded, while `/healthz`
 /// names the task for at least [`FAILURE_LINGER`]; then the error that makes the exit non-zero.
-#[allow(clippy::too_many_arguments)]
 async fn exit_on_failure(
     failure: TaskFailure,
     supervisor: &Supervisor,
-    shutdown: &Shutdown,
-    connections: &TaskTracker,
-    proxy: Arc<Proxy>,
-    pipeline: Option<Pipeline>,
+    (shutdown, connections, proxy, pipeline): (
+        &Shutdown,
+        &TaskTracker,
+        Arc<Proxy>,
+        Option<Pipeline>,
+    ),
     spool_path: &Path,
     stop_admin: &CancellationToken,
 ) -> AppError {
