@@ -911,20 +911,18 @@ fn dead_letter_collision(
 }
 
 /// One dead letter `requeue` looked at, and what it did with it.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Requeued {
     pub dead_letter_id: i64,
     pub reason: String,
     pub charge_box_id: Option<String>,
     pub ocpp_transaction_id: Option<i64>,
     pub id_tag: Option<String>,
-    #[serde(flatten)]
     pub outcome: RequeueOutcome,
 }
 
 /// Whether `requeue` queued a dead letter's event, and if not, why.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-#[serde(tag = "outcome", rename_all = "snake_case")]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RequeueOutcome {
     /// Back in the outbox as pending; the dead letter is closed.
     Queued { external_subscription_id: String },
