@@ -8,6 +8,7 @@ use std::time::Duration;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 
 use crate::event::LagoEvent;
+use crate::ledger::AnomalyReason;
 
 /// Schema versions this binary knows, in order; `MIGRATIONS[n]` brings version n to n + 1.
 const MIGRATIONS: &[&str] = &[r#"
@@ -540,7 +541,7 @@ impl Store {
                     } else {
                         let found = match subscription {
                             Some(sub) => Some(sub.to_string()),
-                            None if reason == "missing_start" => None,
+                            None if reason == AnomalyReason::MissingStart.as_str() => None,
                             None => resolve_subscription(id_tag.as_deref()),
                         };
                         match found {
