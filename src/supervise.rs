@@ -37,8 +37,8 @@ pub struct TaskFailure {
     pub reason: String,
 }
 
-/// Watches registered tasks; cheap to clone.
-#[derive(Clone)]
+/// Watches registered tasks; cheap to clone (hand a clone to whatever spawns a task).
+#[derive(Clone, Debug)]
 pub struct Supervisor {
     readiness: Readiness,
     stopping: Arc<AtomicBool>,
