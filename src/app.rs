@@ -23,6 +23,7 @@ use crate::shutdown::{self, Shutdown};
 use crate::spool::SpoolHandle;
 use crate::spool::store::Store;
 use crate::spool::writer::{self, Command, WriterSettings};
+use crate::supervise::{Supervisor, TaskFailure};
 use crate::systemd;
 use crate::telemetry::{self, LogLevel, Readiness};
 
@@ -51,7 +52,16 @@ pub enum AppError {
     Signals(std::io::Error),
     #[error("TLS: {0}")]
     Tls(#[from] crate::proxy::tls::TlsError),
+    #[error("task {} {}: exiting so that the service manager restarts the bridge", .0.task, .0.reason)]
+    TaskFailed(TaskFailure),
 }
+
+/// After a task failed, how long the admin listener goes on answering (503, naming it) before
+/// the process exits: long enough for a probe to see why, short enough for a prompt restart.
+const FAILURE_LINGER: Duration = Duration::from_secs(1);
+/// After a task failed, how long closing the chargers (1001) and committing what the writer
+/// holds may take before the process exits anyway.
+const FAILURE_EXIT_LIMIT: Duration = Duration::from_secs(3);
 
 /// Runs the daemon until SIGTERM or SIGINT, then shuts down in order.
 pub async fn run(
@@ -66,14 +76,21 @@ pub async fn run(
     let proxy_listener = bind("proxy.listen", config.proxy.listen).await?;
     let admin_listener = bind("admin.listen", config.admin.listen).await?;
     let readiness = Readiness::default();
+    let supervisor = Supervisor::new(readiness.clone());
     let shutdown = Shutdown::default();
     let connections = TaskTracker::new();
 
-    let admin = tokio::spawn(telemetry::serve_admin(
-        admin_listener,
-        metrics,
-        readiness.clone(),
-        shutdown.close_connections.clone(),
+    // The admin listener outlives the chargers' connections: after a task failed it goes on
+    // saying so until the process exits.
+    let stop_admin = CancellationToken::new();
+    let admin = tokio::spawn(supervisor.watch(
+        "admin_listener",
+        telemetry::serve_admin(
+            admin_listener,
+            metrics,
+            readiness.clone(),
+            stop_admin.clone(),
+        ),
     ));
 
     // A dry run bills into a throw-away spool: shadow events must never reach Lago later.
@@ -83,17 +100,24 @@ pub async fn run(
         None => config.spool.path.clone(),
     };
     let heartbeat = Arc::new(AtomicI64::new(writer::unix_now()));
-    let pipeline = start_pipeline(&config, &spool_path, &options, &readiness, &heartbeat).await;
+    let pipeline = start_pipeline(
+        &config,
+        &spool_path,
+        &options,
+        &readiness,
+        &heartbeat,
+        &supervisor,
+    )
+    .await;
     let billing = pipeline.as_ref().map(|p| Billing {
         spool: p.spool.clone(),
         hold_timeout: config.spool.hold_timeout,
     });
 
     let proxy = Proxy::new(config.proxy.clone(), billing).map_err(AppError::Tls)?;
-    let accepting = tokio::spawn(Arc::clone(&proxy).serve(
-        proxy_listener,
-        shutdown.clone(),
-        connections.clone(),
+    let accepting = tokio::spawn(supervisor.watch(
+        "proxy_accept",
+        Arc::clone(&proxy).serve(proxy_listener, shutdown.clone(), connections.clone()),
     ));
     tracing::info!(
         proxy_listen = %config.proxy.listen,
@@ -119,6 +143,11 @@ pub async fn run(
     let signal = loop {
         tokio::select! {
             signal = &mut stop_signal => break signal.map_err(AppError::Signals)?,
+            failure = supervisor.failed() => {
+                probe.abort();
+                let wind_down = (&shutdown, &connections, proxy, pipeline);
+                return Err(exit_on_failure(failure, &supervisor, wind_down, &spool_path, &stop_admin).await);
+            }
             _ = hangup.recv() => {
                 systemd::reloading(false);
                 proxy.reload();
@@ -139,6 +168,7 @@ pub async fn run(
         }
     };
     systemd::stopping();
+    supervisor.stopping();
     probe.abort();
     tracing::info!(signal, grace = ?config.proxy.shutdown_grace, "shutting down: no new chargers; connected ones are closed after the grace period");
     let left = shutdown::drain(&shutdown, &connections, config.proxy.shutdown_grace).await;
@@ -156,12 +186,59 @@ pub async fn run(
             .stop(&spool_path, config.lago.shutdown_flush_timeout)
             .await;
     }
+    stop_admin.cancel();
     let _ = admin.await;
     if let Some(dir) = dry_run_dir {
         let _ = std::fs::remove_dir_all(dir);
     }
+    // A task that panicked during the shutdown still makes it a failure.
+    if let Some(failure) = supervisor.failure() {
+        return Err(AppError::TaskFailed(failure));
+    }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// A supervised task failed: stop accepting, close the chargers with 1001 (they reconnect to
+/// the restarted bridge), let the writer commit what it holds, all bounded, while `/healthz`
+/// names the task for at least [`FAILURE_LINGER`]; then the error that makes the exit non-zero.
+async fn exit_on_failure(
+    failure: TaskFailure,
+    supervisor: &Supervisor,
+    (shutdown, connections, proxy, pipeline): (
+        &Shutdown,
+        &TaskTracker,
+        Arc<Proxy>,
+        Option<Pipeline>,
+    ),
+    spool_path: &Path,
+    stop_admin: &CancellationToken,
+) -> AppError {
+    supervisor.stopping();
+    systemd::status(&format!(
+        "FAILED: task {} {}; exiting for a restart",
+        failure.task, failure.reason
+    ));
+    let linger = tokio::time::sleep(FAILURE_LINGER);
+    let wind_down = async {
+        shutdown.stop_accepting.cancel();
+        shutdown.close_connections.cancel();
+        connections.close();
+        connections.wait().await;
+        drop(proxy);
+        if let Some(pipeline) = pipeline {
+            pipeline.stop(spool_path, Duration::ZERO).await;
+        }
+    };
+    let (_, wound_down) = tokio::join!(linger, tokio::time::timeout(FAILURE_EXIT_LIMIT, wind_down));
+    if wound_down.is_err() {
+        tracing::error!(
+            limit = ?FAILURE_EXIT_LIMIT,
+            "exiting without a full wind-down after a task failed; chargers resend what was not acknowledged"
+        );
+    }
+    stop_admin.cancel();
+    AppError::TaskFailed(failure)
 }
 
 /// The billing half of the daemon: spool writer and shipper.
@@ -318,6 +395,7 @@ async fn start_pipeline(
     options: &RunOptions,
     readiness: &Readiness,
     heartbeat: &Arc<AtomicI64>,
+    supervisor: &Supervisor,
 ) -> Option<Pipeline> {
     let store = match open_store(spool_path).await {
         Ok(store) => store,
@@ -364,19 +442,22 @@ async fn start_pipeline(
     };
     // The recovery task answers through a weak sender, so it never keeps the writer alive.
     let recovery = steve.map(|client| {
-        tokio::spawn(crate::recovery::run(
-            client,
-            crate::recovery::RecoverySettings {
-                max_concurrent_requests: config.steve.max_concurrent_requests,
-                max_requests_per_second: config.steve.max_requests_per_second,
-                recovery_timeout: config.steve.recovery_timeout,
-            },
-            recovery_requests,
-            commands.downgrade(),
+        tokio::spawn(supervisor.watch(
+            "steve_recovery",
+            crate::recovery::run(
+                client,
+                crate::recovery::RecoverySettings {
+                    max_concurrent_requests: config.steve.max_concurrent_requests,
+                    max_requests_per_second: config.steve.max_requests_per_second,
+                    recovery_timeout: config.steve.recovery_timeout,
+                },
+                recovery_requests,
+                commands.downgrade(),
+            ),
         ))
     });
     let spool = SpoolHandle::new(commands);
-    let writer = writer::spawn_writer(writer_future);
+    let writer = writer::spawn_writer(supervisor.watch("spool_writer", writer_future));
 
     let destination = if options.dry_run {
         Some(Destination::Stdout)
@@ -398,13 +479,16 @@ async fn start_pipeline(
             max_requests_per_second: config.lago.max_requests_per_second,
             retry_max_delay: config.lago.retry_max_delay,
         };
-        tokio::spawn(shipper::run(
-            destination,
-            access,
-            settings,
-            readiness.clone(),
-            draining.clone(),
-            stop_shipping.clone(),
+        tokio::spawn(supervisor.watch(
+            "shipper",
+            shipper::run(
+                destination,
+                access,
+                settings,
+                readiness.clone(),
+                draining.clone(),
+                stop_shipping.clone(),
+            ),
         ))
     });
     Some(Pipeline {

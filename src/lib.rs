@@ -17,6 +17,7 @@ pub mod shutdown;
 pub mod simulate;
 pub mod spool;
 pub mod steve;
+pub mod supervise;
 pub mod systemd;
 pub mod tap;
 pub mod telemetry;

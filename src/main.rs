@@ -92,7 +92,8 @@ enum SpoolCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Put dead letters back into the outbox once their cause is fixed.
+    /// Put dead letters back into the outbox once their cause is fixed; says per dead letter
+    /// whether it was queued and why not, and exits 1 if any selected one was not.
     Requeue {
         #[command(flatten)]
         config: ConfigArg,
@@ -102,6 +103,10 @@ enum SpoolCommand {
         reason: Option<String>,
         #[arg(long, group = "which")]
         all: bool,
+        /// With --id: bill a held event that has no subscription (a `missing_start` whose Start
+        /// was never seen, an unmapped id tag) to this Lago external_subscription_id.
+        #[arg(long, requires = "id", conflicts_with_all = ["reason", "all"], value_name = "SUB")]
+        subscription: Option<String>,
     },
 }
 
@@ -171,6 +176,7 @@ fn main() -> ExitCode {
                     id,
                     reason,
                     all,
+                    subscription,
                 } => (
                     config,
                     Box::new(move |c: &Config| {
@@ -184,7 +190,7 @@ fn main() -> ExitCode {
                                 ));
                             }
                         };
-                        operator::requeue(c, selection)
+                        operator::requeue(c, selection, subscription.as_deref())
                     }) as Operation,
                 ),
             };
@@ -236,6 +242,11 @@ fn operate(config: &ConfigArg, operation: Operation) -> ExitCode {
             }
             ExitCode::SUCCESS
         }
+        Err(operator::OperatorError::NotAllQueued(output)) => {
+            println!("{output}");
+            eprintln!("error: not every selected dead letter was queued");
+            ExitCode::FAILURE
+        }
         Err(error) => {
             eprintln!("error: {error}");
             ExitCode::FAILURE
@@ -278,9 +289,13 @@ fn run(config: Config, format: LogFormat, options: RunOptions) -> anyhow::Result
     let log_level =
         telemetry::init_logging(format, &config.log.level).map_err(anyhow::Error::msg)?;
     let runtime = tokio::runtime::Runtime::new()?;
-    runtime.block_on(async {
+    let result = runtime.block_on(async {
         let metrics = telemetry::init_metrics().map_err(anyhow::Error::msg)?;
         app::run(config, options, metrics, log_level).await?;
         Ok(())
-    })
+    });
+    // Dropping a runtime waits for its blocking tasks without limit; a failed daemon must exit
+    // (for its restart) even when one of them hangs on a stuck disk.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(2));
+    result
 }

@@ -7,7 +7,7 @@ use std::path::Path;
 use crate::config::Config;
 use crate::lago::{LagoClient, LagoClientConfig, LagoError};
 use crate::ledger::Ledger;
-use crate::spool::store::{Replay, Requeue, Store, StoreError};
+use crate::spool::store::{Replay, Requeue, RequeueOutcome, Store, StoreError};
 use crate::spool::writer::unix_now;
 use crate::tap::TapRecord;
 
@@ -22,6 +22,9 @@ pub enum OperatorError {
     Lago(#[from] LagoError),
     #[error("{0}")]
     Refused(String),
+    /// `spool requeue` left some selected dead letters open; the report says which and why.
+    #[error("not every selected dead letter was queued")]
+    NotAllQueued(String),
 }
 
 fn open(config: &Config) -> Result<Store, OperatorError> {
@@ -111,8 +114,26 @@ pub fn dead_letters(
     Ok(out.trim_end().to_string())
 }
 
-/// `spool requeue`: dead letters with a held event go back to the outbox.
-pub fn requeue(config: &Config, selection: Requeue<'_>) -> Result<String, OperatorError> {
+/// `spool requeue`: dead letters with a held event go back to the outbox. One line per dead
+/// letter says whether it was queued and, if not, why; only what was queued is closed. Any not
+/// queued makes it [`OperatorError::NotAllQueued`] (a non-zero exit), with the same report.
+/// `subscription` (`--id N --subscription SUB`) bills a held event that has none to SUB.
+pub fn requeue(
+    config: &Config,
+    selection: Requeue<'_>,
+    subscription: Option<&str>,
+) -> Result<String, OperatorError> {
+    // One subscription names the customer of one session, never of a whole selection.
+    if subscription.is_some() && !matches!(selection, Requeue::Id(_)) {
+        return Err(OperatorError::Refused(
+            "--subscription goes with --id N only".into(),
+        ));
+    }
+    if subscription.is_some_and(|s| s.trim().is_empty()) {
+        return Err(OperatorError::Refused(
+            "--subscription needs a Lago external_subscription_id".into(),
+        ));
+    }
     // The subscription map as it is now: the fix an unmapped id tag was waiting for.
     let rules = config
         .billing_rules()
@@ -121,15 +142,82 @@ pub fn requeue(config: &Config, selection: Requeue<'_>) -> Result<String, Operat
         let map = rules.subscriptions.as_ref()?;
         map.get(id_tag?).map(str::to_string)
     };
-    let (requeued, unmapped) = open(config)?
-        .requeue(selection, unix_now(), &resolve)
+    let report = open(config)?
+        .requeue(selection, unix_now(), &resolve, subscription)
         .map_err(|e| spool_error(&config.spool.path, e))?;
-    let mut out = format!("requeued {requeued} dead letter(s); the running daemon sends them");
+    let mut out = String::new();
+    let (mut queued, mut unmapped) = (0, 0);
+    for letter in &report {
+        let session = match (&letter.charge_box_id, letter.ocpp_transaction_id) {
+            (Some(cb), Some(tx)) => format!("{cb}:{tx}"),
+            (Some(cb), None) => cb.clone(),
+            _ => "-".into(),
+        };
+        let said = match &letter.outcome {
+            RequeueOutcome::Queued {
+                external_subscription_id,
+            } => {
+                queued += 1;
+                format!("queued (subscription {external_subscription_id})")
+            }
+            RequeueOutcome::AlreadyQueued => {
+                queued += 1;
+                "queued: the outbox holds this very event already".into()
+            }
+            RequeueOutcome::Collision {
+                charge_box_id,
+                ocpp_transaction_id,
+            } => format!(
+                "NOT queued: transaction_id_collision: the outbox holds a different event under \
+                 its transaction_id, of session {charge_box_id}:{ocpp_transaction_id}; left open"
+            ),
+            RequeueOutcome::NoHeldEvent => {
+                "NOT queued: no held event (an anomaly to read, nothing to bill); left open".into()
+            }
+            RequeueOutcome::NoSubscription => {
+                unmapped += 1;
+                if letter.reason == "missing_start" {
+                    "NOT queued: no subscription (the Stop's idTag is not the customer's): \
+                     name one with --id N --subscription SUB; left open"
+                        .into()
+                } else {
+                    format!(
+                        "NOT queued: no subscription for id tag {}: map it in \
+                         billing.subscription_map_file or use --id N --subscription SUB; left open",
+                        letter.id_tag.as_deref().unwrap_or("-")
+                    )
+                }
+            }
+            RequeueOutcome::HasSubscription {
+                external_subscription_id,
+            } => format!(
+                "NOT queued: it is billed to subscription {external_subscription_id} already; \
+                 --subscription only names one for an event that has none; left open"
+            ),
+        };
+        let _ = writeln!(
+            out,
+            "#{} {} {session}: {said}",
+            letter.dead_letter_id, letter.reason
+        );
+    }
+    if let (Requeue::Id(id), true) = (selection, report.is_empty()) {
+        let _ = writeln!(out, "#{id}: no open dead letter with this id");
+    }
+    let _ = write!(
+        out,
+        "requeued {queued} dead letter(s); the running daemon sends them"
+    );
     if unmapped > 0 {
         let _ = write!(
             out,
-            "\n{unmapped} left as dead letters: their id tag is still not in billing.subscription_map_file"
+            "\n{unmapped} left as dead letters: their id tag is still not in billing.subscription_map_file (or name a subscription with --id N --subscription SUB)"
         );
+    }
+    let not_queued = report.len() - queued;
+    if not_queued > 0 {
+        let _ = write!(out, "\n{not_queued} dead letter(s) NOT queued (see above)");
+        return Err(OperatorError::NotAllQueued(out));
     }
     Ok(out)
 }
@@ -218,15 +306,26 @@ pub async fn replay(
                 );
             }
             None => {
+                let mut queued = 0;
                 for event in &events {
-                    store
+                    let collision = store
                         .upsert_pending(event, unix_now())
                         .map_err(|e| spool_error(&path, e))?;
+                    if let Some(collision) = collision {
+                        // Never replaces another session's event: held as a dead letter.
+                        held.push(crate::spool::store::COLLISION_REASON);
+                        let _ = writeln!(
+                            out,
+                            "{charge_box_id}:{ocpp_transaction_id}: transaction_id_collision: {}",
+                            collision.detail
+                        );
+                    } else {
+                        queued += 1;
+                    }
                 }
                 let _ = write!(
                     out,
-                    "{charge_box_id}:{ocpp_transaction_id}: {} event(s) re-derived and queued",
-                    events.len()
+                    "{charge_box_id}:{ocpp_transaction_id}: {queued} event(s) re-derived and queued"
                 );
                 if held.is_empty() {
                     let _ = writeln!(out);

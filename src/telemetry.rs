@@ -76,10 +76,12 @@ pub fn init_metrics() -> Result<PrometheusHandle, String> {
     Ok(handle)
 }
 
-/// Named reasons the daemon is not ready; empty means ready.
+/// Named reasons the daemon is not ready; empty means ready. Also the tasks that failed
+/// (`supervise`): they make `/healthz` fail as well.
 #[derive(Debug, Clone, Default)]
 pub struct Readiness {
     problems: Arc<Mutex<BTreeMap<&'static str, String>>>,
+    failed: Arc<Mutex<BTreeMap<&'static str, String>>>,
 }
 
 impl Readiness {
@@ -96,6 +98,22 @@ impl Readiness {
     /// The failing checks and why, as sent in the `/readyz` body.
     pub fn problems(&self) -> BTreeMap<&'static str, String> {
         self.lock().clone()
+    }
+
+    /// Records that the long-lived task `task` failed: `/healthz` and `/readyz` name it until
+    /// the process exits (nothing clears it).
+    pub fn set_failed(&self, task: &'static str, reason: impl Into<String>) {
+        let reason = reason.into();
+        crate::lock(&self.failed).insert(task, reason.clone());
+        self.set_problem(
+            task,
+            format!("task failed ({reason}): the process exits for a restart"),
+        );
+    }
+
+    /// The failed tasks and what happened, as sent in the `/healthz` body.
+    pub fn failures(&self) -> BTreeMap<&'static str, String> {
+        crate::lock(&self.failed).clone()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<&'static str, String>> {
@@ -147,11 +165,23 @@ fn admin_response(
             "text/plain; version=0.0.4",
             metrics.render(),
         ),
-        "/healthz" => (
-            StatusCode::OK,
-            "application/json",
-            r#"{"status":"ok"}"#.into(),
-        ),
+        "/healthz" => {
+            let failed = readiness.failures();
+            if failed.is_empty() {
+                (
+                    StatusCode::OK,
+                    "application/json",
+                    r#"{"status":"ok"}"#.into(),
+                )
+            } else {
+                let body = serde_json::json!({ "status": "failed", "failed": failed });
+                (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "application/json",
+                    body.to_string(),
+                )
+            }
+        }
         "/readyz" => {
             let problems = readiness.problems();
             let ready = problems.is_empty();

@@ -19,7 +19,8 @@ use proptest::prelude::*;
 use rusqlite::{Connection, OpenFlags};
 
 use super::store::{
-    Changes, DeadLetter, NewDeadLetter, RecordRow, Replay, Requeue, SessionRow, Store,
+    COLLISION_REASON, Changes, DeadLetter, NewDeadLetter, RecordRow, Replay, Requeue,
+    RequeueOutcome, SessionRow, Store, collision_detail, same_billing_content,
 };
 use crate::event::{LagoEvent, sample_event};
 
@@ -33,7 +34,9 @@ const ID_TAGS: [&str; 3] = ["TAG1", "TAG2", "TAG3"];
 
 /// An event from a small pool: the id is derived from (charge box, transaction, n) the way the
 /// ledger derives it from content, so the same spec is a re-derivation; `variant` changes the
-/// value only (a re-derivation that came out different: the store keeps the first).
+/// value only (a re-derivation that came out different: a collision, the store keeps the
+/// first). With `n == 1` the id leaves the charge box out, as the `{transaction_id}` template
+/// does, so two charge boxes' sessions can meet under one key.
 #[derive(Debug, Clone)]
 struct EventSpec {
     cb: usize,
@@ -46,7 +49,10 @@ struct EventSpec {
 impl EventSpec {
     fn event(&self) -> LagoEvent {
         let cb = CHARGE_BOXES[self.cb];
-        let tid = format!("{cb}-{}-{}", self.tx, self.n);
+        let tid = match self.n {
+            1 => format!("{}-1", self.tx),
+            n => format!("{cb}-{}-{n}", self.tx),
+        };
         let mut e = sample_event(&tid, SUBSCRIPTIONS[self.sub], self.tx);
         e.properties.charge_box_id = cb.to_string();
         e.properties.value = format!("{}.{}", self.tx, self.variant);
@@ -96,8 +102,9 @@ enum Op {
     Deliver(Vec<Pick>),
     Attempt(Vec<Pick>),
     DeadLetterOutbox(Pick, usize),
-    /// The selection and whether the subscription map has learnt TAG3 meanwhile.
-    Requeue(RequeueSpec, bool),
+    /// The selection, whether the subscription map has learnt TAG3 meanwhile, and whether the
+    /// operator names a subscription (`--subscription`, with an `Id` selection only).
+    Requeue(RequeueSpec, bool, bool),
     ReplaySession(usize, i64),
     ReplaySince(i64),
     Prune(i64),
@@ -172,9 +179,10 @@ fn op() -> impl Strategy<Value = Op> {
                 (0..REASONS.len()).prop_map(RequeueSpec::Reason),
                 Just(RequeueSpec::All),
             ],
+            any::<bool>(),
             any::<bool>()
         )
-            .prop_map(|(s, learnt)| Op::Requeue(s, learnt)),
+            .prop_map(|(s, learnt, named)| Op::Requeue(s, learnt, named)),
         1 => (0..2usize, 1..4i64).prop_map(|(cb, tx)| Op::ReplaySession(cb, tx)),
         1 => (0..20i64).prop_map(Op::ReplaySince),
         2 => (0..20i64).prop_map(Op::Prune),
@@ -243,13 +251,15 @@ impl Model {
             .find(|r| r.subscription == sub && r.transaction_id == tid)
     }
 
-    /// INSERT OR IGNORE: a key already present (in any state) keeps its row unchanged.
-    fn insert_or_ignore(&mut self, e: &LagoEvent, now: i64) -> bool {
-        if self
-            .row_by_key(&e.external_subscription_id, &e.transaction_id)
-            .is_some()
-        {
-            return false;
+    /// A key already present (in any state) keeps its row unchanged: the same billing content
+    /// is a no-op, different content is reported with the stored event.
+    fn insert(&mut self, e: &LagoEvent, now: i64) -> Result<bool, Box<LagoEvent>> {
+        if let Some(r) = self.row_by_key(&e.external_subscription_id, &e.transaction_id) {
+            return if same_billing_content(&r.event, e) {
+                Ok(false)
+            } else {
+                Err(Box::new(r.event.clone()))
+            };
         }
         let id = self.rows.last().map_or(1, |r| r.id + 1);
         self.rows.push(Row {
@@ -263,7 +273,43 @@ impl Model {
             created_at: now,
             delivered_at: None,
         });
-        true
+        Ok(true)
+    }
+
+    /// A `transaction_id_collision` dead letter holding `held`; the same one again is another
+    /// attempt of the open letter.
+    fn collide(&mut self, held: &LagoEvent, existing: &LagoEvent, now: i64) {
+        if let Some(open) = self.letters.iter_mut().find(|l| {
+            l.listed.reason == COLLISION_REASON
+                && !l.listed.requeued
+                && l.listed.external_subscription_id.as_ref()
+                    == Some(&held.external_subscription_id)
+                && l.listed.lago_transaction_id.as_ref() == Some(&held.transaction_id)
+                && l.event.as_ref() == Some(held)
+        }) {
+            open.listed.attempts += 1;
+            open.listed.last_attempt = now;
+            return;
+        }
+        let id = self.next_letter_id();
+        self.letters.push(Letter {
+            listed: DeadLetter {
+                id,
+                reason: COLLISION_REASON.into(),
+                detail: collision_detail(existing, held),
+                charge_box_id: Some(held.properties.charge_box_id.clone()),
+                ocpp_transaction_id: Some(held.properties.ocpp_transaction_id),
+                lago_transaction_id: Some(held.transaction_id.clone()),
+                external_subscription_id: Some(held.external_subscription_id.clone()),
+                first_attempt: now,
+                last_attempt: now,
+                attempts: 1,
+                requeued: false,
+            },
+            id_tag: None,
+            event: Some(held.clone()),
+            outbox_id: None,
+        });
     }
 
     fn pending(&self) -> Vec<&Row> {
@@ -296,7 +342,9 @@ impl Model {
                 self.sessions.remove(key);
             }
             for e in &c.events {
-                self.insert_or_ignore(e, now);
+                if let Err(existing) = self.insert(e, now) {
+                    self.collide(e, &existing, now);
+                }
             }
             for d in &c.dead_letters {
                 let id = self.next_letter_id();
@@ -374,20 +422,25 @@ impl Model {
         selection: Requeue<'_>,
         now: i64,
         resolve: &dyn Fn(Option<&str>) -> Option<String>,
-    ) -> (usize, usize) {
-        let (mut requeued, mut unmapped) = (0, 0);
+        named: Option<&str>,
+    ) -> Vec<(i64, RequeueOutcome)> {
+        let mut report = Vec::new();
         for i in 0..self.letters.len() {
-            let l = &self.letters[i];
+            let l = self.letters[i].clone();
             let selected = match selection {
                 Requeue::Id(id) => l.listed.id == id,
                 Requeue::Reason(reason) => l.listed.reason == reason,
                 Requeue::All => true,
             };
-            if l.listed.requeued || l.event.is_none() || !selected {
+            if l.listed.requeued || !selected {
                 continue;
             }
-            match l.outbox_id {
-                Some(outbox_id) => {
+            let outcome = match (l.outbox_id, l.event) {
+                (_, None) => RequeueOutcome::NoHeldEvent,
+                (Some(_), Some(e)) if named.is_some() => RequeueOutcome::HasSubscription {
+                    external_subscription_id: e.external_subscription_id,
+                },
+                (Some(outbox_id), Some(e)) => {
                     let row = self
                         .rows
                         .iter_mut()
@@ -395,26 +448,49 @@ impl Model {
                         .expect("a dead letter's outbox row is never pruned");
                     if row.state == State::Dead {
                         row.state = State::Pending;
+                        RequeueOutcome::Queued {
+                            external_subscription_id: e.external_subscription_id,
+                        }
+                    } else {
+                        RequeueOutcome::AlreadyQueued
                     }
                 }
-                None => {
-                    let mut e = l.event.clone().unwrap();
+                (None, Some(e)) if !e.external_subscription_id.is_empty() && named.is_some() => {
+                    RequeueOutcome::HasSubscription {
+                        external_subscription_id: e.external_subscription_id,
+                    }
+                }
+                (None, Some(mut e)) => {
                     if e.external_subscription_id.is_empty() {
-                        match resolve(l.id_tag.as_deref()) {
-                            Some(sub) => e.external_subscription_id = sub,
-                            None => {
-                                unmapped += 1;
-                                continue;
-                            }
+                        let found = match named {
+                            Some(sub) => Some(sub.to_string()),
+                            None if l.listed.reason == "missing_start" => None,
+                            None => resolve(l.id_tag.as_deref()),
+                        };
+                        e.external_subscription_id = found.unwrap_or_default();
+                    }
+                    if e.external_subscription_id.is_empty() {
+                        RequeueOutcome::NoSubscription
+                    } else {
+                        match self.insert(&e, now) {
+                            Ok(true) => RequeueOutcome::Queued {
+                                external_subscription_id: e.external_subscription_id,
+                            },
+                            Ok(false) => RequeueOutcome::AlreadyQueued,
+                            Err(existing) => RequeueOutcome::Collision {
+                                charge_box_id: existing.properties.charge_box_id,
+                                ocpp_transaction_id: existing.properties.ocpp_transaction_id,
+                            },
                         }
                     }
-                    self.insert_or_ignore(&e, now);
                 }
+            };
+            if outcome.closes() {
+                self.letters[i].listed.requeued = true;
             }
-            self.letters[i].listed.requeued = true;
-            requeued += 1;
+            report.push((l.listed.id, outcome));
         }
-        (requeued, unmapped)
+        report
     }
 
     fn replay(&mut self, selection: Replay<'_>) -> usize {
@@ -437,8 +513,16 @@ impl Model {
         n
     }
 
-    fn upsert_pending(&mut self, e: &LagoEvent, now: i64) {
+    fn upsert_pending(&mut self, e: &LagoEvent, now: i64) -> bool {
         if let Some(r) = self.row_by_key(&e.external_subscription_id, &e.transaction_id) {
+            if r.charge_box_id != e.properties.charge_box_id
+                || r.ocpp_transaction_id != e.properties.ocpp_transaction_id
+            {
+                // Another session's event is never replaced: the re-derived one is held.
+                let existing = r.event.clone();
+                self.collide(e, &existing, now);
+                return true;
+            }
             // Only the event and the state change: the id, creation time and session stay.
             r.event = e.clone();
             r.state = State::Pending;
@@ -450,8 +534,9 @@ impl Model {
                 }
             }
         } else {
-            self.insert_or_ignore(e, now);
+            let _ = self.insert(e, now);
         }
+        false
     }
 
     fn prune(&mut self, cutoff: i64) -> (usize, usize) {
@@ -816,7 +901,7 @@ fn run(ops: &[Op]) -> Result<(), TestCaseError> {
                     .unwrap();
                 model.dead_letter_outbox(id, reason, "rejected by Lago", now);
             }
-            Op::Requeue(spec, learnt) => {
+            Op::Requeue(spec, learnt, named) => {
                 let learnt = *learnt;
                 let resolve = move |tag: Option<&str>| match tag? {
                     "TAG1" => Some("sub-a".to_string()),
@@ -834,9 +919,15 @@ fn run(ops: &[Op]) -> Result<(), TestCaseError> {
                     RequeueSpec::Reason(r) => Requeue::Reason(REASONS[*r]),
                     RequeueSpec::All => Requeue::All,
                 };
-                let got = store.requeue(selection, now, &resolve).unwrap();
-                let expected = model.requeue(selection, now, &resolve);
-                prop_assert_eq!(got, expected, "requeue() counts");
+                let named = (*named && matches!(selection, Requeue::Id(_))).then_some("sub-op");
+                let got: Vec<(i64, RequeueOutcome)> = store
+                    .requeue(selection, now, &resolve, named)
+                    .unwrap()
+                    .into_iter()
+                    .map(|r| (r.dead_letter_id, r.outcome))
+                    .collect();
+                let expected = model.requeue(selection, now, &resolve, named);
+                prop_assert_eq!(got, expected, "requeue() outcome per dead letter");
             }
             Op::ReplaySession(cb, tx) => {
                 let selection = Replay::Session {
@@ -857,8 +948,8 @@ fn run(ops: &[Op]) -> Result<(), TestCaseError> {
             }
             Op::Upsert(spec) => {
                 let e = spec.event();
-                store.upsert_pending(&e, now).unwrap();
-                model.upsert_pending(&e, now);
+                let collided = store.upsert_pending(&e, now).unwrap().is_some();
+                prop_assert_eq!(collided, model.upsert_pending(&e, now), "upsert collision");
             }
             Op::Rederive(p, variant) => {
                 let id = picked(
@@ -871,8 +962,8 @@ fn run(ops: &[Op]) -> Result<(), TestCaseError> {
                 if let Some(row) = model.rows.iter().find(|r| r.id == id) {
                     let mut e = row.event.clone();
                     e.properties.value = format!("{}.{variant}", e.properties.ocpp_transaction_id);
-                    store.upsert_pending(&e, now).unwrap();
-                    model.upsert_pending(&e, now);
+                    let collided = store.upsert_pending(&e, now).unwrap().is_some();
+                    prop_assert_eq!(collided, model.upsert_pending(&e, now), "upsert collision");
                 }
             }
             Op::Crash { kill } => {

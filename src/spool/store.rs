@@ -8,6 +8,7 @@ use std::time::Duration;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 
 use crate::event::LagoEvent;
+use crate::ledger::AnomalyReason;
 
 /// Schema versions this binary knows, in order; `MIGRATIONS[n]` brings version n to n + 1.
 const MIGRATIONS: &[&str] = &[
@@ -251,12 +252,15 @@ impl Store {
         Ok(())
     }
 
-    /// Commits every change set in one transaction (one fsync for the whole group).
+    /// Commits every change set in one transaction (one fsync for the whole group). An event
+    /// whose outbox key is taken by different content is not stored: it becomes a
+    /// `transaction_id_collision` dead letter, returned so the caller logs and counts it.
     pub fn commit<'a>(
         &mut self,
         groups: impl IntoIterator<Item = &'a Changes>,
         now: i64,
-    ) -> Result<(), StoreError> {
+    ) -> Result<Vec<Collision>, StoreError> {
+        let mut collisions = Vec::new();
         let tx = self.conn.transaction()?;
         {
             let mut record = tx.prepare_cached(
@@ -268,12 +272,6 @@ impl Store {
                  VALUES (?1, ?2, ?3, ?4)
                  ON CONFLICT (charge_box_id, ocpp_transaction_id)
                  DO UPDATE SET state = excluded.state, updated_at = excluded.updated_at",
-            )?;
-            // Ids are content-derived, so a re-derived event is the same row: keep the first.
-            let mut event = tx.prepare_cached(
-                "INSERT OR IGNORE INTO outbox (lago_transaction_id, external_subscription_id,
-                     charge_box_id, ocpp_transaction_id, event, created_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
             )?;
             let mut removed = tx.prepare_cached(
                 "DELETE FROM sessions WHERE charge_box_id = ?1 AND ocpp_transaction_id = ?2",
@@ -318,14 +316,9 @@ impl Store {
                     removed.execute(params![charge_box_id, ocpp_transaction_id])?;
                 }
                 for e in &changes.events {
-                    event.execute(params![
-                        e.transaction_id,
-                        e.external_subscription_id,
-                        e.properties.charge_box_id,
-                        e.properties.ocpp_transaction_id,
-                        serde_json::to_string(e)?,
-                        now
-                    ])?;
+                    if let Inserted::Taken(existing) = insert_event(&tx, e, now)? {
+                        collisions.push(dead_letter_collision(&tx, e, &existing, now)?);
+                    }
                 }
                 for d in &changes.dead_letters {
                     dead.execute(params![
@@ -343,7 +336,7 @@ impl Store {
             }
         }
         tx.commit()?;
-        Ok(())
+        Ok(collisions)
     }
 
     /// The parked Stops, oldest first, to resume their lookups at startup.
@@ -520,72 +513,134 @@ impl Store {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
-    /// Puts dead letters that hold an event back into the outbox as pending. An event held for
-    /// want of a subscription gets one from `resolve_subscription(id_tag)` (the current map) or
-    /// stays a dead letter. Returns (requeued, still unmapped).
+    /// Puts dead letters that hold an event back into the outbox as pending, and tells for each
+    /// selected open dead letter whether it did and why not. Only what was queued (or is in the
+    /// outbox already, identical) is closed; the rest stays open.
+    ///
+    /// An event held for want of a subscription gets `subscription` when the operator named one
+    /// (`--id N --subscription SUB`), else `resolve_subscription(id_tag)` (the current map),
+    /// except for a `missing_start`: its idTag is the Stop's, the card that ended the session,
+    /// not the customer's (OCPP 1.6 StopTransaction.idTag), so only the operator can name it.
+    /// A held event whose key the outbox holds for different content is a collision: not queued.
     pub fn requeue(
         &mut self,
         selection: Requeue<'_>,
         now: i64,
         resolve_subscription: &dyn Fn(Option<&str>) -> Option<String>,
-    ) -> Result<(usize, usize), StoreError> {
+        subscription: Option<&str>,
+    ) -> Result<Vec<Requeued>, StoreError> {
+        type Candidate = (
+            i64,
+            String,
+            Option<String>,
+            Option<i64>,
+            Option<i64>,
+            Option<String>,
+            Option<String>,
+        );
         let tx = self.conn.transaction()?;
-        let candidates: Vec<(i64, Option<i64>, String, Option<String>)> = {
+        let candidates: Vec<Candidate> = {
             let (filter, arg): (&str, Option<String>) = match selection {
                 Requeue::Id(id) => ("id = CAST(?1 AS INTEGER)", Some(id.to_string())),
                 Requeue::Reason(reason) => ("reason = ?1", Some(reason.to_string())),
                 Requeue::All => ("?1 IS NULL", None),
             };
             let mut stmt = tx.prepare(&format!(
-                "SELECT id, outbox_id, event, id_tag FROM dead_letters
-                 WHERE requeued_at IS NULL AND event IS NOT NULL AND {filter} ORDER BY id"
+                "SELECT id, reason, charge_box_id, ocpp_transaction_id, outbox_id, event, id_tag
+                 FROM dead_letters WHERE requeued_at IS NULL AND {filter} ORDER BY id"
             ))?;
-            stmt.query_map([arg], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
-                .collect::<Result<_, _>>()?
+            stmt.query_map([arg], |r| {
+                Ok((
+                    r.get(0)?,
+                    r.get(1)?,
+                    r.get(2)?,
+                    r.get(3)?,
+                    r.get(4)?,
+                    r.get(5)?,
+                    r.get(6)?,
+                ))
+            })?
+            .collect::<Result<_, _>>()?
         };
-        let (mut requeued, mut unmapped) = (0, 0);
-        for (id, outbox_id, event, id_tag) in candidates {
-            match outbox_id {
-                Some(outbox_id) => {
-                    tx.execute(
+        let mut report = Vec::with_capacity(candidates.len());
+        for (id, reason, charge_box_id, ocpp_transaction_id, outbox_id, event, id_tag) in candidates
+        {
+            let held: Option<LagoEvent> = event.as_deref().map(serde_json::from_str).transpose()?;
+            let outcome = match (outbox_id, held) {
+                (_, None) => RequeueOutcome::NoHeldEvent,
+                (Some(_), Some(e)) if subscription.is_some() => RequeueOutcome::HasSubscription {
+                    external_subscription_id: e.external_subscription_id,
+                },
+                (Some(outbox_id), Some(e)) => {
+                    let changed = tx.execute(
                         "UPDATE outbox SET state = 'pending' WHERE id = ?1 AND state = 'dead'",
                         [outbox_id],
                     )?;
-                }
-                None => {
-                    let mut e: LagoEvent = serde_json::from_str(&event)?;
-                    if e.external_subscription_id.is_empty() {
-                        match resolve_subscription(id_tag.as_deref()) {
-                            Some(subscription) => e.external_subscription_id = subscription,
-                            None => {
-                                unmapped += 1;
-                                continue;
-                            }
+                    if changed == 1 {
+                        RequeueOutcome::Queued {
+                            external_subscription_id: e.external_subscription_id,
                         }
+                    } else {
+                        // The row is pending or delivered already (a replay or an earlier
+                        // requeue of another letter of the same row).
+                        RequeueOutcome::AlreadyQueued
                     }
-                    tx.execute(
-                        "INSERT OR IGNORE INTO outbox (lago_transaction_id, external_subscription_id,
-                             charge_box_id, ocpp_transaction_id, event, created_at)
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                        params![
-                            e.transaction_id,
-                            e.external_subscription_id,
-                            e.properties.charge_box_id,
-                            e.properties.ocpp_transaction_id,
-                            serde_json::to_string(&e)?,
-                            now
-                        ],
-                    )?;
                 }
+                (None, Some(mut e)) => {
+                    let named = if !e.external_subscription_id.is_empty() {
+                        match subscription {
+                            Some(_) => Err(RequeueOutcome::HasSubscription {
+                                external_subscription_id: e.external_subscription_id.clone(),
+                            }),
+                            None => Ok(()),
+                        }
+                    } else {
+                        let found = match subscription {
+                            Some(sub) => Some(sub.to_string()),
+                            None if reason == AnomalyReason::MissingStart.as_str() => None,
+                            None => resolve_subscription(id_tag.as_deref()),
+                        };
+                        match found {
+                            Some(sub) => {
+                                e.external_subscription_id = sub;
+                                Ok(())
+                            }
+                            None => Err(RequeueOutcome::NoSubscription),
+                        }
+                    };
+                    match named {
+                        Err(outcome) => outcome,
+                        Ok(()) => match insert_event(&tx, &e, now)? {
+                            Inserted::New => RequeueOutcome::Queued {
+                                external_subscription_id: e.external_subscription_id.clone(),
+                            },
+                            Inserted::Identical => RequeueOutcome::AlreadyQueued,
+                            // The letter stays open, holding the event: nothing is lost.
+                            Inserted::Taken(existing) => RequeueOutcome::Collision {
+                                charge_box_id: existing.properties.charge_box_id,
+                                ocpp_transaction_id: existing.properties.ocpp_transaction_id,
+                            },
+                        },
+                    }
+                }
+            };
+            if outcome.closes() {
+                tx.execute(
+                    "UPDATE dead_letters SET requeued_at = ?2 WHERE id = ?1",
+                    params![id, now],
+                )?;
             }
-            tx.execute(
-                "UPDATE dead_letters SET requeued_at = ?2 WHERE id = ?1",
-                params![id, now],
-            )?;
-            requeued += 1;
+            report.push(Requeued {
+                dead_letter_id: id,
+                reason,
+                charge_box_id,
+                ocpp_transaction_id,
+                id_tag,
+                outcome,
+            });
         }
         tx.commit()?;
-        Ok((requeued, unmapped))
+        Ok(report)
     }
 
     /// Sets delivered events back to pending so they are sent again unchanged (same ids, values
@@ -633,10 +688,26 @@ impl Store {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
-    /// Queues a re-derived event for sending, replacing a stored one with the same key (only
-    /// for sessions Lago holds nothing of: the caller checks).
-    pub fn upsert_pending(&mut self, event: &LagoEvent, now: i64) -> Result<(), StoreError> {
-        self.conn.execute(
+    /// Queues a re-derived event for sending, replacing a stored one with the same key and
+    /// session (only for sessions Lago holds nothing of: the caller checks). A stored event of
+    /// another session under the same key is never replaced: the re-derived one becomes a
+    /// `transaction_id_collision` dead letter instead, returned for the caller to report.
+    pub fn upsert_pending(
+        &mut self,
+        event: &LagoEvent,
+        now: i64,
+    ) -> Result<Option<Collision>, StoreError> {
+        let tx = self.conn.transaction()?;
+        let existing = stored_event(&tx, &event.external_subscription_id, &event.transaction_id)?;
+        if let Some(existing) = existing.filter(|x| {
+            x.properties.charge_box_id != event.properties.charge_box_id
+                || x.properties.ocpp_transaction_id != event.properties.ocpp_transaction_id
+        }) {
+            let collision = dead_letter_collision(&tx, event, &existing, now)?;
+            tx.commit()?;
+            return Ok(Some(collision));
+        }
+        tx.execute(
             "INSERT INTO outbox (lago_transaction_id, external_subscription_id, charge_box_id,
                  ocpp_transaction_id, event, created_at)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6)
@@ -652,13 +723,14 @@ impl Store {
             ],
         )?;
         // A row that was dead is pending again: its dead letter is settled, as by a requeue.
-        self.conn.execute(
+        tx.execute(
             "UPDATE dead_letters SET requeued_at = ?3
              WHERE requeued_at IS NULL AND outbox_id = (SELECT id FROM outbox
                  WHERE external_subscription_id = ?1 AND lago_transaction_id = ?2)",
             params![event.external_subscription_id, event.transaction_id, now],
         )?;
-        Ok(())
+        tx.commit()?;
+        Ok(None)
     }
 
     /// Size and backlog figures.
@@ -740,6 +812,201 @@ pub enum Requeue<'a> {
     Id(i64),
     Reason(&'a str),
     All,
+}
+
+/// Dead-letter reason of an event whose outbox key holds a different event (SteVe's ids reused
+/// across charge boxes, a template that does not tell two sessions apart).
+pub const COLLISION_REASON: &str = "transaction_id_collision";
+
+/// An event that met different content under its outbox key (external_subscription_id,
+/// transaction_id): it was not stored but held in a `transaction_id_collision` dead letter.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Collision {
+    /// The event that was not stored; the dead letter holds it.
+    pub event: LagoEvent,
+    /// The event the outbox holds under that key.
+    pub existing: LagoEvent,
+    /// The dead letter's detail: both sessions, both values.
+    pub detail: String,
+}
+
+/// Whether two events under one outbox key bill the same thing: same metric code, timestamp,
+/// value and session identity (charge box, OCPP transaction id). Bookkeeping (receive time,
+/// where the timestamp came from, the register readings that explain the value) does not count.
+pub fn same_billing_content(a: &LagoEvent, b: &LagoEvent) -> bool {
+    let value = |e: &LagoEvent| e.properties.value.parse::<rust_decimal::Decimal>().ok();
+    let same_value =
+        a.properties.value == b.properties.value || value(a).is_some_and(|v| Some(v) == value(b));
+    a.code == b.code
+        && a.timestamp == b.timestamp
+        && same_value
+        && a.properties.charge_box_id == b.properties.charge_box_id
+        && a.properties.ocpp_transaction_id == b.properties.ocpp_transaction_id
+}
+
+/// The detail of a `transaction_id_collision` dead letter: which session holds the key, which
+/// one was held back, and what tells them apart.
+pub fn collision_detail(existing: &LagoEvent, held: &LagoEvent) -> String {
+    format!(
+        "transaction_id {:?} of subscription {:?} already belongs to session {}:{} \
+         ({} kWh at {}); this event of session {}:{} ({} kWh at {}) is held, not sent: \
+         a billing.transaction_id template with {{charge_box_id}} and {{started_at}} tells them apart",
+        held.transaction_id,
+        held.external_subscription_id,
+        existing.properties.charge_box_id,
+        existing.properties.ocpp_transaction_id,
+        existing.properties.value,
+        existing.timestamp,
+        held.properties.charge_box_id,
+        held.properties.ocpp_transaction_id,
+        held.properties.value,
+        held.timestamp,
+    )
+}
+
+/// What inserting an event into the outbox did.
+enum Inserted {
+    /// A new pending row.
+    New,
+    /// The key held the same billing content: nothing changed.
+    Identical,
+    /// The key holds this different event: nothing changed.
+    Taken(Box<LagoEvent>),
+}
+
+/// Inserts `e` as a pending outbox row unless its key is taken; never replaces a stored row.
+fn insert_event(conn: &Connection, e: &LagoEvent, now: i64) -> Result<Inserted, StoreError> {
+    let inserted = conn
+        .prepare_cached(
+            "INSERT INTO outbox (lago_transaction_id, external_subscription_id,
+                 charge_box_id, ocpp_transaction_id, event, created_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+             ON CONFLICT (external_subscription_id, lago_transaction_id) DO NOTHING",
+        )?
+        .execute(params![
+            e.transaction_id,
+            e.external_subscription_id,
+            e.properties.charge_box_id,
+            e.properties.ocpp_transaction_id,
+            serde_json::to_string(e)?,
+            now
+        ])?;
+    if inserted == 1 {
+        return Ok(Inserted::New);
+    }
+    let existing = stored_event(conn, &e.external_subscription_id, &e.transaction_id)?
+        .ok_or(rusqlite::Error::QueryReturnedNoRows)?;
+    Ok(if same_billing_content(&existing, e) {
+        Inserted::Identical
+    } else {
+        Inserted::Taken(Box::new(existing))
+    })
+}
+
+/// The event the outbox holds under a key.
+fn stored_event(
+    conn: &Connection,
+    external_subscription_id: &str,
+    transaction_id: &str,
+) -> Result<Option<LagoEvent>, StoreError> {
+    let json: Option<String> = conn
+        .prepare_cached(
+            "SELECT event FROM outbox
+             WHERE external_subscription_id = ?1 AND lago_transaction_id = ?2",
+        )?
+        .query_row(params![external_subscription_id, transaction_id], |r| {
+            r.get(0)
+        })
+        .optional()?;
+    Ok(json.as_deref().map(serde_json::from_str).transpose()?)
+}
+
+/// Holds `held` in a `transaction_id_collision` dead letter; the same event colliding again
+/// (a re-derivation) counts as another attempt of the open letter, not a second letter.
+fn dead_letter_collision(
+    conn: &Connection,
+    held: &LagoEvent,
+    existing: &LagoEvent,
+    now: i64,
+) -> Result<Collision, StoreError> {
+    let detail = collision_detail(existing, held);
+    let json = serde_json::to_string(held)?;
+    let again = conn.execute(
+        "UPDATE dead_letters SET attempts = attempts + 1, last_attempt = ?5
+         WHERE reason = ?1 AND requeued_at IS NULL AND external_subscription_id = ?2
+           AND lago_transaction_id = ?3 AND event = ?4",
+        params![
+            COLLISION_REASON,
+            held.external_subscription_id,
+            held.transaction_id,
+            json,
+            now
+        ],
+    )?;
+    if again == 0 {
+        conn.execute(
+            "INSERT INTO dead_letters (reason, detail, charge_box_id, ocpp_transaction_id,
+                 lago_transaction_id, external_subscription_id, event, first_attempt, last_attempt)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8)",
+            params![
+                COLLISION_REASON,
+                detail,
+                held.properties.charge_box_id,
+                held.properties.ocpp_transaction_id,
+                held.transaction_id,
+                held.external_subscription_id,
+                json,
+                now
+            ],
+        )?;
+    }
+    Ok(Collision {
+        event: held.clone(),
+        existing: existing.clone(),
+        detail,
+    })
+}
+
+/// One dead letter `requeue` looked at, and what it did with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Requeued {
+    pub dead_letter_id: i64,
+    pub reason: String,
+    pub charge_box_id: Option<String>,
+    pub ocpp_transaction_id: Option<i64>,
+    pub id_tag: Option<String>,
+    pub outcome: RequeueOutcome,
+}
+
+/// Whether `requeue` queued a dead letter's event, and if not, why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RequeueOutcome {
+    /// Back in the outbox as pending; the dead letter is closed.
+    Queued { external_subscription_id: String },
+    /// The outbox holds this very event already (pending or delivered); the dead letter is
+    /// closed.
+    AlreadyQueued,
+    /// Not queued: the outbox holds a different event of this session under its key.
+    Collision {
+        charge_box_id: String,
+        ocpp_transaction_id: i64,
+    },
+    /// Not queued: an anomaly without an event to bill (read it, nothing to send).
+    NoHeldEvent,
+    /// Not queued: the held event has no subscription (map the id tag, or `--subscription`).
+    NoSubscription,
+    /// Not queued: `--subscription` names one for an event that has one already.
+    HasSubscription { external_subscription_id: String },
+}
+
+impl RequeueOutcome {
+    /// Whether the event is in the outbox now, so the dead letter is closed.
+    pub fn closes(&self) -> bool {
+        matches!(
+            self,
+            RequeueOutcome::Queued { .. } | RequeueOutcome::AlreadyQueued
+        )
+    }
 }
 
 #[cfg(test)]
@@ -891,15 +1158,29 @@ mod tests {
         let unmapped = |_: Option<&str>| None;
         let mapped = |id_tag: Option<&str>| id_tag.map(|t| format!("sub-of-{t}"));
         let reason = Requeue::Reason("unmapped_id_tag");
+        let tally = |report: Vec<Requeued>| {
+            let queued = report.iter().filter(|r| r.outcome.closes()).count();
+            let unmapped = report
+                .iter()
+                .filter(|r| r.outcome == RequeueOutcome::NoSubscription)
+                .count();
+            (queued, unmapped)
+        };
         assert_eq!(
-            store.requeue(reason, 155, &unmapped).unwrap(),
+            tally(store.requeue(reason, 155, &unmapped, None).unwrap()),
             (0, 1),
             "map still lacks it"
         );
-        assert_eq!(store.requeue(reason, 160, &mapped).unwrap(), (1, 0));
-        assert_eq!(store.requeue(Requeue::All, 170, &mapped).unwrap(), (1, 0));
         assert_eq!(
-            store.requeue(Requeue::All, 180, &mapped).unwrap(),
+            tally(store.requeue(reason, 160, &mapped, None).unwrap()),
+            (1, 0)
+        );
+        assert_eq!(
+            tally(store.requeue(Requeue::All, 170, &mapped, None).unwrap()),
+            (1, 0)
+        );
+        assert_eq!(
+            tally(store.requeue(Requeue::All, 180, &mapped, None).unwrap()),
             (0, 0),
             "requeued once only"
         );
@@ -918,6 +1199,201 @@ mod tests {
             ]
         );
         assert_eq!(store.stats(&path).unwrap().dead_letters, 0);
+    }
+
+    /// SteVe's database rebuilt: transactionId 5 again, at another charge box, with the
+    /// `{transaction_id}` template. The second session must not vanish under the first's key.
+    #[test]
+    fn a_second_session_under_a_taken_key_is_a_collision_dead_letter_never_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("spool.db");
+        let mut store = Store::open(&path).unwrap();
+        let first = event("5", "ALICE");
+        let mut second = event("5", "ALICE");
+        second.properties.charge_box_id = "CB2".into();
+        second.properties.value = "7.25".into();
+        second.timestamp += 86_400;
+        assert_eq!(
+            store.commit(&[changes(vec![first.clone()])], 100).unwrap(),
+            []
+        );
+
+        let collisions = store.commit(&[changes(vec![second.clone()])], 200).unwrap();
+        assert_eq!(collisions.len(), 1);
+        assert_eq!(
+            (&collisions[0].event, &collisions[0].existing),
+            (&second, &first)
+        );
+        let letters = store.dead_letters(None).unwrap();
+        assert_eq!(letters.len(), 1);
+        let letter = &letters[0];
+        assert_eq!(letter.reason, "transaction_id_collision");
+        assert_eq!(
+            (letter.charge_box_id.as_deref(), letter.ocpp_transaction_id),
+            (Some("CB2"), Some(7))
+        );
+        for named in ["CP1:7", "CB2:7", "7.5 kWh", "7.25 kWh"] {
+            assert!(
+                letter.detail.contains(named),
+                "{named} in {}",
+                letter.detail
+            );
+        }
+        // The first row is untouched; the second is held by the dead letter, byte for byte.
+        let pending = store.pending(10).unwrap();
+        assert_eq!(pending.len(), 1);
+        assert_eq!(pending[0].event, first);
+        let held: String = store
+            .conn
+            .query_row("SELECT event FROM dead_letters", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(serde_json::from_str::<LagoEvent>(&held).unwrap(), second);
+
+        // The same collision again is another attempt of that letter, not a second letter.
+        assert_eq!(
+            store
+                .commit(&[changes(vec![second.clone()])], 300)
+                .unwrap()
+                .len(),
+            1
+        );
+        let letters = store.dead_letters(None).unwrap();
+        assert_eq!((letters.len(), letters[0].attempts), (1, 2));
+
+        // Requeue cannot put it in the outbox: it says so and leaves the letter open.
+        let none = |_: Option<&str>| None;
+        let report = store.requeue(Requeue::All, 400, &none, None).unwrap();
+        assert_eq!(
+            report[0].outcome,
+            RequeueOutcome::Collision {
+                charge_box_id: "CP1".into(),
+                ocpp_transaction_id: 7
+            }
+        );
+        assert_eq!(store.stats(&path).unwrap().dead_letters, 1);
+        assert_eq!(store.pending(10).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn the_same_billing_content_again_is_a_no_op_whatever_the_bookkeeping() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("spool.db");
+        let mut store = Store::open(&path).unwrap();
+        let first = event("5", "sub");
+        let mut again = first.clone();
+        again.properties.received_at += 60;
+        again.properties.timestamp_source = crate::event::TimestampSource::Bridge;
+        again.properties.value = "7.50".into();
+        assert!(same_billing_content(&first, &again));
+        store.commit(&[changes(vec![first.clone()])], 100).unwrap();
+        assert_eq!(store.commit(&[changes(vec![again])], 101).unwrap(), []);
+        assert_eq!(
+            store.pending(10).unwrap()[0].event,
+            first,
+            "the first row stays"
+        );
+        assert!(store.dead_letters(None).unwrap().is_empty());
+
+        // Each field that bills counts.
+        let changed: [fn(&mut LagoEvent); 5] = [
+            |e| e.code = "other_metric".into(),
+            |e| e.timestamp += 1,
+            |e| e.properties.value = "7.6".into(),
+            |e| e.properties.charge_box_id = "CP9".into(),
+            |e| e.properties.ocpp_transaction_id += 1,
+        ];
+        for (n, change) in changed.iter().enumerate() {
+            let mut other = first.clone();
+            change(&mut other);
+            assert!(!same_billing_content(&first, &other), "field {n}");
+            assert_eq!(
+                store.commit(&[changes(vec![other])], 200).unwrap().len(),
+                1,
+                "field {n}"
+            );
+        }
+        assert_eq!(store.dead_letters(None).unwrap().len(), 5);
+        assert_eq!(store.pending(10).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn requeue_with_a_named_subscription_bills_a_held_event_that_has_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("spool.db");
+        let mut store = Store::open(&path).unwrap();
+        let mut c = changes(vec![]);
+        for (reason, tag) in [("missing_start", "FLEET-MANAGER"), ("start_rejected", "T")] {
+            c.dead_letters.push(NewDeadLetter {
+                reason: reason.into(),
+                detail: "-".into(),
+                charge_box_id: Some("CP1".into()),
+                ocpp_transaction_id: Some(9),
+                id_tag: Some(tag.into()),
+                event: Some(event(&format!("9-{reason}"), "")),
+            });
+        }
+        c.dead_letters.push(NewDeadLetter {
+            reason: "invalid_transaction_id".into(),
+            detail: "-".into(),
+            charge_box_id: Some("CP1".into()),
+            ocpp_transaction_id: Some(0),
+            id_tag: None,
+            event: None,
+        });
+        store.commit(&[c], 100).unwrap();
+        // The map knows the Stop's idTag, but a missing_start is never billed by it.
+        let map = |_: Option<&str>| Some("sub-of-the-stop-tag".to_string());
+        let report = store.requeue(Requeue::All, 110, &map, None).unwrap();
+        let outcomes: Vec<_> = report.iter().map(|r| r.outcome.clone()).collect();
+        assert_eq!(
+            outcomes,
+            [
+                RequeueOutcome::NoSubscription,
+                RequeueOutcome::Queued {
+                    external_subscription_id: "sub-of-the-stop-tag".into()
+                },
+                RequeueOutcome::NoHeldEvent,
+            ]
+        );
+        let missing = report[0].dead_letter_id;
+        let report = store
+            .requeue(Requeue::Id(missing), 120, &map, Some("sub-ops"))
+            .unwrap();
+        assert_eq!(
+            report[0].outcome,
+            RequeueOutcome::Queued {
+                external_subscription_id: "sub-ops".into()
+            }
+        );
+        let pending: Vec<String> = store
+            .pending(10)
+            .unwrap()
+            .into_iter()
+            .map(|r| r.event.external_subscription_id)
+            .collect();
+        assert_eq!(pending, ["sub-of-the-stop-tag", "sub-ops"]);
+        // Only the anomaly without an event is left open.
+        assert_eq!(store.stats(&path).unwrap().dead_letters, 1);
+    }
+
+    #[test]
+    fn a_rederived_event_never_replaces_another_sessions_row() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("spool.db");
+        let mut store = Store::open(&path).unwrap();
+        let first = event("5", "sub");
+        store.commit(&[changes(vec![first.clone()])], 100).unwrap();
+        let mut other = first.clone();
+        other.properties.charge_box_id = "CB2".into();
+        let collision = store.upsert_pending(&other, 110).unwrap();
+        assert!(collision.is_some_and(|c| c.existing == first));
+        assert_eq!(store.pending(10).unwrap()[0].event, first);
+        assert_eq!(store.dead_letters(None).unwrap().len(), 1);
+        // The same session re-derived with new rules replaces its own row, as before.
+        let mut same = first.clone();
+        same.properties.value = "8".into();
+        assert_eq!(store.upsert_pending(&same, 120).unwrap(), None);
+        assert_eq!(store.pending(10).unwrap()[0].event, same);
     }
 
     #[test]

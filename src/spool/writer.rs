@@ -449,7 +449,8 @@ impl Writer {
         metrics::histogram!("ocpp_lago_bridge_spool_commit_seconds")
             .record(started.elapsed().as_secs_f64());
         match result {
-            Ok(()) => {
+            Ok(collisions) => {
+                collisions.iter().for_each(report_collision);
                 let mut derived = false;
                 for (changes, committed) in self.backlog.drain(..) {
                     derived |= !changes.events.is_empty();
@@ -515,6 +516,25 @@ impl Writer {
         self.store = Some(store);
         out
     }
+}
+
+/// An event the outbox could not take because its key holds another session's: it is a dead
+/// letter now, never silently dropped.
+fn report_collision(collision: &super::store::Collision) {
+    let reason = super::store::COLLISION_REASON;
+    metrics::counter!("ocpp_lago_bridge_anomalies_total", "reason" => reason).increment(1);
+    tracing::warn!(
+        charge_box_id = %collision.event.properties.charge_box_id,
+        ocpp_transaction_id = collision.event.properties.ocpp_transaction_id,
+        lago_transaction_id = %collision.event.transaction_id,
+        external_subscription_id = %collision.event.external_subscription_id,
+        existing_charge_box_id = %collision.existing.properties.charge_box_id,
+        existing_ocpp_transaction_id = collision.existing.properties.ocpp_transaction_id,
+        reason,
+        detail = %collision.detail,
+        held_event = true,
+        "billing anomaly: see `spool dead-letters`"
+    );
 }
 
 /// The session a record belongs to.

@@ -460,9 +460,16 @@ async fn spool_requeue_maps_held_events_and_requeues_each_dead_letter_once() {
         &[],
     )
     .await;
-    run.assert_ok("requeue --reason unmapped_id_tag");
+    // One of the two is still unmapped: said per dead letter, and the exit is not 0.
+    assert_eq!(run.code, Some(1), "{}\n{}", run.stdout, run.stderr);
     assert!(
         run.stdout.contains("requeued 1 dead letter(s)"),
+        "{}",
+        run.stdout
+    );
+    assert!(
+        run.stdout.contains(&format!("#{mapped_id} unmapped_id_tag CB-M:10: queued (subscription sub-mapped)"))
+            && run.stdout.contains(&format!("#{unknown_id} unmapped_id_tag CB-U:11: NOT queued: no subscription for id tag TAG-STILL-UNKNOWN")),
         "{}",
         run.stdout
     );
@@ -801,4 +808,193 @@ async fn replay_rederive_derives_from_tap_records_only_when_lago_holds_nothing()
     assert_eq!(run.code, Some(1), "{}", run.stderr);
     assert!(run.stderr.contains("no Lago API key"), "{}", run.stderr);
     assert!(!run.stderr.contains(&key));
+}
+
+/// Issue 12: `spool requeue` tells per dead letter whether it queued it, closes only what it
+/// queued and exits 1 otherwise; `--id N --subscription SUB` bills a `missing_start` (held with
+/// no subscription: the Stop's idTag is not the customer's) to the subscription named.
+#[tokio::test]
+async fn spool_requeue_says_what_it_did_not_queue_and_subscription_bills_a_missing_start() {
+    let setup = Setup::new();
+    let t = now();
+    let first = event("5", "ALICE", "CB1", 5);
+    // The same id again after SteVe's database was rebuilt: another session, another value.
+    let mut reused = event("5", "ALICE", "CB1", 5);
+    reused.properties.value = "9.5".into();
+    reused.timestamp += 86_400;
+    let orphan = event("CB-X-30", "", "CB-X", 30);
+    {
+        let mut store = setup.store();
+        let letter =
+            |reason: &str, cb: &str, tx: i64, tag: &str, event: Option<LagoEvent>| NewDeadLetter {
+                reason: reason.into(),
+                detail: format!("detail of {reason}"),
+                charge_box_id: Some(cb.into()),
+                ocpp_transaction_id: Some(tx),
+                id_tag: Some(tag.into()),
+                event,
+            };
+        commit(
+            &mut store,
+            Changes {
+                events: vec![first.clone()],
+                dead_letters: vec![
+                    letter("transaction_id_reused", "CB1", 5, "ALICE", Some(reused)),
+                    letter(
+                        "missing_start",
+                        "CB-X",
+                        30,
+                        "FLEET-MGR",
+                        Some(orphan.clone()),
+                    ),
+                    letter("invalid_transaction_id", "CB-Y", 0, "BOB", None),
+                ],
+                ..Default::default()
+            },
+            t - 100,
+        );
+    }
+    // The map knows the Stop's idTag: a missing_start must still not be billed by it.
+    let map = setup.dir.path().join("subscriptions.csv");
+    std::fs::write(
+        &map,
+        "id_tag,external_subscription_id\nFLEET-MGR,sub-fleet\n",
+    )
+    .unwrap();
+    let config = setup.config(&format!(
+        "[billing]\nsubscription_map_file = \"{}\"\n",
+        map.display()
+    ));
+    let letters = setup.store().dead_letters(None).unwrap();
+    let id_of = |reason: &str| letters.iter().find(|l| l.reason == reason).unwrap().id;
+    let (reused_id, missing_id, invalid_id) = (
+        id_of("transaction_id_reused"),
+        id_of("missing_start"),
+        id_of("invalid_transaction_id"),
+    );
+
+    let run = cli(&config, &["spool", "requeue", "--all"], &[]).await;
+    assert_eq!(run.code, Some(1), "{}\n{}", run.stdout, run.stderr);
+    for line in [
+        format!(
+            "#{reused_id} transaction_id_reused CB1:5: NOT queued: transaction_id_collision: \
+             the outbox holds a different event under its transaction_id, of session CB1:5"
+        ),
+        format!(
+            "#{missing_id} missing_start CB-X:30: NOT queued: no subscription (the Stop's idTag \
+             is not the customer's)"
+        ),
+        format!("#{invalid_id} invalid_transaction_id CB-Y:0: NOT queued: no held event"),
+        "requeued 0 dead letter(s)".to_string(),
+        "3 dead letter(s) NOT queued".to_string(),
+    ] {
+        assert!(run.stdout.contains(&line), "{line:?} in:\n{}", run.stdout);
+    }
+    assert!(
+        run.stderr
+            .contains("not every selected dead letter was queued"),
+        "{}",
+        run.stderr
+    );
+    let rows = outbox(&setup.spool());
+    assert_eq!(rows.len(), 1, "nothing was queued: {rows:?}");
+    assert_eq!(
+        serde_json::from_str::<LagoEvent>(&rows[0].3).unwrap(),
+        first
+    );
+    assert_eq!(
+        spool_counts(&setup.spool())
+            .dead_letters
+            .values()
+            .sum::<i64>(),
+        3,
+        "every letter stays open"
+    );
+
+    // --subscription needs --id.
+    let run = cli(
+        &config,
+        &["spool", "requeue", "--all", "--subscription", "sub-x"],
+        &[],
+    )
+    .await;
+    assert_eq!(run.code, Some(2), "{}\n{}", run.stdout, run.stderr);
+    // It does not re-bill an event that has a subscription.
+    let run = cli(
+        &config,
+        &[
+            "spool",
+            "requeue",
+            "--id",
+            &reused_id.to_string(),
+            "--subscription",
+            "sub-x",
+        ],
+        &[],
+    )
+    .await;
+    assert_eq!(run.code, Some(1), "{}\n{}", run.stdout, run.stderr);
+    assert!(
+        run.stdout
+            .contains("NOT queued: it is billed to subscription ALICE already"),
+        "{}",
+        run.stdout
+    );
+
+    // The operator names the customer of the orphaned Stop.
+    let run = cli(
+        &config,
+        &[
+            "spool",
+            "requeue",
+            "--id",
+            &missing_id.to_string(),
+            "--subscription",
+            "sub-alice",
+        ],
+        &[],
+    )
+    .await;
+    run.assert_ok("requeue --id N --subscription SUB");
+    assert!(
+        run.stdout.contains(&format!(
+            "#{missing_id} missing_start CB-X:30: queued (subscription sub-alice)"
+        )) && run.stdout.contains("requeued 1 dead letter(s)"),
+        "{}",
+        run.stdout
+    );
+    let rows = outbox(&setup.spool());
+    let billed = rows.iter().find(|r| r.0 == "CB-X-30").expect("queued");
+    assert_eq!(
+        (billed.1.as_str(), billed.2.as_str()),
+        ("sub-alice", "pending")
+    );
+    let mut expected = orphan;
+    expected.external_subscription_id = "sub-alice".into();
+    assert_eq!(
+        serde_json::from_str::<LagoEvent>(&billed.3).unwrap(),
+        expected,
+        "the held event, with the named subscription, otherwise unchanged"
+    );
+    let open: Vec<i64> = setup
+        .store()
+        .dead_letters(None)
+        .unwrap()
+        .into_iter()
+        .filter(|l| !l.requeued)
+        .map(|l| l.id)
+        .collect();
+    assert_eq!(open, vec![reused_id, invalid_id]);
+
+    // Documented in --help.
+    let help = tokio::process::Command::new(env!("CARGO_BIN_EXE_ocpp-lago-bridge"))
+        .args(["spool", "requeue", "--help"])
+        .output()
+        .await
+        .expect("run --help");
+    let help = String::from_utf8_lossy(&help.stdout);
+    assert!(
+        help.contains("--subscription <SUB>") && help.contains("missing_start"),
+        "{help}"
+    );
 }
