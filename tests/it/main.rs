@@ -4,6 +4,7 @@
 
 mod billing;
 mod chaos;
+mod contract;
 mod corpus;
 mod delivery;
 mod fuzz_stable;
