@@ -254,7 +254,7 @@ fn path_matches(path: &str, pattern: &str) -> bool {
         && path
             .iter()
             .zip(&pattern)
-            .all(|(segment, want)| *want == "*" && !segment.is_empty() || segment == want)
+            .all(|(segment, want)| (*want == "*" && !segment.is_empty()) || segment == want)
 }
 
 /// `POST path` with a JSON body and the bearer key to `addr`; the status (None on no answer).
