@@ -102,16 +102,18 @@ async fn golden_session_produces_exactly_the_recorded_event_line() {
     let line = &lines[0];
 
     let event: Value = serde_json::from_str(line).expect("the event line is JSON");
-    let received_at = event["properties"]["received_at"]
-        .as_i64()
-        .expect("received_at is unix seconds");
+    // Every property goes out as a string (Lago's spec: `oneOf [string, integer, number]`).
+    let received_at: i64 = event["properties"]["received_at"]
+        .as_str()
+        .and_then(|s| s.parse().ok())
+        .expect("received_at is unix seconds as a decimal string");
     assert!(
         (before..=after).contains(&received_at),
         "received_at {received_at} is the bridge clock during the run [{before}, {after}]"
     );
     let normalised = line.replacen(
-        &format!("\"received_at\":{received_at},"),
-        "\"received_at\":0,",
+        &format!("\"received_at\":\"{received_at}\","),
+        "\"received_at\":\"0\",",
         1,
     );
     let golden = std::fs::read_to_string(repo_root().join("tests/golden/session_event.json"))
@@ -351,7 +353,10 @@ async fn incremental_mode_events_of_each_session_sum_exactly_to_its_energy() {
         for row in stored {
             let key = (
                 row.properties["charge_box_id"].as_str().unwrap().to_owned(),
-                row.properties["ocpp_transaction_id"].as_i64().unwrap(),
+                row.properties["ocpp_transaction_id"]
+                    .as_str()
+                    .and_then(|s| s.parse().ok())
+                    .unwrap(),
             );
             *sums.entry(key).or_default() += stored_kwh(row);
         }

@@ -275,7 +275,8 @@ fn assert_sums_exact(stored: &[StoredRow], sessions: &[RanSession]) {
                 .unwrap_or_else(|| panic!("event without charge_box_id: {row:?}"))
                 .to_owned(),
             row.properties["ocpp_transaction_id"]
-                .as_i64()
+                .as_str()
+                .and_then(|s| s.parse::<i64>().ok())
                 .unwrap_or_else(|| panic!("event without ocpp_transaction_id: {row:?}")),
         );
         by_session.entry(key).or_default().push(row);

@@ -4,6 +4,7 @@
 
 mod billing;
 mod chaos;
+mod contract;
 mod corpus;
 mod cutover;
 mod delivery;
