@@ -60,7 +60,7 @@ pub async fn run(
     metrics: PrometheusHandle,
     log_level: LogLevel,
 ) -> Result<(), AppError> {
-    for warning in crate::config::environment_warnings() {
+    for warning in crate::config::environment_warnings(&config.proxy) {
         tracing::warn!(%warning, "check the service limits");
     }
     let proxy_listener = bind("proxy.listen", config.proxy.listen).await?;
@@ -73,6 +73,7 @@ pub async fn run(
         admin_listener,
         metrics,
         readiness.clone(),
+        config.admin.clone(),
         shutdown.close_connections.clone(),
     ));
 
