@@ -2,6 +2,7 @@
 //! over real loopback sockets to independent OCPP peers (PyPI `ocpp`, npm `ocpp-rpc`) and to a
 //! byte-recording upstream. Peers are installed by `.ci/run`.
 
+mod admission;
 mod billing;
 mod chaos;
 mod corpus;
