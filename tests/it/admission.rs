@@ -485,7 +485,8 @@ async fn request_targets_with_a_fragment_raw_space_control_or_non_ascii_bytes_ge
             answer.head
         );
     }
-    assert_eq!(recorder.tcp_accepted(), 0, "no refused target was dialled");
+    // (The bridge's readiness probe may open a bare TCP connection; no upgrade came.)
+    assert_eq!(recorder.handshakes().len(), 0, "no refused target was dialled");
     // Percent-encoded, the same ids are forwarded unchanged.
     let target = format!("{PATH_PREFIX}/CPX%23a%20%C3%A9");
     let answer = raw_handshake(bridge.proxy_addr, &upgrade_head(target.as_bytes(), b"")).await;
