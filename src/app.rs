@@ -470,8 +470,13 @@ fn read_secret(
         .map(Path::to_path_buf)
         .or(credential.filter(|p| p.exists()));
     let secret = match file {
-        Some(path) => std::fs::read_to_string(&path)
-            .map_err(|e| format!("cannot read the {what} file {}: {e}", path.display()))?,
+        Some(path) => {
+            if let Some(warning) = crate::config::secret_file_warning(what, &path) {
+                tracing::warn!(%warning, "secret file readable by others");
+            }
+            std::fs::read_to_string(&path)
+                .map_err(|e| format!("cannot read the {what} file {}: {e}", path.display()))?
+        }
         None => std::env::var(var).map_err(|_| format!("no {what}: {how_to_set}"))?,
     };
     let secret = secret.trim();

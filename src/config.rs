@@ -244,6 +244,20 @@ pub fn fd_limit_warning(max_connections: usize, soft: u64, hard: u64) -> Option<
     ))
 }
 
+/// The warning for a secret file (an API key) that users beyond its owner and group may read,
+/// or anyone but its owner may write (wider than 0640); `None` when it is private enough or
+/// cannot be examined (reading it reports that).
+pub fn secret_file_warning(what: &str, path: &Path) -> Option<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(path).ok()?.permissions().mode() & 0o777;
+    (mode & 0o137 != 0).then(|| {
+        format!(
+            "the {what} file {} has mode {mode:04o}: other users can read or change the secret; chmod it 0600 (or 0640 for a service group)",
+            path.display()
+        )
+    })
+}
+
 /// The process's open-file limit, (soft, hard).
 pub fn open_file_limit() -> Option<(u64, u64)> {
     let mut limit = libc::rlimit {
@@ -916,12 +930,36 @@ mod tests {
     }
 
     #[test]
+    fn a_secret_file_wider_than_0640_is_warned_about() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("key");
+        std::fs::write(&key, "secret-value").unwrap();
+        for (mode, warned) in [
+            (0o600, false),
+            (0o640, false),
+            (0o400, false),
+            (0o644, true),
+            (0o660, true),
+            (0o604, true),
+        ] {
+            std::fs::set_permissions(&key, std::fs::Permissions::from_mode(mode)).unwrap();
+            let warning = secret_file_warning("Lago API key", &key);
+            assert_eq!(warning.is_some(), warned, "{mode:o}: {warning:?}");
+            assert!(!warning.unwrap_or_default().contains("secret-value"));
+        }
+    }
+
+    #[test]
     fn the_fd_limit_warns_only_when_max_connections_does_not_fit() {
         // 1024 descriptors: (1024 - 64) / 2 = 480 chargers.
         assert_eq!(fd_limit_warning(480, 1024, 4096), None);
         assert_eq!(fd_limit_warning(0, 1024, 4096), None);
         let warning = fd_limit_warning(481, 1024, 4096).unwrap();
-        assert!(warning.contains("`proxy.max_connections` = 481"), "{warning}");
+        assert!(
+            warning.contains("`proxy.max_connections` = 481"),
+            "{warning}"
+        );
         assert!(warning.contains("about 480 chargers"), "{warning}");
     }
 

@@ -74,10 +74,9 @@ impl DialError {
                 502,
                 "the central system's handshake answer was not acceptable\n",
             ),
-            DialError::FdsExhausted(_) => HttpResponse::text(
-                503,
-                "the bridge is out of file descriptors; retry later\n",
-            ),
+            DialError::FdsExhausted(_) => {
+                HttpResponse::text(503, "the bridge is out of file descriptors; retry later\n")
+            }
         }
     }
 }
@@ -122,8 +121,13 @@ async fn handshake(
         _ => return Err(invalid("not ws:// or wss://")),
     };
     let authority = uri.authority().ok_or_else(|| invalid("no host"))?;
-    let host = authority.host().trim_start_matches('[').trim_end_matches(']');
-    let port = authority.port_u16().unwrap_or(if secure { 443 } else { 80 });
+    let host = authority
+        .host()
+        .trim_start_matches('[')
+        .trim_end_matches(']');
+    let port = authority
+        .port_u16()
+        .unwrap_or(if secure { 443 } else { 80 });
 
     let tcp = TcpStream::connect((host, port)).await.map_err(io_error)?;
     let _ = tcp.set_nodelay(true);
@@ -242,7 +246,9 @@ impl Answer {
                 Ok(Some((answer, len)))
             }
             Ok(httparse::Status::Partial) => Ok(None),
-            Err(e) => Err(DialError::BadHandshake(format!("malformed HTTP response: {e}"))),
+            Err(e) => Err(DialError::BadHandshake(format!(
+                "malformed HTTP response: {e}"
+            ))),
         }
     }
 
@@ -263,7 +269,11 @@ impl Answer {
     fn has_token(&self, name: &str, token: &str) -> bool {
         self.values(name)
             .flat_map(|v| v.split(|&b| b == b','))
-            .any(|t| String::from_utf8_lossy(t).trim().eq_ignore_ascii_case(token))
+            .any(|t| {
+                String::from_utf8_lossy(t)
+                    .trim()
+                    .eq_ignore_ascii_case(token)
+            })
     }
 
     /// Checks a 101 as RFC 6455 §4.1 asks; `Ok(the selected subprotocol)`, `None` when SteVe

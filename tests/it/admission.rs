@@ -85,7 +85,9 @@ async fn raw_handshake(addr: SocketAddr, head: &[u8]) -> Answer {
 
 /// A connection that sent part of an upgrade request and then nothing more.
 async fn stalled(addr: SocketAddr, charge_box_id: &str) -> TcpStream {
-    let mut stream = TcpStream::connect(addr).await.expect("connect a stalled client");
+    let mut stream = TcpStream::connect(addr)
+        .await
+        .expect("connect a stalled client");
     let partial = format!("GET {PATH_PREFIX}/{charge_box_id} HTTP/1.1\r\nHost: x\r\n");
     stream
         .write_all(partial.as_bytes())
@@ -123,7 +125,10 @@ where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
     let call = format!(r#"[2,"{id}","Heartbeat",{{}}]"#);
-    charger.send(Message::text(call)).await.expect("send a CALL");
+    charger
+        .send(Message::text(call))
+        .await
+        .expect("send a CALL");
     let reply = within(STEP, "the echoed CALLRESULT", charger.next())
         .await
         .expect("a reply")
@@ -132,10 +137,7 @@ where
 }
 
 fn counter(metrics: &crate::support::admin::Metrics, outcome: &str) -> f64 {
-    metrics.sum(
-        "ocpp_lago_bridge_handshakes_total",
-        &[("outcome", outcome)],
-    )
+    metrics.sum("ocpp_lago_bridge_handshakes_total", &[("outcome", outcome)])
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -211,7 +213,11 @@ async fn at_max_pending_handshakes_the_oldest_is_closed_never_the_new_one() {
             closed.push(n);
         }
     }
-    assert_eq!(closed, (0..13).collect::<Vec<_>>(), "the oldest were closed");
+    assert_eq!(
+        closed,
+        (0..13).collect::<Vec<_>>(),
+        "the oldest were closed"
+    );
     let metrics = scrape(bridge.admin_addr).await;
     assert_eq!(counter(&metrics, "max_pending_handshakes"), 13.0);
 }
@@ -261,7 +267,10 @@ async fn admin_listener_closes_half_sent_requests_and_caps_its_connections() {
     }
     let all_closed_in = started.elapsed();
     eprintln!("8 half-sent admin requests closed within {all_closed_in:?}");
-    assert!(all_closed_in >= Duration::from_millis(900), "{all_closed_in:?}");
+    assert!(
+        all_closed_in >= Duration::from_millis(900),
+        "{all_closed_in:?}"
+    );
 
     let (status, _) = crate::support::admin::get(admin, "/healthz").await;
     assert_eq!(status, 200);
@@ -296,7 +305,11 @@ async fn out_of_file_descriptors_chargers_get_503_fds_exhausted_logged_once_a_se
             .then_some(())
     })
     .await;
-    assert!(warned.is_some(), "no fd-limit warning:\n{}", bridge.stderr());
+    assert!(
+        warned.is_some(),
+        "no fd-limit warning:\n{}",
+        bridge.stderr()
+    );
 
     let (mut connected, _) = within(
         STEP,
@@ -323,15 +336,19 @@ async fn out_of_file_descriptors_chargers_get_503_fds_exhausted_logged_once_a_se
         let result = within(
             Duration::from_secs(3),
             "a charger while the bridge has no descriptors",
-            ws::connect(&bridge.charger_url(&format!("DURING-{n}")), &["ocpp1.6"], None),
+            ws::connect(
+                &bridge.charger_url(&format!("DURING-{n}")),
+                &["ocpp1.6"],
+                None,
+            ),
         )
         .await;
         refused_in.push(started.elapsed());
         match result {
             Err(tungstenite::Error::Http(response)) => {
                 assert_eq!(response.status().as_u16(), 503);
-                let body = String::from_utf8_lossy(response.body().as_deref().unwrap_or(&[]))
-                    .into_owned();
+                let body =
+                    String::from_utf8_lossy(response.body().as_deref().unwrap_or(&[])).into_owned();
                 assert!(body.contains("file descriptors"), "{body:?}");
             }
             other => panic!("expected 503 fds_exhausted, got {other:?}"),
@@ -351,20 +368,16 @@ async fn out_of_file_descriptors_chargers_get_503_fds_exhausted_logged_once_a_se
     );
 
     drop(flood);
-    let (mut after, _) = within(
-        STEP,
-        "a charger once descriptors are free again",
-        async {
-            loop {
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                if let Ok(connected) =
-                    ws::connect(&bridge.charger_url("AFTER"), &["ocpp1.6"], None).await
-                {
-                    return connected;
-                }
+    let (mut after, _) = within(STEP, "a charger once descriptors are free again", async {
+        loop {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            if let Ok(connected) =
+                ws::connect(&bridge.charger_url("AFTER"), &["ocpp1.6"], None).await
+            {
+                return connected;
             }
-        },
-    )
+        }
+    })
     .await;
     assert_relays(&mut after, "c2").await;
     let metrics = scrape(bridge.admin_addr).await;
@@ -417,13 +430,8 @@ async fn every_subprotocol_offer_and_raw_authorization_reach_upstream_byte_for_b
         vec![b"ocpp2.0.1".to_vec(), b"ocpp1.6".to_vec()]
     );
     assert_eq!(values("authorization"), vec![authorization.to_vec()]);
-    let mut charger = WebSocketStream::from_partially_read(
-        answer.stream,
-        answer.rest,
-        Role::Client,
-        None,
-    )
-    .await;
+    let mut charger =
+        WebSocketStream::from_partially_read(answer.stream, answer.rest, Role::Client, None).await;
     assert_relays(&mut charger, "d1").await;
 }
 
@@ -443,22 +451,25 @@ async fn an_upstream_selecting_no_subprotocol_completes_the_handshake_without_on
     // What a charger gets from the central system directly...
     let direct = raw_handshake(recorder.addr, &head).await;
     assert_eq!(direct.status, 101);
-    assert!(!direct.head.to_ascii_lowercase().contains("sec-websocket-protocol"));
+    assert!(
+        !direct
+            .head
+            .to_ascii_lowercase()
+            .contains("sec-websocket-protocol")
+    );
     // ...it gets through the bridge.
     let answer = raw_handshake(bridge.proxy_addr, &head).await;
     assert_eq!(answer.status, 101, "{}", answer.head);
     assert!(
-        !answer.head.to_ascii_lowercase().contains("sec-websocket-protocol"),
+        !answer
+            .head
+            .to_ascii_lowercase()
+            .contains("sec-websocket-protocol"),
         "{}",
         answer.head
     );
-    let mut charger = WebSocketStream::from_partially_read(
-        answer.stream,
-        answer.rest,
-        Role::Client,
-        None,
-    )
-    .await;
+    let mut charger =
+        WebSocketStream::from_partially_read(answer.stream, answer.rest, Role::Client, None).await;
     assert_relays(&mut charger, "e1").await;
 }
 
@@ -486,7 +497,11 @@ async fn request_targets_with_a_fragment_raw_space_control_or_non_ascii_bytes_ge
         );
     }
     // (The bridge's readiness probe may open a bare TCP connection; no upgrade came.)
-    assert_eq!(recorder.handshakes().len(), 0, "no refused target was dialled");
+    assert_eq!(
+        recorder.handshakes().len(),
+        0,
+        "no refused target was dialled"
+    );
     // Percent-encoded, the same ids are forwarded unchanged.
     let target = format!("{PATH_PREFIX}/CPX%23a%20%C3%A9");
     let answer = raw_handshake(bridge.proxy_addr, &upgrade_head(target.as_bytes(), b"")).await;
@@ -521,7 +536,9 @@ async fn error_bodies_name_no_internal_address() {
     for (upstream_url, address, proxy_toml, status) in cases {
         let bridge = Bridge::start_with_proxy(&upstream_url, proxy_toml, "").await;
         // Ids an HTTP library might refuse to put in a URL (and quote the URL in its error).
-        for id in ["CP1", "CP\"1", "CP{1}", "CP|1", "CP^1", "CP`1", "CP\\1", "CP<1>"] {
+        for id in [
+            "CP1", "CP\"1", "CP{1}", "CP|1", "CP^1", "CP`1", "CP\\1", "CP<1>",
+        ] {
             let target = format!("{PATH_PREFIX}/{id}");
             let answer =
                 raw_handshake(bridge.proxy_addr, &upgrade_head(target.as_bytes(), b"")).await;

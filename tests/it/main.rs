@@ -14,6 +14,7 @@ mod operations;
 mod operator_cli;
 mod packaging;
 mod peers_selfcheck;
+mod private_files;
 mod relay;
 mod simulate;
 mod steve_recovery;
