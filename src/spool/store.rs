@@ -82,6 +82,11 @@ pub enum StoreError {
         path: String,
         source: std::io::Error,
     },
+    #[error("cannot create the spool file {path}: {source}")]
+    File {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("stored JSON does not parse: {0}")]
     Json(#[from] serde_json::Error),
 }
@@ -232,7 +237,7 @@ impl Store {
                 source,
             })?;
         }
-        create_private_file(path).map_err(|source| StoreError::Directory {
+        create_private_file(path).map_err(|source| StoreError::File {
             path: path.display().to_string(),
             source,
         })?;
