@@ -49,7 +49,11 @@ async fn spool_files_are_private_under_umask_000_and_open_secrets_or_directories
         files.iter().all(|f| f.exists()).then_some(())
     })
     .await;
-    assert!(all_there.is_some(), "spool files: {files:?}\n{}", bridge.stderr());
+    assert!(
+        all_there.is_some(),
+        "spool files: {files:?}\n{}",
+        bridge.stderr()
+    );
     assert_eq!(mode(&outside.path().join("state")), 0o700);
     assert_eq!(mode(&outside.path().join("state/bridge")), 0o700);
     for file in &files {
