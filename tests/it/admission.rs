@@ -569,3 +569,21 @@ async fn error_bodies_name_no_internal_address() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_config_warns_only_when_max_connections_exceeds_the_fd_limit() {
+    // The largest max_connections config accepts needs 20 million descriptors.
+    let too_many =
+        crate::support::bridge::check_config("[proxy]\nmax_connections = 10000000\n").await;
+    let stderr = String::from_utf8_lossy(&too_many.stderr).into_owned();
+    assert!(too_many.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("`proxy.max_connections` = 10000000 but the open-file limit is"),
+        "{stderr}"
+    );
+    // 0 derives max_connections from the limit: it always fits, nothing to warn about.
+    let derived = crate::support::bridge::check_config("[proxy]\nmax_connections = 0\n").await;
+    let stderr = String::from_utf8_lossy(&derived.stderr).into_owned();
+    assert!(derived.status.success(), "{stderr}");
+    assert!(!stderr.contains("open-file limit"), "{stderr}");
+}
