@@ -70,7 +70,7 @@ pub async fn run(
     metrics: PrometheusHandle,
     log_level: LogLevel,
 ) -> Result<(), AppError> {
-    for warning in crate::config::environment_warnings() {
+    for warning in crate::config::environment_warnings(&config.proxy) {
         tracing::warn!(%warning, "check the service limits");
     }
     let proxy_listener = bind("proxy.listen", config.proxy.listen).await?;
@@ -89,6 +89,7 @@ pub async fn run(
             admin_listener,
             metrics,
             readiness.clone(),
+            config.admin.clone(),
             stop_admin.clone(),
         ),
     ));
@@ -603,8 +604,13 @@ fn read_secret(
         .map(Path::to_path_buf)
         .or(credential.filter(|p| p.exists()));
     let secret = match file {
-        Some(path) => std::fs::read_to_string(&path)
-            .map_err(|e| format!("cannot read the {what} file {}: {e}", path.display()))?,
+        Some(path) => {
+            if let Some(warning) = crate::config::secret_file_warning(what, &path) {
+                tracing::warn!(%warning, "secret file readable by others");
+            }
+            std::fs::read_to_string(&path)
+                .map_err(|e| format!("cannot read the {what} file {}: {e}", path.display()))?
+        }
         None => std::env::var(var).map_err(|_| format!("no {what}: {how_to_set}"))?,
     };
     let secret = secret.trim();

@@ -78,6 +78,9 @@ pub struct ProxyConfig {
     pub max_connections: usize,
     /// Most connections from one IP address; 0 is off (fleets behind carrier NAT share one).
     pub max_connections_per_ip: usize,
+    /// Most connections whose upgrade request is not complete yet (TLS and HTTP head), counted
+    /// apart from `max_connections`; at the cap the oldest of them is closed, never the new one.
+    pub max_pending_handshakes: usize,
     /// A charger that sends no frame for this long is closed; `None` is off.
     pub idle_timeout: Option<Duration>,
     /// Frames a charger may send per second before it is slowed down (never dropped); 0 is off.
@@ -155,6 +158,11 @@ pub struct AdminConfig {
     pub listen: SocketAddr,
     /// Allow `listen` on a non-loopback address (metrics and health are not authenticated).
     pub allow_remote: bool,
+    /// A client must send a request's complete head within this long (and an idle keep-alive
+    /// connection is closed after it), so half-sent requests cannot pile up.
+    pub header_timeout: Duration,
+    /// Most admin connections open at once; more are answered 503 and closed.
+    pub max_connections: usize,
 }
 
 /// Log line format.
@@ -188,6 +196,7 @@ impl Default for Config {
                 allowlist_file: None,
                 max_connections: 0,
                 max_connections_per_ip: 0,
+                max_pending_handshakes: 1024,
                 idle_timeout: None,
                 max_messages_per_second: 0,
                 tls: None,
@@ -225,6 +234,8 @@ impl Default for Config {
             admin: AdminConfig {
                 listen: "127.0.0.1:9180".parse().expect("literal address"),
                 allow_remote: false,
+                header_timeout: Duration::from_secs(5),
+                max_connections: 64,
             },
             log: LogConfig {
                 level: "info".into(),
@@ -245,15 +256,35 @@ impl Default for Config {
 }
 
 /// Warnings about the machine rather than the file: today, whether the open-file limit fits
-/// the fleet (each charger holds two sockets: its own and SteVe's).
-pub fn environment_warnings() -> Vec<String> {
-    match open_file_limit() {
-        Some((soft, hard)) if soft < 65_536 => vec![format!(
-            "the open-file limit is {soft} (hard {hard}): room for about {} chargers, as each holds two sockets; raise LimitNOFILE= (systemd) or `ulimit -n`",
-            chargers_within(soft)
-        )],
-        _ => Vec::new(),
-    }
+/// `proxy.max_connections` (each charger holds two sockets: its own and SteVe's). With
+/// `max_connections = 0` the limit is derived from the open-file limit, so it always fits.
+pub fn environment_warnings(proxy: &ProxyConfig) -> Vec<String> {
+    open_file_limit()
+        .and_then(|(soft, hard)| fd_limit_warning(proxy.max_connections, soft, hard))
+        .into_iter()
+        .collect()
+}
+
+/// The warning when `max_connections` chargers do not fit in an open-file limit of `soft`.
+pub fn fd_limit_warning(max_connections: usize, soft: u64, hard: u64) -> Option<String> {
+    let fits = chargers_within(soft);
+    (max_connections as u64 > fits).then(|| format!(
+        "`proxy.max_connections` = {max_connections} but the open-file limit is {soft} (hard {hard}): room for about {fits} chargers, as each holds two sockets; chargers beyond that get 503 `fds_exhausted`; raise LimitNOFILE= (systemd) or `ulimit -n`, or lower max_connections"
+    ))
+}
+
+/// The warning for a secret file (an API key) that users beyond its owner and group may read,
+/// or anyone but its owner may write (wider than 0640); `None` when it is private enough or
+/// cannot be examined (reading it reports that).
+pub fn secret_file_warning(what: &str, path: &Path) -> Option<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(path).ok()?.permissions().mode() & 0o777;
+    (mode & 0o137 != 0).then(|| {
+        format!(
+            "the {what} file {} has mode {mode:04o}: other users can read or change the secret; chmod it 0600 (or 0640 for a service group)",
+            path.display()
+        )
+    })
 }
 
 /// The process's open-file limit, (soft, hard).
@@ -492,6 +523,12 @@ impl Reader {
                 0,
                 0..=10_000_000,
             ),
+            max_pending_handshakes: self.bounded(
+                "proxy",
+                "max_pending_handshakes",
+                d.proxy.max_pending_handshakes,
+                1..=10_000_000,
+            ),
             idle_timeout: Some(self.duration_allow_zero("proxy", "idle_timeout", Duration::ZERO))
                 .filter(|d| !d.is_zero()),
             max_messages_per_second: self.bounded(
@@ -569,6 +606,13 @@ impl Reader {
             allow_remote: self
                 .take::<bool>("admin", "allow_remote", "true or false")
                 .unwrap_or(d.admin.allow_remote),
+            header_timeout: self.duration("admin", "header_timeout", d.admin.header_timeout),
+            max_connections: self.bounded(
+                "admin",
+                "max_connections",
+                d.admin.max_connections,
+                1..=100_000,
+            ),
         };
         if !admin.listen.ip().is_loopback() && !admin.allow_remote {
             self.problems.push(format!(
@@ -1034,6 +1078,40 @@ mod tests {
         assert_eq!(basic.steve.api_user.as_deref(), Some("bridge"));
         assert_eq!(basic.steve.max_concurrent_requests, 2);
         assert_eq!(basic.steve.recovery_timeout, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn a_secret_file_wider_than_0640_is_warned_about() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("key");
+        std::fs::write(&key, "secret-value").unwrap();
+        for (mode, warned) in [
+            (0o600, false),
+            (0o640, false),
+            (0o400, false),
+            (0o644, true),
+            (0o660, true),
+            (0o604, true),
+        ] {
+            std::fs::set_permissions(&key, std::fs::Permissions::from_mode(mode)).unwrap();
+            let warning = secret_file_warning("Lago API key", &key);
+            assert_eq!(warning.is_some(), warned, "{mode:o}: {warning:?}");
+            assert!(!warning.unwrap_or_default().contains("secret-value"));
+        }
+    }
+
+    #[test]
+    fn the_fd_limit_warns_only_when_max_connections_does_not_fit() {
+        // 1024 descriptors: (1024 - 64) / 2 = 480 chargers.
+        assert_eq!(fd_limit_warning(480, 1024, 4096), None);
+        assert_eq!(fd_limit_warning(0, 1024, 4096), None);
+        let warning = fd_limit_warning(481, 1024, 4096).unwrap();
+        assert!(
+            warning.contains("`proxy.max_connections` = 481"),
+            "{warning}"
+        );
+        assert!(warning.contains("about 480 chargers"), "{warning}");
     }
 
     #[test]

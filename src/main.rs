@@ -121,8 +121,8 @@ fn main() -> ExitCode {
     let log_format = cli.log_format;
     match cli.command {
         Command::CheckConfig { config } => match load(&config) {
-            Ok(_) => {
-                for warning in ocpp_lago_bridge::config::environment_warnings() {
+            Ok(config) => {
+                for warning in ocpp_lago_bridge::config::environment_warnings(&config.proxy) {
                     eprintln!("warning: {warning}");
                 }
                 println!("configuration is valid");

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
 use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -16,7 +16,7 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Registry, reload};
 
-use crate::config::LogFormat;
+use crate::config::{AdminConfig, LogFormat};
 
 /// Changes the log filter of the running daemon (SIGHUP).
 #[derive(Clone)]
@@ -121,36 +121,99 @@ impl Readiness {
     }
 }
 
-/// Serves the admin endpoints until `shutdown` fires.
+/// Serves the admin endpoints until `shutdown` fires. A client gets `config.header_timeout` to
+/// send each request head (idle keep-alive connections are closed after it too), and at most
+/// `config.max_connections` are open at once: half-sent requests can neither pile up nor take
+/// the file descriptors chargers need.
 pub async fn serve_admin(
     listener: TcpListener,
     metrics: PrometheusHandle,
     readiness: Readiness,
+    config: AdminConfig,
     shutdown: CancellationToken,
 ) {
+    let open = Arc::new(tokio::sync::Semaphore::new(config.max_connections));
+    let mut refusals = Throttle::per_second();
+    let mut accept_errors = Throttle::per_second();
     loop {
         let (stream, _) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
                 Err(error) => {
-                    tracing::warn!(%error, "admin listener accept failed");
+                    if let Some(suppressed) = accept_errors.ready() {
+                        tracing::warn!(%error, suppressed, "admin listener accept failed");
+                    }
                     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
                     continue;
                 }
             },
             _ = shutdown.cancelled() => return,
         };
+        let Ok(permit) = Arc::clone(&open).try_acquire_owned() else {
+            // Best effort and never waiting: a client that does not read its 503 loses it.
+            let _ = stream.try_write(ADMIN_BUSY);
+            metrics::counter!("ocpp_lago_bridge_admin_connections_refused_total").increment(1);
+            if let Some(suppressed) = refusals.ready() {
+                tracing::warn!(
+                    max_connections = config.max_connections,
+                    suppressed,
+                    "admin connection refused: admin.max_connections are open"
+                );
+            }
+            continue;
+        };
         let metrics = metrics.clone();
         let readiness = readiness.clone();
+        let header_timeout = config.header_timeout;
         tokio::spawn(async move {
+            let _permit = permit;
             let service = hyper::service::service_fn(move |request| {
                 let response = admin_response(&request, &metrics, &readiness);
                 async move { Ok::<_, Infallible>(response) }
             });
             let _ = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(header_timeout)
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
         });
+    }
+}
+
+/// The answer to an admin connection over `admin.max_connections`.
+const ADMIN_BUSY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\nContent-Length: 32\r\nConnection: close\r\n\r\ntoo many admin connections open\n";
+
+/// Lets a repeated log line through at most once per period, counting the ones held back.
+#[derive(Debug)]
+pub struct Throttle {
+    period: std::time::Duration,
+    last: Option<std::time::Instant>,
+    suppressed: u64,
+}
+
+impl Throttle {
+    /// At most one line a second.
+    pub fn per_second() -> Self {
+        Throttle {
+            period: std::time::Duration::from_secs(1),
+            last: None,
+            suppressed: 0,
+        }
+    }
+
+    /// `Some(lines held back since the last one)` when a line may be logged now.
+    pub fn ready(&mut self) -> Option<u64> {
+        let now = std::time::Instant::now();
+        match self.last {
+            Some(last) if now.duration_since(last) < self.period => {
+                self.suppressed = self.suppressed.saturating_add(1);
+                None
+            }
+            _ => {
+                self.last = Some(now);
+                Some(std::mem::take(&mut self.suppressed))
+            }
+        }
     }
 }
 

@@ -1,17 +1,20 @@
-//! Who may connect and how fast: connection limits (total, per IP), the chargeBoxId allowlist and
-//! the per-charger message rate (a charger over it is slowed down, never has frames dropped).
+//! Who may connect and how fast: connection limits (total, per IP), the chargeBoxId allowlist,
+//! the per-charger message rate (a charger over it is slowed down, never has frames dropped) and
+//! the cap on handshakes still in progress (at which the oldest is closed, never the newest).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::IpAddr;
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, RwLock};
 
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use tokio_util::sync::CancellationToken;
 
 use super::handshake::HttpResponse;
 use crate::config::{ProxyConfig, chargers_within, load_allowlist, open_file_limit};
 use crate::lock;
+use crate::telemetry::Throttle;
 
 /// The per-charger message rate limiter, keyed by chargeBoxId.
 pub type ChargerRateLimiter = DefaultKeyedRateLimiter<String>;
@@ -27,6 +30,10 @@ pub enum Refusal {
     NotAllowed(String),
     #[error("the client certificate is for {certificate:?}, not this chargeBoxId")]
     CertificateMismatch { certificate: String },
+    #[error("the bridge is out of file descriptors; retry later")]
+    FdsExhausted,
+    #[error("newer connections took this one's place under proxy.max_pending_handshakes ({0})")]
+    PendingEvicted(usize),
 }
 
 impl Refusal {
@@ -37,6 +44,8 @@ impl Refusal {
             Refusal::TooManyFromIp { .. } => "max_connections_per_ip",
             Refusal::NotAllowed(_) => "not_allowed",
             Refusal::CertificateMismatch { .. } => "certificate_mismatch",
+            Refusal::FdsExhausted => "fds_exhausted",
+            Refusal::PendingEvicted(_) => "max_pending_handshakes",
         }
     }
 
@@ -44,7 +53,10 @@ impl Refusal {
     /// 403 for a certificate that names another charger.
     pub fn response(&self) -> HttpResponse {
         let status = match self {
-            Refusal::TooManyConnections(_) | Refusal::TooManyFromIp { .. } => 503,
+            Refusal::TooManyConnections(_)
+            | Refusal::TooManyFromIp { .. }
+            | Refusal::FdsExhausted
+            | Refusal::PendingEvicted(_) => 503,
             Refusal::NotAllowed(_) => 404,
             Refusal::CertificateMismatch { .. } => 403,
         };
@@ -61,6 +73,7 @@ pub struct Admission {
     allowlist: RwLock<Option<HashSet<String>>>,
     rate: Option<ChargerRateLimiter>,
     admitted: AtomicUsize,
+    pending: PendingHandshakes,
 }
 
 /// A connection slot, given back when dropped.
@@ -107,7 +120,14 @@ impl Admission {
             allowlist: RwLock::new(allowlist),
             rate,
             admitted: AtomicUsize::new(0),
+            pending: PendingHandshakes::new(config.max_pending_handshakes),
         }
+    }
+
+    /// Registers a connection whose handshake has begun (at accept); at
+    /// `max_pending_handshakes` the oldest pending one is told to close.
+    pub fn begin_handshake(&self) -> Pending<'_> {
+        self.pending.begin()
     }
 
     /// Takes a connection slot for a charger from `ip`.
@@ -171,5 +191,112 @@ impl Admission {
     /// The per-charger message rate limiter, if one is configured.
     pub fn rate_limiter(&self) -> Option<&ChargerRateLimiter> {
         self.rate.as_ref()
+    }
+}
+
+/// Connections accepted whose upgrade request is not complete yet, oldest first. They are
+/// counted apart from established chargers, so stalled handshakes cannot lock chargers out; at
+/// the cap the oldest is closed: a flood of stalled ones then turns over within the time it
+/// takes to open `cap` new connections, while each real charger needs only a moment.
+struct PendingHandshakes {
+    cap: usize,
+    state: Mutex<PendingState>,
+}
+
+struct PendingState {
+    next_id: u64,
+    /// By registration order; the token closes that connection's handshake.
+    open: BTreeMap<u64, CancellationToken>,
+    evictions_logged: Throttle,
+}
+
+/// A handshake in progress; deregistered when dropped.
+pub struct Pending<'a> {
+    registry: &'a PendingHandshakes,
+    id: u64,
+    evicted: CancellationToken,
+}
+
+impl PendingHandshakes {
+    fn new(cap: usize) -> Self {
+        PendingHandshakes {
+            cap: cap.max(1),
+            state: Mutex::new(PendingState {
+                next_id: 0,
+                open: BTreeMap::new(),
+                evictions_logged: Throttle::per_second(),
+            }),
+        }
+    }
+
+    fn begin(&self) -> Pending<'_> {
+        let evicted = CancellationToken::new();
+        let mut state = lock(&self.state);
+        while state.open.len() >= self.cap {
+            let Some((_, oldest)) = state.open.pop_first() else {
+                break;
+            };
+            oldest.cancel();
+            if let Some(suppressed) = state.evictions_logged.ready() {
+                tracing::warn!(
+                    max_pending_handshakes = self.cap,
+                    suppressed,
+                    "the oldest pending handshake was closed to admit a new connection"
+                );
+            }
+        }
+        let id = state.next_id;
+        state.next_id = state.next_id.wrapping_add(1);
+        state.open.insert(id, evicted.clone());
+        drop(state);
+        Pending {
+            registry: self,
+            id,
+            evicted,
+        }
+    }
+}
+
+impl Pending<'_> {
+    /// Resolves when newer connections pushed this one out; cancel-safe.
+    pub async fn evicted(&self) {
+        self.evicted.cancelled().await
+    }
+
+    /// The refusal a pushed-out connection is answered with.
+    pub fn refusal(&self) -> Refusal {
+        Refusal::PendingEvicted(self.registry.cap)
+    }
+}
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        lock(&self.registry.state).open.remove(&self.id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn at_the_cap_the_oldest_pending_handshake_is_closed_never_the_new_one() {
+        let registry = PendingHandshakes::new(3);
+        let first = registry.begin();
+        let second = registry.begin();
+        let third = registry.begin();
+        let fourth = registry.begin();
+        assert!(first.evicted.is_cancelled());
+        assert!(!second.evicted.is_cancelled());
+        assert!(!fourth.evicted.is_cancelled());
+        // A finished handshake frees its place: nobody is closed for the next one.
+        drop(third);
+        let fifth = registry.begin();
+        assert!(!second.evicted.is_cancelled());
+        let sixth = registry.begin();
+        assert!(second.evicted.is_cancelled());
+        assert!(!fourth.evicted.is_cancelled() && !fifth.evicted.is_cancelled());
+        assert!(!sixth.evicted.is_cancelled());
+        assert_eq!(lock(&registry.state).open.len(), 3);
     }
 }

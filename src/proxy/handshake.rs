@@ -21,10 +21,12 @@ pub struct UpgradeRequest {
     /// The query string, if any, passed on to SteVe unchanged (without the `?`).
     pub query: Option<String>,
     pub sec_websocket_key: String,
-    /// The `Sec-WebSocket-Protocol` offer, verbatim (e.g. "ocpp1.6, ocpp1.5").
-    pub protocols: Option<String>,
-    /// The `Authorization` header, verbatim (SteVe basic auth: username = chargeBoxId).
-    pub authorization: Option<String>,
+    /// Every `Sec-WebSocket-Protocol` header, byte for byte (e.g. "ocpp1.6, ocpp1.5"; RFC 6455
+    /// allows the offer to span several headers).
+    pub protocols: Vec<Vec<u8>>,
+    /// Every `Authorization` header, byte for byte (SteVe basic auth: username = chargeBoxId;
+    /// a password need not be UTF-8).
+    pub authorization: Vec<Vec<u8>>,
     /// `X-Forwarded-For` from a proxy in front of us, extended with the peer before SteVe.
     pub forwarded_for: Option<String>,
     /// `X-Forwarded-Proto` from a proxy in front of us.
@@ -46,6 +48,10 @@ pub enum HandshakeError {
     HeadTooLarge,
     #[error("malformed HTTP request: {0}")]
     Malformed(String),
+    #[error(
+        "the request target may hold only printable ASCII without `#` (percent-encode the rest)"
+    )]
+    InvalidTarget,
     #[error("not a WebSocket upgrade request: {0}")]
     NotUpgrade(&'static str),
     #[error("unsupported Sec-WebSocket-Version (only 13)")]
@@ -62,6 +68,7 @@ impl HandshakeError {
             HandshakeError::Disconnected | HandshakeError::Io(_) => "disconnected",
             HandshakeError::HeadTooLarge => "head_too_large",
             HandshakeError::Malformed(_) => "malformed_request",
+            HandshakeError::InvalidTarget => "invalid_request_target",
             HandshakeError::NotUpgrade(_) => "not_websocket",
             HandshakeError::UnsupportedVersion => "unsupported_version",
             HandshakeError::NoChargeBoxId(_) => "no_charge_box_id",
@@ -75,7 +82,9 @@ impl HandshakeError {
                 return None;
             }
             HandshakeError::HeadTooLarge => (431, None),
-            HandshakeError::Malformed(_) | HandshakeError::NotUpgrade(_) => (400, None),
+            HandshakeError::Malformed(_)
+            | HandshakeError::InvalidTarget
+            | HandshakeError::NotUpgrade(_) => (400, None),
             HandshakeError::UnsupportedVersion => (
                 426,
                 Some(("Sec-WebSocket-Version".to_string(), "13".to_string())),
@@ -127,11 +136,13 @@ pub fn parse_request(
 ) -> Result<Option<UpgradeRequest>, HandshakeError> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut request = httparse::Request::new(&mut headers);
+    check_target(buf)?;
     let head_len = match request.parse(buf) {
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) => return Ok(None),
         Err(e) => return Err(HandshakeError::Malformed(e.to_string())),
     };
+    let target = request.path.unwrap_or_default();
     if request.method != Some("GET") {
         return Err(HandshakeError::NotUpgrade("method is not GET"));
     }
@@ -141,6 +152,14 @@ pub fn parse_request(
             .iter()
             .find(|h| h.name.eq_ignore_ascii_case(name))
             .map(|h| String::from_utf8_lossy(h.value).trim().to_string())
+    };
+    let raw_headers = |name: &str| -> Vec<Vec<u8>> {
+        request
+            .headers
+            .iter()
+            .filter(|h| h.name.eq_ignore_ascii_case(name) && !h.value.is_empty())
+            .map(|h| h.value.to_vec())
+            .collect()
     };
     let has_token = |name: &str, token: &str| {
         request
@@ -169,7 +188,6 @@ pub fn parse_request(
         .filter(|k| !k.is_empty())
         .ok_or(HandshakeError::NotUpgrade("no Sec-WebSocket-Key header"))?;
 
-    let target = request.path.unwrap_or_default();
     let (path, query) = match target.split_once('?') {
         Some((path, query)) => (path, Some(query.to_string())),
         None => (target, None),
@@ -190,12 +208,41 @@ pub fn parse_request(
         charge_box_id,
         query,
         sec_websocket_key,
-        protocols: header("Sec-WebSocket-Protocol").filter(|p| !p.is_empty()),
-        authorization: header("Authorization"),
+        protocols: raw_headers("Sec-WebSocket-Protocol"),
+        authorization: raw_headers("Authorization"),
         forwarded_for: header("X-Forwarded-For"),
         forwarded_proto: header("X-Forwarded-Proto"),
         leftover: buf[head_len..].to_vec(),
     }))
+}
+
+/// Refuses a request line whose target holds anything but printable ASCII, or a `#`. A `#`
+/// starts a fragment, which a client never sends: SteVe would see the id up to it and we the
+/// whole, so the two would disagree on who the charger is; raw spaces, control characters and
+/// bytes beyond ASCII must be percent-encoded (RFC 3986 §2). Checked on the raw line, before
+/// httparse, which would call a raw space a bad HTTP version. A line that does not look like
+/// `METHOD target HTTP/x` is left to httparse.
+fn check_target(buf: &[u8]) -> Result<(), HandshakeError> {
+    let Some(end) = buf.windows(2).position(|w| w == b"\r\n") else {
+        return Ok(());
+    };
+    let line = &buf[..end];
+    let method_len = line.iter().take_while(|b| b.is_ascii_uppercase()).count();
+    if method_len == 0 || line.get(method_len) != Some(&b' ') {
+        return Ok(());
+    }
+    let rest = &line[method_len + 1..];
+    let Some(version_at) = rest.iter().rposition(|&b| b == b' ') else {
+        return Ok(());
+    };
+    let target = &rest[..version_at];
+    if !rest[version_at + 1..].starts_with(b"HTTP/") || target.is_empty() {
+        return Ok(());
+    }
+    if target.iter().any(|&b| b == b'#' || !b.is_ascii_graphic()) {
+        return Err(HandshakeError::InvalidTarget);
+    }
+    Ok(())
 }
 
 /// A plain HTTP/1.1 response written to a charger before (or instead of) the upgrade.
@@ -289,9 +336,50 @@ mod tests {
         let req = parse_request(&bytes, PREFIX).unwrap().unwrap();
         assert_eq!(req.charge_box_id_raw, "CP%201");
         assert_eq!(req.charge_box_id, "CP 1");
-        assert_eq!(req.protocols.as_deref(), Some("ocpp1.6, ocpp1.5"));
-        assert_eq!(req.authorization.as_deref(), Some("Basic Q1AgMTpzZWNyZXQ="));
+        assert_eq!(req.protocols, vec![b"ocpp1.6, ocpp1.5".to_vec()]);
+        assert_eq!(req.authorization, vec![b"Basic Q1AgMTpzZWNyZXQ=".to_vec()]);
         assert_eq!(req.leftover, b"early");
+    }
+
+    #[test]
+    fn every_protocol_header_and_raw_authorization_bytes_are_kept() {
+        let mut extra = b"Sec-WebSocket-Protocol: ocpp2.0.1\r\nSec-WebSocket-Protocol: ocpp1.6\r\nAuthorization: Basic \xff\xfe\r\n".to_vec();
+        extra.extend_from_slice(b"\r\n");
+        let mut bytes = request(&format!("{PREFIX}/CP1"), "");
+        bytes.truncate(bytes.len() - 2);
+        bytes.extend_from_slice(&extra);
+        let req = parse_request(&bytes, PREFIX).unwrap().unwrap();
+        assert_eq!(
+            req.protocols,
+            vec![b"ocpp2.0.1".to_vec(), b"ocpp1.6".to_vec()]
+        );
+        assert_eq!(req.authorization, vec![b"Basic \xff\xfe".to_vec()]);
+    }
+
+    #[test]
+    fn targets_that_are_not_printable_ascii_or_hold_a_fragment_are_refused() {
+        for target in [
+            b"/CPX#a".to_vec(),
+            b"/CP X".to_vec(),
+            b"/CP\x01X".to_vec(),
+            b"/CP\x7fX".to_vec(),
+            b"/CP\xffX".to_vec(),
+            "/CP\u{e9}X".as_bytes().to_vec(),
+        ] {
+            let mut bytes = b"GET ".to_vec();
+            bytes.extend_from_slice(PREFIX.as_bytes());
+            bytes.extend_from_slice(&target);
+            bytes.extend_from_slice(&request("", "")[4..]);
+            let err = parse_request(&bytes, PREFIX).unwrap_err();
+            let shown = String::from_utf8_lossy(&target);
+            assert_eq!(err.reason(), "invalid_request_target", "{shown}");
+            assert_eq!(err.response().unwrap().status, 400, "{shown}");
+        }
+        let encoded = parse_request(&request(&format!("{PREFIX}/CP%23a%20%C3%A9"), ""), PREFIX)
+            .unwrap()
+            .unwrap();
+        assert_eq!(encoded.charge_box_id_raw, "CP%23a%20%C3%A9");
+        assert_eq!(encoded.charge_box_id, "CP#a \u{e9}");
     }
 
     #[test]

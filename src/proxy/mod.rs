@@ -32,6 +32,8 @@ use relay::{Halves, Limits, relay};
 use tap::{Billing, FrameTap};
 use tls::{ReloadableAcceptor, TlsError};
 
+use crate::telemetry::Throttle;
+
 /// Everything a connection handler needs, shared by all connections.
 pub struct Proxy {
     config: ProxyConfig,
@@ -40,6 +42,9 @@ pub struct Proxy {
     admission: Admission,
     tls: Option<ReloadableAcceptor>,
     upstream_tls: Option<Arc<rustls::ClientConfig>>,
+    /// Running out of file descriptors is logged at most once a second, however many chargers
+    /// it turns away (each is counted).
+    fds_exhausted_log: std::sync::Mutex<Throttle>,
 }
 
 impl Proxy {
@@ -63,6 +68,7 @@ impl Proxy {
             billing,
             tls,
             upstream_tls,
+            fds_exhausted_log: std::sync::Mutex::new(Throttle::per_second()),
         }))
     }
 
@@ -86,6 +92,10 @@ impl Proxy {
         shutdown: Shutdown,
         tasks: TaskTracker,
     ) {
+        // One descriptor held in reserve: out of descriptors, it is given up to accept the
+        // waiting charger and tell it 503 `fds_exhausted` (nginx and libev do the same),
+        // instead of leaving it in the backlog until its own timeout.
+        let mut reserve = std::fs::File::open("/dev/null").ok();
         loop {
             let accepted = tokio::select! {
                 accepted = listener.accept() => accepted,
@@ -97,30 +107,75 @@ impl Proxy {
                     let close = shutdown.close_connections.clone();
                     tasks.spawn(async move { proxy.handle(stream, peer, close).await });
                 }
-                Err(error) => {
-                    // Typically EMFILE: back off instead of spinning; existing chargers go on.
+                Err(error) if fds_exhausted(&error) => {
                     metrics::counter!("ocpp_lago_bridge_accept_errors_total").increment(1);
-                    tracing::error!(%error, "accepting a charger connection failed; raise LimitNOFILE if this is `too many open files`");
+                    self.log_fds_exhausted(None, &error);
+                    match reserve.take() {
+                        Some(spare) => {
+                            drop(spare);
+                            self.refuse_waiting_charger(&listener).await;
+                            reserve = std::fs::File::open("/dev/null").ok();
+                        }
+                        // Back off instead of spinning; connected chargers go on.
+                        None => {
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                            reserve = std::fs::File::open("/dev/null").ok();
+                        }
+                    }
+                }
+                Err(error) => {
+                    metrics::counter!("ocpp_lago_bridge_accept_errors_total").increment(1);
+                    tracing::error!(%error, "accepting a charger connection failed");
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
             }
         }
     }
 
-    async fn handle(&self, mut stream: TcpStream, peer: SocketAddr, close: CancellationToken) {
-        let _ = stream.set_nodelay(true);
-        // Counted from accept, so a flood of handshakes is bounded too.
-        let slot = self.admission.admit(peer.ip());
-        let Some(tls) = &self.tls else {
-            let _slot = match slot {
-                Ok(slot) => slot,
-                Err(refusal) => return refuse(&mut stream, peer, refusal).await,
+    /// With the reserve descriptor freed: accepts the charger waiting in the backlog and answers
+    /// it 503 `fds_exhausted` (inside TLS on a `wss://` listener), within a second at most.
+    async fn refuse_waiting_charger(&self, listener: &TcpListener) {
+        let refuse = async {
+            let Ok((mut stream, peer)) = listener.accept().await else {
+                return;
             };
+            let refusal = Refusal::FdsExhausted;
+            count_handshake(refusal.reason());
+            match &self.tls {
+                None => answer_and_close(&mut stream, refusal, &self.config.path_prefix).await,
+                Some(tls) => {
+                    if let Ok(mut stream) = tls.acceptor().accept(stream).await {
+                        answer_and_close(&mut stream, refusal, &self.config.path_prefix).await
+                    }
+                }
+            }
+            tracing::debug!(%peer, "charger refused: out of file descriptors");
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(1), refuse).await;
+    }
+
+    /// Logs (at most once a second) that a charger was turned away for lack of descriptors.
+    fn log_fds_exhausted(&self, peer: Option<SocketAddr>, error: &dyn std::fmt::Display) {
+        if let Some(suppressed) = crate::lock(&self.fds_exhausted_log).ready() {
+            let peer = peer.map(|p| p.to_string()).unwrap_or_default();
+            tracing::error!(
+                reason = "fds_exhausted",
+                %peer,
+                %error,
+                suppressed,
+                "out of file descriptors: chargers are refused with 503; raise LimitNOFILE= or lower proxy.max_connections"
+            );
+        }
+    }
+
+    async fn handle(&self, stream: TcpStream, peer: SocketAddr, close: CancellationToken) {
+        let _ = stream.set_nodelay(true);
+        let Some(tls) = &self.tls else {
             return self.serve_charger(stream, peer, None, close).await;
         };
         // wss:// chargers pay one more allocation, so that plain ws:// ones do not carry
         // rustls' state in their task.
-        Box::pin(self.handle_tls(tls, stream, peer, slot, close)).await
+        Box::pin(self.handle_tls(tls, stream, peer, close)).await
     }
 
     async fn handle_tls(
@@ -128,26 +183,33 @@ impl Proxy {
         tls: &ReloadableAcceptor,
         stream: TcpStream,
         peer: SocketAddr,
-        slot: Result<Slot<'_>, Refusal>,
         close: CancellationToken,
     ) {
-        let accepting = Box::pin(tls.acceptor().accept(stream));
-        let stream = match tokio::time::timeout(self.config.handshake_timeout, accepting).await {
-            Ok(Ok(stream)) => stream,
-            Ok(Err(error)) => {
-                count_handshake("tls_error");
-                return tracing::warn!(%peer, %error, "charger TLS handshake failed");
-            }
-            Err(_) => {
-                count_handshake("handshake_timeout");
-                return tracing::warn!(%peer, "charger TLS handshake timed out");
+        // The TLS handshake is part of the pending phase: a stalled ClientHello holds a
+        // descriptor too.
+        let pending = self.admission.begin_handshake();
+        let accepting = tokio::time::timeout(
+            self.config.handshake_timeout,
+            Box::pin(tls.acceptor().accept(stream)),
+        );
+        let stream = tokio::select! {
+            accepted = accepting => match accepted {
+                Ok(Ok(stream)) => stream,
+                Ok(Err(error)) => {
+                    count_handshake("tls_error");
+                    return tracing::warn!(%peer, %error, "charger TLS handshake failed");
+                }
+                Err(_) => {
+                    count_handshake("handshake_timeout");
+                    return tracing::warn!(%peer, "charger TLS handshake timed out");
+                }
+            },
+            () = pending.evicted() => {
+                // Logged by the registry, at most once a second.
+                return count_handshake(pending.refusal().reason());
             }
         };
-        let (stream, _slot) = match slot {
-            Ok(slot) => (stream, slot),
-            // The 503 of a wss:// charger over the limit can only be read inside TLS.
-            Err(refusal) => return refuse(&mut { stream }, peer, refusal).await,
-        };
+        drop(pending);
         let certified_id = if tls.requires_client_certificate() {
             let cn = stream
                 .get_ref()
@@ -199,17 +261,28 @@ impl Proxy {
         mut stream: S,
         peer: SocketAddr,
         tls: Option<Option<String>>,
-    ) -> Option<(Connected<S>, tracing::Span)>
+    ) -> Option<(Connected<'_, S>, tracing::Span)>
     where
         S: AsyncRead + AsyncWrite + Unpin + Send,
     {
-        let request = match read_upgrade_request(
-            &mut stream,
-            &self.config.path_prefix,
-            self.config.handshake_timeout,
-        )
-        .await
-        {
+        // Until its request head is complete the connection is only pending: it holds no
+        // charger slot, and newer connections may push it out.
+        let pending = self.admission.begin_handshake();
+        let read = tokio::select! {
+            read = read_upgrade_request(
+                &mut stream,
+                &self.config.path_prefix,
+                self.config.handshake_timeout,
+            ) => Some(read),
+            () = pending.evicted() => None,
+        };
+        let Some(read) = read else {
+            count_handshake(pending.refusal().reason());
+            let _ = pending.refusal().response().write_to(&mut stream).await;
+            return None;
+        };
+        drop(pending);
+        let request = match read {
             Ok(request) => request,
             Err(error) => {
                 count_handshake(error.reason());
@@ -222,6 +295,13 @@ impl Proxy {
         };
         let span = tracing::info_span!("charger", charge_box_id = %request.charge_box_id);
         let connected = async {
+            let slot = match self.admission.admit(peer.ip()) {
+                Ok(slot) => slot,
+                Err(refusal) => {
+                    refuse(&mut stream, peer, refusal).await;
+                    return None;
+                }
+            };
             if let Err(refusal) = self.authorise(&request, tls.as_ref().and_then(Option::as_deref))
             {
                 count_handshake(refusal.reason());
@@ -229,7 +309,8 @@ impl Proxy {
                 let _ = refusal.response().write_to(&mut stream).await;
                 return None;
             }
-            self.dial_for(stream, peer, request, tls.is_some()).await
+            self.dial_for(stream, peer, request, tls.is_some(), slot)
+                .await
         }
         .instrument(span.clone())
         .await?;
@@ -252,13 +333,14 @@ impl Proxy {
     }
 
     /// Dials SteVe for the charger and answers the charger's handshake with SteVe's choice.
-    async fn dial_for<S>(
-        &self,
+    async fn dial_for<'a, S>(
+        &'a self,
         mut stream: S,
         peer: SocketAddr,
         request: UpgradeRequest,
         tls_at_bridge: bool,
-    ) -> Option<Connected<S>>
+        slot: Slot<'a>,
+    ) -> Option<Connected<'a, S>>
     where
         S: AsyncRead + AsyncWrite + Unpin + Send,
     {
@@ -296,7 +378,11 @@ impl Proxy {
             Ok(dialled) => dialled,
             Err(error) => {
                 count_handshake(error.reason());
-                tracing::warn!(%peer, reason = error.reason(), %error, "charger refused: no upstream connection");
+                if matches!(error, upstream::DialError::FdsExhausted(_)) {
+                    self.log_fds_exhausted(Some(peer), &error);
+                } else {
+                    tracing::warn!(%peer, reason = error.reason(), %error, "charger refused: no upstream connection");
+                }
                 let _ = error.response().write_to(&mut stream).await;
                 return None;
             }
@@ -322,20 +408,23 @@ impl Proxy {
             charge_box_id: request.charge_box_id,
             protocol,
             peer,
+            _slot: slot,
         })
     }
 
     /// Relays a connected charger until either side ends.
-    async fn relay_connected<S>(&self, connected: Connected<S>, close: CancellationToken)
+    async fn relay_connected<S>(&self, connected: Connected<'_, S>, close: CancellationToken)
     where
         S: AsyncRead + AsyncWrite + Unpin + Send,
     {
+        // The slot is held for the connection's life, as it was in `handle` before.
         let Connected {
             charger,
             upstream,
             charge_box_id,
             protocol,
             peer,
+            _slot,
         } = connected;
         let connections = metrics::gauge!("ocpp_lago_bridge_charger_connections");
         connections.increment(1.0);
@@ -373,12 +462,31 @@ impl Proxy {
 }
 
 /// A charger whose handshakes with the bridge and with SteVe are done.
-struct Connected<S> {
+struct Connected<'a, S> {
     charger: Halves<WebSocketStream<S>>,
     upstream: Halves<upstream::UpstreamSocket>,
     charge_box_id: String,
     protocol: Option<String>,
     peer: SocketAddr,
+    _slot: Slot<'a>,
+}
+
+/// Whether an I/O error means the process (EMFILE) or the system (ENFILE) is out of
+/// file descriptors.
+pub(crate) fn fds_exhausted(error: &std::io::Error) -> bool {
+    matches!(error.raw_os_error(), Some(libc::EMFILE | libc::ENFILE))
+}
+
+/// Answers a connection accepted only to be refused: reads its request head for a moment (so
+/// closing does not reset the answer away), writes `refusal`'s response, closes.
+async fn answer_and_close<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    refusal: Refusal,
+    path_prefix: &str,
+) {
+    let _ = read_upgrade_request(stream, path_prefix, Duration::from_millis(200)).await;
+    let _ = refusal.response().write_to(stream).await;
+    let _ = tokio::io::AsyncWriteExt::shutdown(stream).await;
 }
 
 /// Answers a charger over a connection limit with 503 (it retries later).

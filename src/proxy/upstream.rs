@@ -1,21 +1,34 @@
 //! Dialling SteVe for one charger, before the charger's handshake is answered.
-
-use std::time::Duration;
+//!
+//! The client handshake is written by hand, as the charger's side is: tungstenite's client
+//! turns header values into `&str` (a non-UTF-8 `Authorization` could not pass unaltered),
+//! and it fails a handshake in which the server selects none of the offered subprotocols,
+//! which RFC 6455 §4.1 allows and a charger connected to SteVe directly accepts.
 
 use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio_tungstenite::tungstenite::Error as WsError;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::tungstenite::http::HeaderValue;
-use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
-use tokio_tungstenite::{Connector, MaybeTlsStream, WebSocketStream};
+use tokio_tungstenite::tungstenite::handshake::client::generate_key;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::http::Uri;
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 use super::handshake::{HttpResponse, UpgradeRequest};
 
 /// The WebSocket to SteVe for one charger.
 pub type UpstreamSocket = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
+/// Largest response head we read from SteVe, and largest refusal body we pass on.
+const MAX_RESPONSE_HEAD: usize = 16 * 1024;
+const MAX_REFUSAL_BODY: usize = 64 * 1024;
+/// How long a refusal's body may take after its head; what came by then is passed on.
+const REFUSAL_BODY_WAIT: Duration = Duration::from_secs(1);
+
 /// Why SteVe did not accept the charger; each maps to the HTTP answer the charger gets.
+/// The details are for the log: the charger's answer never names SteVe's address.
 #[derive(Debug, thiserror::Error)]
 pub enum DialError {
     #[error("SteVe refused the charger with HTTP {status}")]
@@ -29,6 +42,8 @@ pub enum DialError {
     Timeout(Duration),
     #[error("SteVe's handshake answer was not acceptable: {0}")]
     BadHandshake(String),
+    #[error("out of file descriptors dialling SteVe: {0}")]
+    FdsExhausted(String),
 }
 
 impl DialError {
@@ -39,23 +54,44 @@ impl DialError {
             DialError::Unreachable(_) => "upstream_unreachable",
             DialError::Timeout(_) => "upstream_timeout",
             DialError::BadHandshake(_) => "upstream_bad_handshake",
+            DialError::FdsExhausted(_) => "fds_exhausted",
         }
     }
 
-    /// What the charger is told: SteVe's own refusal verbatim, else 502 or 504.
+    /// What the charger is told: SteVe's own refusal verbatim, else 502, 503 or 504 with a
+    /// fixed text.
     pub fn response(&self) -> HttpResponse {
         match self {
             DialError::Refused { response, .. } => (**response).clone(),
-            DialError::Timeout(_) => HttpResponse::text(504, &format!("{self}\n")),
-            DialError::Unreachable(_) | DialError::BadHandshake(_) => {
-                HttpResponse::text(502, &format!("{self}\n"))
+            DialError::Timeout(_) => HttpResponse::text(
+                504,
+                "the central system did not answer the handshake in time\n",
+            ),
+            DialError::Unreachable(_) => {
+                HttpResponse::text(502, "the central system is unreachable\n")
+            }
+            DialError::BadHandshake(_) => HttpResponse::text(
+                502,
+                "the central system's handshake answer was not acceptable\n",
+            ),
+            DialError::FdsExhausted(_) => {
+                HttpResponse::text(503, "the bridge is out of file descriptors; retry later\n")
             }
         }
     }
 }
 
-/// Dials `{upstream_url}/{chargeBoxId}` with the charger's subprotocol offer and credentials.
-/// No retries: the charger is waiting, and it retries by itself.
+fn io_error(error: std::io::Error) -> DialError {
+    if super::fds_exhausted(&error) {
+        DialError::FdsExhausted(error.to_string())
+    } else {
+        DialError::Unreachable(error.to_string())
+    }
+}
+
+/// Dials `{upstream_url}/{chargeBoxId}` with the charger's subprotocol offers and credentials
+/// byte for byte. No retries: the charger is waiting, and it retries by itself. The second
+/// value is the subprotocol SteVe selected, if any.
 pub async fn dial(
     upstream_url: &str,
     request: &UpgradeRequest,
@@ -64,85 +100,253 @@ pub async fn dial(
     config: WebSocketConfig,
     timeout: Duration,
 ) -> Result<(UpstreamSocket, Option<String>), DialError> {
-    let mut url = format!("{upstream_url}/{}", request.charge_box_id_raw);
-    if let Some(query) = &request.query {
-        url.push('?');
-        url.push_str(query);
-    }
-    let mut client_request = url
-        .as_str()
-        .into_client_request()
-        .map_err(|e| DialError::Unreachable(format!("invalid upstream URL {url:?}: {e}")))?;
-    let headers = client_request.headers_mut();
-    for (name, value) in [
-        ("Sec-WebSocket-Protocol", &request.protocols),
-        ("Authorization", &request.authorization),
-    ] {
-        if let Some(value) = value {
-            let value = HeaderValue::from_str(value)
-                .map_err(|_| DialError::BadHandshake(format!("unforwardable {name} header")))?;
-            headers.insert(name, value);
-        }
-    }
+    let handshake = handshake(upstream_url, request, forwarded, tls, config);
+    tokio::time::timeout(timeout, handshake)
+        .await
+        .map_err(|_| DialError::Timeout(timeout))?
+}
 
-    for (name, value) in forwarded {
-        if let Ok(value) = HeaderValue::from_str(value) {
-            headers.insert(*name, value);
-        }
-    }
-
-    let connecting = tokio_tungstenite::connect_async_tls_with_config(
-        client_request,
-        Some(config),
-        true,
-        tls.map(Connector::Rustls),
-    );
-    let (socket, response) = match tokio::time::timeout(timeout, connecting).await {
-        Err(_) => return Err(DialError::Timeout(timeout)),
-        Ok(Ok(connected)) => connected,
-        Ok(Err(e)) => return Err(classify(e)),
+async fn handshake(
+    upstream_url: &str,
+    request: &UpgradeRequest,
+    forwarded: &[(&'static str, String)],
+    tls: Option<Arc<rustls::ClientConfig>>,
+    config: WebSocketConfig,
+) -> Result<(UpstreamSocket, Option<String>), DialError> {
+    let invalid = |what: &str| DialError::Unreachable(format!("upstream URL: {what}"));
+    let uri: Uri = upstream_url.parse().map_err(|_| invalid("unparseable"))?;
+    let secure = match uri.scheme_str() {
+        Some("wss") => true,
+        Some("ws") => false,
+        _ => return Err(invalid("not ws:// or wss://")),
     };
-    let protocol = response
-        .headers()
-        .get("Sec-WebSocket-Protocol")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string);
+    let authority = uri.authority().ok_or_else(|| invalid("no host"))?;
+    let host = authority
+        .host()
+        .trim_start_matches('[')
+        .trim_end_matches(']');
+    let port = authority
+        .port_u16()
+        .unwrap_or(if secure { 443 } else { 80 });
+
+    let tcp = TcpStream::connect((host, port)).await.map_err(io_error)?;
+    let _ = tcp.set_nodelay(true);
+    let mut stream = match (secure, tls) {
+        (false, _) => MaybeTlsStream::Plain(tcp),
+        (true, Some(tls)) => {
+            let name = rustls_pki_types::ServerName::try_from(host.to_string())
+                .map_err(|e| DialError::Unreachable(format!("TLS: server name: {e}")))?;
+            let stream = tokio_rustls::TlsConnector::from(tls)
+                .connect(name, tcp)
+                .await
+                .map_err(|e| DialError::Unreachable(format!("TLS: {e}")))?;
+            MaybeTlsStream::Rustls(stream)
+        }
+        (true, None) => return Err(invalid("wss:// without a TLS client configuration")),
+    };
+
+    let key = generate_key();
+    let head = request_head(&uri, authority.as_str(), &key, request, forwarded);
+    stream.write_all(&head).await.map_err(io_error)?;
+    stream.flush().await.map_err(io_error)?;
+
+    let mut buf = Vec::with_capacity(1024);
+    let (answer, head_len) = loop {
+        let mut chunk = [0u8; 1024];
+        let n = stream.read(&mut chunk).await.map_err(io_error)?;
+        if n == 0 {
+            return Err(DialError::Unreachable(
+                "connection closed during the handshake".into(),
+            ));
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        if let Some(parsed) = Answer::parse(&buf)? {
+            break parsed;
+        }
+        if buf.len() > MAX_RESPONSE_HEAD {
+            return Err(DialError::BadHandshake("response head too large".into()));
+        }
+    };
+    let leftover = buf.split_off(head_len);
+    if answer.status != 101 {
+        return Err(refused(answer, leftover, &mut stream).await);
+    }
+    let protocol = answer.check_switch(&key, &request.protocols)?;
+    let socket =
+        WebSocketStream::from_partially_read(stream, leftover, Role::Client, Some(config)).await;
     Ok((socket, protocol))
 }
 
-fn classify(error: WsError) -> DialError {
-    match error {
-        WsError::Http(response) => {
-            let status = response.status().as_u16();
-            let mut forwarded = HttpResponse {
-                status,
-                headers: Vec::new(),
-                body: response.body().clone().unwrap_or_default(),
-            };
-            for name in ["Content-Type", "WWW-Authenticate"] {
-                if let Some(value) = response.headers().get(name).and_then(|v| v.to_str().ok()) {
-                    forwarded
+/// The upgrade request to SteVe: the charger's path and query, its subprotocol offers and
+/// credentials as it sent them, and the bridge's `X-Forwarded-*`.
+fn request_head(
+    uri: &Uri,
+    authority: &str,
+    key: &str,
+    request: &UpgradeRequest,
+    forwarded: &[(&'static str, String)],
+) -> Vec<u8> {
+    let mut head = Vec::with_capacity(512);
+    let base = uri.path().trim_end_matches('/');
+    head.extend_from_slice(format!("GET {base}/{}", request.charge_box_id_raw).as_bytes());
+    if let Some(query) = &request.query {
+        head.push(b'?');
+        head.extend_from_slice(query.as_bytes());
+    }
+    head.extend_from_slice(
+        format!(
+            " HTTP/1.1\r\nHost: {authority}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {key}\r\n"
+        )
+        .as_bytes(),
+    );
+    // httparse guarantees the charger's values hold no CR or LF.
+    let mut header = |name: &str, value: &[u8]| {
+        head.extend_from_slice(name.as_bytes());
+        head.extend_from_slice(b": ");
+        head.extend_from_slice(value);
+        head.extend_from_slice(b"\r\n");
+    };
+    for offer in &request.protocols {
+        header("Sec-WebSocket-Protocol", offer);
+    }
+    for credentials in &request.authorization {
+        header("Authorization", credentials);
+    }
+    for (name, value) in forwarded {
+        if !value.bytes().any(|b| b == b'\r' || b == b'\n') {
+            header(name, value.as_bytes());
+        }
+    }
+    head.extend_from_slice(b"\r\n");
+    head
+}
+
+/// SteVe's answer head, owned.
+struct Answer {
+    status: u16,
+    headers: Vec<(String, Vec<u8>)>,
+}
+
+impl Answer {
+    /// The answer and its head's length once complete; `None` while more bytes are needed.
+    fn parse(buf: &[u8]) -> Result<Option<(Answer, usize)>, DialError> {
+        let mut headers = [httparse::EMPTY_HEADER; 64];
+        let mut response = httparse::Response::new(&mut headers);
+        match response.parse(buf) {
+            Ok(httparse::Status::Complete(len)) => {
+                let answer = Answer {
+                    status: response.code.unwrap_or_default(),
+                    headers: response
                         .headers
-                        .push((name.to_string(), value.to_string()));
-                }
+                        .iter()
+                        .map(|h| (h.name.to_string(), h.value.to_vec()))
+                        .collect(),
+                };
+                Ok(Some((answer, len)))
             }
-            DialError::Refused {
-                status,
-                response: Box::new(forwarded),
+            Ok(httparse::Status::Partial) => Ok(None),
+            Err(e) => Err(DialError::BadHandshake(format!(
+                "malformed HTTP response: {e}"
+            ))),
+        }
+    }
+
+    fn values<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a [u8]> + 'a {
+        self.headers
+            .iter()
+            .filter(move |(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_slice())
+    }
+
+    fn text(&self, name: &str) -> Option<String> {
+        self.values(name)
+            .next()
+            .and_then(|v| std::str::from_utf8(v).ok())
+            .map(|v| v.trim().to_string())
+    }
+
+    fn has_token(&self, name: &str, token: &str) -> bool {
+        self.values(name)
+            .flat_map(|v| v.split(|&b| b == b','))
+            .any(|t| {
+                String::from_utf8_lossy(t)
+                    .trim()
+                    .eq_ignore_ascii_case(token)
+            })
+    }
+
+    /// Checks a 101 as RFC 6455 §4.1 asks; `Ok(the selected subprotocol)`, `None` when SteVe
+    /// selected none (the charger then gets none, as it would from SteVe directly).
+    fn check_switch(&self, key: &str, offers: &[Vec<u8>]) -> Result<Option<String>, DialError> {
+        let bad = |what: &str| Err(DialError::BadHandshake(what.to_string()));
+        if !self.has_token("Upgrade", "websocket") {
+            return bad("no `Upgrade: websocket` header");
+        }
+        if !self.has_token("Connection", "upgrade") {
+            return bad("no `Connection: Upgrade` header");
+        }
+        if self.text("Sec-WebSocket-Accept").as_deref() != Some(&derive_accept_key(key.as_bytes()))
+        {
+            return bad("wrong Sec-WebSocket-Accept");
+        }
+        if self.values("Sec-WebSocket-Extensions").next().is_some() {
+            return bad("an extension was selected though none was offered");
+        }
+        if self.values("Sec-WebSocket-Protocol").count() > 1 {
+            return bad("more than one subprotocol selected");
+        }
+        let Some(selected) = self.text("Sec-WebSocket-Protocol") else {
+            return Ok(None);
+        };
+        let offered = offers
+            .iter()
+            .flat_map(|offer| offer.split(|&b| b == b','))
+            .any(|token| String::from_utf8_lossy(token).trim() == selected);
+        if !offered {
+            return bad("a subprotocol the charger did not offer was selected");
+        }
+        Ok(Some(selected))
+    }
+}
+
+/// SteVe's refusal as the charger gets it: status, `Content-Type`, `WWW-Authenticate` and the
+/// body (up to its `Content-Length`, what arrived within a second, at most 64 KiB).
+async fn refused(
+    answer: Answer,
+    mut body: Vec<u8>,
+    stream: &mut MaybeTlsStream<TcpStream>,
+) -> DialError {
+    let length = answer
+        .text("Content-Length")
+        .and_then(|v| v.parse::<usize>().ok())
+        .unwrap_or(0)
+        .min(MAX_REFUSAL_BODY);
+    let rest = async {
+        while body.len() < length {
+            let mut chunk = [0u8; 1024];
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => body.extend_from_slice(&chunk[..n]),
             }
         }
-        WsError::Io(e) => DialError::Unreachable(e.to_string()),
-        WsError::Url(e) => DialError::Unreachable(e.to_string()),
-        WsError::Tls(e) => DialError::Unreachable(format!("TLS: {e}")),
-        WsError::ConnectionClosed | WsError::AlreadyClosed => {
-            DialError::Unreachable("connection closed during the handshake".into())
+    };
+    let _ = tokio::time::timeout(REFUSAL_BODY_WAIT, rest).await;
+    // Without a Content-Length the body is what came with the head (as tungstenite did).
+    body.truncate(if length > 0 { length } else { MAX_REFUSAL_BODY });
+    let mut response = HttpResponse {
+        status: answer.status,
+        headers: Vec::new(),
+        body,
+    };
+    for name in ["Content-Type", "WWW-Authenticate"] {
+        if let Some(value) = answer.text(name) {
+            response.headers.push((name.to_string(), value));
         }
-        other @ (WsError::Protocol(_)
-        | WsError::Capacity(_)
-        | WsError::Utf8(_)
-        | WsError::AttackAttempt
-        | WsError::HttpFormat(_)
-        | WsError::WriteBufferFull(_)) => DialError::BadHandshake(other.to_string()),
+    }
+    DialError::Refused {
+        status: answer.status,
+        response: Box::new(response),
     }
 }
 

@@ -98,6 +98,11 @@ pub enum StoreError {
         path: String,
         source: std::io::Error,
     },
+    #[error("cannot create the spool file {path}: {source}")]
+    File {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("stored JSON does not parse: {0}")]
     Json(#[from] serde_json::Error),
 }
@@ -191,6 +196,61 @@ pub struct Stats {
     pub oldest_pending_created_at: Option<i64>,
 }
 
+/// Creates `dir` and its missing parents 0700 whatever the umask (the spool holds idTags);
+/// an existing directory open to others is left as it is, with a warning.
+fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let missing: Vec<&Path> = dir
+        .ancestors()
+        .take_while(|p| !p.as_os_str().is_empty() && !p.exists())
+        .collect();
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    for created in &missing {
+        std::fs::set_permissions(created, std::fs::Permissions::from_mode(0o700))?;
+    }
+    if missing.is_empty() {
+        warn_if_open_to_others(dir, "spool directory");
+    }
+    Ok(())
+}
+
+/// Creates the spool file 0600 whatever the umask, before SQLite does (SQLite gives its
+/// `-wal` and `-shm` files the database's mode); an existing one open to others is warned about.
+fn create_private_file(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+    {
+        Ok(_) => std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            warn_if_open_to_others(path, "spool file");
+            Ok(())
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Warns when `path` grants anything to users other than its owner (wider than 0700 / 0600).
+fn warn_if_open_to_others(path: &Path, what: &'static str) {
+    use std::os::unix::fs::PermissionsExt;
+    if let Ok(meta) = std::fs::metadata(path) {
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            tracing::warn!(
+                path = %path.display(),
+                mode = format!("{mode:04o}"),
+                "the {what} is open to other users and the spool holds idTags; left as it is: chmod it 0700 (directory) or 0600 (file)"
+            );
+        }
+    }
+}
+
 /// An open spool file.
 pub struct Store {
     conn: Connection,
@@ -201,11 +261,15 @@ impl Store {
     /// not modified in any way.
     pub fn open(path: &Path) -> Result<Store, StoreError> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|source| StoreError::Directory {
+            create_private_dir(dir).map_err(|source| StoreError::Directory {
                 path: dir.display().to_string(),
                 source,
             })?;
         }
+        create_private_file(path).map_err(|source| StoreError::File {
+            path: path.display().to_string(),
+            source,
+        })?;
         // Read the version before anything that could write (WAL mode, migrations).
         if path.exists() {
             let probe = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY)?;
@@ -1011,6 +1075,26 @@ impl RequeueOutcome {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_new_spool_and_its_directories_are_private_whatever_the_umask() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a/b/spool.db");
+        // SAFETY: umask only swaps the process's mask; restored below. Other tests running
+        // meanwhile may create files with a wider mode, which they do not check.
+        let previous = unsafe { libc::umask(0) };
+        let opened = Store::open(&path);
+        unsafe { libc::umask(previous) };
+        let mut store = opened.unwrap();
+        store.commit(std::iter::empty(), 0).unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&dir.path().join("a")), 0o700);
+        assert_eq!(mode(&dir.path().join("a/b")), 0o700);
+        for file in ["spool.db", "spool.db-wal", "spool.db-shm"] {
+            assert_eq!(mode(&dir.path().join("a/b").join(file)), 0o600, "{file}");
+        }
+    }
+
     use super::*;
 
     fn event(tid: &str, sub: &str) -> LagoEvent {

@@ -2,6 +2,7 @@
 //! over real loopback sockets to independent OCPP peers (PyPI `ocpp`, npm `ocpp-rpc`) and to a
 //! byte-recording upstream. Peers are installed by `.ci/run`.
 
+mod admission;
 mod billing;
 mod chaos;
 mod contract;
@@ -16,6 +17,7 @@ mod operator_cli;
 mod outbox_collision;
 mod packaging;
 mod peers_selfcheck;
+mod private_files;
 mod relay;
 mod simulate;
 mod steve_recovery;

@@ -32,6 +32,8 @@ pub struct BridgeOptions {
     pub proxy_toml: String,
     /// More `[spool]` keys, one `key = value` a line (e.g. `hold_timeout = "1s"`).
     pub spool_keys: String,
+    /// More `[admin]` keys, one `key = value` a line (e.g. `header_timeout = "1s"`).
+    pub admin_keys: String,
     /// Extra TOML appended to the generated config (whole sections).
     pub extra_toml: String,
     /// Pass `--dry-run`.
@@ -42,6 +44,10 @@ pub struct BridgeOptions {
     pub spool_path: Option<PathBuf>,
     /// Return only once the proxy port accepts (else right after spawning).
     pub wait_until_accepting: bool,
+    /// The open-file limit (soft and hard) the bridge runs under, if not this process's.
+    pub fd_limit: Option<u64>,
+    /// The umask the bridge starts with, if not this process's.
+    pub umask: Option<u32>,
 }
 
 impl Default for BridgeOptions {
@@ -49,11 +55,14 @@ impl Default for BridgeOptions {
         BridgeOptions {
             proxy_toml: String::new(),
             spool_keys: String::new(),
+            admin_keys: String::new(),
             extra_toml: String::new(),
             dry_run: false,
             env: Vec::new(),
             spool_path: None,
             wait_until_accepting: true,
+            fd_limit: None,
+            umask: None,
         }
     }
 }
@@ -132,9 +141,10 @@ impl Bridge {
             .unwrap_or_else(|| dir.path().join("spool.db"));
         let config = format!(
             "[proxy]\nlisten = \"{proxy_addr}\"\npath_prefix = \"{PATH_PREFIX}\"\nupstream_url = \"{upstream_url}\"\n{proxy_toml}\n\n\
-             [admin]\nlisten = \"{admin_addr}\"\n\n[spool]\npath = \"{spool}\"\n{spool_keys}\n\n{extra_toml}\n",
+             [admin]\nlisten = \"{admin_addr}\"\n{admin_keys}\n\n[spool]\npath = \"{spool}\"\n{spool_keys}\n\n{extra_toml}\n",
             spool = spool_path.display(),
             spool_keys = options.spool_keys,
+            admin_keys = options.admin_keys,
             extra_toml = options.extra_toml,
             proxy_toml = options.proxy_toml,
         );
@@ -318,6 +328,28 @@ fn spawn(
         .args(["--log-format", "json"]);
     if options.dry_run {
         command.arg("--dry-run");
+    }
+    let (fd_limit, umask) = (options.fd_limit, options.umask);
+    if fd_limit.is_some() || umask.is_some() {
+        use std::os::unix::process::CommandExt;
+        // SAFETY: between fork and exec only async-signal-safe calls (setrlimit, umask) run.
+        unsafe {
+            command.pre_exec(move || {
+                if let Some(limit) = fd_limit {
+                    let limit = libc::rlimit {
+                        rlim_cur: limit,
+                        rlim_max: limit,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                if let Some(mask) = umask {
+                    libc::umask(mask as libc::mode_t);
+                }
+                Ok(())
+            });
+        }
     }
     command
         .envs(options.env.iter().map(|(k, v)| (k, v)))
