@@ -60,7 +60,9 @@ pub async fn run(
     metrics: PrometheusHandle,
     log_level: LogLevel,
 ) -> Result<(), AppError> {
-    for warning in crate::config::environment_warnings() {
+    // Only when the limit is below what `max_connections` needs: a warning on every start,
+    // whatever the fleet, teaches operators to ignore warnings.
+    if let Some(warning) = crate::config::fd_limit_warning(config.proxy.max_connections) {
         tracing::warn!(%warning, "check the service limits");
     }
     let proxy_listener = bind("proxy.listen", config.proxy.listen).await?;
@@ -420,13 +422,7 @@ fn lago_client(config: &Config, readiness: &Readiness) -> Option<LagoClient> {
 /// SteVe's REST client, when `[steve] api_url` is set and its key can be read.
 fn steve_client(config: &Config) -> Option<crate::steve::SteveClient> {
     let api_url = config.steve.api_url.as_deref()?;
-    let key = read_secret(
-        "SteVe API key",
-        config.steve.api_key_file.as_deref(),
-        None,
-        "STEVE_API_KEY",
-        "set steve.api_key_file or STEVE_API_KEY",
-    );
+    let key = read_steve_api_key(config);
     let client = key.and_then(|key| {
         crate::steve::SteveClient::new(api_url, key, config.steve.request_timeout)
             .map_err(|e| e.to_string())
@@ -438,6 +434,18 @@ fn steve_client(config: &Config) -> Option<crate::steve::SteveClient> {
             None
         }
     }
+}
+
+/// SteVe's REST API key: `steve.api_key_file`, else the environment variable `STEVE_API_KEY`.
+/// Errors never contain the key.
+pub fn read_steve_api_key(config: &Config) -> Result<ApiKey, String> {
+    read_secret(
+        "SteVe API key",
+        config.steve.api_key_file.as_deref(),
+        None,
+        "STEVE_API_KEY",
+        "set steve.api_key_file or STEVE_API_KEY",
+    )
 }
 
 /// The Lago API key: `lago.api_key_file`, else the systemd credential `lago-api-key`, else the

@@ -27,6 +27,7 @@ pub mod template;
 
 use crate::event::{EventProperties, LagoEvent, TimestampSource, decimal_string, kwh_string};
 use crate::ocpp::payload::EnergyReading;
+use crate::ocpp::units::display_timestamp;
 use crate::tap::{MeterValuesRecord, StartRecord, StopRecord, TapKind, TapRecord};
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
@@ -389,16 +390,16 @@ impl Ledger {
                 ocpp_transaction_id: key.ocpp_transaction_id,
                 id_tag: Some(start.id_tag.clone()),
                 detail: format!(
-                    "new Start (connector {}, idTag {}, meterStart {} Wh, timestamp {:?}) replaces \
-                     session (connector {}, idTag {}, meterStart {} Wh, timestamp {:?}, {}); events {}",
+                    "new Start (connector {}, idTag {}, meterStart {} Wh, timestamp {}) replaces \
+                     session (connector {}, idTag {}, meterStart {} Wh, timestamp {}, {}); events {}",
                     start.connector_id,
                     start.id_tag,
                     start.meter_start_wh,
-                    start.timestamp,
+                    display_timestamp(start.timestamp),
                     existing.connector_id,
                     existing.id_tag,
                     existing.meter_start_wh,
-                    existing.start_timestamp,
+                    display_timestamp(existing.start_timestamp),
                     if existing.stop.is_some() { "stopped" } else { "still open" },
                     if held_reused { "held" } else { "sent ({started_at} tells them apart)" },
                 ),
@@ -496,9 +497,10 @@ impl Ledger {
                         ocpp_transaction_id: key.ocpp_transaction_id,
                         id_tag: stop.id_tag.clone(),
                         detail: format!(
-                            "Stop (meterStop {} Wh, timestamp {:?}) without a known Start or \
+                            "Stop (meterStop {} Wh, timestamp {}) without a known Start or \
                              Transaction.Begin reading; recover it from SteVe's transactions",
-                            stop.meter_stop_wh, stop.timestamp
+                            stop.meter_stop_wh,
+                            display_timestamp(stop.timestamp)
                         ),
                         held_event: None,
                     });
@@ -538,9 +540,12 @@ impl Ledger {
                     ocpp_transaction_id: key.ocpp_transaction_id,
                     id_tag: Some(session.id_tag.clone()),
                     detail: format!(
-                        "Stop (meterStop {} Wh, timestamp {:?}) differs from the counted one \
-                         (meterStop {} Wh, timestamp {:?}); the first counts",
-                        facts.meter_stop_wh, facts.timestamp, first.meter_stop_wh, first.timestamp
+                        "Stop (meterStop {} Wh, timestamp {}) differs from the counted one \
+                         (meterStop {} Wh, timestamp {}); the first counts",
+                        facts.meter_stop_wh,
+                        display_timestamp(facts.timestamp),
+                        first.meter_stop_wh,
+                        display_timestamp(first.timestamp)
                     ),
                     held_event: None,
                 });
@@ -655,8 +660,13 @@ impl Ledger {
                 id_tag: Some(s.id_tag.clone()),
                 detail: format!(
                     "more than {MAX_OPEN_PER_CHARGE_BOX} open sessions; dropped the oldest \
-                     (meterStart {} Wh, billed up to {} Wh, mode {:?}); its Stop will read as missing_start",
-                    s.meter_start_wh, s.last_billed_wh, rules.mode
+                     (meterStart {} Wh, billed up to {} Wh, billing.mode {}); its Stop will read as missing_start",
+                    s.meter_start_wh,
+                    s.last_billed_wh,
+                    match rules.mode {
+                        BillingMode::Session => "session",
+                        BillingMode::Incremental => "incremental",
+                    }
                 ),
                 held_event: None,
             });
@@ -717,8 +727,11 @@ fn bill_reading(
                 ocpp_transaction_id: session.key.ocpp_transaction_id,
                 id_tag: Some(session.id_tag.clone()),
                 detail: format!(
-                    "register reading {} Wh at {:?} is below the last billed {} Wh at {:?}; not billed",
-                    reading.wh, reading.timestamp, session.last_billed_wh, session.last_billed_at
+                    "register reading {} Wh at {} is below the last billed {} Wh at {}; not billed",
+                    reading.wh,
+                    display_timestamp(reading.timestamp),
+                    session.last_billed_wh,
+                    display_timestamp(session.last_billed_at)
                 ),
                 held_event: None,
             });

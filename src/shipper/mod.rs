@@ -358,8 +358,12 @@ impl Shipper {
             Ok(Some(metric)) => Some((
                 READY_METRIC,
                 format!(
-                    "billable metric {code:?} is {:?} on field {:?}: it must be sum_agg on \"value\" or every event bills 0",
-                    metric.aggregation_type, metric.field_name
+                    "billable metric \"{code}\" is {} on field {}: it must be sum_agg on \"value\" or every event bills 0",
+                    metric.aggregation_type,
+                    metric
+                        .field_name
+                        .as_deref()
+                        .map_or("(none)".into(), |f| format!("\"{f}\""))
                 ),
             )),
             Ok(None) => Some((

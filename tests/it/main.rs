@@ -11,6 +11,7 @@ mod hardening;
 mod lago_client;
 mod operations;
 mod operator_cli;
+mod operator_experience;
 mod packaging;
 mod peers_selfcheck;
 mod relay;

@@ -1,0 +1,489 @@
+//! Issue 17 items 1-5, as a new operator meets the bridge: `check-config` reporting everything
+//! in one run (offline and `--online`), a CLI that explains itself, logs worth tailing, a shadow
+//! bridge that survives restarts, and the dashboard and alert rules matching what `/metrics`
+//! exports. Every test runs the built binary as a child process.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use rust_decimal::Decimal;
+
+use ocpp_lago_bridge::ledger::{BillingMode, BillingRules, Ledger};
+use ocpp_lago_bridge::tap::{StopRecord, TapKind, TapRecord};
+
+use crate::support::bridge::BRIDGE_BIN;
+use crate::support::lago::{LagoStandIn, MetricDef, StandInConfig};
+use crate::support::net;
+
+/// No CLI command may take longer than this.
+const CLI_LIMIT: Duration = Duration::from_secs(40);
+
+/// What one CLI run printed and how it exited.
+struct Run {
+    code: Option<i32>,
+    stdout: String,
+    stderr: String,
+    took: Duration,
+}
+
+impl Run {
+    fn all(&self) -> String {
+        format!(
+            "exit {:?}\nstdout:\n{}\nstderr:\n{}",
+            self.code, self.stdout, self.stderr
+        )
+    }
+}
+
+/// Runs the binary with exactly `args` and `env`, in `dir`, killed if it outlives `CLI_LIMIT`.
+async fn bridge_cli(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Run {
+    let started = std::time::Instant::now();
+    let child = tokio::process::Command::new(BRIDGE_BIN)
+        .args(args)
+        .current_dir(dir)
+        .env_remove("LAGO_API_KEY")
+        .env_remove("STEVE_API_KEY")
+        .env_remove("CREDENTIALS_DIRECTORY")
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn the bridge binary");
+    let output = tokio::time::timeout(CLI_LIMIT, child.wait_with_output())
+        .await
+        .unwrap_or_else(|_| panic!("`{}` did not finish within {CLI_LIMIT:?}", args.join(" ")))
+        .expect("wait for the bridge binary");
+    Run {
+        code: output.status.code(),
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        took: started.elapsed(),
+    }
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, text).expect("write a test file");
+    path
+}
+
+// ---------------------------------------------------------------------------------------------
+// Item 1: check-config finds everything in one run.
+
+/// One config with structural errors *and* missing files: every one is reported in the same run
+/// (the old code listed the 2 structural ones, then the files only once those were fixed), plus
+/// a missing `lago.api_key_file` and a spool path under a file, which the old code called valid.
+#[tokio::test]
+async fn check_config_reports_structure_files_key_and_spool_problems_in_one_run() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let d = dir.path().display();
+    let plain_file = write(dir.path(), "not-a-dir", "x");
+    let config = write(
+        dir.path(),
+        "bridge.toml",
+        &format!(
+            "[proxy]\nlisten = \"nowhere\"\nallowlist_file = \"{d}/no-allowlist.txt\"\n\
+             [lago]\nbatch_linger = \"soon\"\napi_key_file = \"{d}/no-lago-key\"\n\
+             [billing]\nsubscription_map_file = \"{d}/no-map.csv\"\n\
+             [spool]\npath = \"{}/spool.db\"\n",
+            plain_file.display()
+        ),
+    );
+    let run = bridge_cli(
+        dir.path(),
+        &["check-config", "--config", config.to_str().unwrap()],
+        &[],
+    )
+    .await;
+    assert_eq!(run.code, Some(78), "{}", run.all());
+    for needle in [
+        "`proxy.listen`",
+        "`lago.batch_linger`",
+        "proxy.allowlist_file",
+        "billing.subscription_map_file",
+        "`lago.api_key_file`",
+        "`spool.path`",
+    ] {
+        assert!(
+            run.stderr.contains(needle),
+            "{needle} not reported:\n{}",
+            run.all()
+        );
+    }
+    assert!(
+        run.stderr.contains("6 problem(s)"),
+        "all six at once:\n{}",
+        run.all()
+    );
+    assert!(!run.stdout.contains("valid"), "{}", run.all());
+    assert!(
+        run.took < Duration::from_secs(5),
+        "offline checks are quick: {:?}",
+        run.took
+    );
+}
+
+/// A secret readable by others is a warning, not a failure; a good config is valid and says
+/// what was (not) checked.
+#[tokio::test]
+async fn check_config_warns_about_a_world_readable_key_file_and_otherwise_passes() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let key = write(dir.path(), "lago-api-key", "secret-key-for-check\n");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let config = write(
+        dir.path(),
+        "bridge.toml",
+        &format!(
+            "[lago]\napi_key_file = \"{}\"\n[spool]\npath = \"{}/data/spool.db\"\n",
+            key.display(),
+            dir.path().display()
+        ),
+    );
+    let run = bridge_cli(
+        dir.path(),
+        &["check-config", "--config", config.to_str().unwrap()],
+        &[],
+    )
+    .await;
+    assert_eq!(run.code, Some(0), "{}", run.all());
+    assert!(
+        run.stderr.contains("warning:") && run.stderr.contains("0644"),
+        "{}",
+        run.all()
+    );
+    assert!(
+        run.stdout.contains("configuration is valid"),
+        "{}",
+        run.all()
+    );
+    assert!(!run.all().contains("secret-key-for-check"), "{}", run.all());
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let run = bridge_cli(
+        dir.path(),
+        &["check-config", "--config", config.to_str().unwrap()],
+        &[],
+    )
+    .await;
+    assert_eq!(run.code, Some(0), "{}", run.all());
+    assert!(!run.stderr.contains("0600"), "{}", run.all());
+}
+
+/// `--online` against a Lago stand-in and a SteVe-shaped WebSocket server that refuses the
+/// unknown test id with 404: one `ok:` line each, exit 0. A wrong metric is a problem (78) named
+/// for people; services that are down exit 69 within the probe bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_config_online_reaches_steve_and_lago_and_exits_69_when_they_are_down() {
+    let lago = LagoStandIn::start(StandInConfig {
+        metrics: vec![MetricDef::sum_of_value("kwh")],
+        ..StandInConfig::default()
+    })
+    .await;
+    let steve = crate::support::peers::CentralSystem::start(
+        crate::support::peers::Implementation::Python,
+        crate::support::peers::CentralOptions::default(),
+    )
+    .await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let key = write(dir.path(), "lago-api-key", &lago.api_key());
+    let config_text = |upstream: &str, lago_url: &str| {
+        format!(
+            "[proxy]\nupstream_url = \"{upstream}\"\n[lago]\napi_url = \"{lago_url}\"\napi_key_file = \"{}\"\nmetric_code = \"kwh\"\n[spool]\npath = \"{}/spool.db\"\n",
+            key.display(),
+            dir.path().display()
+        )
+    };
+    let config = write(
+        dir.path(),
+        "up.toml",
+        &config_text(&steve.url_base(), &lago.url()),
+    );
+    let run = bridge_cli(
+        dir.path(),
+        &[
+            "check-config",
+            "--online",
+            "--config",
+            config.to_str().unwrap(),
+        ],
+        &[],
+    )
+    .await;
+    assert_eq!(run.code, Some(0), "{}", run.all());
+    assert!(
+        run.stdout.contains("ok: SteVe WebSocket") && run.stdout.contains("ok: Lago"),
+        "{}",
+        run.all()
+    );
+
+    lago.set_metrics(vec![MetricDef {
+        code: "kwh".into(),
+        aggregation_type: "sum_agg".into(),
+        field_name: Some("gb".into()),
+        expression_fails: false,
+    }]);
+    let run = bridge_cli(
+        dir.path(),
+        &[
+            "check-config",
+            "--online",
+            "--config",
+            config.to_str().unwrap(),
+        ],
+        &[],
+    )
+    .await;
+    assert_eq!(run.code, Some(78), "{}", run.all());
+    assert!(run.stderr.contains("field \"gb\""), "{}", run.all());
+    assert!(
+        !format!("{}{}", run.stdout, run.stderr).contains("Some("),
+        "no Debug text: {}",
+        run.all()
+    );
+
+    // Nobody listens on these ports: both services unreachable, bounded in time.
+    let closed_ws = format!(
+        "ws://{}/steve/websocket/CentralSystemService",
+        net::free_addr()
+    );
+    let closed_http = format!("http://{}", net::free_addr());
+    let down = write(
+        dir.path(),
+        "down.toml",
+        &config_text(&closed_ws, &closed_http),
+    );
+    let run = bridge_cli(
+        dir.path(),
+        &[
+            "check-config",
+            "--online",
+            "--config",
+            down.to_str().unwrap(),
+        ],
+        &[],
+    )
+    .await;
+    assert_eq!(run.code, Some(69), "{}", run.all());
+    assert!(
+        run.stderr.contains("unreachable: SteVe WebSocket")
+            && run.stderr.contains("unreachable: Lago"),
+        "{}",
+        run.all()
+    );
+    assert!(
+        run.took < Duration::from_secs(12),
+        "probes are bounded: {:?}",
+        run.took
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Item 2: a CLI that explains itself.
+
+/// Every verb's help documents every flag (no bare `--json`, `--id`, ...), `simulate` keeps
+/// `{n}`-free text intact, the long help has examples, and the global flags appear once.
+#[tokio::test]
+async fn every_help_documents_every_flag_with_examples_and_global_flags_once() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let verbs: [&[&str]; 8] = [
+        &[],
+        &["run"],
+        &["check-config"],
+        &["spool", "stats"],
+        &["spool", "dead-letters"],
+        &["spool", "requeue"],
+        &["replay"],
+        &["simulate"],
+    ];
+    for verb in verbs {
+        let name = if verb.is_empty() {
+            "(top level)".to_string()
+        } else {
+            verb.join(" ")
+        };
+        let short = bridge_cli(dir.path(), &[verb, &["-h"]].concat(), &[]).await;
+        assert_eq!(short.code, Some(0), "{name} -h: {}", short.all());
+        let lines: Vec<&str> = short.stdout.lines().collect();
+        let options_at = lines
+            .iter()
+            .position(|l| *l == "Options:")
+            .unwrap_or_else(|| panic!("{name}: no Options section:\n{}", short.stdout));
+        for (i, line) in lines.iter().enumerate().skip(options_at + 1) {
+            let trimmed = line.trim_start();
+            if !trimmed.starts_with('-') {
+                continue;
+            }
+            let parts: Vec<&str> = trimmed.splitn(2, "  ").collect();
+            let described = parts.get(1).is_some_and(|d| !d.trim().is_empty())
+                || lines
+                    .get(i + 1)
+                    .is_some_and(|next| !next.trim().is_empty() && !next.trim().starts_with('-'));
+            assert!(
+                described,
+                "{name}: option without a description: {line:?}\n{}",
+                short.stdout
+            );
+        }
+        for global in ["--config", "--log-format"] {
+            assert_eq!(
+                short.stdout.matches(global).count()
+                    - short.stdout.matches(&format!("`{global}`")).count(),
+                1,
+                "{name}: {global} shown once:\n{}",
+                short.stdout
+            );
+        }
+        let long = bridge_cli(dir.path(), &[verb, &["--help"]].concat(), &[]).await;
+        assert_eq!(long.code, Some(0), "{name} --help: {}", long.all());
+        assert!(
+            long.stdout.contains("Examples:"),
+            "{name} --help has no examples:\n{}",
+            long.stdout
+        );
+    }
+    let requeue = bridge_cli(dir.path(), &["spool", "requeue", "-h"], &[]).await;
+    for flag in ["--id", "--reason", "--all"] {
+        assert!(requeue.stdout.contains(flag), "{}", requeue.stdout);
+    }
+    let simulate = bridge_cli(dir.path(), &["simulate", "-h"], &[]).await;
+    assert!(
+        simulate.stdout.contains("SIM-1, SIM-2"),
+        "the --id-prefix help survives clap's `{{n}}`:\n{}",
+        simulate.stdout
+    );
+}
+
+/// Usage errors exit 2 (clap's code) and name every choice; global flags go before or after
+/// the verb.
+#[tokio::test]
+async fn usage_errors_exit_2_and_global_flags_go_before_or_after_the_verb() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = write(
+        dir.path(),
+        "bridge.toml",
+        &format!("[spool]\npath = \"{}/spool.db\"\n", dir.path().display()),
+    );
+    let config = config.to_str().unwrap();
+    let requeue = bridge_cli(dir.path(), &["spool", "requeue", "--config", config], &[]).await;
+    assert_eq!(requeue.code, Some(2), "{}", requeue.all());
+    for flag in ["--id", "--reason", "--all"] {
+        assert!(requeue.stderr.contains(flag), "{}", requeue.all());
+    }
+    let replay = bridge_cli(dir.path(), &["replay", "--config", config], &[]).await;
+    assert_eq!(replay.code, Some(2), "{}", replay.all());
+    assert!(
+        replay.stderr.contains("--session") && replay.stderr.contains("--since"),
+        "{}",
+        replay.all()
+    );
+    for args in [
+        &["replay", "--session", "CP1"][..],
+        &["replay", "--session", "CP1:x"],
+        &["replay", "--session", "CP1:1", "--since", "6h"],
+        &["replay", "--since", "yesterday-ish"],
+        &["spool", "requeue", "--id", "1", "--all"],
+        &["no-such-verb"],
+    ] {
+        let run = bridge_cli(dir.path(), &[args, &["--config", config]].concat(), &[]).await;
+        assert_eq!(run.code, Some(2), "{args:?}: {}", run.all());
+    }
+    ocpp_lago_bridge::spool::store::Store::open(&dir.path().join("spool.db")).expect("spool");
+    let before = bridge_cli(
+        dir.path(),
+        &["--config", config, "spool", "stats", "--json"],
+        &[],
+    )
+    .await;
+    let after = bridge_cli(
+        dir.path(),
+        &["spool", "stats", "--json", "--config", config],
+        &[],
+    )
+    .await;
+    assert_eq!(before.code, Some(0), "{}", before.all());
+    assert_eq!(after.code, Some(0), "{}", after.all());
+    assert_eq!(before.stdout, after.stdout);
+}
+
+/// `replay --session` of a session the spool does not know says so and exits 1 (the old code
+/// said "0 queued" and exited 0), with and without `--rederive`.
+#[tokio::test]
+async fn replay_of_an_unknown_session_says_not_found_and_exits_1() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = write(
+        dir.path(),
+        "bridge.toml",
+        &format!("[spool]\npath = \"{}/spool.db\"\n", dir.path().display()),
+    );
+    ocpp_lago_bridge::spool::store::Store::open(&dir.path().join("spool.db")).expect("spool");
+    for extra in [&[][..], &["--rederive"]] {
+        let run = bridge_cli(
+            dir.path(),
+            &[
+                &[
+                    "replay",
+                    "--session",
+                    "CP9:999",
+                    "--config",
+                    config.to_str().unwrap(),
+                ][..],
+                extra,
+            ]
+            .concat(),
+            &[],
+        )
+        .await;
+        assert_eq!(run.code, Some(1), "{extra:?}: {}", run.all());
+        assert!(
+            run.stderr.contains("CP9:999 not found"),
+            "{extra:?}: {}",
+            run.all()
+        );
+        assert!(run.stdout.is_empty(), "{}", run.all());
+    }
+}
+
+/// Dead-letter details are read by people: times as RFC 3339, absent ones as "none", never
+/// `Some(1796160600)`.
+#[test]
+fn anomaly_details_show_times_not_rust_debug_text() {
+    let rules = BillingRules {
+        mode: BillingMode::Session,
+        metric_code: "kwh".into(),
+        transaction_id: "{transaction_id}".parse().unwrap(),
+        external_subscription_id: "{id_tag}".parse().unwrap(),
+        subscriptions: None,
+        future_tolerance_secs: 600,
+    };
+    let stop = |timestamp| TapRecord {
+        charge_box_id: "CP-DEBUG".into(),
+        received_at: 1_796_160_700,
+        kind: TapKind::Stop(StopRecord {
+            ocpp_transaction_id: 7,
+            meter_stop_wh: Decimal::from(1500),
+            timestamp,
+            id_tag: None,
+            reason: None,
+            begin_reading: None,
+            readings: Vec::new(),
+        }),
+    };
+    let mut details = Vec::new();
+    for timestamp in [Some(1_796_160_600), None] {
+        let mut ledger = Ledger::new();
+        let applied = ledger.apply(&stop(timestamp), &rules);
+        details.extend(applied.anomalies.into_iter().map(|a| a.detail));
+    }
+    assert_eq!(details.len(), 2, "{details:?}");
+    assert!(details[0].contains("2026-12-01T"), "{}", details[0]);
+    assert!(details[1].contains("timestamp none"), "{}", details[1]);
+    for detail in &details {
+        assert!(
+            !detail.contains("Some(") && !detail.contains("None"),
+            "{detail}"
+        );
+    }
+}
