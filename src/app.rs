@@ -78,11 +78,13 @@ pub async fn run(
         shutdown.close_connections.clone(),
     ));
 
-    // A dry run bills into a throw-away spool: shadow events must never reach Lago later.
-    let dry_run_dir = options.dry_run.then(tempdir_for_dry_run);
-    let spool_path = match &dry_run_dir {
-        Some(dir) => dir.join("spool.db"),
-        None => config.spool.path.clone(),
+    // A dry run bills into its own spool beside the live one: shadow events must never reach
+    // Lago, and a restarted shadow bridge must still know its open sessions (a throw-away
+    // spool turned their Stops into missing_start) and what it already printed.
+    let spool_path = if options.dry_run {
+        config.spool.dry_run_path()
+    } else {
+        config.spool.path.clone()
     };
     let heartbeat = Arc::new(AtomicI64::new(writer::unix_now()));
     let pipeline = start_pipeline(&config, &spool_path, &options, &readiness, &heartbeat).await;
@@ -159,9 +161,6 @@ pub async fn run(
             .await;
     }
     let _ = admin.await;
-    if let Some(dir) = dry_run_dir {
-        let _ = std::fs::remove_dir_all(dir);
-    }
     tracing::info!("stopped");
     Ok(())
 }
@@ -486,23 +485,6 @@ fn read_secret(
         return Err(format!("the {what} is empty"));
     }
     Ok(ApiKey::new(secret))
-}
-
-fn tempdir_for_dry_run() -> PathBuf {
-    const PREFIX: &str = "ocpp-lago-bridge-dry-run-";
-    // A killed dry run cannot clean up after itself: remove the spools of dead ones.
-    if let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) {
-        for entry in entries.flatten() {
-            let name = entry.file_name();
-            let pid = name.to_str().and_then(|n| n.strip_prefix(PREFIX));
-            if pid.is_some_and(|pid| !Path::new("/proc").join(pid).exists()) {
-                let _ = std::fs::remove_dir_all(entry.path());
-            }
-        }
-    }
-    let dir = std::env::temp_dir().join(format!("{PREFIX}{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    dir
 }
 
 async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, AppError> {

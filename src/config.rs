@@ -128,6 +128,22 @@ pub struct SpoolConfig {
     pub disk_cap_bytes: u64,
 }
 
+impl SpoolConfig {
+    /// The spool of `run --dry-run`: `path` with `.dry-run` before the extension
+    /// (`data/spool.db` → `data/spool.dry-run.db`), never the live spool itself.
+    pub fn dry_run_path(&self) -> PathBuf {
+        let stem = self
+            .path
+            .file_stem()
+            .map_or_else(|| "spool".into(), |s| s.to_string_lossy().into_owned());
+        let name = match self.path.extension() {
+            Some(ext) => format!("{stem}.dry-run.{}", ext.to_string_lossy()),
+            None => format!("{stem}.dry-run"),
+        };
+        self.path.with_file_name(name)
+    }
+}
+
 /// `[admin]`: the metrics and health listener.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AdminConfig {
@@ -940,6 +956,27 @@ mod tests {
                 problems.iter().any(|p| p.contains(needle)),
                 "no problem mentions {needle}: {problems:#?}"
             );
+        }
+    }
+
+    #[test]
+    fn the_dry_run_spool_sits_beside_the_live_one_under_another_name() {
+        let spool = |path: &str| SpoolConfig {
+            path: PathBuf::from(path),
+            ..Config::default().spool
+        };
+        for (live, dry) in [
+            ("data/spool.db", "data/spool.dry-run.db"),
+            (
+                "/var/lib/x/spool.sqlite3",
+                "/var/lib/x/spool.dry-run.sqlite3",
+            ),
+            ("spool", "spool.dry-run"),
+            ("/srv/.spool", "/srv/.spool.dry-run"),
+        ] {
+            let config = spool(live);
+            assert_eq!(config.dry_run_path(), PathBuf::from(dry), "{live}");
+            assert_ne!(config.dry_run_path(), config.path);
         }
     }
 

@@ -7,14 +7,19 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
+use futures_util::{SinkExt, StreamExt};
 use rust_decimal::Decimal;
+use serde_json::Value;
+use tokio_tungstenite::tungstenite::Message;
 
 use ocpp_lago_bridge::ledger::{BillingMode, BillingRules, Ledger};
+use ocpp_lago_bridge::spool::store::Store;
 use ocpp_lago_bridge::tap::{StopRecord, TapKind, TapRecord};
 
-use crate::support::bridge::BRIDGE_BIN;
+use crate::support::bridge::{BRIDGE_BIN, Bridge, BridgeOptions};
 use crate::support::lago::{LagoStandIn, MetricDef, StandInConfig};
-use crate::support::net;
+use crate::support::peers::{CentralOptions, CentralSystem, Implementation};
+use crate::support::{net, poll_until, within, ws};
 
 /// No CLI command may take longer than this.
 const CLI_LIMIT: Duration = Duration::from_secs(40);
@@ -182,11 +187,7 @@ async fn check_config_online_reaches_steve_and_lago_and_exits_69_when_they_are_d
         ..StandInConfig::default()
     })
     .await;
-    let steve = crate::support::peers::CentralSystem::start(
-        crate::support::peers::Implementation::Python,
-        crate::support::peers::CentralOptions::default(),
-    )
-    .await;
+    let steve = CentralSystem::start(Implementation::Python, CentralOptions::default()).await;
     let dir = tempfile::tempdir().expect("temp dir");
     let key = write(dir.path(), "lago-api-key", &lago.api_key());
     let config_text = |upstream: &str, lago_url: &str| {
@@ -486,4 +487,116 @@ fn anomaly_details_show_times_not_rust_debug_text() {
             "{detail}"
         );
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Item 4: shadow mode that survives restarts.
+
+/// Sends a CALL on a raw charger socket and returns the CALLRESULT with `id` (10 s at most).
+async fn call(socket: &mut ws::ClientWs, frame: &str, id: &str) -> Value {
+    socket
+        .send(Message::text(frame))
+        .await
+        .expect("send CALL through the bridge");
+    let reply = within(Duration::from_secs(10), "CALLRESULT", async {
+        loop {
+            match socket.next().await {
+                Some(Ok(Message::Text(text))) => {
+                    let value: Value = serde_json::from_str(&text).expect("JSON reply");
+                    if value[1] == id {
+                        return value;
+                    }
+                }
+                Some(Ok(_)) => continue,
+                other => panic!("connection ended while waiting for {id}: {other:?}"),
+            }
+        }
+    })
+    .await;
+    assert_eq!(reply[0], 3, "CALLRESULT for {id}: {reply}");
+    reply
+}
+
+async fn booted_charger(bridge: &Bridge, charge_box_id: &str) -> ws::ClientWs {
+    let (mut socket, _) = ws::connect(&bridge.charger_url(charge_box_id), &["ocpp1.6"], None)
+        .await
+        .expect("connect a charger through the bridge");
+    let boot =
+        r#"[2,"boot","BootNotification",{"chargePointVendor":"it","chargePointModel":"dry"}]"#;
+    call(&mut socket, boot, "boot").await;
+    socket
+}
+
+/// A shadow bridge killed mid-session and started again still knows the session: its Stop
+/// becomes one printed event (the old throw-away spool in /tmp made it `missing_start`), the
+/// event is not printed again after another restart, and the live spool is never touched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dry_run_keeps_its_own_spool_across_restarts_and_prints_each_event_once() {
+    let central = CentralSystem::start(Implementation::Python, CentralOptions::default()).await;
+    let mut bridge = Bridge::start_opts(
+        &central.url_base(),
+        BridgeOptions {
+            dry_run: true,
+            ..Default::default()
+        },
+    )
+    .await;
+    let mut charger = booted_charger(&bridge, "DRY-RESTART").await;
+    let start = call(
+        &mut charger,
+        r#"[2,"start","StartTransaction",{"connectorId":1,"idTag":"TAG-DRY","meterStart":1000,"timestamp":"2026-12-01T10:00:00Z"}]"#,
+        "start",
+    )
+    .await;
+    let tx = start[2]["transactionId"]
+        .as_i64()
+        .unwrap_or_else(|| panic!("no transactionId: {start}"));
+    drop(charger);
+
+    // SIGKILL mid-session, then the same config again.
+    bridge.restart().await;
+    let mut charger = booted_charger(&bridge, "DRY-RESTART").await;
+    call(
+        &mut charger,
+        &format!(
+            r#"[2,"stop","StopTransaction",{{"transactionId":{tx},"meterStop":3500,"timestamp":"2026-12-01T10:30:00Z"}}]"#
+        ),
+        "stop",
+    )
+    .await;
+    let printed = poll_until(Duration::from_secs(15), || {
+        let stdout = bridge.stdout();
+        (!stdout.trim().is_empty()).then_some(stdout)
+    })
+    .await
+    .unwrap_or_else(|| panic!("no event printed; stderr:\n{}", bridge.stderr()));
+    let event: Value = serde_json::from_str(printed.lines().next().unwrap()).expect("event JSON");
+    assert_eq!(event["properties"]["value"], "2.5", "{event}");
+    assert_eq!(event["properties"]["ocpp_transaction_id"], tx, "{event}");
+    drop(charger);
+
+    // Another restart prints nothing again: longer than the shipper's idle poll.
+    bridge.restart().await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let status = bridge.terminate(Duration::from_secs(20)).await;
+    assert!(status.success(), "bridge exit: {status}");
+    assert_eq!(
+        bridge.stdout().lines().count(),
+        1,
+        "each event printed once across restarts:\n{}",
+        bridge.stdout()
+    );
+
+    let dry_spool = bridge.dir().join("spool.dry-run.db");
+    assert!(
+        !bridge.spool_path().exists(),
+        "a dry run never creates or touches the live spool {}",
+        bridge.spool_path().display()
+    );
+    let store = Store::open(&dry_spool).expect("the dry-run spool stays for the next start");
+    let dead = store.dead_letters(None).expect("dead letters");
+    assert!(
+        dead.is_empty(),
+        "no missing_start or other dead letter: {dead:?}"
+    );
 }
