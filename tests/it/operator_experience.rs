@@ -600,3 +600,223 @@ async fn a_dry_run_keeps_its_own_spool_across_restarts_and_prints_each_event_onc
         "no missing_start or other dead letter: {dead:?}"
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// Item 3: logs worth tailing.
+
+/// The top-level keys of one JSON object, duplicates kept (serde_json's `Value` keeps the last).
+struct Keys(Vec<String>);
+
+impl<'de> serde::Deserialize<'de> for Keys {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = Keys;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Keys, A::Error> {
+                let mut keys = Vec::new();
+                while let Some((key, _)) = map.next_entry::<String, serde::de::IgnoredAny>()? {
+                    keys.push(key);
+                }
+                Ok(Keys(keys))
+            }
+        }
+        deserializer.deserialize_map(Visitor)
+    }
+}
+
+/// A tap warning logged inside the charger's span names `charge_box_id` once, not twice (the
+/// old layer wrote the span's and the event's), and so does every other line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_log_lines_have_each_key_once_even_inside_a_charger_span() {
+    let central = CentralSystem::start(Implementation::Python, CentralOptions::default()).await;
+    let bridge = Bridge::start(&central.url_base()).await;
+    let mut charger = booted_charger(&bridge, "LOG-DUP").await;
+    // Not an OCPP-J array: relayed unchanged, and the tap warns naming the charger.
+    charger
+        .send(Message::text(r#"{"not":"ocpp"}"#))
+        .await
+        .expect("send a frame the tap does not understand");
+    let warned = poll_until(Duration::from_secs(10), || {
+        bridge
+            .stderr()
+            .lines()
+            .find(|l| l.contains("not understood"))
+            .map(str::to_owned)
+    })
+    .await
+    .unwrap_or_else(|| panic!("no tap warning:\n{}", bridge.stderr()));
+    let keys: Keys = serde_json::from_str(&warned).expect("a JSON object");
+    assert_eq!(
+        keys.0.iter().filter(|k| *k == "charge_box_id").count(),
+        1,
+        "{warned}"
+    );
+    drop(charger);
+    for line in bridge.stderr().lines() {
+        let Keys(keys) = serde_json::from_str(line).expect("every line a JSON object");
+        let mut sorted = keys.clone();
+        sorted.sort();
+        sorted.dedup();
+        assert_eq!(sorted.len(), keys.len(), "a key twice in: {line}");
+    }
+}
+
+/// Every metric name the dashboard and the alerts may use is on `/metrics` before any charger
+/// connects (the old bridge showed 2 series until traffic arrived), counters and gauges at 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_metric_is_exported_at_zero_before_any_traffic() {
+    let central = CentralSystem::start(Implementation::Python, CentralOptions::default()).await;
+    let bridge = Bridge::start(&central.url_base()).await;
+    let metrics = crate::support::admin::scrape(bridge.admin_addr).await;
+    for name in ocpp_lago_bridge::telemetry::metric_names() {
+        let exported = metrics.has(name) || metrics.has(&format!("{name}_count"));
+        assert!(exported, "{name} missing at start:\n{}", metrics.text);
+    }
+    assert_eq!(
+        metrics.sum("ocpp_lago_bridge_charger_connections", &[]),
+        0.0
+    );
+    assert_eq!(metrics.sum("ocpp_lago_bridge_dead_letters_total", &[]), 0.0);
+    assert!(
+        metrics.samples.len() > 30,
+        "every series at zero: {}",
+        metrics.text
+    );
+}
+
+/// `--log-format text` into a file: no ANSI colours, and a chargeBoxId holding `%0A` (a newline
+/// once decoded) stays inside its line, escaped, instead of forging a line of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn text_logs_in_a_file_have_no_colours_and_escape_control_characters() {
+    let central = CentralSystem::start(Implementation::Python, CentralOptions::default()).await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (proxy, admin) = (net::free_addr(), net::free_addr());
+    let config = write(
+        dir.path(),
+        "bridge.toml",
+        &format!(
+            "[proxy]\nlisten = \"{proxy}\"\npath_prefix = \"{prefix}\"\nupstream_url = \"{upstream}\"\n\
+             [admin]\nlisten = \"{admin}\"\n[spool]\npath = \"{d}/spool.db\"\n[log]\nlevel = \"debug\"\n",
+            prefix = crate::support::PATH_PREFIX,
+            upstream = central.url_base(),
+            d = dir.path().display()
+        ),
+    );
+    let stderr_path = dir.path().join("stderr.log");
+    let mut child = std::process::Command::new(BRIDGE_BIN)
+        .args(["run", "--log-format", "text", "--config"])
+        .arg(&config)
+        .env_remove("LAGO_API_KEY")
+        .env_remove("NOTIFY_SOCKET")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&stderr_path).expect("stderr file"))
+        .spawn()
+        .expect("spawn the bridge");
+    struct Kill<'a>(&'a mut std::process::Child);
+    impl Drop for Kill<'_> {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _guard = Kill(&mut child);
+    assert!(
+        net::wait_until_accepting(proxy, Duration::from_secs(15)).await,
+        "bridge not accepting:\n{}",
+        std::fs::read_to_string(&stderr_path).unwrap_or_default()
+    );
+    let forged = "EVIL%0A1999-01-01T00:00:00.000000Z%20ERROR%20forged%20line%0D%1B[31m";
+    let url = format!("ws://{proxy}{}/{forged}", crate::support::PATH_PREFIX);
+    if let Ok((mut socket, _)) = ws::connect(&url, &["ocpp1.6"], None).await {
+        let _ = call(&mut socket, r#"[2,"hb","Heartbeat",{}]"#, "hb").await;
+        let _ = socket.close(None).await;
+    }
+    let logged = poll_until(Duration::from_secs(10), || {
+        let text = std::fs::read_to_string(&stderr_path).unwrap_or_default();
+        text.contains("EVIL").then_some(text)
+    })
+    .await
+    .unwrap_or_else(|| {
+        panic!(
+            "the charger's id was never logged:\n{}",
+            std::fs::read_to_string(&stderr_path).unwrap_or_default()
+        )
+    });
+    assert!(
+        !logged.contains('\u{1b}'),
+        "no ANSI escape in a file:\n{logged:?}"
+    );
+    assert!(
+        !logged.contains('\r'),
+        "no raw carriage return:\n{logged:?}"
+    );
+    for line in logged.lines() {
+        assert!(
+            !line.starts_with("1999-"),
+            "a chargeBoxId forged a log line:\n{logged}"
+        );
+    }
+    assert!(
+        logged.contains("EVIL\\n1999-"),
+        "escaped in place:\n{logged}"
+    );
+}
+
+/// Lago's billable metric is wrong: delivery pauses, is re-probed every 5 s, and the pause is
+/// logged once (the old shipper logged an ERROR every 5 s); once fixed, its end is logged once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_pause_is_logged_once_and_its_end_once() {
+    let central = CentralSystem::start(Implementation::Python, CentralOptions::default()).await;
+    let lago = LagoStandIn::start(StandInConfig {
+        metrics: vec![MetricDef {
+            code: "kwh".into(),
+            aggregation_type: "count_agg".into(),
+            field_name: None,
+            expression_fails: false,
+        }],
+        ..StandInConfig::default()
+    })
+    .await;
+    let bridge = Bridge::start_opts(
+        &central.url_base(),
+        BridgeOptions {
+            extra_toml: format!(
+                "[lago]\napi_url = \"{}\"\nmetric_code = \"kwh\"\n",
+                lago.url()
+            ),
+            env: vec![("LAGO_API_KEY".into(), lago.api_key())],
+            ..Default::default()
+        },
+    )
+    .await;
+    let count = |needle: &str| {
+        bridge
+            .stderr()
+            .lines()
+            .filter(|l| l.contains(needle))
+            .count()
+    };
+    poll_until(Duration::from_secs(10), || {
+        (count("delivery paused") > 0).then_some(())
+    })
+    .await
+    .unwrap_or_else(|| panic!("no pause logged:\n{}", bridge.stderr()));
+    // Three re-probes' worth.
+    tokio::time::sleep(Duration::from_secs(16)).await;
+    assert_eq!(count("delivery paused"), 1, "{}", bridge.stderr());
+    assert_eq!(count("still paused"), 0, "{}", bridge.stderr());
+
+    lago.set_metrics(vec![MetricDef::sum_of_value("kwh")]);
+    poll_until(Duration::from_secs(15), || {
+        (count("delivery resumed") > 0).then_some(())
+    })
+    .await
+    .unwrap_or_else(|| panic!("no resumption logged:\n{}", bridge.stderr()));
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert_eq!(count("delivery resumed"), 1, "{}", bridge.stderr());
+    assert_eq!(count("delivery paused"), 1, "{}", bridge.stderr());
+}
