@@ -65,6 +65,9 @@ pub async fn run(
     if let Some(warning) = crate::config::fd_limit_warning(config.proxy.max_connections) {
         tracing::warn!(%warning, "check the service limits");
     }
+    // The cap as a series, so that "spool near its disk cap" is one alert expression.
+    metrics::gauge!("ocpp_lago_bridge_spool_disk_cap_bytes")
+        .set(config.spool.disk_cap_bytes as f64);
     let proxy_listener = bind("proxy.listen", config.proxy.listen).await?;
     let admin_listener = bind("admin.listen", config.admin.listen).await?;
     let readiness = Readiness::default();

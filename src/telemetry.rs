@@ -260,6 +260,8 @@ const ZERO_COUNTERS: &[(&str, &[(&str, &str)])] = &[
 
 /// Gauges registered at zero; their owners set the real value as soon as they know it.
 const ZERO_GAUGES: &[&str] = &[
+    "ocpp_lago_bridge_ready",
+    "ocpp_lago_bridge_spool_disk_cap_bytes",
     "ocpp_lago_bridge_charger_connections",
     "ocpp_lago_bridge_spool_pending_events",
     "ocpp_lago_bridge_spool_oldest_pending_age_seconds",
@@ -388,11 +390,17 @@ fn admin_response(
     readiness: &Readiness,
 ) -> Response<Full<Bytes>> {
     let (status, content_type, body) = match request.uri().path() {
-        "/metrics" => (
-            StatusCode::OK,
-            "text/plain; version=0.0.4",
-            metrics.render(),
-        ),
+        "/metrics" => {
+            // Readiness as a series, for the "not ready for 5 minutes" alert: current at every
+            // scrape, which is the only time anyone reads it.
+            let ready = readiness.problems().is_empty();
+            metrics::gauge!("ocpp_lago_bridge_ready").set(if ready { 1.0 } else { 0.0 });
+            (
+                StatusCode::OK,
+                "text/plain; version=0.0.4",
+                metrics.render(),
+            )
+        }
         "/healthz" => (
             StatusCode::OK,
             "application/json",

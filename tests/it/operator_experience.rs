@@ -820,3 +820,103 @@ async fn a_delivery_pause_is_logged_once_and_its_end_once() {
     assert_eq!(count("delivery resumed"), 1, "{}", bridge.stderr());
     assert_eq!(count("delivery paused"), 1, "{}", bridge.stderr());
 }
+
+// ---------------------------------------------------------------------------------------------
+// Item 5: a dashboard and alerts.
+
+/// Every `ocpp_lago_bridge_*` name in `text`.
+fn bridge_metric_names(text: &str) -> Vec<String> {
+    let mut names = Vec::new();
+    let mut rest = text;
+    while let Some(at) = rest.find("ocpp_lago_bridge_") {
+        let tail = &rest[at..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(tail.len());
+        names.push(tail[..end].to_string());
+        rest = &tail[end..];
+    }
+    names
+}
+
+/// The dashboard's queries and the alert rules use only metrics a freshly started bridge
+/// exports (histograms through their `_bucket` series), and `up`, which Prometheus makes; the
+/// dashboard has the panels issue 17 lists.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_and_the_alert_rules_use_only_metrics_the_bridge_exports() {
+    let root = crate::support::repo_root();
+    let dashboard: Value = serde_json::from_str(
+        &std::fs::read_to_string(root.join("deploy/grafana/ocpp-lago-bridge.json"))
+            .expect("read the dashboard"),
+    )
+    .expect("the dashboard is JSON");
+    let mut exprs: Vec<(String, String)> = Vec::new();
+    let panels = dashboard["panels"].as_array().expect("panels");
+    for panel in panels {
+        let title = panel["title"].as_str().expect("a title").to_string();
+        let targets = panel["targets"].as_array().expect("targets");
+        assert!(!targets.is_empty(), "{title}: no query");
+        for target in targets {
+            exprs.push((
+                format!("panel {title}"),
+                target["expr"].as_str().expect("expr").to_string(),
+            ));
+        }
+    }
+    let rules: Value = serde_norway::from_str(
+        &std::fs::read_to_string(root.join("deploy/prometheus/alerts.yml"))
+            .expect("read the alert rules"),
+    )
+    .expect("the rules are YAML");
+    let mut alerts = Vec::new();
+    for group in rules["groups"].as_array().expect("groups") {
+        for rule in group["rules"].as_array().expect("rules") {
+            let name = rule["alert"].as_str().expect("alert name").to_string();
+            exprs.push((
+                format!("alert {name}"),
+                rule["expr"].as_str().expect("expr").to_string(),
+            ));
+            alerts.push(name);
+        }
+    }
+    assert_eq!(alerts.len(), 6, "{alerts:?}");
+
+    let central = CentralSystem::start(Implementation::Python, CentralOptions::default()).await;
+    let bridge = Bridge::start(&central.url_base()).await;
+    let exported = crate::support::admin::scrape(bridge.admin_addr).await;
+    for (what, expr) in &exprs {
+        let names = bridge_metric_names(expr);
+        assert!(
+            !names.is_empty() || expr.starts_with("up{"),
+            "{what}: `{expr}` uses no bridge metric"
+        );
+        for name in names {
+            assert!(
+                exported.has(&name),
+                "{what}: `{expr}` uses {name}, which the bridge does not export:\n{}",
+                exported.text
+            );
+        }
+    }
+    let titles: Vec<String> = panels
+        .iter()
+        .map(|p| p["title"].as_str().unwrap().to_lowercase())
+        .collect();
+    for wanted in [
+        "connected chargers",
+        "frames",
+        "reply hold",
+        "pending events",
+        "oldest pending",
+        "delivered",
+        "dead letters",
+        "lago requests",
+        "lago request latency",
+        "released uncommitted",
+    ] {
+        assert!(
+            titles.iter().any(|t| t.contains(wanted)),
+            "no panel for {wanted}: {titles:?}"
+        );
+    }
+}
