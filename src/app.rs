@@ -147,7 +147,7 @@ pub async fn run(
     };
     systemd::stopping();
     probe.abort();
-    tracing::info!(signal, grace = ?config.proxy.shutdown_grace, "shutting down: no new chargers; connected ones are closed after the grace period");
+    tracing::info!(signal, grace = %humantime::format_duration(config.proxy.shutdown_grace), "shutting down: no new chargers; connected ones are closed after the grace period");
     let left = shutdown::drain(&shutdown, &connections, config.proxy.shutdown_grace).await;
     let _ = accepting.await;
     // The proxy holds a handle to the spool writer: the writer ends once every handle is gone.
@@ -234,7 +234,7 @@ async fn reload(options: &RunOptions, log_level: &LogLevel, pipeline: Option<&Pi
     let config = match Config::load(options.config_path.as_deref()) {
         Ok(config) => config,
         Err(errors) => {
-            tracing::error!(problems = ?errors.problems, "SIGHUP: the config is invalid; nothing was reloaded");
+            tracing::error!(problems = %errors.problems.join("; "), "SIGHUP: the config is invalid; nothing was reloaded");
             return;
         }
     };
@@ -249,7 +249,7 @@ async fn reload(options: &RunOptions, log_level: &LogLevel, pipeline: Option<&Pi
             tracing::info!(subscription_map_entries = mapped, log_level = %config.log.level, "SIGHUP: subscription map and log level reloaded");
         }
         Err(problems) => {
-            tracing::error!(problems = ?problems, "SIGHUP: subscription map invalid; the previous one stays");
+            tracing::error!(problems = %problems.join("; "), "SIGHUP: subscription map invalid; the previous one stays");
         }
     }
 }
@@ -327,7 +327,7 @@ async fn start_pipeline(
         Ok(rules) => Arc::new(rules),
         Err(problems) => {
             // Validated at load; only a file changed since then can fail here.
-            tracing::error!(problems = ?problems, "billing rules unusable: relaying WITHOUT billing");
+            tracing::error!(problems = %problems.join("; "), "billing rules unusable: relaying WITHOUT billing");
             readiness.set_problem(writer::READY_CHECK, problems.join("; "));
             return None;
         }
