@@ -920,3 +920,50 @@ async fn the_dashboard_and_the_alert_rules_use_only_metrics_the_bridge_exports()
         );
     }
 }
+
+/// The open-file-limit warning only when the limit is below what `proxy.max_connections`
+/// needs: with the limit at 256, `max_connections = 0` (sized from the limit) gets no warning
+/// (the old check warned whatever the fleet), `max_connections = 1000` does.
+#[tokio::test]
+async fn the_fd_limit_warning_appears_only_when_max_connections_does_not_fit() {
+    use std::os::unix::process::CommandExt;
+    let dir = tempfile::tempdir().expect("temp dir");
+    for (max_connections, warned) in [(0, false), (50, false), (1000, true)] {
+        let config = write(
+            dir.path(),
+            "bridge.toml",
+            &format!(
+                "[proxy]\nmax_connections = {max_connections}\n[spool]\npath = \"{}/spool.db\"\n",
+                dir.path().display()
+            ),
+        );
+        let mut command = std::process::Command::new(BRIDGE_BIN);
+        command
+            .args(["check-config", "--config"])
+            .arg(&config)
+            .env("LAGO_API_KEY", "k")
+            .stdin(Stdio::null());
+        // SAFETY: setrlimit is async-signal-safe; it only lowers this child's own limit.
+        unsafe {
+            command.pre_exec(|| {
+                let limit = libc::rlimit {
+                    rlim_cur: 256,
+                    rlim_max: 256,
+                };
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0 {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::last_os_error())
+                }
+            });
+        }
+        let output = command.output().expect("run check-config");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(0), "{stderr}");
+        assert_eq!(
+            stderr.contains("open-file limit"),
+            warned,
+            "max_connections = {max_connections}:\n{stderr}"
+        );
+    }
+}
