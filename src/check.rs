@@ -145,7 +145,13 @@ pub async fn check_config(path: Option<&Path>, online: bool) -> Report {
         return report;
     };
     local_checks(&config, &mut report);
-    if online {
+    if online && !report.problems.is_empty() {
+        // Invalid values were replaced by defaults: probing those would report on services
+        // the operator never named.
+        report
+            .warnings
+            .push("--online: SteVe and Lago were not probed; fix the problems above first".into());
+    } else if online {
         let (steve_ws, steve_rest, lago) = tokio::join!(
             bounded(probe_steve_websocket(&config)),
             bounded(probe_steve_rest(&config)),
