@@ -70,9 +70,14 @@ pub async fn run(
     metrics: PrometheusHandle,
     log_level: LogLevel,
 ) -> Result<(), AppError> {
-    for warning in crate::config::environment_warnings(&config.proxy) {
+    // Only when the limit is below what `max_connections` needs: a warning on every start,
+    // whatever the fleet, teaches operators to ignore warnings.
+    if let Some(warning) = crate::config::fd_limit_warning(config.proxy.max_connections) {
         tracing::warn!(%warning, "check the service limits");
     }
+    // The cap as a series, so that "spool near its disk cap" is one alert expression.
+    metrics::gauge!("ocpp_lago_bridge_spool_disk_cap_bytes")
+        .set(config.spool.disk_cap_bytes as f64);
     let proxy_listener = bind("proxy.listen", config.proxy.listen).await?;
     let admin_listener = bind("admin.listen", config.admin.listen).await?;
     let readiness = Readiness::default();
@@ -94,11 +99,13 @@ pub async fn run(
         ),
     ));
 
-    // A dry run bills into a throw-away spool: shadow events must never reach Lago later.
-    let dry_run_dir = options.dry_run.then(tempdir_for_dry_run);
-    let spool_path = match &dry_run_dir {
-        Some(dir) => dir.join("spool.db"),
-        None => config.spool.path.clone(),
+    // A dry run bills into its own spool beside the live one: shadow events must never reach
+    // Lago, and a restarted shadow bridge must still know its open sessions (a throw-away
+    // spool turned their Stops into missing_start) and what it already printed.
+    let spool_path = if options.dry_run {
+        config.spool.dry_run_path()
+    } else {
+        config.spool.path.clone()
     };
     let heartbeat = Arc::new(AtomicI64::new(writer::unix_now()));
     let pipeline = start_pipeline(
@@ -171,7 +178,7 @@ pub async fn run(
     systemd::stopping();
     supervisor.stopping();
     probe.abort();
-    tracing::info!(signal, grace = ?config.proxy.shutdown_grace, "shutting down: no new chargers; connected ones are closed after the grace period");
+    tracing::info!(signal, grace = %humantime::format_duration(config.proxy.shutdown_grace), "shutting down: no new chargers; connected ones are closed after the grace period");
     let left = shutdown::drain(&shutdown, &connections, config.proxy.shutdown_grace).await;
     let _ = accepting.await;
     // The proxy holds a handle to the spool writer: the writer ends once every handle is gone.
@@ -189,9 +196,6 @@ pub async fn run(
     }
     stop_admin.cancel();
     let _ = admin.await;
-    if let Some(dir) = dry_run_dir {
-        let _ = std::fs::remove_dir_all(dir);
-    }
     // A task that panicked during the shutdown still makes it a failure.
     if let Some(failure) = supervisor.failure() {
         return Err(AppError::TaskFailed(failure));
@@ -316,7 +320,7 @@ async fn reload(options: &RunOptions, log_level: &LogLevel, pipeline: Option<&Pi
     let config = match Config::load(options.config_path.as_deref()) {
         Ok(config) => config,
         Err(errors) => {
-            tracing::error!(problems = ?errors.problems, "SIGHUP: the config is invalid; nothing was reloaded");
+            tracing::error!(problems = %errors.problems.join("; "), "SIGHUP: the config is invalid; nothing was reloaded");
             return;
         }
     };
@@ -331,7 +335,7 @@ async fn reload(options: &RunOptions, log_level: &LogLevel, pipeline: Option<&Pi
             tracing::info!(subscription_map_entries = mapped, log_level = %config.log.level, "SIGHUP: subscription map and log level reloaded");
         }
         Err(problems) => {
-            tracing::error!(problems = ?problems, "SIGHUP: subscription map invalid; the previous one stays");
+            tracing::error!(problems = %problems.join("; "), "SIGHUP: subscription map invalid; the previous one stays");
         }
     }
 }
@@ -410,7 +414,7 @@ async fn start_pipeline(
         Ok(rules) => Arc::new(rules),
         Err(problems) => {
             // Validated at load; only a file changed since then can fail here.
-            tracing::error!(problems = ?problems, "billing rules unusable: relaying WITHOUT billing");
+            tracing::error!(problems = %problems.join("; "), "billing rules unusable: relaying WITHOUT billing");
             readiness.set_problem(writer::READY_CHECK, problems.join("; "));
             return None;
         }
@@ -551,7 +555,7 @@ fn steve_client(config: &Config) -> Option<crate::steve::SteveClient> {
 /// SteVe ≥ 3.8 takes HTTP Basic (`steve.api_user` + `steve.api_password_file` or
 /// `STEVE_API_PASSWORD`); older SteVe the `STEVE-API-KEY` header (`steve.api_key_file` or
 /// `STEVE_API_KEY`). `check-config` refuses both at once.
-fn steve_auth(steve: &crate::config::SteveConfig) -> Result<crate::steve::SteveAuth, String> {
+pub fn steve_auth(steve: &crate::config::SteveConfig) -> Result<crate::steve::SteveAuth, String> {
     match &steve.api_user {
         Some(user) => read_secret(
             "SteVe API password",
@@ -618,23 +622,6 @@ fn read_secret(
         return Err(format!("the {what} is empty"));
     }
     Ok(ApiKey::new(secret))
-}
-
-fn tempdir_for_dry_run() -> PathBuf {
-    const PREFIX: &str = "ocpp-lago-bridge-dry-run-";
-    // A killed dry run cannot clean up after itself: remove the spools of dead ones.
-    if let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) {
-        for entry in entries.flatten() {
-            let name = entry.file_name();
-            let pid = name.to_str().and_then(|n| n.strip_prefix(PREFIX));
-            if pid.is_some_and(|pid| !Path::new("/proc").join(pid).exists()) {
-                let _ = std::fs::remove_dir_all(entry.path());
-            }
-        }
-    }
-    let dir = std::env::temp_dir().join(format!("{PREFIX}{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    dir
 }
 
 async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, AppError> {

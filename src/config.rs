@@ -152,6 +152,22 @@ pub struct SpoolConfig {
     pub disk_cap_bytes: u64,
 }
 
+impl SpoolConfig {
+    /// The spool of `run --dry-run`: `path` with `.dry-run` before the extension
+    /// (`data/spool.db` → `data/spool.dry-run.db`), never the live spool itself.
+    pub fn dry_run_path(&self) -> PathBuf {
+        let stem = self
+            .path
+            .file_stem()
+            .map_or_else(|| "spool".into(), |s| s.to_string_lossy().into_owned());
+        let name = match self.path.extension() {
+            Some(ext) => format!("{stem}.dry-run.{}", ext.to_string_lossy()),
+            None => format!("{stem}.dry-run"),
+        };
+        self.path.with_file_name(name)
+    }
+}
+
 /// `[admin]`: the metrics and health listener.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AdminConfig {
@@ -255,22 +271,22 @@ impl Default for Config {
     }
 }
 
-/// Warnings about the machine rather than the file: today, whether the open-file limit fits
-/// `proxy.max_connections` (each charger holds two sockets: its own and SteVe's). With
-/// `max_connections = 0` the limit is derived from the open-file limit, so it always fits.
-pub fn environment_warnings(proxy: &ProxyConfig) -> Vec<String> {
-    open_file_limit()
-        .and_then(|(soft, hard)| fd_limit_warning(proxy.max_connections, soft, hard))
-        .into_iter()
-        .collect()
+/// A warning when the open-file limit is below what `proxy.max_connections` needs (each
+/// charger holds two sockets: its own and SteVe's); `None` when it fits, or when
+/// `max_connections` is 0 and so sized from the limit itself.
+pub fn fd_limit_warning(max_connections: usize) -> Option<String> {
+    let (soft, hard) = open_file_limit()?;
+    fd_limit_shortfall(max_connections, soft, hard)
 }
 
-/// The warning when `max_connections` chargers do not fit in an open-file limit of `soft`.
-pub fn fd_limit_warning(max_connections: usize, soft: u64, hard: u64) -> Option<String> {
-    let fits = chargers_within(soft);
-    (max_connections as u64 > fits).then(|| format!(
-        "`proxy.max_connections` = {max_connections} but the open-file limit is {soft} (hard {hard}): room for about {fits} chargers, as each holds two sockets; chargers beyond that get 503 `fds_exhausted`; raise LimitNOFILE= (systemd) or `ulimit -n`, or lower max_connections"
-    ))
+fn fd_limit_shortfall(max_connections: usize, soft: u64, hard: u64) -> Option<String> {
+    let fit = chargers_within(soft);
+    (max_connections as u64 > fit).then(|| {
+        format!(
+            "`proxy.max_connections` = {max_connections} needs about {} open files, but the open-file limit is {soft} (hard {hard}): room for about {fit} chargers, and those beyond get 503 `fds_exhausted`; raise LimitNOFILE= (systemd) or `ulimit -n`, or lower max_connections",
+            (max_connections as u64).saturating_mul(2).saturating_add(64)
+        )
+    })
 }
 
 /// The warning for a secret file (an API key) that users beyond its owner and group may read,
@@ -327,27 +343,75 @@ impl fmt::Display for ConfigErrors {
 
 impl std::error::Error for ConfigErrors {}
 
+/// A config read as far as it goes, for `check-config`: the values that were valid (defaults
+/// where one was not) and every problem found, structural and in the files it names, at once.
+#[derive(Debug, Clone)]
+pub struct Checked {
+    /// Where the text came from (the file, or "built-in defaults").
+    pub source: String,
+    /// `None` only when there was nothing to read values from (unreadable file, TOML syntax).
+    pub config: Option<Config>,
+    pub problems: Vec<String>,
+}
+
 impl Config {
     /// Loads `path`, or the built-in defaults when `path` is `None` and the default file is absent.
     pub fn load(path: Option<&Path>) -> Result<Config, ConfigErrors> {
+        let Checked {
+            source,
+            config,
+            problems,
+        } = Config::check(path);
+        match config {
+            Some(config) if problems.is_empty() => Ok(config),
+            _ => Err(ConfigErrors { source, problems }),
+        }
+    }
+
+    /// Reads `path` like [`Config::load`] and reports every problem in one run: the structure
+    /// and values, and the files named by whatever values are valid (a typo elsewhere does not
+    /// hide a missing file).
+    pub fn check(path: Option<&Path>) -> Checked {
         let (source, text) = match path {
-            Some(path) => (path.display().to_string(), read(path)?),
+            Some(path) => (path.display().to_string(), read(path)),
             None => {
                 let default = Path::new(DEFAULT_CONFIG_PATH);
                 if !default.exists() {
-                    return Ok(Config::default());
+                    return Checked {
+                        source: "built-in defaults".into(),
+                        config: Some(Config::default()),
+                        problems: Vec::new(),
+                    };
                 }
-                (DEFAULT_CONFIG_PATH.to_string(), read(default)?)
+                (DEFAULT_CONFIG_PATH.to_string(), read(default))
             }
         };
-        let config = Config::parse(&text).map_err(|problems| ConfigErrors {
-            source: source.clone(),
+        let text = match text {
+            Ok(text) => text,
+            Err(problem) => {
+                return Checked {
+                    source,
+                    config: None,
+                    problems: vec![problem],
+                };
+            }
+        };
+        let (config, mut problems) = Config::parse_partial(&text);
+        if let Some(config) = &config {
+            problems.extend(config.file_problems());
+        }
+        Checked {
+            source,
+            config,
             problems,
-        })?;
-        // Files the config names are part of it: a broken map fails check-config, not a
-        // session hours later.
-        let mut problems = config.billing_rules().err().unwrap_or_default();
-        if let Some(Err(e)) = config
+        }
+    }
+
+    /// Problems in the files the config names: they are part of it, so a broken map fails
+    /// check-config, not a session hours later.
+    fn file_problems(&self) -> Vec<String> {
+        let mut problems = self.billing_rules().err().unwrap_or_default();
+        if let Some(Err(e)) = self
             .proxy
             .tls
             .as_ref()
@@ -355,7 +419,7 @@ impl Config {
         {
             problems.push(e.to_string());
         }
-        if let Some(Err(e)) = config
+        if let Some(Err(e)) = self
             .proxy
             .upstream_ca_file
             .as_deref()
@@ -363,14 +427,10 @@ impl Config {
         {
             problems.push(e.to_string());
         }
-        if let Some(Err(e)) = config.proxy.allowlist_file.as_deref().map(load_allowlist) {
+        if let Some(Err(e)) = self.proxy.allowlist_file.as_deref().map(load_allowlist) {
             problems.push(e);
         }
-        if problems.is_empty() {
-            Ok(config)
-        } else {
-            Err(ConfigErrors { source, problems })
-        }
+        problems
     }
 
     /// The ledger's rules, reading `billing.subscription_map_file` (also on SIGHUP).
@@ -396,24 +456,35 @@ impl Config {
 
     /// Parses and validates TOML text, reporting every problem.
     pub fn parse(text: &str) -> Result<Config, Vec<String>> {
+        match Config::parse_partial(text) {
+            (Some(config), problems) if problems.is_empty() => Ok(config),
+            (_, problems) => Err(problems),
+        }
+    }
+
+    /// Like [`Config::parse`], but also returns the values read so far (defaults where a value
+    /// was invalid); `None` only for a TOML syntax error.
+    fn parse_partial(text: &str) -> (Option<Config>, Vec<String>) {
         // The parser's message quotes the offending line, which may hold a pasted secret: say
         // where the error is instead.
-        let table: toml::Table = toml::from_str(text).map_err(|e| {
-            let line = e.span().map_or(0, |span| {
-                text[..span.start.min(text.len())].matches('\n').count() + 1
-            });
-            vec![format!("TOML syntax error on line {line}: {}", e.message())]
-        })?;
+        let table: toml::Table = match toml::from_str(text) {
+            Ok(table) => table,
+            Err(e) => {
+                let line = e.span().map_or(0, |span| {
+                    text[..span.start.min(text.len())].matches('\n').count() + 1
+                });
+                return (
+                    None,
+                    vec![format!("TOML syntax error on line {line}: {}", e.message())],
+                );
+            }
+        };
         let mut reader = Reader {
             table,
             problems: Vec::new(),
         };
         let config = reader.read_all();
-        if reader.problems.is_empty() {
-            Ok(config)
-        } else {
-            Err(reader.problems)
-        }
+        (Some(config), reader.problems)
     }
 }
 
@@ -457,11 +528,8 @@ pub fn load_allowlist(path: &Path) -> Result<std::collections::HashSet<String>, 
         .collect())
 }
 
-fn read(path: &Path) -> Result<String, ConfigErrors> {
-    std::fs::read_to_string(path).map_err(|e| ConfigErrors {
-        source: path.display().to_string(),
-        problems: vec![format!("cannot read the config file: {e}")],
-    })
+fn read(path: &Path) -> Result<String, String> {
+    std::fs::read_to_string(path).map_err(|e| format!("cannot read the config file: {e}"))
 }
 
 /// Takes keys out of the TOML table, recording a problem per bad or unknown key.
@@ -1102,16 +1170,74 @@ mod tests {
     }
 
     #[test]
+    fn the_dry_run_spool_sits_beside_the_live_one_under_another_name() {
+        let spool = |path: &str| SpoolConfig {
+            path: PathBuf::from(path),
+            ..Config::default().spool
+        };
+        for (live, dry) in [
+            ("data/spool.db", "data/spool.dry-run.db"),
+            (
+                "/var/lib/x/spool.sqlite3",
+                "/var/lib/x/spool.dry-run.sqlite3",
+            ),
+            ("spool", "spool.dry-run"),
+            ("/srv/.spool", "/srv/.spool.dry-run"),
+        ] {
+            let config = spool(live);
+            assert_eq!(config.dry_run_path(), PathBuf::from(dry), "{live}");
+            assert_ne!(config.dry_run_path(), config.path);
+        }
+    }
+
+    #[test]
     fn the_fd_limit_warns_only_when_max_connections_does_not_fit() {
         // 1024 descriptors: (1024 - 64) / 2 = 480 chargers.
-        assert_eq!(fd_limit_warning(480, 1024, 4096), None);
-        assert_eq!(fd_limit_warning(0, 1024, 4096), None);
-        let warning = fd_limit_warning(481, 1024, 4096).unwrap();
+        assert_eq!(fd_limit_shortfall(480, 1024, 4096), None);
+        assert_eq!(fd_limit_shortfall(0, 1024, 4096), None);
+        let warning = fd_limit_shortfall(481, 1024, 4096).unwrap();
         assert!(
             warning.contains("`proxy.max_connections` = 481"),
             "{warning}"
         );
         assert!(warning.contains("about 480 chargers"), "{warning}");
+        // 0 means "what the limit allows": nothing to warn about, whatever the limit.
+        assert_eq!(fd_limit_shortfall(0, 1024, 1024), None);
+        assert_eq!(fd_limit_shortfall(100, 1024, 4096), None);
+        assert_eq!(fd_limit_shortfall(480, 1024, 4096), None);
+        let warning = fd_limit_shortfall(5000, 1024, 4096).expect("5000 chargers do not fit");
+        assert!(
+            warning.contains("5000") && warning.contains("1024"),
+            "{warning}"
+        );
+    }
+
+    #[test]
+    fn check_reports_missing_files_together_with_structural_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("bridge.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[proxy]\nlisten = \"nowhere\"\nallowlist_file = \"{0}/no-allowlist\"\n[billing]\nmode = \"weekly\"\nsubscription_map_file = \"{0}/no-map.csv\"\n",
+                dir.path().display()
+            ),
+        )
+        .unwrap();
+        let checked = Config::check(Some(&config));
+        let problems = checked.problems;
+        for needle in [
+            "`proxy.listen`",
+            "`billing.mode`",
+            "proxy.allowlist_file",
+            "billing.subscription_map_file",
+        ] {
+            assert!(
+                problems.iter().any(|p| p.contains(needle)),
+                "no problem mentions {needle}: {problems:#?}"
+            );
+        }
+        assert_eq!(problems.len(), 4, "{problems:#?}");
     }
 
     #[test]

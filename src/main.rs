@@ -1,10 +1,11 @@
 //! Command line: parsing, telemetry init, exit codes.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{ArgGroup, Parser, Subcommand, ValueEnum};
 use ocpp_lago_bridge::app::{self, RunOptions};
+use ocpp_lago_bridge::check;
 use ocpp_lago_bridge::config::{Config, LogFormat};
 use ocpp_lago_bridge::operator::{self, ReplaySelection};
 use ocpp_lago_bridge::simulate;
@@ -14,40 +15,76 @@ use ocpp_lago_bridge::telemetry;
 /// EX_CONFIG from sysexits.h: the configuration is invalid.
 const EXIT_CONFIG: u8 = 78;
 
+const ROOT_EXAMPLES: &str = "\
+Examples:
+  ocpp-lago-bridge check-config --config /etc/ocpp-lago-bridge/ocpp-lago-bridge.toml
+  ocpp-lago-bridge check-config --online
+  ocpp-lago-bridge run --config bridge.toml --log-format text
+  ocpp-lago-bridge run --dry-run
+  ocpp-lago-bridge spool stats --json
+  ocpp-lago-bridge spool dead-letters --reason unmapped_id_tag
+  ocpp-lago-bridge spool requeue --reason unmapped_id_tag
+  ocpp-lago-bridge replay --session CP1:42
+  ocpp-lago-bridge replay --since 6h
+  ocpp-lago-bridge simulate --url ws://127.0.0.1:8180/steve/websocket/CentralSystemService --chargers 50
+
+Global options (--config, --log-format) go before or after the command.
+Exit codes: 0 ok, 1 the command failed (e.g. a session not found), 2 usage error,
+69 a service is unreachable (check-config --online), 78 the configuration is invalid.";
+
 #[derive(Parser, Debug)]
 #[command(
     version,
-    about = "Relays OCPP-J between chargers and SteVe and bills their energy in Lago"
+    about = "Relays OCPP-J between chargers and SteVe and bills their energy in Lago",
+    after_long_help = ROOT_EXAMPLES
 )]
 struct Cli {
     #[command(subcommand)]
     command: Command,
-    /// Log format; overrides `log.format`.
-    #[arg(long, global = true, value_enum)]
-    log_format: Option<LogFormatArg>,
-}
-
-#[derive(Args, Debug, Clone)]
-struct ConfigArg {
-    /// Config file; without it `config/ocpp-lago-bridge.toml` if present, else built-in defaults.
-    #[arg(long)]
+    /// Config file; without it `config/ocpp-lago-bridge.toml` if present, else built-in
+    /// defaults. Not used by `simulate`.
+    #[arg(long, global = true, value_name = "FILE")]
     config: Option<PathBuf>,
+    /// Log format of `run`; overrides `log.format`. `text` has no colours unless stderr is a
+    /// terminal.
+    #[arg(long, global = true, value_enum, value_name = "FORMAT")]
+    log_format: Option<LogFormatArg>,
 }
 
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run the daemon.
+    #[command(after_long_help = "\
+Examples:
+  ocpp-lago-bridge run --config /etc/ocpp-lago-bridge/ocpp-lago-bridge.toml
+  ocpp-lago-bridge run --dry-run --log-format text
+
+SIGHUP reloads the allowlist, TLS certificate, subscription map and log level; SIGTERM drains.")]
     Run {
-        #[command(flatten)]
-        config: ConfigArg,
-        /// Print each derived Lago event as a JSON line on stdout instead of sending it.
+        /// Shadow mode: print each derived Lago event once as a JSON line on stdout instead of
+        /// sending it. Uses its own spool beside `spool.path` (`spool.db` -> `spool.dry-run.db`),
+        /// never the live one, so a restarted shadow bridge keeps its sessions.
         #[arg(long)]
         dry_run: bool,
     },
-    /// Validate a config file, listing every problem; exits 78 if it is invalid.
+    /// Validate a config file, listing every problem at once; exits 78 if it is invalid.
+    #[command(after_long_help = "\
+Offline it checks the structure and values, every file the config names (exists, readable,
+parsable; secrets not readable by others), the spool directory (writable, not under a file)
+and the URLs' shape, within a second. With --online it also, at most 10 s per service and all
+at once: opens a WebSocket to SteVe for a test chargeBoxId, calls SteVe's REST API if [steve]
+api_url is set, and asks Lago whether the API key is valid and the billable metric sums
+`value`.
+
+Exit codes: 0 valid, 78 problems in the configuration, 69 a service is unreachable.
+
+Examples:
+  ocpp-lago-bridge check-config --config /etc/ocpp-lago-bridge/ocpp-lago-bridge.toml
+  ocpp-lago-bridge check-config --online")]
     CheckConfig {
-        #[command(flatten)]
-        config: ConfigArg,
+        /// Also reach SteVe and Lago (bounded in time) and report each on its own line.
+        #[arg(long)]
+        online: bool,
     },
     /// Inspect and repair the spool.
     Spool {
@@ -55,53 +92,87 @@ enum Command {
         command: SpoolCommand,
     },
     /// Send stored events again: unchanged (safe: Lago dedupes), or re-derived with --rederive.
+    #[command(
+        group(ArgGroup::new("selection").required(true).args(["session", "since"])),
+        after_long_help = "\
+Examples:
+  ocpp-lago-bridge replay --session CP1:42
+  ocpp-lago-bridge replay --since 2026-11-01T00:00:00Z
+  ocpp-lago-bridge replay --since 6h --rederive
+
+A session the spool does not know is an error (exit 1)."
+    )]
     Replay {
-        #[command(flatten)]
-        config: ConfigArg,
-        /// One session, as CHARGE_BOX_ID:OCPP_TRANSACTION_ID.
-        #[arg(long, conflicts_with = "since", required_unless_present = "since")]
-        session: Option<String>,
-        /// Everything since this time: RFC 3339 ("2026-11-01T00:00:00Z") or an age ("6h").
-        #[arg(long)]
-        since: Option<String>,
+        /// One session, as CHARGE_BOX_ID:OCPP_TRANSACTION_ID (e.g. CP1:42).
+        #[arg(long, value_name = "CHARGE_BOX_ID:OCPP_TRANSACTION_ID", value_parser = parse_session)]
+        session: Option<(String, i64)>,
+        /// Everything since this time: RFC 3339 (2026-11-01T00:00:00Z) or an age (6h, 2days).
+        #[arg(long, value_name = "TIME_OR_AGE", value_parser = parse_since)]
+        since: Option<i64>,
         /// Derive the events again from the stored tap records with the current rules, only for
-        /// sessions Lago holds nothing of.
+        /// sessions Lago holds nothing of (needs the Lago API key).
         #[arg(long)]
         rederive: bool,
     },
     /// Simulate a fleet of OCPP 1.6J chargers against a URL and summarize what happened.
+    #[command(after_long_help = "\
+Examples:
+  ocpp-lago-bridge simulate --chargers 100 --ramp-up 10s --sessions-per-charger 2
+  ocpp-lago-bridge simulate --url ws://127.0.0.1:8180/ocpp --idle --duration 5m --json")]
     Simulate(simulate::SimulateArgs),
 }
 
 #[derive(Subcommand, Debug)]
 enum SpoolCommand {
     /// Size, pending events and the age of the oldest.
+    #[command(after_long_help = "\
+Examples:
+  ocpp-lago-bridge spool stats
+  ocpp-lago-bridge spool stats --json | jq .pending_events")]
     Stats {
-        #[command(flatten)]
-        config: ConfigArg,
+        /// One JSON object on stdout instead of aligned text.
         #[arg(long)]
         json: bool,
     },
     /// Events and anomalies that need an operator, one per line.
+    #[command(after_long_help = "\
+Examples:
+  ocpp-lago-bridge spool dead-letters
+  ocpp-lago-bridge spool dead-letters --reason unmapped_id_tag --json")]
     DeadLetters {
-        #[command(flatten)]
-        config: ConfigArg,
         /// Only this reason (e.g. unmapped_id_tag, lago_rejected).
         #[arg(long)]
         reason: Option<String>,
+        /// One JSON object per line instead of text.
         #[arg(long)]
         json: bool,
     },
     /// Put dead letters back into the outbox once their cause is fixed; says per dead letter
     /// whether it was queued and why not, and exits 1 if any selected one was not.
+    #[command(
+        group(ArgGroup::new("which").required(true).args(["id", "reason", "all"])),
+        after_long_help = "\
+Examples:
+  ocpp-lago-bridge spool requeue --id 17
+  ocpp-lago-bridge spool requeue --reason unmapped_id_tag
+  ocpp-lago-bridge spool requeue --all
+  ocpp-lago-bridge spool requeue --id 23 --subscription sub-fleet-42
+
+The running daemon sends what was requeued. Each selected dead letter is reported
+as queued or NOT queued with the reason (a colliding transaction_id, no held
+event, no subscription); only what was queued is closed, and the exit code is 1
+if any selected one was not. --subscription bills a held event that has none
+(a missing_start whose Start the bridge never saw) to the subscription named."
+    )]
     Requeue {
-        #[command(flatten)]
-        config: ConfigArg,
-        #[arg(long, group = "which")]
+        /// The dead letter with this id (the `#N` that `spool dead-letters` prints).
+        #[arg(long)]
         id: Option<i64>,
-        #[arg(long, group = "which")]
+        /// Every open dead letter with this reason (e.g. unmapped_id_tag).
+        #[arg(long)]
         reason: Option<String>,
-        #[arg(long, group = "which")]
+        /// Every open dead letter.
+        #[arg(long)]
         all: bool,
         /// With --id: bill a held event that has no subscription (a `missing_start` whose Start
         /// was never seen, an unmapped id tag) to this Lago external_subscription_id.
@@ -117,19 +188,24 @@ enum LogFormatArg {
 }
 
 fn main() -> ExitCode {
+    // Usage errors exit 2 (clap's code), `--help` and `--version` exit 0.
     let cli = Cli::parse();
     let log_format = cli.log_format;
+    let config_path = cli.config;
     match cli.command {
-        Command::CheckConfig { config } => match load(&config) {
-            Ok(config) => {
-                for warning in ocpp_lago_bridge::config::environment_warnings(&config.proxy) {
-                    eprintln!("warning: {warning}");
+        Command::CheckConfig { online } => {
+            let runtime = match tokio::runtime::Runtime::new() {
+                Ok(runtime) => runtime,
+                Err(error) => {
+                    eprintln!("error: cannot start the tokio runtime: {error}");
+                    return ExitCode::FAILURE;
                 }
-                println!("configuration is valid");
-                ExitCode::SUCCESS
-            }
-            Err(code) => code,
-        },
+            };
+            let report = runtime.block_on(check::check_config(config_path.as_deref(), online));
+            print!("{}", report.stdout());
+            eprint!("{}", report.stderr());
+            ExitCode::from(report.exit_code())
+        }
         Command::Simulate(args) => match args.runtime() {
             Ok(runtime) => runtime.block_on(simulate::run(args)),
             Err(error) => {
@@ -137,11 +213,8 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Command::Run {
-            config: config_arg,
-            dry_run,
-        } => {
-            let config = match load(&config_arg) {
+        Command::Run { dry_run } => {
+            let config = match load(config_path.as_deref()) {
                 Ok(config) => config,
                 Err(code) => return code,
             };
@@ -152,65 +225,49 @@ fn main() -> ExitCode {
             };
             let options = RunOptions {
                 dry_run,
-                config_path: config_arg.config,
+                config_path,
             };
             report(run(config, format, options))
         }
         Command::Spool { command } => {
-            let (config, result) = match command {
-                SpoolCommand::Stats { config, json } => (
-                    config,
-                    Box::new(move |c: &Config| operator::stats(c, json)) as Operation,
-                ),
-                SpoolCommand::DeadLetters {
-                    config,
-                    reason,
-                    json,
-                } => (
-                    config,
+            let operation = match command {
+                SpoolCommand::Stats { json } => {
+                    Box::new(move |c: &Config| operator::stats(c, json)) as Operation
+                }
+                SpoolCommand::DeadLetters { reason, json } => {
                     Box::new(move |c: &Config| operator::dead_letters(c, reason.as_deref(), json))
-                        as Operation,
-                ),
+                        as Operation
+                }
                 SpoolCommand::Requeue {
-                    config,
                     id,
                     reason,
                     all,
                     subscription,
-                } => (
-                    config,
-                    Box::new(move |c: &Config| {
-                        let selection = match (id, reason.as_deref(), all) {
-                            (Some(id), _, _) => Requeue::Id(id),
-                            (None, Some(reason), _) => Requeue::Reason(reason),
-                            (None, None, true) => Requeue::All,
-                            (None, None, false) => {
-                                return Err(operator::OperatorError::Refused(
-                                    "say which: --id N, --reason R or --all".into(),
-                                ));
-                            }
-                        };
-                        operator::requeue(c, selection, subscription.as_deref())
-                    }) as Operation,
-                ),
+                } => Box::new(move |c: &Config| {
+                    // clap requires exactly one of the three (group `which`).
+                    let selection = match (id, reason.as_deref(), all) {
+                        (Some(id), _, _) => Requeue::Id(id),
+                        (None, Some(reason), _) => Requeue::Reason(reason),
+                        (None, None, _) => Requeue::All,
+                    };
+                    operator::requeue(c, selection, subscription.as_deref())
+                }) as Operation,
             };
-            operate(&config, result)
+            operate(config_path.as_deref(), operation)
         }
         Command::Replay {
-            config,
             session,
             since,
             rederive,
         } => {
-            let selection = match parse_replay(session, since) {
-                Ok(selection) => selection,
-                Err(message) => {
-                    eprintln!("error: {message}");
-                    return ExitCode::from(2);
-                }
+            // clap requires exactly one of the two (group `selection`).
+            let selection = match (session, since) {
+                (Some((charge_box_id, tx)), _) => ReplaySelection::Session(charge_box_id, tx),
+                (None, Some(since)) => ReplaySelection::Since(since),
+                (None, None) => unreachable!("clap requires --session or --since"),
             };
             operate(
-                &config,
+                config_path.as_deref(),
                 Box::new(move |c: &Config| {
                     tokio::runtime::Runtime::new()
                         .map_err(|e| operator::OperatorError::Refused(e.to_string()))?
@@ -223,14 +280,14 @@ fn main() -> ExitCode {
 
 type Operation = Box<dyn FnOnce(&Config) -> Result<String, operator::OperatorError>>;
 
-fn load(config: &ConfigArg) -> Result<Config, ExitCode> {
-    Config::load(config.config.as_deref()).map_err(|errors| {
+fn load(config: Option<&Path>) -> Result<Config, ExitCode> {
+    Config::load(config).map_err(|errors| {
         eprint!("{errors}");
         ExitCode::from(EXIT_CONFIG)
     })
 }
 
-fn operate(config: &ConfigArg, operation: Operation) -> ExitCode {
+fn operate(config: Option<&Path>, operation: Operation) -> ExitCode {
     let config = match load(config) {
         Ok(config) => config,
         Err(code) => return code,
@@ -254,24 +311,29 @@ fn operate(config: &ConfigArg, operation: Operation) -> ExitCode {
     }
 }
 
-fn parse_replay(session: Option<String>, since: Option<String>) -> Result<ReplaySelection, String> {
-    if let Some(session) = session {
-        let (charge_box_id, tx) = session
-            .rsplit_once(':')
-            .ok_or("--session takes CHARGE_BOX_ID:OCPP_TRANSACTION_ID")?;
-        let tx = tx
-            .parse()
-            .map_err(|_| format!("--session: {tx:?} is not an OCPP transaction id"))?;
-        return Ok(ReplaySelection::Session(charge_box_id.to_string(), tx));
-    }
-    let since = since.ok_or("say which: --session or --since")?;
-    if let Ok(age) = humantime::parse_duration(&since) {
+/// `--session CHARGE_BOX_ID:OCPP_TRANSACTION_ID`.
+fn parse_session(session: &str) -> Result<(String, i64), String> {
+    let (charge_box_id, tx) = session
+        .rsplit_once(':')
+        .filter(|(charge_box_id, _)| !charge_box_id.is_empty())
+        .ok_or("expected CHARGE_BOX_ID:OCPP_TRANSACTION_ID, e.g. CP1:42")?;
+    let tx = tx
+        .parse()
+        .map_err(|_| format!("\"{tx}\" is not an OCPP transaction id (an integer)"))?;
+    Ok((charge_box_id.to_string(), tx))
+}
+
+/// `--since`: an age ("6h") or an RFC 3339 time, as unix seconds.
+fn parse_since(since: &str) -> Result<i64, String> {
+    if let Ok(age) = humantime::parse_duration(since) {
         let now = ocpp_lago_bridge::spool::writer::unix_now();
-        return Ok(ReplaySelection::Since(now - age.as_secs() as i64));
+        return Ok(now.saturating_sub(i64::try_from(age.as_secs()).unwrap_or(i64::MAX)));
     }
-    ocpp_lago_bridge::ocpp::units::parse_timestamp(&since)
-        .map(ReplaySelection::Since)
-        .map_err(|e| format!("--since {since:?}: neither an age like \"6h\" nor RFC 3339: {e}"))
+    ocpp_lago_bridge::ocpp::units::parse_timestamp(since).map_err(|e| {
+        format!(
+            "neither an age like \"6h\" nor an RFC 3339 time like \"2026-11-01T00:00:00Z\": {e}"
+        )
+    })
 }
 
 fn report(result: anyhow::Result<()>) -> ExitCode {

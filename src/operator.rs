@@ -25,6 +25,9 @@ pub enum OperatorError {
     /// `spool requeue` left some selected dead letters open; the report says which and why.
     #[error("not every selected dead letter was queued")]
     NotAllQueued(String),
+    /// The session named on the command line is not in the spool at all.
+    #[error("session {0} not found in the spool: it has no tap record, event or dead letter there")]
+    SessionNotFound(String),
 }
 
 fn open(config: &Config) -> Result<Store, OperatorError> {
@@ -250,13 +253,26 @@ pub async fn replay(
             ReplaySelection::Since(since) => Replay::Since(*since),
         };
         let n = store.replay(replay).map_err(|e| spool_error(&path, e))?;
+        if n == 0
+            && let ReplaySelection::Session(charge_box_id, tx) = &selection
+            && !session_known(&store, charge_box_id, *tx).map_err(|e| spool_error(&path, e))?
+        {
+            return Err(OperatorError::SessionNotFound(format!(
+                "{charge_box_id}:{tx}"
+            )));
+        }
         return Ok(format!(
             "{n} delivered event(s) queued again unchanged; Lago recognises the ones it holds"
         ));
     }
 
     let sessions = match selection {
-        ReplaySelection::Session(cb, tx) => vec![(cb, tx)],
+        ReplaySelection::Session(cb, tx) => {
+            if !session_known(&store, &cb, tx).map_err(|e| spool_error(&path, e))? {
+                return Err(OperatorError::SessionNotFound(format!("{cb}:{tx}")));
+            }
+            vec![(cb, tx)]
+        }
         ReplaySelection::Since(since) => store
             .sessions_with_records_since(since)
             .map_err(|e| spool_error(&path, e))?,
@@ -337,6 +353,32 @@ pub async fn replay(
         }
     }
     Ok(out.trim_end().to_string())
+}
+
+/// Whether the spool holds anything of the session: tap records, a ledger state or a dead
+/// letter (a replay that queued nothing for a known session is not an error).
+fn session_known(
+    store: &Store,
+    charge_box_id: &str,
+    ocpp_transaction_id: i64,
+) -> Result<bool, StoreError> {
+    if !store
+        .session_records(charge_box_id, ocpp_transaction_id)?
+        .is_empty()
+    {
+        return Ok(true);
+    }
+    let is_it = |cb: Option<&str>, tx: Option<i64>| {
+        cb == Some(charge_box_id) && tx == Some(ocpp_transaction_id)
+    };
+    Ok(store
+        .sessions()?
+        .iter()
+        .any(|s| is_it(Some(&s.charge_box_id), Some(s.ocpp_transaction_id)))
+        || store
+            .dead_letters(None)?
+            .iter()
+            .any(|d| is_it(d.charge_box_id.as_deref(), d.ocpp_transaction_id)))
 }
 
 /// One session's tap records in the order the daemon applied them: a Stop parked while SteVe

@@ -47,17 +47,294 @@ pub fn init_logging(format: LogFormat, level: &str) -> Result<LogLevel, String> 
             layer.with_level("level");
             layer.with_target("target");
             // Event fields and the fields of every enclosing span (charge_box_id) at the top
-            // level, so `jq 'select(.charge_box_id=="CP1")'` works on any line.
-            layer.with_flattened_event();
+            // level, so `jq 'select(.charge_box_id=="CP1")'` works on any line. One key per
+            // object: an event field that an enclosing span also declares is written once, from
+            // the span (json-subscriber's own flattening would write both).
             layer.with_top_level_flattened_span_list();
+            layer.add_multiple_dynamic_fields(|event, context, writer| {
+                let in_spans: Vec<&'static str> = context
+                    .event_scope(event)
+                    .map(|scope| {
+                        scope
+                            .flat_map(|span| span.fields().iter().map(|f| f.name()))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                let mut fields = JsonFields::default();
+                event.record(&mut fields);
+                for (name, value) in fields.0 {
+                    if in_spans.contains(&name) {
+                        continue;
+                    }
+                    // A field named like a key the layer writes itself keeps its value under
+                    // another name instead of making a second `level` or `target`.
+                    let key = if RESERVED_KEYS.contains(&name) {
+                        format!("field_{name}")
+                    } else {
+                        name.to_string()
+                    };
+                    let _ = writer.write_field(&key, value);
+                }
+            });
             registry.with(layer).try_init()
         }
-        LogFormat::Text => registry
-            .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
-            .try_init(),
+        LogFormat::Text => {
+            use std::io::IsTerminal;
+            use tracing_subscriber::field::MakeExt;
+            // Colours only for a terminal: in a file or journald they are noise. Every value
+            // has its control characters escaped, so a chargeBoxId holding `%0A` (a newline
+            // once decoded) cannot forge a log line of its own.
+            let fields = tracing_subscriber::fmt::format::debug_fn(|writer, field, value| {
+                let text = escape_control(&format!("{value:?}"));
+                if field.name() == "message" {
+                    write!(writer, "{text}")
+                } else {
+                    write!(writer, "{}={text}", field.name())
+                }
+            })
+            .delimited(" ");
+            registry
+                .with(
+                    tracing_subscriber::fmt::layer()
+                        .with_writer(std::io::stderr)
+                        .with_ansi(std::io::stderr().is_terminal())
+                        .fmt_fields(fields),
+                )
+                .try_init()
+        }
     };
     result.map_err(|e| e.to_string())?;
     Ok(LogLevel(handle))
+}
+
+/// Keys the JSON layer writes itself.
+const RESERVED_KEYS: [&str; 3] = ["timestamp", "level", "target"];
+
+/// An event's fields as JSON values, in the order they were recorded.
+#[derive(Default)]
+struct JsonFields(Vec<(&'static str, serde_json::Value)>);
+
+impl tracing::field::Visit for JsonFields {
+    fn record_f64(&mut self, field: &tracing::field::Field, value: f64) {
+        self.0.push((field.name(), serde_json::json!(value)));
+    }
+    fn record_i64(&mut self, field: &tracing::field::Field, value: i64) {
+        self.0.push((field.name(), value.into()));
+    }
+    fn record_u64(&mut self, field: &tracing::field::Field, value: u64) {
+        self.0.push((field.name(), value.into()));
+    }
+    fn record_bool(&mut self, field: &tracing::field::Field, value: bool) {
+        self.0.push((field.name(), value.into()));
+    }
+    fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+        self.0.push((field.name(), value.into()));
+    }
+    fn record_error(
+        &mut self,
+        field: &tracing::field::Field,
+        value: &(dyn std::error::Error + 'static),
+    ) {
+        self.0.push((field.name(), value.to_string().into()));
+    }
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        self.0.push((field.name(), format!("{value:?}").into()));
+    }
+}
+
+/// `text` with every control character (newline, carriage return, escape, ...) written as its
+/// Rust escape (`\n`, `\r`, `\u{1b}`), so that one event stays one line.
+pub fn escape_control(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Counters registered at zero when the daemon starts, with the labels of a series that really
+/// occurs: a dashboard panel or an alert over a series that does not exist yet shows "no data"
+/// instead of 0, and `increase()` misses the first event of a series born after the scrape.
+const ZERO_COUNTERS: &[(&str, &[(&str, &str)])] = &[
+    ("ocpp_lago_bridge_accept_errors_total", &[]),
+    (
+        "ocpp_lago_bridge_handshakes_total",
+        &[("outcome", "accepted")],
+    ),
+    (
+        "ocpp_lago_bridge_connections_closed_total",
+        &[("reason", "charger_closed")],
+    ),
+    (
+        "ocpp_lago_bridge_frames_relayed_total",
+        &[("direction", "charger_to_upstream"), ("action", "pass")],
+    ),
+    (
+        "ocpp_lago_bridge_frames_relayed_total",
+        &[("direction", "upstream_to_charger"), ("action", "pass")],
+    ),
+    (
+        "ocpp_lago_bridge_tap_frames_total",
+        &[("direction", "charger_to_upstream"), ("outcome", "record")],
+    ),
+    (
+        "ocpp_lago_bridge_bad_frames_total",
+        &[
+            ("direction", "charger_to_upstream"),
+            ("reason", "not_an_array"),
+        ],
+    ),
+    (
+        "ocpp_lago_bridge_unbilled_total",
+        &[("reason", "no_transaction_id")],
+    ),
+    ("ocpp_lago_bridge_tap_records_total", &[("kind", "start")]),
+    (
+        "ocpp_lago_bridge_tap_records_total",
+        &[("kind", "meter_values")],
+    ),
+    ("ocpp_lago_bridge_tap_records_total", &[("kind", "stop")]),
+    ("ocpp_lago_bridge_tap_records_lost_total", &[]),
+    (
+        "ocpp_lago_bridge_replies_released_uncommitted_total",
+        &[("reason", "timeout")],
+    ),
+    (
+        "ocpp_lago_bridge_replies_released_uncommitted_total",
+        &[("reason", "writer_stopped")],
+    ),
+    ("ocpp_lago_bridge_events_derived_total", &[]),
+    (
+        "ocpp_lago_bridge_ledger_ignored_total",
+        &[("reason", "duplicate_stop")],
+    ),
+    (
+        "ocpp_lago_bridge_anomalies_total",
+        &[("reason", "missing_start")],
+    ),
+    (
+        "ocpp_lago_bridge_anomalies_total",
+        &[("reason", "unmapped_id_tag")],
+    ),
+    (
+        "ocpp_lago_bridge_dead_letters_total",
+        &[("reason", "lago_rejected")],
+    ),
+    (
+        "ocpp_lago_bridge_dead_letters_total",
+        &[("reason", "unknown_subscription")],
+    ),
+    ("ocpp_lago_bridge_events_delivered_total", &[]),
+    (
+        "ocpp_lago_bridge_lago_requests_total",
+        &[("status_class", "2xx")],
+    ),
+    (
+        "ocpp_lago_bridge_lago_requests_total",
+        &[("status_class", "4xx")],
+    ),
+    (
+        "ocpp_lago_bridge_lago_requests_total",
+        &[("status_class", "5xx")],
+    ),
+    (
+        "ocpp_lago_bridge_lago_requests_total",
+        &[("status_class", "error")],
+    ),
+    ("ocpp_lago_bridge_lago_retries_total", &[]),
+    (
+        "ocpp_lago_bridge_lago_alarms_total",
+        &[("kind", "accepted_unparseable")],
+    ),
+    ("ocpp_lago_bridge_spool_commit_errors_total", &[]),
+    ("ocpp_lago_bridge_spool_size_alarms_total", &[]),
+    (
+        "ocpp_lago_bridge_start_recoveries_total",
+        &[("result", "recovered")],
+    ),
+    (
+        "ocpp_lago_bridge_anomalies_total",
+        &[("reason", "transaction_id_collision")],
+    ),
+    (
+        "ocpp_lago_bridge_anomalies_total",
+        &[("reason", "unreadable_frame")],
+    ),
+    (
+        "ocpp_lago_bridge_anomalies_total",
+        &[("reason", "implausible_register")],
+    ),
+    (
+        "ocpp_lago_bridge_anomalies_total",
+        &[("reason", "meter_start_mismatch")],
+    ),
+    (
+        "ocpp_lago_bridge_charger_clock_fallbacks_total",
+        &[("reason", "too_old")],
+    ),
+    (
+        "ocpp_lago_bridge_task_failures_total",
+        &[("task", "spool_writer")],
+    ),
+    ("ocpp_lago_bridge_stops_parked_total", &[]),
+    (
+        "ocpp_lago_bridge_start_recovery_errors_total",
+        &[("reason", "http")],
+    ),
+    ("ocpp_lago_bridge_admin_connections_refused_total", &[]),
+];
+
+/// Gauges registered at zero; their owners set the real value as soon as they know it.
+const ZERO_GAUGES: &[&str] = &[
+    "ocpp_lago_bridge_ready",
+    "ocpp_lago_bridge_spool_disk_cap_bytes",
+    "ocpp_lago_bridge_charger_connections",
+    "ocpp_lago_bridge_spool_pending_events",
+    "ocpp_lago_bridge_spool_oldest_pending_age_seconds",
+    "ocpp_lago_bridge_spool_bytes",
+];
+
+/// Histograms registered empty (count 0, every bucket 0).
+const ZERO_HISTOGRAMS: &[&str] = &[
+    "ocpp_lago_bridge_reply_hold_seconds",
+    "ocpp_lago_bridge_spool_commit_seconds",
+    "ocpp_lago_bridge_lago_request_seconds",
+];
+
+/// Every metric name `/metrics` exports from the start (the dashboard and the alert rules use
+/// only these).
+pub fn metric_names() -> Vec<&'static str> {
+    let mut names: Vec<&'static str> = ZERO_COUNTERS
+        .iter()
+        .map(|(name, _)| *name)
+        .chain(ZERO_GAUGES.iter().copied())
+        .chain(ZERO_HISTOGRAMS.iter().copied())
+        .chain(["ocpp_lago_bridge_build_info"])
+        .collect();
+    names.sort_unstable();
+    names.dedup();
+    names
+}
+
+fn register_zeros() {
+    for (name, labels) in ZERO_COUNTERS {
+        let labels: Vec<metrics::Label> = labels
+            .iter()
+            .map(|(k, v)| metrics::Label::new(*k, *v))
+            .collect();
+        metrics::counter!(*name, labels).absolute(0);
+    }
+    for name in ZERO_GAUGES {
+        metrics::gauge!(*name).set(0.0);
+    }
+    for name in ZERO_HISTOGRAMS {
+        // Registering the handle is enough for the exporter to render it.
+        let _ = metrics::histogram!(*name);
+    }
 }
 
 /// Installs the global metrics recorder; the handle renders `/metrics`.
@@ -73,6 +350,7 @@ pub fn init_metrics() -> Result<PrometheusHandle, String> {
         .install_recorder()
         .map_err(|e| e.to_string())?;
     metrics::gauge!("ocpp_lago_bridge_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+    register_zeros();
     Ok(handle)
 }
 
@@ -223,11 +501,17 @@ fn admin_response(
     readiness: &Readiness,
 ) -> Response<Full<Bytes>> {
     let (status, content_type, body) = match request.uri().path() {
-        "/metrics" => (
-            StatusCode::OK,
-            "text/plain; version=0.0.4",
-            metrics.render(),
-        ),
+        "/metrics" => {
+            // Readiness as a series, for the "not ready for 5 minutes" alert: current at every
+            // scrape, which is the only time anyone reads it.
+            let ready = readiness.problems().is_empty();
+            metrics::gauge!("ocpp_lago_bridge_ready").set(if ready { 1.0 } else { 0.0 });
+            (
+                StatusCode::OK,
+                "text/plain; version=0.0.4",
+                metrics.render(),
+            )
+        }
         "/healthz" => {
             let failed = readiness.failures();
             if failed.is_empty() {

@@ -65,7 +65,10 @@ pub enum LagoError {
         status: u16,
     },
     /// 429: Lago asks us to slow down; `pause` comes from `Retry-After` or `X-RateLimit-Reset`.
-    #[error("Lago rate limited the request (pause {pause:?})")]
+    #[error(
+        "Lago rate limited the request ({})",
+        pause.map_or("no pause given".to_string(), |p| format!("pause {}", humantime::format_duration(p)))
+    )]
     RateLimited {
         /// How long to wait before the next request, when Lago said.
         pause: Option<Duration>,

@@ -35,6 +35,7 @@ pub mod template;
 
 use crate::event::{EventProperties, LagoEvent, TimestampSource, decimal_string, kwh_string};
 use crate::ocpp::payload::EnergyReading;
+use crate::ocpp::units::display_timestamp;
 use crate::tap::{
     MeterValuesRecord, StartRecord, StopRecord, TapKind, TapRecord, UnreadableRecord,
 };
@@ -523,16 +524,16 @@ impl Ledger {
                 ocpp_transaction_id: key.ocpp_transaction_id,
                 id_tag: Some(start.id_tag.clone()),
                 detail: format!(
-                    "new Start (connector {}, idTag {}, meterStart {} Wh, timestamp {:?}) replaces \
-                     session (connector {}, idTag {}, meterStart {} Wh, timestamp {:?}, {}); events {}",
+                    "new Start (connector {}, idTag {}, meterStart {} Wh, timestamp {}) replaces \
+                     session (connector {}, idTag {}, meterStart {} Wh, timestamp {}, {}); events {}",
                     start.connector_id,
                     start.id_tag,
                     start.meter_start_wh,
-                    start.timestamp,
+                    display_timestamp(start.timestamp),
                     existing.connector_id,
                     existing.id_tag,
                     existing.meter_start_wh,
-                    existing.start_timestamp,
+                    display_timestamp(existing.start_timestamp),
                     if existing.stop.is_some() { "stopped" } else { "still open" },
                     if held_reused { "held" } else { "sent ({started_at} tells them apart)" },
                 ),
@@ -602,9 +603,11 @@ impl Ledger {
                 out.anomalies.push(session.anomaly(
                     AnomalyReason::ImplausibleRegister,
                     format!(
-                        "register reading {} Wh at {:?} is beyond ±{MAX_PLAUSIBLE_REGISTER_WH} Wh: \
+                        "register reading {} Wh at {} is beyond ±{MAX_PLAUSIBLE_REGISTER_WH} Wh: \
                          nothing more is billed for this session (billed up to {} Wh)",
-                        reading.wh, reading.timestamp, session.last_billed_wh
+                        reading.wh,
+                        display_timestamp(reading.timestamp),
+                        session.last_billed_wh
                     ),
                 ));
                 session.unbillable = true;
@@ -642,9 +645,12 @@ impl Ledger {
                 out.anomalies.push(session.anomaly(
                     AnomalyReason::ConflictingStop,
                     format!(
-                        "Stop (meterStop {} Wh, timestamp {:?}) differs from the counted one \
-                         (meterStop {} Wh, timestamp {:?}); the first counts",
-                        facts.meter_stop_wh, facts.timestamp, first.meter_stop_wh, first.timestamp
+                        "Stop (meterStop {} Wh, timestamp {}) differs from the counted one \
+                         (meterStop {} Wh, timestamp {}); the first counts",
+                        facts.meter_stop_wh,
+                        display_timestamp(facts.timestamp),
+                        first.meter_stop_wh,
+                        display_timestamp(first.timestamp)
                     ),
                 ));
             }
@@ -747,10 +753,11 @@ impl Ledger {
         let mut held_event = None;
         let detail = match begin {
             None => format!(
-                "Stop (meterStop {} Wh, timestamp {:?}, stopped by idTag {stopped_by}) without a \
+                "Stop (meterStop {} Wh, timestamp {}, stopped by idTag {stopped_by}) without a \
                  known Start or Transaction.Begin reading: nothing held; bill it from SteVe's \
                  transaction record",
-                stop.meter_stop_wh, stop.timestamp
+                stop.meter_stop_wh,
+                display_timestamp(stop.timestamp)
             ),
             Some(b)
                 if plausible_register(b.wh)
@@ -769,17 +776,21 @@ impl Ledger {
                 event.external_subscription_id = String::new();
                 held_event = Some(event);
                 format!(
-                    "Stop (meterStop {} Wh, timestamp {:?}, stopped by idTag {stopped_by}) without \
+                    "Stop (meterStop {} Wh, timestamp {}, stopped by idTag {stopped_by}) without \
                      a known Start; its Transaction.Begin reading {} Wh values the held event, \
                      which has no subscription: the customer comes from the start only \
                      (`spool requeue --id N --subscription SUB`)",
-                    stop.meter_stop_wh, stop.timestamp, b.wh
+                    stop.meter_stop_wh,
+                    display_timestamp(stop.timestamp),
+                    b.wh
                 )
             }
             Some(b) => format!(
-                "Stop (meterStop {} Wh, timestamp {:?}, stopped by idTag {stopped_by}) without a \
+                "Stop (meterStop {} Wh, timestamp {}, stopped by idTag {stopped_by}) without a \
                  known Start; its Transaction.Begin reading {} Wh cannot value it: nothing held",
-                stop.meter_stop_wh, stop.timestamp, b.wh
+                stop.meter_stop_wh,
+                display_timestamp(stop.timestamp),
+                b.wh
             ),
         };
         out.anomalies.push(Anomaly {
@@ -992,9 +1003,12 @@ fn bill_reading(
             out.anomalies.push(session.anomaly(
                 AnomalyReason::MeterWentBackwards,
                 format!(
-                    "register reading {} Wh (resolution {resolution} Wh) at {:?} is below the \
-                     {} Wh billed up to at {:?}; not billed",
-                    reading.wh, reading.timestamp, session.last_billed_wh, session.last_billed_at
+                    "register reading {} Wh (resolution {resolution} Wh) at {} is below the \
+                     {} Wh billed up to at {}; not billed",
+                    reading.wh,
+                    display_timestamp(reading.timestamp),
+                    session.last_billed_wh,
+                    display_timestamp(session.last_billed_at)
                 ),
             ));
         } else if reading.wh <= session.last_billed_wh {

@@ -115,6 +115,18 @@ pub fn energy_reading_wh(
     }
 }
 
+/// A timestamp for people: RFC 3339 UTC ("2026-12-01T10:00:00Z"), "none" when absent, or the
+/// raw number when outside what a date can hold.
+pub fn display_timestamp(unix_seconds: Option<i64>) -> String {
+    let Some(t) = unix_seconds else {
+        return "none".into();
+    };
+    OffsetDateTime::from_unix_timestamp(t)
+        .ok()
+        .and_then(|dt| dt.format(&Rfc3339).ok())
+        .unwrap_or_else(|| t.to_string())
+}
+
 /// Parses a charger timestamp to unix seconds (fractions truncated toward the past).
 ///
 /// RFC 3339 with `Z` or an offset; a timestamp without any offset is read as UTC, since

@@ -10,6 +10,7 @@
 //! Lago accepted it; a mark that fails to commit leaves its rows pending, to be sent again.
 
 pub mod outcome;
+pub mod pause;
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::num::NonZeroU32;
@@ -109,6 +110,7 @@ pub async fn run(
         draining,
         marks: VecDeque::new(),
         marking: HashSet::new(),
+        pause_log: pause::PauseLog::default(),
     };
     let wake = spool.events_committed;
     loop {
@@ -161,6 +163,8 @@ struct Shipper {
     marks: VecDeque<Mark>,
     /// The rows of `marks`: pending on disk until their commit, never to be read for sending.
     marking: HashSet<i64>,
+    /// Whether a pause for an operator was logged, and when (reminders at most once a minute).
+    pause_log: pause::PauseLog,
 }
 
 /// Outbox rows Lago accepted, being marked delivered by the writer.
@@ -336,11 +340,28 @@ impl Shipper {
     }
 
     fn pause_for_operator(&mut self, what: String) -> Step {
-        tracing::error!(problem = %what, "delivery paused until an operator acts; re-probing every 5 s");
+        self.log_pause(&what);
         self.readiness.set_problem(READY_LAGO, what);
         // Probe through the metric check, which runs even when nothing is pending.
         self.metric_checked_at = None;
         Step::Wait(REPROBE_EVERY)
+    }
+
+    /// Logs a pause once when it starts (or its problem changes), then at most once a minute
+    /// while Lago is re-probed every 5 s; events stay in the spool meanwhile.
+    fn log_pause(&mut self, problem: &str) {
+        match self.pause_log.paused(problem, Instant::now()) {
+            pause::PauseLine::Started => tracing::error!(
+                %problem,
+                "delivery paused until an operator acts: events stay in the spool; re-probing every 5 s"
+            ),
+            pause::PauseLine::Reminder { paused_for } => tracing::error!(
+                %problem,
+                paused_for_secs = paused_for.as_secs(),
+                "delivery still paused until an operator acts: events stay in the spool"
+            ),
+            pause::PauseLine::Quiet => {}
+        }
     }
 
     /// Confirms (at start, then every few minutes) that the metric sums our `value` property:
@@ -358,8 +379,12 @@ impl Shipper {
             Ok(Some(metric)) => Some((
                 READY_METRIC,
                 format!(
-                    "billable metric {code:?} is {:?} on field {:?}: it must be sum_agg on \"value\" or every event bills 0",
-                    metric.aggregation_type, metric.field_name
+                    "billable metric \"{code}\" is {} on field {}: it must be sum_agg on \"value\" or every event bills 0",
+                    metric.aggregation_type,
+                    metric
+                        .field_name
+                        .as_deref()
+                        .map_or("(none)".into(), |f| format!("\"{f}\""))
                 ),
             )),
             Ok(None) => Some((
@@ -379,10 +404,16 @@ impl Shipper {
                 self.metric_checked_at = Some(Instant::now());
                 self.readiness.clear_problem(READY_METRIC);
                 self.readiness.clear_problem(READY_LAGO);
+                if let Some(paused_for) = self.pause_log.resumed(Instant::now()) {
+                    tracing::info!(
+                        paused_for_secs = paused_for.as_secs(),
+                        "delivery resumed: Lago accepts the key and the metric"
+                    );
+                }
                 None
             }
             Some((check, problem)) => {
-                tracing::error!(%problem, "delivery paused: events stay in the spool");
+                self.log_pause(&problem);
                 self.readiness.set_problem(check, problem);
                 Some(Step::Wait(REPROBE_EVERY))
             }

@@ -27,7 +27,7 @@ fn duration(text: &str) -> Result<Duration, humantime::DurationError> {
 /// Options of `ocpp-lago-bridge simulate`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct SimulateArgs {
-    /// Base websocket URL; `/{chargeBoxId}` is appended per charger.
+    /// Base websocket URL; each charger appends `/` and its chargeBoxId.
     #[arg(
         long,
         default_value = "ws://127.0.0.1:8180/steve/websocket/CentralSystemService"
@@ -36,7 +36,7 @@ pub struct SimulateArgs {
     /// Number of chargers.
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub chargers: u32,
-    /// Charge box ids are `{prefix}{n}`, n from 1.
+    /// Charge box ids are this prefix followed by 1, 2, 3, ... (SIM-1, SIM-2, ...).
     #[arg(long, default_value = "SIM-")]
     pub id_prefix: String,
     /// Connections are spread evenly over this time.

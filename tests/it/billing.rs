@@ -90,7 +90,7 @@ async fn golden_session_produces_exactly_the_recorded_event_line() {
     run.assert_ok("golden charge point");
     let lines = stdout_lines(&bridge, 1, Duration::from_secs(15)).await;
     let after = unix_now();
-    // A clean exit removes the dry run's throw-away spool.
+    // A clean exit; the dry run keeps its own spool (spool.dry-run.db) for the next start.
     let status = bridge.terminate(Duration::from_secs(20)).await;
     assert!(status.success(), "bridge exit: {status}");
     assert_eq!(

@@ -14,6 +14,7 @@ mod hardening;
 mod lago_client;
 mod operations;
 mod operator_cli;
+mod operator_experience;
 mod outbox_collision;
 mod packaging;
 mod peers_selfcheck;

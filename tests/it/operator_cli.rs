@@ -644,14 +644,10 @@ async fn replay_queues_delivered_events_again_byte_identical() {
         assert_eq!(a.3, b.3, "the event JSON is byte-identical");
     }
 
-    // An unknown session replays nothing.
+    // An unknown session replays nothing and says it is not found (exit 1, issue 17).
     let run = cli(&config, &["replay", "--session", "CB-P:999"], &[]).await;
-    run.assert_ok("replay of an unknown session");
-    assert!(
-        run.stdout.starts_with("0 delivered event(s)"),
-        "{}",
-        run.stdout
-    );
+    assert_eq!(run.code, Some(1), "{}", run.stderr);
+    assert!(run.stderr.contains("CB-P:999 not found"), "{}", run.stderr);
 
     // A malformed --session is refused with exit code 2 and changes nothing.
     for bad in ["CB-P", "CB-P:abc", "CB-P:"] {

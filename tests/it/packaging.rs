@@ -158,10 +158,21 @@ fn check_config(relative: &str) {
     let output = Command::new(BRIDGE_BIN)
         .args(["check-config", "--config"])
         .arg(path(relative))
+        .env_remove("LAGO_API_KEY")
         .output()
         .unwrap();
+    // check-config also reads the files a config names; Docker secrets (/run/secrets/) exist
+    // only inside the container, so their absence here is the one problem accepted.
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let problems: Vec<&str> = stderr
+        .lines()
+        .filter(|line| line.starts_with("  - "))
+        .collect();
+    let only_container_secrets = output.status.code() == Some(78)
+        && !problems.is_empty()
+        && problems.iter().all(|p| p.contains("/run/secrets/"));
     assert!(
-        output.status.success(),
+        output.status.success() || only_container_secrets,
         "check-config rejects {relative}:\n{}",
         describe(&output)
     );
