@@ -313,7 +313,8 @@ async fn cutover_bills_sessions_started_before_the_bridge_once_and_other_charger
         .find(|r| r.transaction_id == cut[0].2.to_string())
         .unwrap();
     assert_eq!(
-        row.properties["started_at"], START_UNIX,
+        row.properties["started_at"],
+        START_UNIX.to_string(),
         "SteVe's start time"
     );
     let counts = spool_counts(bridge.spool_path());
