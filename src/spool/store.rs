@@ -10,7 +10,8 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use crate::event::LagoEvent;
 
 /// Schema versions this binary knows, in order; `MIGRATIONS[n]` brings version n to n + 1.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE tap_records (
     id INTEGER PRIMARY KEY,
     received_at INTEGER NOT NULL,          -- unix seconds, bridge clock
@@ -63,7 +64,16 @@ CREATE TABLE dead_letters (
     requeued_at INTEGER
 );
 CREATE INDEX dead_letters_reason ON dead_letters (reason);
-"#];
+"#,
+    // Version 2: each pending row's own retry state, so one row Lago keeps failing on (or one whose
+    // outcome must be checked) waits on its own instead of holding every batch behind it.
+    r#"
+ALTER TABLE outbox ADD COLUMN retry_at_ms INTEGER NOT NULL DEFAULT 0;   -- not sent before (unix ms)
+ALTER TABLE outbox ADD COLUMN backoff_ms INTEGER NOT NULL DEFAULT 0;    -- its last backoff alone
+ALTER TABLE outbox ADD COLUMN needs_check INTEGER NOT NULL DEFAULT 0;   -- outcome unknown: GET first
+ALTER TABLE outbox ADD COLUMN max_batch INTEGER;                        -- rides in batches up to this
+"#,
+];
 
 /// The schema version this binary writes.
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
@@ -131,6 +141,41 @@ pub struct Changes {
 pub struct OutboxRow {
     pub outbox_id: i64,
     pub event: LagoEvent,
+}
+
+/// A pending row's own retry state (outbox columns of schema version 2).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RetryState {
+    /// Lago may hold this event already (`value_already_exist`): check before sending again.
+    pub needs_check: bool,
+    /// After a failed batch: ride only in batches of at most this many (1 = alone).
+    pub max_batch: Option<usize>,
+    /// The backoff of its last failure alone (0 = none), doubled on the next one.
+    pub backoff_ms: u64,
+    /// Not to be sent or checked before this unix time in milliseconds.
+    pub retry_at_ms: i64,
+}
+
+/// A pending row ready to go, with its retry state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReadyRow {
+    pub row: OutboxRow,
+    pub retry: RetryState,
+}
+
+/// What to read for the shipper's next job.
+#[derive(Debug, Clone, Default)]
+pub struct ReadyFilter {
+    /// Most rows returned.
+    pub limit: usize,
+    /// Unix ms now: rows waiting for a later `retry_at_ms` are skipped.
+    pub now_ms: i64,
+    /// Rows being marked delivered right now (still pending on disk).
+    pub skip_ids: HashSet<i64>,
+    /// Subscriptions whose events are held back (not yet confirmed in Lago).
+    pub held_subscriptions: HashSet<String>,
+    /// Most pending rows looked at, so a long run of held rows costs a bounded read.
+    pub scan_limit: usize,
 }
 
 /// A dead letter as the operator sees it.
@@ -353,6 +398,84 @@ impl Store {
         Ok(out)
     }
 
+    /// The oldest pending rows the shipper may use now, in creation order, with their retry
+    /// state: rows backing off, rows being marked and rows of held subscriptions are skipped.
+    /// Reads the subscription column before the event, so a skipped row costs no JSON parse.
+    pub fn ready(&self, filter: &ReadyFilter) -> Result<Vec<ReadyRow>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT id, external_subscription_id, retry_at_ms, event, needs_check, max_batch,
+                    backoff_ms
+             FROM outbox WHERE state = 'pending' ORDER BY id",
+        )?;
+        let mut rows = stmt.query([])?;
+        let mut out = Vec::new();
+        let mut scanned = 0;
+        while let Some(row) = rows.next()? {
+            if out.len() >= filter.limit || scanned >= filter.scan_limit.max(filter.limit) {
+                break;
+            }
+            scanned += 1;
+            let outbox_id: i64 = row.get(0)?;
+            let retry_at_ms: i64 = row.get(2)?;
+            if retry_at_ms > filter.now_ms || filter.skip_ids.contains(&outbox_id) {
+                continue;
+            }
+            if !filter.held_subscriptions.is_empty()
+                && filter
+                    .held_subscriptions
+                    .contains(row.get_ref(1)?.as_str().map_err(rusqlite::Error::from)?)
+            {
+                continue;
+            }
+            let max_batch: Option<i64> = row.get(5)?;
+            let backoff_ms: i64 = row.get(6)?;
+            out.push(ReadyRow {
+                row: OutboxRow {
+                    outbox_id,
+                    event: serde_json::from_str(&row.get::<_, String>(3)?)?,
+                },
+                retry: RetryState {
+                    needs_check: row.get(4)?,
+                    max_batch: max_batch.map(|m| usize::try_from(m.max(1)).unwrap_or(1)),
+                    backoff_ms: u64::try_from(backoff_ms).unwrap_or(0),
+                    retry_at_ms,
+                },
+            });
+        }
+        Ok(out)
+    }
+
+    /// Records a failed attempt on pending rows with each row's new retry state (they stay
+    /// pending).
+    pub fn record_retry(
+        &mut self,
+        updates: &[(i64, RetryState)],
+        error: &str,
+    ) -> Result<(), StoreError> {
+        let tx = self.conn.transaction()?;
+        {
+            let mut stmt = tx.prepare_cached(
+                "UPDATE outbox SET attempts = attempts + 1, last_error = ?2, retry_at_ms = ?3,
+                     backoff_ms = ?4, needs_check = ?5, max_batch = ?6
+                 WHERE id = ?1 AND state = 'pending'",
+            )?;
+            for (id, retry) in updates {
+                stmt.execute(params![
+                    id,
+                    error,
+                    retry.retry_at_ms,
+                    i64::try_from(retry.backoff_ms).unwrap_or(i64::MAX),
+                    retry.needs_check,
+                    retry
+                        .max_batch
+                        .map(|m| i64::try_from(m).unwrap_or(i64::MAX)),
+                ])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
     /// How many events are pending and when the oldest was created (unix seconds).
     ///
     /// The oldest is the pending row with the lowest id: ids and `created_at` both come from the
@@ -382,27 +505,12 @@ impl Store {
         let tx = self.conn.transaction()?;
         {
             let mut stmt = tx.prepare_cached(
-                "UPDATE outbox SET state = 'delivered', delivered_at = ?2, attempts = attempts + 1
+                "UPDATE outbox SET state = 'delivered', delivered_at = ?2, attempts = attempts + 1,
+                     retry_at_ms = 0, backoff_ms = 0, needs_check = 0, max_batch = NULL
                  WHERE id = ?1 AND state = 'pending'",
             )?;
             for id in ids {
                 stmt.execute(params![id, now])?;
-            }
-        }
-        tx.commit()?;
-        Ok(())
-    }
-
-    /// Records a failed attempt on pending rows (they stay pending).
-    pub fn record_attempt(&mut self, ids: &[i64], error: &str) -> Result<(), StoreError> {
-        let tx = self.conn.transaction()?;
-        {
-            let mut stmt = tx.prepare_cached(
-                "UPDATE outbox SET attempts = attempts + 1, last_error = ?2
-                 WHERE id = ?1 AND state = 'pending'",
-            )?;
-            for id in ids {
-                stmt.execute(params![id, error])?;
             }
         }
         tx.commit()?;
@@ -419,7 +527,8 @@ impl Store {
     ) -> Result<(), StoreError> {
         let tx = self.conn.transaction()?;
         let changed = tx.execute(
-            "UPDATE outbox SET state = 'dead', attempts = attempts + 1, last_error = ?2
+            "UPDATE outbox SET state = 'dead', attempts = attempts + 1, last_error = ?2,
+                 retry_at_ms = 0, backoff_ms = 0, needs_check = 0, max_batch = NULL
              WHERE id = ?1 AND state = 'pending'",
             params![id, detail],
         )?;
