@@ -132,6 +132,7 @@ pub(super) fn backoff(max: Duration, failures: u32) -> Duration {
         .build()
         .nth(failures.saturating_sub(1) as usize)
         .unwrap_or(max)
+        .min(max)
 }
 
 impl Shared {

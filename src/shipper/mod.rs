@@ -509,8 +509,8 @@ impl Shipper {
                     raise(&alarm);
                 }
                 metrics::counter!("ocpp_lago_bridge_lago_retries_total").increment(1);
-                let updates = retry_rows(&rows, now_ms(), self.settings.retry_max_delay);
                 let delay = self.failed();
+                let updates = retry_rows(&rows, now_ms(), self.settings.retry_max_delay, delay);
                 let next_batch = updates.first().and_then(|(_, s)| s.max_batch).unwrap_or(1);
                 tracing::warn!(%cause, events = rows.len(), retry_in = ?delay, next_batch, "Lago did not take the batch; its events go again in smaller batches");
                 self.record_retry(updates, cause).await;

@@ -271,12 +271,14 @@ pub fn compose(ready: Vec<ReadyRow>, batch_size: usize) -> Job {
 }
 
 /// The retry state of each row of a batch Lago did not take: a batch of several goes again as
-/// batches of half its size (down to one); a row alone backs off alone (doubling, capped), so
-/// one event Lago keeps failing on holds back no other.
+/// batches of half its size (down to one); a row alone backs off alone (doubling, capped), its
+/// backoff counted from the end of the shipper's own `pause`, so that the other rows go first
+/// and one event Lago keeps failing on holds back no other.
 pub fn retry_rows(
     batch: &[ReadyRow],
     now_ms: i64,
     max_backoff: Duration,
+    pause: Duration,
 ) -> Vec<(i64, RetryState)> {
     if batch.len() > 1 {
         let half = (batch.len() / 2).max(1);
@@ -294,9 +296,15 @@ pub fn retry_rows(
             })
             .collect();
     }
+    let after_pause = now_ms.saturating_add(i64::try_from(pause.as_millis()).unwrap_or(i64::MAX));
     batch
         .iter()
-        .map(|r| (r.row.outbox_id, backed_off(r.retry, now_ms, max_backoff)))
+        .map(|r| {
+            (
+                r.row.outbox_id,
+                backed_off(r.retry, after_pause, max_backoff),
+            )
+        })
         .collect()
 }
 
@@ -323,9 +331,11 @@ pub fn shrink(current: usize, refused_len: usize) -> usize {
     (current.min(refused_len) / 2).max(1)
 }
 
-/// The batch size after a batch was taken: additive increase, up to `lago.batch_max_events`.
+/// The batch size after a batch was taken: additive increase by a tenth of
+/// `lago.batch_max_events` (at least 1), up to it: back to full within ten batches.
 pub fn grow(current: usize, max: usize) -> usize {
-    current.saturating_add(1).clamp(1, max.max(1))
+    let max = max.max(1);
+    current.saturating_add((max / 10).max(1)).clamp(1, max)
 }
 
 /// What the first look (`GET /api/v1/events/{transaction_id}`) proves.
@@ -670,7 +680,9 @@ mod tests {
             }
         );
         assert_eq!(shrink(100, 100), 50);
-        assert_eq!(grow(50, 100), 51);
+        assert_eq!(grow(50, 100), 60);
+        assert_eq!(grow(95, 100), 100);
+        assert_eq!(grow(1, 5), 2);
         assert!(matches!(
             decide(&batch(1), &BatchOutcome::TooManyEvents),
             Decision::PauseUntilOperator {
@@ -942,14 +954,22 @@ mod tests {
         );
         // The rows of a failed batch of 8: 4, 2, 1; a failure alone backs off alone.
         let eight: Vec<_> = (0..8).map(|i| ready(i, false, None)).collect();
-        let after = retry_rows(&eight, 1_000, Duration::from_secs(10));
+        let after = retry_rows(&eight, 1_000, Duration::from_secs(10), Duration::ZERO);
         assert!(
             after
                 .iter()
                 .all(|(_, s)| s.max_batch == Some(4) && s.retry_at_ms == 0)
         );
-        let alone = retry_rows(&eight[..1], 1_000, Duration::from_secs(10));
+        let alone = retry_rows(&eight[..1], 1_000, Duration::from_secs(10), Duration::ZERO);
         assert_eq!(alone[0].1.retry_at_ms, 1_200);
+        // Counted from the end of the shipper's pause: the others go first.
+        let paused = retry_rows(
+            &eight[..1],
+            1_000,
+            Duration::from_secs(10),
+            Duration::from_millis(300),
+        );
+        assert_eq!(paused[0].1.retry_at_ms, 1_500);
         let again = backed_off(alone[0].1, 2_000, Duration::from_secs(10));
         assert_eq!((again.backoff_ms, again.retry_at_ms), (400, 2_400));
         let capped = (0..20).fold(alone[0].1, |s, _| backed_off(s, 0, Duration::from_secs(10)));
@@ -993,7 +1013,7 @@ mod tests {
             let mut rounds = 0;
             loop {
                 let Job::Send(batch) = compose(rows.clone(), len) else { unreachable!() };
-                let updates = retry_rows(&batch, now, cap);
+                let updates = retry_rows(&batch, now, cap, Duration::ZERO);
                 for (id, state) in &updates {
                     let row = rows.iter_mut().find(|r| r.row.outbox_id == *id).unwrap();
                     prop_assert!(state.max_batch.unwrap() <= row.retry.max_batch.unwrap_or(usize::MAX));
@@ -1019,7 +1039,7 @@ mod tests {
                 size = shrink(size, size);
                 prop_assert!(size >= 1 && size <= max);
             }
-            for _ in 0..max {
+            for _ in 0..20 {
                 size = grow(size, max);
                 prop_assert!(size >= 1 && size <= max);
             }
