@@ -82,25 +82,25 @@ pub(super) async fn run(
     let mut lookups: JoinSet<(String, Result<bool, LagoError>)> = JoinSet::new();
     loop {
         // The metric first: without it nothing is sent anyway.
-        if let Some(due) = shared.metric_due() {
-            if due <= Instant::now() {
-                shared.limiter.until_ready().await;
-                let result = client.get_billable_metric(&metric_code).await;
-                shared.observe(&result);
-                metric_failures = shared.record_metric(&metric_code, result, metric_failures);
-                if metric_failures > 0 {
-                    // A metric proven right stays so through a failed recheck; one never proven
-                    // keeps delivery waiting until Lago can say.
-                    let retry_at = Instant::now() + backoff(retry_max_delay, metric_failures);
-                    let next = match &*crate::lock(&shared.metric) {
-                        Metric::Ok { .. } => Metric::Ok { until: retry_at },
-                        _ => Metric::Blocked { retry_at },
-                    };
-                    shared.set_metric(next);
-                }
+        if shared.metric_due() <= Instant::now() {
+            shared.limiter.until_ready().await;
+            let result = client.get_billable_metric(&metric_code).await;
+            shared.observe(&result);
+            metric_failures = shared.record_metric(&metric_code, result, metric_failures);
+            if metric_failures > 0 {
+                // A metric proven right stays so through a failed recheck; one never proven
+                // keeps delivery waiting until Lago can say.
+                let retry_at = Instant::now() + backoff(retry_max_delay, metric_failures);
+                let next = match &*crate::lock(&shared.metric) {
+                    Metric::Ok { .. } => Metric::Ok { until: retry_at },
+                    _ => Metric::Blocked { retry_at },
+                };
+                shared.set_metric(next);
             }
         }
-        for subscription in shared.subscriptions_to_ask(LOOKUP_CONCURRENCY - lookups.len()) {
+        for subscription in
+            shared.subscriptions_to_ask(LOOKUP_CONCURRENCY.saturating_sub(lookups.len()))
+        {
             let (client, shared) = (client.clone(), shared.clone());
             lookups.spawn(async move {
                 shared.limiter.until_ready().await;
@@ -136,11 +136,11 @@ pub(super) fn backoff(max: Duration, failures: u32) -> Duration {
 }
 
 impl Shared {
-    fn metric_due(&self) -> Option<Instant> {
+    fn metric_due(&self) -> Instant {
         match &*crate::lock(&self.metric) {
-            Metric::Unchecked => Some(Instant::now()),
-            Metric::Ok { until } => Some(*until),
-            Metric::Blocked { retry_at } => Some(*retry_at),
+            Metric::Unchecked => Instant::now(),
+            Metric::Ok { until } => *until,
+            Metric::Blocked { retry_at } => *retry_at,
         }
     }
 

@@ -391,7 +391,7 @@ impl Shipper {
         }
         match compose(ready, self.batch_size) {
             Job::Nothing => self.idle().await,
-            Job::Check(row) => self.check(client, row).await,
+            Job::Check(row) => self.check(client, *row).await,
             Job::Send(rows) => self.send(client, rows).await,
         }
     }

@@ -232,7 +232,7 @@ pub enum Job {
     /// POST these rows as one batch.
     Send(Vec<ReadyRow>),
     /// GET what Lago holds for this row before it counts as delivered or is sent again.
-    Check(ReadyRow),
+    Check(Box<ReadyRow>),
     /// Nothing ready.
     Nothing,
 }
@@ -246,7 +246,7 @@ pub fn compose(ready: Vec<ReadyRow>, batch_size: usize) -> Job {
         return Job::Nothing;
     };
     if first.retry.needs_check {
-        return Job::Check(first);
+        return Job::Check(Box::new(first));
     }
     let mut limit = batch_size
         .min(first.retry.max_batch.unwrap_or(usize::MAX))

@@ -311,7 +311,7 @@ async fn a_slow_lago_times_out_with_the_outcome_unknown() {
 }
 
 #[tokio::test]
-async fn an_unparseable_200_means_stored() {
+async fn an_unparseable_200_is_its_own_outcome() {
     let (lago, client) = start(StandInConfig::default()).await;
     lago.push_fault(Fault::GarbageOk);
     let outcome = client.post_batch(&events(0..2)).await.unwrap();
