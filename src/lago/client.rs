@@ -179,8 +179,11 @@ fn codes_of(value: Value) -> Vec<String> {
 pub enum BatchOutcome {
     /// 200, parsed: every event is stored.
     Accepted(EventsCreated),
-    /// 200 whose body does not parse: the events WERE stored; mark delivered and alarm.
+    /// 200 whose body is not the `EventsCreated` we know: a proxy's page (no evidence that
+    /// anything was stored) or Lago's own answer in a changed shape (`echoed` events).
     AcceptedUnparseable {
+        /// How many events the body echoes when it is `{"events": [...]}` JSON at all.
+        echoed: Option<usize>,
         /// Why the body did not parse.
         reason: String,
         /// The body, truncated.
@@ -288,6 +291,7 @@ impl LagoClient {
             200..=299 => match serde_json::from_slice::<EventsCreated>(&body) {
                 Ok(created) => BatchOutcome::Accepted(created),
                 Err(e) => BatchOutcome::AcceptedUnparseable {
+                    echoed: echoed_events(&body),
                     reason: e.to_string(),
                     body: excerpt(&body),
                 },
@@ -526,6 +530,18 @@ impl LagoClient {
             body.extend_from_slice(&chunk);
         }
         Ok((status, headers, body))
+    }
+}
+
+/// How many events a 200 body echoes when it is Lago's JSON `{"events": [...]}` whose event
+/// objects merely changed shape; `None` for anything else (an HTML page, a truncated body).
+fn echoed_events(body: &[u8]) -> Option<usize> {
+    match serde_json::from_slice::<Value>(body).ok()? {
+        Value::Object(mut map) => match map.remove("events")? {
+            Value::Array(events) => Some(events.len()),
+            _ => None,
+        },
+        _ => None,
     }
 }
 

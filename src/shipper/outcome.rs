@@ -146,9 +146,23 @@ pub enum Decision {
 pub fn decide(batch: &[OutboxRow], outcome: &BatchOutcome) -> Decision {
     match outcome {
         BatchOutcome::Accepted(_) => settle_all(batch, Fate::Delivered, None),
-        // EVENTS-CONTRACT.md "Unknown outcomes": such a 200 proves nothing; sent again, the
-        // events either go in or meet `value_already_exist` and are checked.
-        BatchOutcome::AcceptedUnparseable { reason, body } => Decision::Retry {
+        // Lago's own `{"events": [...]}`, one echo per event sent, whose objects changed shape:
+        // stored; the alarm asks for a look at the Lago version.
+        BatchOutcome::AcceptedUnparseable {
+            echoed: Some(echoed),
+            reason,
+            body,
+        } if *echoed == batch.len() => settle_all(
+            batch,
+            Fate::Delivered,
+            Some(Alarm::AcceptedUnparseable {
+                detail: format!("{reason}; body: {body}"),
+            }),
+        ),
+        // EVENTS-CONTRACT.md "Unknown outcomes": any other 200 (a maintenance page, a truncated
+        // body) proves nothing; sent again, the events either go in or meet
+        // `value_already_exist` and are checked.
+        BatchOutcome::AcceptedUnparseable { reason, body, .. } => Decision::Retry {
             cause: format!("HTTP 200 whose body is not Lago's answer: {reason}"),
             alarm: Some(Alarm::AcceptedUnparseable {
                 detail: format!("{reason}; body: {body}"),
@@ -575,6 +589,7 @@ mod tests {
     fn an_unparseable_200_proves_nothing_retries_and_alarms() {
         let rows = batch(2);
         let outcome = BatchOutcome::AcceptedUnparseable {
+            echoed: None,
             reason: "expected value".into(),
             body: "<html>maintenance</html>".into(),
         };
@@ -584,6 +599,23 @@ mod tests {
         assert!(
             matches!(alarm, Some(Alarm::AcceptedUnparseable { detail }) if detail.contains("maintenance"))
         );
+        // Lago's JSON in a changed shape, one echo per event: stored, with the alarm.
+        let changed = BatchOutcome::AcceptedUnparseable {
+            echoed: Some(2),
+            reason: "missing field `code`".into(),
+            body: "{\"events\":[{},{}]}".into(),
+        };
+        let Decision::Settle { fates, alarm } = decide(&rows, &changed) else {
+            panic!()
+        };
+        assert!(fates.iter().all(|f| f.fate == Fate::Delivered));
+        assert!(alarm.is_some());
+        let short = BatchOutcome::AcceptedUnparseable {
+            echoed: Some(1),
+            reason: "r".into(),
+            body: "b".into(),
+        };
+        assert!(matches!(decide(&rows, &short), Decision::Retry { .. }));
     }
 
     #[test]
