@@ -26,9 +26,6 @@ pub enum DeadLetterReason {
     TransactionIdCollision,
     /// Lago rejected the event itself (a 422 naming its index); the detail is Lago's error text.
     LagoRejected,
-    /// Lago says the transaction_id exists but does not show it to us. No longer produced (a
-    /// check that finds nothing sends the event again); kept so old dead letters still read.
-    DuplicateUnverified,
 }
 
 impl DeadLetterReason {
@@ -37,7 +34,6 @@ impl DeadLetterReason {
         match self {
             Self::TransactionIdCollision => "transaction_id_collision",
             Self::LagoRejected => "lago_rejected",
-            Self::DuplicateUnverified => "duplicate_unverified",
         }
     }
 }
