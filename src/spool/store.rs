@@ -857,6 +857,97 @@ mod tests {
     }
 
     #[test]
+    fn ready_rows_skip_backing_off_held_and_marking_rows_and_keep_their_retry_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(&dir.path().join("spool.db")).unwrap();
+        let mut events: Vec<LagoEvent> = (1..=5).map(|n| event(&n.to_string(), "sub")).collect();
+        events.push(event("6", "held"));
+        store.commit(&[changes(events)], 100).unwrap();
+        let ids: Vec<i64> = store
+            .pending(10)
+            .unwrap()
+            .iter()
+            .map(|r| r.outbox_id)
+            .collect();
+        let backing_off = RetryState {
+            needs_check: false,
+            max_batch: Some(1),
+            backoff_ms: 400,
+            retry_at_ms: 5_000,
+        };
+        let to_check = RetryState {
+            needs_check: true,
+            max_batch: Some(2),
+            backoff_ms: 0,
+            retry_at_ms: 0,
+        };
+        store
+            .record_retry(&[(ids[0], backing_off), (ids[1], to_check)], "HTTP 503")
+            .unwrap();
+        let filter = |now_ms| ReadyFilter {
+            limit: 10,
+            now_ms,
+            skip_ids: [ids[2]].into_iter().collect(),
+            held_subscriptions: ["held".to_owned()].into_iter().collect(),
+            scan_limit: 100,
+        };
+        let ready = store.ready(&filter(4_999)).unwrap();
+        let got: Vec<i64> = ready.iter().map(|r| r.row.outbox_id).collect();
+        assert_eq!(got, [ids[1], ids[3], ids[4]]);
+        assert_eq!(ready[0].retry, to_check);
+        assert_eq!(ready[1].retry, RetryState::default());
+        let ready = store.ready(&filter(5_000)).unwrap();
+        assert_eq!(ready[0].retry, backing_off, "due at its retry_at_ms");
+        // The scan is bounded even when every row is skipped.
+        let bounded = ReadyFilter {
+            scan_limit: 1,
+            limit: 1,
+            ..filter(0)
+        };
+        assert!(store.ready(&bounded).unwrap().is_empty());
+        // Settling a row clears its retry state (a requeued or replayed row starts afresh).
+        store.mark_delivered(&[ids[0]], 200).unwrap();
+        store.replay(Replay::Since(0)).unwrap();
+        let again = store.ready(&filter(0)).unwrap();
+        assert_eq!(again[0].row.outbox_id, ids[0]);
+        assert_eq!(again[0].retry, RetryState::default());
+    }
+
+    #[test]
+    fn a_schema_1_spool_migrates_forward_with_its_pending_rows_ready() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("spool.db");
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(MIGRATIONS[0]).unwrap();
+            conn.pragma_update(None, "user_version", 1).unwrap();
+            conn.execute(
+                "INSERT INTO outbox (lago_transaction_id, external_subscription_id, charge_box_id,
+                     ocpp_transaction_id, event, created_at)
+                 VALUES ('7', 'sub', 'CP1', 7, ?1, 100)",
+                [serde_json::to_string(&event("7", "sub")).unwrap()],
+            )
+            .unwrap();
+        }
+        let store = Store::open(&path).unwrap();
+        let version: i64 = store
+            .conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
+        let ready = store
+            .ready(&ReadyFilter {
+                limit: 10,
+                scan_limit: 10,
+                ..ReadyFilter::default()
+            })
+            .unwrap();
+        assert_eq!(ready.len(), 1);
+        assert_eq!(ready[0].row.event, event("7", "sub"));
+        assert_eq!(ready[0].retry, RetryState::default());
+    }
+
+    #[test]
     fn the_wal_stays_bounded_under_a_continuous_writer() {
         // SQLite's own checkpoint, at the end of the commit crossing 1 000 pages, lets the next
         // commit restart the WAL. (A checkpoint from another connection never caught up with a
