@@ -316,7 +316,8 @@ struct Shipper {
     shared: Arc<Shared>,
     /// Failed requests in a row, for the shipper-wide backoff; 0 after any success.
     failures: u32,
-    /// Halved on `too_many_events`, grown by one on every batch taken; never above the setting.
+    /// Halved on `too_many_events`, grown by a tenth of the setting on every batch taken; never
+    /// above the setting.
     batch_size: usize,
     settings: ShipperSettings,
     draining: CancellationToken,
