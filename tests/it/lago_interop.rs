@@ -285,7 +285,7 @@ async fn one_event_lago_keeps_failing_on_waits_alone() {
 async fn a_hanging_subscription_lookup_holds_back_only_its_events() {
     let central = CentralSystem::start(Implementation::Python, CentralOptions::default()).await;
     let lago = e2e::stand_in(StoreMode::Postgres, &["sub-a", "sub-slow"]).await;
-    lago.set_subscription_fault("sub-slow", Some(Fault::Slow(Duration::from_secs(3))));
+    lago.set_subscription_fault("sub-slow", Some(Fault::Slow(Duration::from_secs(5))));
     let mut all = events("s-", "sub-slow", 2);
     all.extend(events("a-", "sub-a", 10));
     let dir = tempfile::tempdir().unwrap();
@@ -303,7 +303,7 @@ async fn a_hanging_subscription_lookup_holds_back_only_its_events() {
         &[("endpoint", "subscription")],
     );
     if failed < 1.0 {
-        // The 3 s hang may not have elapsed yet: wait for the first timeout.
+        // The 3 s timeout may not have elapsed yet: wait for it.
         tokio::time::sleep(Duration::from_secs(3)).await;
     }
     let metrics = scrape(bridge.admin_addr).await;
