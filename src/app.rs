@@ -483,6 +483,7 @@ async fn start_pipeline(
             batch_linger: config.lago.batch_linger,
             max_requests_per_second: config.lago.max_requests_per_second,
             retry_max_delay: config.lago.retry_max_delay,
+            max_pending_age: config.lago.max_pending_age,
         };
         tokio::spawn(supervisor.watch(
             "shipper",
@@ -525,7 +526,11 @@ fn lago_client(config: &Config, readiness: &Readiness) -> Option<LagoClient> {
         Ok(client) => Some(client),
         Err(error) => {
             tracing::error!(%error, "cannot build the Lago client: events are kept in the spool and not sent");
-            readiness.set_problem(READY_API_KEY, error.to_string());
+            let check = match error {
+                crate::lago::LagoError::InvalidUrl { .. } => shipper::READY_LAGO,
+                _ => READY_API_KEY,
+            };
+            readiness.set_problem(check, error.to_string());
             None
         }
     }

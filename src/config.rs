@@ -118,6 +118,8 @@ pub struct LagoConfig {
     pub retry_max_delay: Duration,
     /// On SIGTERM, how long the shipper may keep sending before the rest waits for restart.
     pub shutdown_flush_timeout: Duration,
+    /// `/readyz` names `lago` while the oldest pending event is older than this.
+    pub max_pending_age: Duration,
 }
 
 /// `[billing]`: how sessions become Lago events.
@@ -229,6 +231,7 @@ impl Default for Config {
                 request_timeout: Duration::from_secs(30),
                 retry_max_delay: Duration::from_secs(10),
                 shutdown_flush_timeout: Duration::from_secs(5),
+                max_pending_age: Duration::from_secs(15 * 60),
             },
             billing: BillingConfig {
                 mode: BillingMode::Session,
@@ -610,7 +613,7 @@ impl Reader {
             trusted_proxies: self.networks("proxy", "trusted_proxies"),
         };
         let lago = LagoConfig {
-            api_url: self.url("lago", "api_url", &["http", "https"], d.lago.api_url),
+            api_url: self.lago_api_url(d.lago.api_url),
             api_key_file: self.optional_path("lago", "api_key_file"),
             metric_code: self.non_empty("lago", "metric_code", d.lago.metric_code),
             batch_max_events: self.bounded(
@@ -633,6 +636,7 @@ impl Reader {
                 "shutdown_flush_timeout",
                 d.lago.shutdown_flush_timeout,
             ),
+            max_pending_age: self.duration("lago", "max_pending_age", d.lago.max_pending_age),
         };
         let billing = BillingConfig {
             mode: self.mode(d.billing.mode),
@@ -862,6 +866,25 @@ impl Reader {
         self.take::<String>(section, key, "a URL string")
             .and_then(|text| self.check_url(section, key, schemes, &text))
             .unwrap_or(default)
+    }
+
+    /// `lago.api_url`: the server root. The bridge appends `/api/v1/...` itself, so a URL
+    /// ending in `/api/v1` (the OpenAPI spec's server URL) would reach `/api/v1/api/v1/...`,
+    /// where every route is 404.
+    fn lago_api_url(&mut self, default: String) -> String {
+        let url = self.url("lago", "api_url", &["http", "https"], default.clone());
+        let path = url
+            .parse::<Uri>()
+            .map(|uri| uri.path().trim_end_matches('/').to_ascii_lowercase())
+            .unwrap_or_default();
+        if path.ends_with("/api/v1") {
+            self.problems.push(format!(
+                "`lago.api_url` = {url:?} ends in /api/v1: give the Lago server root (e.g. {:?}); the bridge appends /api/v1 itself",
+                &url[..url.len() - "/api/v1".len()]
+            ));
+            return default;
+        }
+        url
     }
 
     /// `text` without a trailing slash if it is a URL of one of `schemes` with a host.

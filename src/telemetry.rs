@@ -231,19 +231,23 @@ const ZERO_COUNTERS: &[(&str, &[(&str, &str)])] = &[
     ("ocpp_lago_bridge_events_delivered_total", &[]),
     (
         "ocpp_lago_bridge_lago_requests_total",
-        &[("status_class", "2xx")],
+        &[("endpoint", "events_batch"), ("status_class", "2xx")],
     ),
     (
         "ocpp_lago_bridge_lago_requests_total",
-        &[("status_class", "4xx")],
+        &[("endpoint", "events_batch"), ("status_class", "4xx")],
     ),
     (
         "ocpp_lago_bridge_lago_requests_total",
-        &[("status_class", "5xx")],
+        &[("endpoint", "events_batch"), ("status_class", "5xx")],
     ),
     (
         "ocpp_lago_bridge_lago_requests_total",
-        &[("status_class", "error")],
+        &[("endpoint", "events_batch"), ("status_class", "error")],
+    ),
+    (
+        "ocpp_lago_bridge_lago_requests_total",
+        &[("endpoint", "events_batch"), ("status_class", "timeout")],
     ),
     ("ocpp_lago_bridge_lago_retries_total", &[]),
     (

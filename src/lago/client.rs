@@ -10,8 +10,9 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use super::schema::{
-    BillableMetricEnvelope, BillableMetricObject, ErrorDetails, EventEnvelope, EventsCreated,
-    StoredEvent, SubscriptionEnvelope, SubscriptionObject, UnprocessableEntity,
+    BillableMetricEnvelope, BillableMetricObject, ErrorDetails, EventEnvelope, EventList,
+    EventsCreated, NotFound, StoredEvent, SubscriptionEnvelope, SubscriptionObject,
+    UnprocessableEntity,
 };
 use super::{ApiKey, LagoError};
 use crate::event::LagoEvent;
@@ -22,6 +23,48 @@ const BODY_EXCERPT_BYTES: usize = 2048;
 const MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
 /// `X-RateLimit-Reset` values above this are unix times, below it delays in seconds.
 const UNIX_TIME_THRESHOLD_SECS: u64 = 1_000_000_000;
+/// Events per page when listing a subscription's events (Lago's default is 20, its max 100).
+const LIST_PER_PAGE: u32 = 100;
+/// Most pages read to find one event: one second of one subscription holds few events.
+const LIST_MAX_PAGES: u32 = 20;
+
+/// Every byte but the unreserved `A-Z a-z 0-9 - _ ~` is percent-encoded in a path segment,
+/// `.` included: lago-api's routes (`config/routes.rb`, getlago/lago-api) give
+/// `subscriptions/:external_id` no format constraint, so Rails reads `fleet.acme.com` as id
+/// `fleet.acme` with format `com`; it matches the still-encoded path and decodes the parameter
+/// afterwards (EVENTS-CONTRACT.md "URLs").
+const PATH_SEGMENT: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'_')
+    .remove(b'~');
+
+/// The `endpoint` label of the request metrics, one per Lago route the bridge calls.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    /// `POST /api/v1/events/batch`.
+    EventsBatch,
+    /// `GET /api/v1/events/{transaction_id}`.
+    Event,
+    /// `GET /api/v1/events?external_subscription_id=...`.
+    EventsList,
+    /// `GET /api/v1/billable_metrics/{code}`.
+    BillableMetric,
+    /// `GET /api/v1/subscriptions/{external_id}`.
+    Subscription,
+}
+
+impl Endpoint {
+    /// The metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::EventsBatch => "events_batch",
+            Self::Event => "event",
+            Self::EventsList => "events_list",
+            Self::BillableMetric => "billable_metric",
+            Self::Subscription => "subscription",
+        }
+    }
+}
 
 /// How to reach Lago; timeouts come from the caller's settings.
 #[derive(Debug, Clone)]
@@ -136,8 +179,11 @@ fn codes_of(value: Value) -> Vec<String> {
 pub enum BatchOutcome {
     /// 200, parsed: every event is stored.
     Accepted(EventsCreated),
-    /// 200 whose body does not parse: the events WERE stored; mark delivered and alarm.
+    /// 200 whose body is not the `EventsCreated` we know: a proxy's page (no evidence that
+    /// anything was stored) or Lago's own answer in a changed shape (`echoed` events).
     AcceptedUnparseable {
+        /// How many events the body echoes when it is `{"events": [...]}` JSON at all.
+        echoed: Option<usize>,
         /// Why the body did not parse.
         reason: String,
         /// The body, truncated.
@@ -236,7 +282,7 @@ impl LagoClient {
             .header(AUTHORIZATION, self.authorization.clone())
             .header(reqwest::header::CONTENT_TYPE, "application/json")
             .body(body);
-        let (status, headers, body) = match self.send(request).await {
+        let (status, headers, body) = match self.send(Endpoint::EventsBatch, request).await {
             Ok(answer) => answer,
             Err(LagoError::Transient(cause)) => return Ok(BatchOutcome::Retryable(cause)),
             Err(other) => return Err(other),
@@ -245,6 +291,7 @@ impl LagoClient {
             200..=299 => match serde_json::from_slice::<EventsCreated>(&body) {
                 Ok(created) => BatchOutcome::Accepted(created),
                 Err(e) => BatchOutcome::AcceptedUnparseable {
+                    echoed: echoed_events(&body),
                     reason: e.to_string(),
                     body: excerpt(&body),
                 },
@@ -256,7 +303,9 @@ impl LagoClient {
             429 => BatchOutcome::RateLimited {
                 pause: rate_limit_pause(&headers, SystemTime::now()),
             },
-            408 | 500..=599 => BatchOutcome::Retryable(RetryCause::Status(status.as_u16())),
+            // 400 comes from a body Rails (or a proxy, a WAF) could not parse, never from one
+            // event's content (EVENTS-CONTRACT.md "Unknown outcomes"): retried like a 5xx.
+            400 | 408 | 500..=599 => BatchOutcome::Retryable(RetryCause::Status(status.as_u16())),
             other => {
                 return Err(LagoError::UnexpectedStatus {
                     what: WHAT,
@@ -267,12 +316,64 @@ impl LagoClient {
         })
     }
 
-    /// `GET /api/v1/events/{transaction_id}`; `None` when Lago holds no such event (404).
+    /// `GET /api/v1/events/{transaction_id}`: the **first** event with that id in the
+    /// organization, whatever its subscription; `None` when Lago holds none (404).
     pub async fn get_event(&self, transaction_id: &str) -> Result<Option<StoredEvent>, LagoError> {
         let found: Option<EventEnvelope> = self
-            .get("GET /events/{transaction_id}", &["events", transaction_id])
+            .get(
+                Endpoint::Event,
+                "GET /events/{transaction_id}",
+                "event",
+                &["events", transaction_id],
+                &[],
+            )
             .await?;
         Ok(found.map(|envelope| envelope.event))
+    }
+
+    /// `GET /api/v1/events?external_subscription_id=S&code=C&timestamp_from=T&timestamp_to=T`,
+    /// every page: the events of one subscription and code at one unix second. lago-api's
+    /// `EventsQuery` parses both time filters with `DateTime.strptime` (`BaseQuery#parse_datetime_filter`),
+    /// so they are written `YYYY-MM-DDTHH:MM:SSZ`: fractions or unix seconds get 422 `invalid_date`.
+    pub async fn list_events_at(
+        &self,
+        external_subscription_id: &str,
+        code: &str,
+        timestamp: i64,
+    ) -> Result<Vec<StoredEvent>, LagoError> {
+        const WHAT: &str = "GET /events?external_subscription_id";
+        let at = strptime_timestamp(timestamp).ok_or_else(|| {
+            LagoError::Encode(format!("timestamp {timestamp} is outside the calendar"))
+        })?;
+        let mut events = Vec::new();
+        let mut page = 1;
+        loop {
+            let (page_text, per_page) = (page.to_string(), LIST_PER_PAGE.to_string());
+            let query = [
+                ("external_subscription_id", external_subscription_id),
+                ("code", code),
+                ("timestamp_from", at.as_str()),
+                ("timestamp_to", at.as_str()),
+                ("page", page_text.as_str()),
+                ("per_page", per_page.as_str()),
+            ];
+            let listed: Option<EventList> = self
+                .get(Endpoint::EventsList, WHAT, "event", &["events"], &query)
+                .await?;
+            // A 404 on the list means no route, not an empty list.
+            let Some(listed) = listed else {
+                return Err(LagoError::WrongUrl {
+                    what: WHAT,
+                    status: 404,
+                    body: String::new(),
+                });
+            };
+            events.extend(listed.events);
+            match listed.meta.and_then(|m| m.next_page) {
+                Some(next) if next > page && page < LIST_MAX_PAGES => page = next,
+                _ => return Ok(events),
+            }
+        }
     }
 
     /// `GET /api/v1/billable_metrics/{code}`; `None` when the code is unknown (404).
@@ -281,7 +382,13 @@ impl LagoClient {
         code: &str,
     ) -> Result<Option<BillableMetricObject>, LagoError> {
         let found: Option<BillableMetricEnvelope> = self
-            .get("GET /billable_metrics/{code}", &["billable_metrics", code])
+            .get(
+                Endpoint::BillableMetric,
+                "GET /billable_metrics/{code}",
+                "billable_metric",
+                &["billable_metrics", code],
+                &[],
+            )
             .await?;
         Ok(found.map(|envelope| envelope.billable_metric))
     }
@@ -293,8 +400,11 @@ impl LagoClient {
     ) -> Result<Option<SubscriptionObject>, LagoError> {
         let found: Option<SubscriptionEnvelope> = self
             .get(
+                Endpoint::Subscription,
                 "GET /subscriptions/{external_id}",
+                "subscription",
                 &["subscriptions", external_id],
+                &[],
             )
             .await?;
         Ok(found.map(|envelope| envelope.subscription))
@@ -302,23 +412,36 @@ impl LagoClient {
 
     fn url(&self, segments: &[&str]) -> Url {
         let mut url = self.api_v1.clone();
-        // api_v1 was checked to be a base URL in new(); push() percent-encodes each segment.
-        if let Ok(mut path) = url.path_segments_mut() {
-            path.extend(segments);
+        let mut path = url.path().trim_end_matches('/').to_owned();
+        for segment in segments {
+            path.push('/');
+            path.extend(percent_encoding::utf8_percent_encode(segment, PATH_SEGMENT));
         }
+        // Already percent-encoded: set_path keeps `%XX` as it is.
+        url.set_path(&path);
         url
     }
 
+    /// GETs one resource; `None` only on a 404 that is Lago's own "no such `resource`"
+    /// (`{"code": "<resource>_not_found"}`, lago-api `ApiResponses#not_found_error`): any other
+    /// 404 means the route does not exist there, i.e. a wrong `api_url`.
     async fn get<T: DeserializeOwned>(
         &self,
+        endpoint: Endpoint,
         what: &'static str,
+        resource: &str,
         segments: &[&str],
+        query: &[(&str, &str)],
     ) -> Result<Option<T>, LagoError> {
+        let mut url = self.url(segments);
+        if !query.is_empty() {
+            url.query_pairs_mut().extend_pairs(query);
+        }
         let request = self
             .http
-            .get(self.url(segments))
+            .get(url)
             .header(AUTHORIZATION, self.authorization.clone());
-        let (status, headers, body) = self.send(request).await?;
+        let (status, headers, body) = self.send(endpoint, request).await?;
         match status.as_u16() {
             200 => serde_json::from_slice(&body)
                 .map(Some)
@@ -328,14 +451,27 @@ impl LagoClient {
                     reason: e.to_string(),
                     body: excerpt(&body),
                 }),
-            404 => Ok(None),
+            404 => {
+                let theirs = serde_json::from_slice::<NotFound>(&body)
+                    .is_ok_and(|n| n.code.strip_suffix("_not_found") == Some(resource));
+                if theirs {
+                    Ok(None)
+                } else {
+                    Err(LagoError::WrongUrl {
+                        what,
+                        status: 404,
+                        body: excerpt(&body),
+                    })
+                }
+            }
             401 | 403 => Err(LagoError::Unauthorized {
                 status: status.as_u16(),
             }),
             429 => Err(LagoError::RateLimited {
                 pause: rate_limit_pause(&headers, SystemTime::now()),
             }),
-            408 | 500..=599 => Err(LagoError::Transient(RetryCause::Status(status.as_u16()))),
+            // A 400 on a GET is a proxy's or a WAF's doing as well: transient.
+            400 | 408 | 500..=599 => Err(LagoError::Transient(RetryCause::Status(status.as_u16()))),
             other => Err(LagoError::UnexpectedStatus {
                 what,
                 status: other,
@@ -344,8 +480,39 @@ impl LagoClient {
         }
     }
 
-    /// Sends and reads the whole (capped) body; every transport failure is `Transient`.
+    /// Sends and reads the whole (capped) body; every transport failure is `Transient`. Every
+    /// request counts in `ocpp_lago_bridge_lago_requests_total{endpoint,status_class}` and
+    /// `ocpp_lago_bridge_lago_request_seconds{endpoint}`, whatever its outcome.
     async fn send(
+        &self,
+        endpoint: Endpoint,
+        request: reqwest::RequestBuilder,
+    ) -> Result<(StatusCode, HeaderMap, Vec<u8>), LagoError> {
+        let started = std::time::Instant::now();
+        let result = self.exchange(request).await;
+        let status_class = match &result {
+            Ok((status, _, _)) => match status.as_u16() {
+                100..=199 => "1xx",
+                200..=299 => "2xx",
+                300..=399 => "3xx",
+                400..=499 => "4xx",
+                _ => "5xx",
+            },
+            Err(LagoError::Transient(RetryCause::Timeout)) => "timeout",
+            Err(_) => "error",
+        };
+        metrics::histogram!("ocpp_lago_bridge_lago_request_seconds", "endpoint" => endpoint.as_str())
+            .record(started.elapsed().as_secs_f64());
+        metrics::counter!(
+            "ocpp_lago_bridge_lago_requests_total",
+            "endpoint" => endpoint.as_str(),
+            "status_class" => status_class
+        )
+        .increment(1);
+        result
+    }
+
+    async fn exchange(
         &self,
         request: reqwest::RequestBuilder,
     ) -> Result<(StatusCode, HeaderMap, Vec<u8>), LagoError> {
@@ -364,6 +531,27 @@ impl LagoClient {
         }
         Ok((status, headers, body))
     }
+}
+
+/// How many events a 200 body echoes when it is Lago's JSON `{"events": [...]}` whose event
+/// objects merely changed shape; `None` for anything else (an HTML page, a truncated body).
+fn echoed_events(body: &[u8]) -> Option<usize> {
+    match serde_json::from_slice::<Value>(body).ok()? {
+        Value::Object(mut map) => match map.remove("events")? {
+            Value::Array(events) => Some(events.len()),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+/// `YYYY-MM-DDTHH:MM:SSZ` of a unix time, the form `DateTime.strptime` reads; `None` outside
+/// the calendar `time` knows.
+pub fn strptime_timestamp(unix_secs: i64) -> Option<String> {
+    let at = time::OffsetDateTime::from_unix_timestamp(unix_secs).ok()?;
+    let format =
+        time::macros::format_description!("[year]-[month]-[day]T[hour]:[minute]:[second]Z");
+    at.format(&format).ok()
 }
 
 fn transient(error: reqwest::Error) -> LagoError {
@@ -599,6 +787,46 @@ mod tests {
         ] {
             assert!(!text.contains("sekret"), "{text}");
         }
+    }
+
+    #[test]
+    fn every_path_segment_is_encoded_dots_included() {
+        let client = LagoClient::new(LagoClientConfig {
+            api_url: "https://lago.example/base/".into(),
+            api_key: ApiKey::new("k"),
+            connect_timeout: Duration::from_secs(1),
+            request_timeout: Duration::from_secs(1),
+        })
+        .unwrap();
+        assert_eq!(
+            client.url(&["subscriptions", "fleet.acme.com"]).as_str(),
+            "https://lago.example/base/api/v1/subscriptions/fleet%2Eacme%2Ecom"
+        );
+        assert_eq!(
+            client.url(&["events", "101:1234.5"]).as_str(),
+            "https://lago.example/base/api/v1/events/101%3A1234%2E5"
+        );
+        assert_eq!(
+            client.url(&["events", "a/b ?#%é"]).as_str(),
+            "https://lago.example/base/api/v1/events/a%2Fb%20%3F%23%25%C3%A9"
+        );
+        assert_eq!(
+            client.url(&["events", "batch"]).as_str(),
+            "https://lago.example/base/api/v1/events/batch"
+        );
+    }
+
+    #[test]
+    fn list_filters_are_whole_utc_seconds_with_z() {
+        assert_eq!(
+            strptime_timestamp(1_700_000_000).as_deref(),
+            Some("2023-11-14T22:13:20Z")
+        );
+        assert_eq!(
+            strptime_timestamp(0).as_deref(),
+            Some("1970-01-01T00:00:00Z")
+        );
+        assert_eq!(strptime_timestamp(i64::MAX), None);
     }
 
     #[test]

@@ -5,7 +5,8 @@ mod client;
 pub mod schema;
 
 pub use client::{
-    BatchOutcome, IndexError, LagoClient, LagoClientConfig, RetryCause, rate_limit_pause,
+    BatchOutcome, Endpoint, IndexError, LagoClient, LagoClientConfig, RetryCause, rate_limit_pause,
+    strptime_timestamp,
 };
 pub use schema::{BillableMetricObject, StoredEvent, SubscriptionObject};
 
@@ -91,6 +92,19 @@ pub enum LagoError {
     /// A status this call has no meaning for (e.g. 400, 404 on a POST, 3xx).
     #[error("{what}: unexpected HTTP {status}; body: {body}")]
     UnexpectedStatus {
+        /// Which call.
+        what: &'static str,
+        /// HTTP status of the response.
+        status: u16,
+        /// The body, truncated.
+        body: String,
+    },
+    /// Lago answered 404 where its own "no such resource" was expected (or on a route that
+    /// always exists): the route is not there, so `lago.api_url` points at the wrong place.
+    #[error(
+        "{what}: HTTP {status} from a route Lago always serves: lago.api_url is wrong (give the server root, e.g. https://api.getlago.com, without /api/v1); body: {body}"
+    )]
+    WrongUrl {
         /// Which call.
         what: &'static str,
         /// HTTP status of the response.

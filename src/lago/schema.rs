@@ -21,6 +21,31 @@ pub struct EventEnvelope {
     pub event: StoredEvent,
 }
 
+/// `Events`: the answer to `GET /api/v1/events?...`, one page.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct EventList {
+    /// The page's events.
+    pub events: Vec<StoredEvent>,
+    /// Pagination; absent on servers that do not paginate.
+    #[serde(default)]
+    pub meta: Option<PaginationMeta>,
+}
+
+/// `PaginationMeta`: where the next page is.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct PaginationMeta {
+    /// The next page number, null on the last page.
+    #[serde(default)]
+    pub next_page: Option<u32>,
+}
+
+/// Lago's 404 body (`ApiResponses#not_found_error`): `code` is `<resource>_not_found`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct NotFound {
+    /// E.g. `billable_metric_not_found`.
+    pub code: String,
+}
+
 /// `EventObject`: an event as Lago stored it.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct StoredEvent {

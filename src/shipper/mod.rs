@@ -8,27 +8,36 @@
 //! read (skipping the rows being marked) and sent while the writer commits, so a backlog drains
 //! at the rate limit instead of at one request plus one fsync per batch. Nothing is marked before
 //! Lago accepted it; a mark that fails to commit leaves its rows pending, to be sent again.
+//!
+//! Nothing here stalls on one event: a failed batch goes again in smaller batches, a row that
+//! fails alone backs off alone (its state is in the outbox), a row whose outcome is unknown is
+//! checked alone, and the metric and subscription lookups run in their own task (`lookups`).
+//! The pure rules are in `outcome`.
 
+mod lookups;
 pub mod outcome;
 pub mod pause;
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::HashSet;
 use std::num::NonZeroU32;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use backon::{BackoffBuilder, ExponentialBuilder};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use tokio::sync::{Notify, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use crate::lago::{BatchOutcome, LagoClient, LagoError, RetryCause};
+use crate::lago::{LagoClient, LagoError, RetryCause};
 use crate::spool::SpoolHandle;
-use crate::spool::store::{OutboxRow, Store, StoreError};
+use crate::spool::store::{OutboxRow, ReadyFilter, ReadyRow, RetryState, Store, StoreError};
 use crate::spool::writer::{Command, unix_now};
 use crate::telemetry::Readiness;
-use outcome::{Alarm, Decision, Fate, OperatorCause, decide, decide_error, resolve_verification};
+use lookups::{Metric, REPROBE_EVERY, Subscription, Triage};
+use outcome::{
+    Alarm, CheckStep, Decision, Fate, Job, OperatorCause, backed_off, check_by_id, check_listing,
+    compose, decide, decide_error, grow, retry_rows, shrink,
+};
 
 /// Readiness check names owned by the shipper.
 pub const READY_LAGO: &str = "lago";
@@ -36,19 +45,14 @@ pub const READY_METRIC: &str = "lago_metric";
 
 /// How often an idle shipper looks for events queued by operator commands.
 const IDLE_POLL: Duration = Duration::from_secs(2);
-/// How often a paused shipper (bad key, bad metric) probes Lago again.
-const REPROBE_EVERY: Duration = Duration::from_secs(5);
-/// How long a confirmed subscription is trusted before it is looked up again.
-const SUBSCRIPTION_TTL: Duration = Duration::from_secs(600);
-/// How often the billable metric is re-validated while everything is fine.
-const METRIC_RECHECK: Duration = Duration::from_secs(300);
 /// Most batches whose "delivered" commit may be outstanding at once.
 const MAX_OPEN_MARKS: usize = 4;
 /// On shutdown, how long the shipper waits for its outstanding marks to commit.
 const MARKS_ON_SHUTDOWN: Duration = Duration::from_secs(2);
-/// While full batches go out, the backlog gauges are refreshed this often, not before every
-/// batch: counting a million pending rows takes tens of milliseconds, several requests' worth.
+/// The backlog gauges and the `max_pending_age` check are refreshed this often.
 const BACKLOG_PUBLISH_EVERY: Duration = Duration::from_secs(1);
+/// Most pending rows looked at per read: a long run of held rows costs a bounded read.
+const SCAN_LIMIT: usize = 5_000;
 
 /// The shipper's settings (from `[lago]`).
 #[derive(Debug, Clone)]
@@ -58,6 +62,8 @@ pub struct ShipperSettings {
     pub batch_linger: Duration,
     pub max_requests_per_second: u32,
     pub retry_max_delay: Duration,
+    /// `/readyz` names `lago` while the oldest pending event is older than this.
+    pub max_pending_age: Duration,
 }
 
 /// Where events go.
@@ -74,6 +80,123 @@ pub struct SpoolAccess {
     pub writer: SpoolHandle,
     /// Fired by the writer whenever new events were committed.
     pub events_committed: Arc<Notify>,
+}
+
+/// What the shipper and its lookup task share: the one rate limit every Lago call goes
+/// through, what is known of the metric and the subscriptions, and the `lago` readiness.
+struct Shared {
+    limiter: DefaultDirectRateLimiter,
+    metric: Mutex<Metric>,
+    subscriptions: Mutex<std::collections::HashMap<String, Subscription>>,
+    lookups_wanted: Notify,
+    readiness: Readiness,
+    health: Mutex<LagoHealth>,
+    /// Whether a pause for an operator was logged, and when (reminders at most once a minute).
+    pause_log: Mutex<pause::PauseLog>,
+}
+
+/// The reasons `/readyz` names `lago`, each set and cleared by what observes it.
+#[derive(Debug, Default)]
+struct LagoHealth {
+    /// The last Lago request failed in transport, timed out or got a 5xx.
+    reach: Option<String>,
+    /// The oldest pending event is older than `lago.max_pending_age`.
+    backlog: Option<String>,
+    /// Lago refused the key, or the api_url is wrong: an operator must act.
+    operator: Option<String>,
+}
+
+impl Shared {
+    /// Changes the `lago` health and publishes it to `/readyz`.
+    fn health(&self, change: impl FnOnce(&mut LagoHealth)) {
+        let mut health = crate::lock(&self.health);
+        change(&mut health);
+        let reasons: Vec<&str> = [&health.operator, &health.reach, &health.backlog]
+            .into_iter()
+            .flatten()
+            .map(String::as_str)
+            .collect();
+        if reasons.is_empty() {
+            self.readiness.clear_problem(READY_LAGO);
+        } else {
+            self.readiness.set_problem(READY_LAGO, reasons.join("; "));
+        }
+    }
+
+    /// Records whether Lago answered a request at all (any HTTP answer but a 5xx counts).
+    fn observe<T>(&self, result: &Result<T, LagoError>) {
+        match result {
+            Err(LagoError::Transient(cause)) => self.unreachable(cause),
+            _ => self.health(|h| h.reach = None),
+        }
+    }
+
+    fn unreachable(&self, cause: &RetryCause) {
+        let reason = match cause {
+            RetryCause::Timeout => {
+                "Lago did not answer within lago.request_timeout; events wait in the spool".into()
+            }
+            other => format!("Lago unreachable or failing ({other}); events wait in the spool"),
+        };
+        self.health(|h| h.reach = Some(reason));
+    }
+
+    /// A refused API key pauses delivery under the `lago` readiness check, whichever request
+    /// (metric check, subscription lookup or batch) met the refusal first.
+    fn key_refused(&self, status: u16) {
+        self.operator_problem(format!(
+            "Lago refused the API key (HTTP {status}): fix lago.api_key_file / LAGO_API_KEY; nothing is dropped"
+        ));
+    }
+
+    fn misconfigured(&self, detail: String) {
+        self.operator_problem(format!(
+            "Lago endpoint misconfigured: {detail}; check lago.api_url"
+        ));
+    }
+
+    fn operator_problem(&self, what: String) {
+        self.log_pause(&what);
+        self.health(|h| h.operator = Some(what));
+        // The metric check re-probes; until it passes, nothing is sent.
+        let mut metric = crate::lock(&self.metric);
+        if metric.allows_sending() {
+            *metric = Metric::Blocked {
+                retry_at: Instant::now() + REPROBE_EVERY,
+            };
+        }
+    }
+}
+
+impl Shared {
+    /// Logs a pause once when it starts (or its problem changes), then at most once a minute
+    /// while Lago is re-probed every 5 s; events stay in the spool meanwhile.
+    fn log_pause(&self, problem: &str) {
+        let line = crate::lock(&self.pause_log).paused(problem, Instant::now());
+        match line {
+            pause::PauseLine::Started => tracing::error!(
+                %problem,
+                "delivery paused until an operator acts: events stay in the spool; re-probing every 5 s"
+            ),
+            pause::PauseLine::Reminder { paused_for } => tracing::error!(
+                %problem,
+                paused_for_secs = paused_for.as_secs(),
+                "delivery still paused until an operator acts: events stay in the spool"
+            ),
+            pause::PauseLine::Quiet => {}
+        }
+    }
+
+    /// Delivery works again: says so once, with how long it was paused.
+    fn log_resumed(&self) {
+        let resumed = crate::lock(&self.pause_log).resumed(Instant::now());
+        if let Some(paused_for) = resumed {
+            tracing::info!(
+                paused_for_secs = paused_for.as_secs(),
+                "delivery resumed: Lago accepts the key and the metric"
+            );
+        }
+    }
 }
 
 /// Ships until `shutdown` fires. `draining` fires first, on SIGTERM: from then on a part-full
@@ -94,23 +217,50 @@ pub async fn run(
             return;
         }
     };
-    let mut shipper = Shipper {
-        reader: Some(reader),
-        writer: spool.writer,
+    let shared = Arc::new(Shared {
         limiter: RateLimiter::direct(Quota::per_second(
             NonZeroU32::new(settings.max_requests_per_second).unwrap_or(NonZeroU32::MIN),
         )),
-        backoff: backoff(&settings),
-        batch_max_events: settings.batch_max_events,
-        settings,
+        metric: Mutex::new(match destination {
+            Destination::Lago(_) => Metric::Unchecked,
+            Destination::Stdout => Metric::Ok {
+                until: Instant::now(),
+            },
+        }),
+        subscriptions: Mutex::new(std::collections::HashMap::new()),
+        lookups_wanted: Notify::new(),
         readiness,
-        known_subscriptions: HashMap::new(),
-        metric_checked_at: None,
-        backlog_published_at: None,
+        health: Mutex::new(LagoHealth::default()),
+        pause_log: Mutex::new(pause::PauseLog::default()),
+    });
+    let stop_helpers = shutdown.child_token();
+    let _stop_helpers_on_return = stop_helpers.clone().drop_guard();
+    if let Destination::Lago(client) = &destination {
+        tokio::spawn(lookups::run(
+            client.clone(),
+            shared.clone(),
+            settings.metric_code.clone(),
+            settings.retry_max_delay,
+            stop_helpers.clone(),
+        ));
+    }
+    tokio::spawn(watch_backlog(
+        spool.path.clone(),
+        shared.clone(),
+        settings.max_pending_age,
+        stop_helpers.clone(),
+    ));
+    let mut shipper = Shipper {
+        reader: Some(reader),
+        writer: spool.writer,
+        shared,
+        failures: 0,
+        batch_size: settings.batch_max_events,
+        settings,
         draining,
-        marks: VecDeque::new(),
+        dry_run: matches!(destination, Destination::Stdout),
+        marks: std::collections::VecDeque::new(),
         marking: HashSet::new(),
-        pause_log: pause::PauseLog::default(),
     };
     let wake = spool.events_committed;
     loop {
@@ -130,41 +280,88 @@ pub async fn run(
         };
         tokio::select! {
             _ = wake.notified(), if pause.is_none() => {}
-            // Idle, it still looks now and then: `spool requeue` and `replay` write from outside.
+            // Idle, it still looks now and then: `spool requeue` and `replay` write from outside,
+            // and rows backing off come due.
             _ = tokio::time::sleep(pause.unwrap_or(IDLE_POLL)) => {}
             _ = shutdown.cancelled() => return,
         }
     }
 }
 
+/// Keeps the backlog gauges current within a second, and the `lago` readiness told when the
+/// oldest pending event is older than `max_pending_age`, whatever the shipper is waiting for.
+async fn watch_backlog(
+    path: PathBuf,
+    shared: Arc<Shared>,
+    max_pending_age: Duration,
+    stop: CancellationToken,
+) {
+    let store = match crate::app::open_store(&path).await {
+        Ok(store) => Arc::new(Mutex::new(store)),
+        Err(error) => {
+            tracing::error!(%error, "the backlog gauges cannot read the spool");
+            return;
+        }
+    };
+    let mut tick = tokio::time::interval(BACKLOG_PUBLISH_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.cancelled() => return,
+        }
+        let store = store.clone();
+        let backlog = tokio::task::spawn_blocking(move || crate::lock(&store).backlog()).await;
+        let Ok(Ok((pending, oldest))) = backlog else {
+            continue;
+        };
+        let age = publish_backlog(pending, oldest);
+        let limit = max_pending_age.as_secs();
+        let stale = u64::try_from(age).is_ok_and(|age| pending > 0 && age > limit);
+        shared.health(|h| {
+            h.backlog = stale.then(|| {
+                format!(
+                    "the oldest of {pending} pending events is {age} s old, over lago.max_pending_age ({limit} s)"
+                )
+            })
+        });
+    }
+}
+
+/// Sets the backlog gauges; returns the oldest pending event's age in seconds.
+fn publish_backlog(pending: i64, oldest: Option<i64>) -> i64 {
+    let age = oldest.map_or(0, |created| unix_now().saturating_sub(created).max(0));
+    metrics::gauge!("ocpp_lago_bridge_spool_pending_events").set(pending as f64);
+    metrics::gauge!("ocpp_lago_bridge_spool_oldest_pending_age_seconds").set(age as f64);
+    age
+}
+
 enum Step {
     /// Nothing pending.
     Idle,
-    /// A batch was settled; look for more at once.
+    /// A job was settled; look for more at once.
     Sent,
-    /// Try again after this long (retry, 429, paused for an operator).
+    /// Try again after this long (retry, 429, paused for an operator, rows backing off).
     Wait(Duration),
 }
 
 struct Shipper {
     reader: Option<Store>,
     writer: SpoolHandle,
-    limiter: DefaultDirectRateLimiter,
-    backoff: backon::ExponentialBackoff,
-    /// Halved on `too_many_events`; never above the setting.
-    batch_max_events: usize,
+    shared: Arc<Shared>,
+    /// Failed requests in a row, for the shipper-wide backoff; 0 after any success.
+    failures: u32,
+    /// Halved on `too_many_events`, grown by a tenth of the setting on every batch taken; never
+    /// above the setting.
+    batch_size: usize,
     settings: ShipperSettings,
-    readiness: Readiness,
-    known_subscriptions: HashMap<String, Instant>,
-    metric_checked_at: Option<Instant>,
-    backlog_published_at: Option<Instant>,
     draining: CancellationToken,
+    /// `--dry-run`: events are printed, no subscription is looked up.
+    dry_run: bool,
     /// "Delivered" commands sent to the writer whose commit is not confirmed yet, oldest first.
-    marks: VecDeque<Mark>,
+    marks: std::collections::VecDeque<Mark>,
     /// The rows of `marks`: pending on disk until their commit, never to be read for sending.
     marking: HashSet<i64>,
-    /// Whether a pause for an operator was logged, and when (reminders at most once a minute).
-    pause_log: pause::PauseLog,
 }
 
 /// Outbox rows Lago accepted, being marked delivered by the writer.
@@ -173,148 +370,191 @@ struct Mark {
     done: oneshot::Receiver<Result<(), String>>,
 }
 
-fn backoff(settings: &ShipperSettings) -> backon::ExponentialBackoff {
-    ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(200))
-        .with_max_delay(settings.retry_max_delay)
-        .with_jitter()
-        .without_max_times()
-        .build()
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 impl Shipper {
     async fn step(&mut self, destination: &Destination) -> Step {
         // Room for the mark this step may add.
         self.settle_marks(MAX_OPEN_MARKS - 1).await;
-        let mut rows = match self.pending(self.batch_max_events).await {
+        if !crate::lock(&self.shared.metric).allows_sending() {
+            // The lookup task proves the metric (and the key, and the URL) first.
+            return Step::Wait(Duration::from_millis(200));
+        }
+        let mut ready = match self.ready(self.batch_size).await {
             Ok(rows) => rows,
             Err(error) => {
                 tracing::error!(%error, "reading pending events from the spool failed");
                 return Step::Wait(REPROBE_EVERY);
             }
         };
-        let short = rows.len() < self.batch_max_events;
-        // The tail of a backlog (or nothing): let the marks land, so the gauge is exact and the
-        // rows of a mark that failed are read again before the shipper goes idle.
-        if short
+        // A short read is the tail of a backlog (or nothing): let the marks land, so the rows of
+        // a mark that failed are read again before the shipper goes idle.
+        if ready.len() < self.batch_size
             && self.settle_marks(0).await
-            && let Ok(again) = self.pending(self.batch_max_events).await
+            && let Ok(again) = self.ready(self.batch_size).await
         {
-            rows = again;
-        }
-        // A short read is the tail of a backlog (or nothing): the count is cheap and exact then.
-        if short
-            || self
-                .backlog_published_at
-                .is_none_or(|at| at.elapsed() >= BACKLOG_PUBLISH_EVERY)
-        {
-            self.publish_backlog().await;
-        }
-        // Checked even with nothing to send: /readyz must say at start whether the key and the
-        // metric are right, not when the first session ends.
-        if let Destination::Lago(client) = destination
-            && let Some(wait) = self.check_metric(client).await
-        {
-            return wait;
-        }
-        if rows.is_empty() {
-            return Step::Idle;
+            ready = again;
         }
         let client = match destination {
-            Destination::Stdout => return self.print(rows).await,
+            Destination::Stdout => {
+                let rows: Vec<OutboxRow> = ready.into_iter().map(|r| r.row).collect();
+                if rows.is_empty() {
+                    return self.idle().await;
+                }
+                return self.print(rows).await;
+            }
             Destination::Lago(client) => client,
         };
+        if ready.is_empty() {
+            return self.idle().await;
+        }
         // A part-full batch waits once for company (a full one, e.g. a backlog, goes at once).
-        let rows = if rows.len() < self.batch_max_events && !self.settings.batch_linger.is_zero() {
+        if ready.len() < self.batch_size
+            && !ready[0].retry.needs_check
+            && !self.settings.batch_linger.is_zero()
+        {
             tokio::select! {
                 _ = tokio::time::sleep(self.settings.batch_linger) => {}
                 _ = self.draining.cancelled() => {}
             }
-            match self.pending(self.batch_max_events).await {
-                Ok(rows) => rows,
-                Err(_) => rows,
+            if let Ok(rows) = self.ready(self.batch_size).await {
+                ready = rows;
             }
-        } else {
-            rows
-        };
-        let rows = match self.drop_unknown_subscriptions(client, rows).await {
-            Ok(rows) if rows.is_empty() => return Step::Sent,
-            Ok(rows) => rows,
-            Err(wait) => return wait,
-        };
-
-        self.limiter.until_ready().await;
-        let events: Vec<_> = rows.iter().map(|r| r.event.clone()).collect();
-        let started = Instant::now();
-        let result = client.post_batch(&events).await;
-        metrics::histogram!("ocpp_lago_bridge_lago_request_seconds")
-            .record(started.elapsed().as_secs_f64());
-        metrics::counter!("ocpp_lago_bridge_lago_requests_total", "status_class" => status_class(&result))
-            .increment(1);
-        let decision = match &result {
-            Ok(outcome) => decide(&rows, outcome),
-            Err(error) => decide_error(&rows, error),
-        };
-        self.apply(client, &rows, decision).await
+        }
+        match compose(ready, self.batch_size) {
+            Job::Nothing => self.idle().await,
+            Job::Check(row) => self.check(client, *row).await,
+            Job::Send(rows) => self.send(client, rows).await,
+        }
     }
 
-    async fn apply(&mut self, client: &LagoClient, rows: &[OutboxRow], decision: Decision) -> Step {
-        let ids: Vec<i64> = rows.iter().map(|r| r.outbox_id).collect();
+    /// Nothing can go now: publish the exact backlog, then wait for new events, or for the
+    /// earliest row backing off or held for a lookup.
+    async fn idle(&mut self) -> Step {
+        if let Ok((pending, oldest)) = self.with_reader(|store| store.backlog()).await {
+            publish_backlog(pending, oldest);
+            if pending > self.marking.len() as i64 {
+                // Rows wait (backing off, held for a lookup): look again soon.
+                return Step::Wait(Duration::from_millis(250));
+            }
+        }
+        Step::Idle
+    }
+
+    /// The oldest rows ready to go now, of confirmed subscriptions: rows of unknown ones are
+    /// dead-lettered, rows of unconfirmed ones stay pending while their lookup runs.
+    async fn ready(&mut self, limit: usize) -> Result<Vec<ReadyRow>, StoreError> {
+        for _ in 0..2 {
+            let filter = ReadyFilter {
+                limit,
+                now_ms: now_ms(),
+                skip_ids: self.marking.clone(),
+                held_subscriptions: self.shared.held_subscriptions(),
+                scan_limit: SCAN_LIMIT,
+            };
+            let rows = self.with_reader(move |store| store.ready(&filter)).await?;
+            if self.dry_run {
+                return Ok(rows);
+            }
+            let triage = self.shared.triage_subscriptions(
+                rows.iter()
+                    .map(|r| r.row.event.external_subscription_id.as_str()),
+            );
+            let mut kept = Vec::with_capacity(rows.len());
+            let mut dropped = false;
+            for row in rows {
+                match triage[&row.row.event.external_subscription_id] {
+                    Triage::Send => kept.push(row),
+                    Triage::Hold => dropped = true,
+                    Triage::Unknown => {
+                        dropped = true;
+                        let detail = format!(
+                            "Lago has no subscription {:?}: create it or fix the mapping, then `spool requeue --reason unknown_subscription`",
+                            row.row.event.external_subscription_id
+                        );
+                        dead_letter(&self.writer, &row.row, "unknown_subscription", &detail).await;
+                    }
+                }
+            }
+            // All held: read once more, now skipping them, so the others fill the batch.
+            if !(kept.is_empty() && dropped) {
+                return Ok(kept);
+            }
+        }
+        Ok(Vec::new())
+    }
+}
+
+impl Shipper {
+    /// POSTs one batch and applies Lago's answer.
+    async fn send(&mut self, client: &LagoClient, rows: Vec<ReadyRow>) -> Step {
+        self.shared.limiter.until_ready().await;
+        let events: Vec<_> = rows.iter().map(|r| r.row.event.clone()).collect();
+        let result = client.post_batch(&events).await;
+        self.shared.observe(&result);
+        let plain: Vec<OutboxRow> = rows.iter().map(|r| r.row.clone()).collect();
+        let decision = match &result {
+            Ok(outcome) => decide(&plain, outcome),
+            Err(error) => decide_error(&plain, error),
+        };
         match decision {
             Decision::Settle { fates, alarm } => {
                 if let Some(alarm) = alarm {
                     raise(&alarm);
                 }
-                self.readiness.clear_problem(READY_LAGO);
-                self.backoff = backoff(&self.settings);
+                self.failures = 0;
+                self.batch_size = grow(self.batch_size, self.settings.batch_max_events);
                 let mut delivered = Vec::new();
+                let mut to_check = Vec::new();
                 for fate in fates {
-                    let Some(row) = rows.iter().find(|r| r.outbox_id == fate.outbox_id) else {
+                    let Some(row) = rows.iter().find(|r| r.row.outbox_id == fate.outbox_id) else {
                         continue;
                     };
-                    let fate = match fate.fate {
-                        Fate::Verify => match client.get_event(&row.event.transaction_id).await {
-                            Ok(stored) => resolve_verification(&row.event, stored.as_ref()),
-                            Err(error) => {
-                                // Stays pending: re-sent later, it meets value_already_exist again.
-                                tracing::warn!(lago_transaction_id = %row.event.transaction_id, %error, "could not check the event Lago says it already has; will retry");
-                                continue;
-                            }
-                        },
-                        other => other,
-                    };
-                    match fate {
-                        Fate::Delivered => delivered.push(row.outbox_id),
+                    match fate.fate {
+                        Fate::Delivered => delivered.push(row.row.outbox_id),
                         Fate::DeadLetter { reason, detail } => {
-                            dead_letter(&self.writer, row, reason.as_str(), &detail).await
+                            dead_letter(&self.writer, &row.row, reason.as_str(), &detail).await
                         }
+                        // Lago may hold it: checked alone before anything else happens to it.
+                        Fate::Verify => to_check.push((
+                            row.row.outbox_id,
+                            RetryState {
+                                needs_check: true,
+                                ..row.retry
+                            },
+                        )),
                         // Rolled back with the batch: still pending, re-read in order next step.
-                        Fate::Resend | Fate::Verify => {}
+                        Fate::Resend => {}
                     }
+                }
+                if !to_check.is_empty() {
+                    self.record_retry(to_check, "value_already_exist: to be checked".into())
+                        .await;
                 }
                 if !delivered.is_empty() {
                     self.mark_delivered(delivered).await;
                 }
                 Step::Sent
             }
-            Decision::RetryBatch { cause } => {
+            Decision::Retry { cause, alarm } => {
+                if let Some(alarm) = alarm {
+                    raise(&alarm);
+                }
                 metrics::counter!("ocpp_lago_bridge_lago_retries_total").increment(1);
-                let delay = self.backoff.next().unwrap_or(self.settings.retry_max_delay);
-                tracing::warn!(%cause, events = rows.len(), retry_in = ?delay, "Lago did not take the batch; the same events will be sent again");
-                write(&self.writer, |done| Command::Attempted {
-                    ids,
-                    error: cause,
-                    done,
-                })
-                .await;
+                let delay = self.failed();
+                let updates = retry_rows(&rows, now_ms(), self.settings.retry_max_delay, delay);
+                let next_batch = updates.first().and_then(|(_, s)| s.max_batch).unwrap_or(1);
+                tracing::warn!(%cause, events = rows.len(), retry_in = ?delay, next_batch, "Lago did not take the batch; its events go again in smaller batches");
+                self.record_retry(updates, cause).await;
                 Step::Wait(delay)
             }
-            Decision::HalveBatch {
-                batch_max_events,
-                alarm,
-            } => {
+            Decision::ShrinkBatches { alarm } => {
                 raise(&alarm);
-                self.batch_max_events = batch_max_events.max(1);
+                self.batch_size = shrink(self.batch_size, rows.len());
                 Step::Sent
             }
             Decision::Pause { pause } => {
@@ -322,152 +562,114 @@ impl Shipper {
                 tracing::warn!(pause = ?pause, "Lago rate limit: the shipper pauses");
                 Step::Wait(pause)
             }
-            Decision::PauseUntilOperator { cause } => match cause {
-                OperatorCause::ApiKeyRejected { status } => self.key_refused(status),
-                OperatorCause::Misconfigured { detail } => self.pause_for_operator(format!(
-                    "Lago endpoint misconfigured: {detail}; check lago.api_url"
-                )),
-            },
-        }
-    }
-
-    /// A refused API key pauses delivery under the `lago` readiness check, whichever request
-    /// (metric check, subscription lookup or batch) met the refusal first.
-    fn key_refused(&mut self, status: u16) -> Step {
-        self.pause_for_operator(format!(
-            "Lago refused the API key (HTTP {status}): fix lago.api_key_file / LAGO_API_KEY; nothing is dropped"
-        ))
-    }
-
-    fn pause_for_operator(&mut self, what: String) -> Step {
-        self.log_pause(&what);
-        self.readiness.set_problem(READY_LAGO, what);
-        // Probe through the metric check, which runs even when nothing is pending.
-        self.metric_checked_at = None;
-        Step::Wait(REPROBE_EVERY)
-    }
-
-    /// Logs a pause once when it starts (or its problem changes), then at most once a minute
-    /// while Lago is re-probed every 5 s; events stay in the spool meanwhile.
-    fn log_pause(&mut self, problem: &str) {
-        match self.pause_log.paused(problem, Instant::now()) {
-            pause::PauseLine::Started => tracing::error!(
-                %problem,
-                "delivery paused until an operator acts: events stay in the spool; re-probing every 5 s"
-            ),
-            pause::PauseLine::Reminder { paused_for } => tracing::error!(
-                %problem,
-                paused_for_secs = paused_for.as_secs(),
-                "delivery still paused until an operator acts: events stay in the spool"
-            ),
-            pause::PauseLine::Quiet => {}
-        }
-    }
-
-    /// Confirms (at start, then every few minutes) that the metric sums our `value` property:
-    /// anything else silently bills 0. While it does not, delivery waits.
-    async fn check_metric(&mut self, client: &LagoClient) -> Option<Step> {
-        if self
-            .metric_checked_at
-            .is_some_and(|at| at.elapsed() < METRIC_RECHECK)
-        {
-            return None;
-        }
-        let code = &self.settings.metric_code;
-        let problem = match client.get_billable_metric(code).await {
-            Ok(Some(metric)) if metric.sums_field("value") => None,
-            Ok(Some(metric)) => Some((
-                READY_METRIC,
-                format!(
-                    "billable metric \"{code}\" is {} on field {}: it must be sum_agg on \"value\" or every event bills 0",
-                    metric.aggregation_type,
-                    metric
-                        .field_name
-                        .as_deref()
-                        .map_or("(none)".into(), |f| format!("\"{f}\""))
-                ),
-            )),
-            Ok(None) => Some((
-                READY_METRIC,
-                format!(
-                    "billable metric {code:?} does not exist in Lago: create it (sum_agg on \"value\") or fix lago.metric_code"
-                ),
-            )),
-            Err(LagoError::Unauthorized { status }) => return Some(self.key_refused(status)),
-            Err(error) => {
-                tracing::warn!(%error, "could not check the billable metric; will retry");
-                return Some(Step::Wait(self.backoff.next().unwrap_or(REPROBE_EVERY)));
+            Decision::PauseUntilOperator { cause } => {
+                match cause {
+                    OperatorCause::ApiKeyRejected { status } => self.shared.key_refused(status),
+                    OperatorCause::Misconfigured { detail } => self.shared.misconfigured(detail),
+                }
+                Step::Wait(REPROBE_EVERY)
             }
+        }
+    }
+
+    /// Checks alone a row Lago may already hold: `GET /events/{id}`, and when that names
+    /// another subscription, our subscription's events at its timestamp. A check that fails
+    /// backs off this row only.
+    async fn check(&mut self, client: &LagoClient, row: ReadyRow) -> Step {
+        let ours = &row.row.event;
+        self.shared.limiter.until_ready().await;
+        let by_id = client.get_event(&ours.transaction_id).await;
+        self.shared.observe(&by_id);
+        let fate = match by_id.map(|stored| check_by_id(ours, stored.as_ref())) {
+            Ok(CheckStep::Done(fate)) => Ok(fate),
+            Ok(CheckStep::ListOurs) => {
+                self.shared.limiter.until_ready().await;
+                let listed = client
+                    .list_events_at(&ours.external_subscription_id, &ours.code, ours.timestamp)
+                    .await;
+                self.shared.observe(&listed);
+                listed.map(|listed| check_listing(ours, &listed))
+            }
+            Err(error) => Err(error),
         };
-        match problem {
-            None => {
-                self.metric_checked_at = Some(Instant::now());
-                self.readiness.clear_problem(READY_METRIC);
-                self.readiness.clear_problem(READY_LAGO);
-                if let Some(paused_for) = self.pause_log.resumed(Instant::now()) {
-                    tracing::info!(
-                        paused_for_secs = paused_for.as_secs(),
-                        "delivery resumed: Lago accepts the key and the metric"
-                    );
-                }
-                None
+        let result = match &fate {
+            Ok(Fate::Delivered) => "delivered",
+            Ok(Fate::DeadLetter { .. }) => "collision",
+            Ok(Fate::Resend | Fate::Verify) => "not_found",
+            Err(_) => "failed",
+        };
+        metrics::counter!("ocpp_lago_bridge_lago_checks_total", "result" => result).increment(1);
+        match fate {
+            Ok(Fate::Delivered) => {
+                self.failures = 0;
+                self.mark_delivered(vec![row.row.outbox_id]).await;
+                Step::Sent
             }
-            Some((check, problem)) => {
-                self.log_pause(&problem);
-                self.readiness.set_problem(check, problem);
-                Some(Step::Wait(REPROBE_EVERY))
+            Ok(Fate::DeadLetter { reason, detail }) => {
+                self.failures = 0;
+                dead_letter(&self.writer, &row.row, reason.as_str(), &detail).await;
+                Step::Sent
+            }
+            Ok(Fate::Resend | Fate::Verify) => {
+                // Lago holds nothing of ours under that key: send it again (alone, after its
+                // backoff, so a loop of "exists" / "not found" stays slow and visible).
+                tracing::warn!(
+                    charge_box_id = %ours.properties.charge_box_id,
+                    lago_transaction_id = %ours.transaction_id,
+                    external_subscription_id = %ours.external_subscription_id,
+                    "Lago shows no event of ours under this transaction_id; sending it again"
+                );
+                let state = RetryState {
+                    needs_check: false,
+                    ..backed_off(row.retry, now_ms(), self.settings.retry_max_delay)
+                };
+                self.record_retry(
+                    vec![(row.row.outbox_id, state)],
+                    "checked: not in Lago, to be sent again".into(),
+                )
+                .await;
+                Step::Sent
+            }
+            Err(LagoError::Unauthorized { status }) => {
+                self.shared.key_refused(status);
+                Step::Wait(REPROBE_EVERY)
+            }
+            Err(LagoError::RateLimited { pause }) => Step::Wait(
+                pause
+                    .unwrap_or(outcome::DEFAULT_RATE_LIMIT_PAUSE)
+                    .min(outcome::MAX_RATE_LIMIT_PAUSE),
+            ),
+            Err(error) => {
+                if let LagoError::WrongUrl { .. } = error {
+                    self.shared.misconfigured(error.to_string());
+                }
+                let state = backed_off(row.retry, now_ms(), self.settings.retry_max_delay);
+                tracing::warn!(
+                    lago_transaction_id = %ours.transaction_id,
+                    %error,
+                    retry_in_ms = state.backoff_ms,
+                    "could not check an event Lago may already hold; it waits alone, the others go"
+                );
+                self.record_retry(vec![(row.row.outbox_id, state)], error.to_string())
+                    .await;
+                Step::Sent
             }
         }
     }
 
-    /// Lago accepts events for unknown subscriptions with 200 and the usage vanishes: check
-    /// each subscription first and dead-letter (requeue-able) the events of unknown ones.
-    async fn drop_unknown_subscriptions(
-        &mut self,
-        client: &LagoClient,
-        rows: Vec<OutboxRow>,
-    ) -> Result<Vec<OutboxRow>, Step> {
-        let mut unknown = HashSet::new();
-        let subscriptions: HashSet<String> = rows
-            .iter()
-            .map(|r| r.event.external_subscription_id.clone())
-            .collect();
-        for subscription in subscriptions {
-            if self
-                .known_subscriptions
-                .get(&subscription)
-                .is_some_and(|at| at.elapsed() < SUBSCRIPTION_TTL)
-            {
-                continue;
-            }
-            match client.get_subscription(&subscription).await {
-                Ok(Some(_)) => {
-                    self.known_subscriptions
-                        .insert(subscription, Instant::now());
-                }
-                Ok(None) => {
-                    unknown.insert(subscription);
-                }
-                Err(LagoError::Unauthorized { status }) => return Err(self.key_refused(status)),
-                Err(error) => {
-                    tracing::warn!(external_subscription_id = %subscription, %error, "could not check a subscription; will retry");
-                    return Err(Step::Wait(self.backoff.next().unwrap_or(REPROBE_EVERY)));
-                }
-            }
-        }
-        let mut kept = Vec::with_capacity(rows.len());
-        for row in rows {
-            if unknown.contains(&row.event.external_subscription_id) {
-                let detail = format!(
-                    "Lago has no subscription {:?}: create it or fix the mapping, then `spool requeue --reason unknown_subscription`",
-                    row.event.external_subscription_id
-                );
-                dead_letter(&self.writer, &row, "unknown_subscription", &detail).await;
-            } else {
-                kept.push(row);
-            }
-        }
-        Ok(kept)
+    /// One more failure in a row: the shipper-wide wait before the next request.
+    fn failed(&mut self) -> Duration {
+        self.failures = self.failures.saturating_add(1);
+        lookups::backoff(self.settings.retry_max_delay, self.failures)
+    }
+
+    async fn record_retry(&mut self, retry: Vec<(i64, RetryState)>, error: String) {
+        write(&self.writer, |done| Command::Attempted {
+            retry,
+            error,
+            done,
+        })
+        .await;
     }
 
     /// `--dry-run`: print instead of sending, then mark as handled so each is printed once.
@@ -525,13 +727,6 @@ async fn write(
 }
 
 impl Shipper {
-    /// The oldest pending rows, without those being marked delivered right now.
-    async fn pending(&mut self, limit: usize) -> Result<Vec<OutboxRow>, StoreError> {
-        let marking = self.marking.clone();
-        self.with_reader(move |store| store.pending_except(limit, &marking))
-            .await
-    }
-
     /// Sends "delivered" for rows Lago accepted to the writer, without waiting for the commit.
     async fn mark_delivered(&mut self, ids: Vec<i64>) {
         let (done, result) = oneshot::channel();
@@ -583,17 +778,6 @@ impl Shipper {
         failed
     }
 
-    /// Publishes the backlog gauges (pending events, oldest pending age).
-    async fn publish_backlog(&mut self) {
-        let now = unix_now();
-        self.backlog_published_at = Some(Instant::now());
-        if let Ok((pending, oldest)) = self.with_reader(|store| store.backlog()).await {
-            metrics::gauge!("ocpp_lago_bridge_spool_pending_events").set(pending as f64);
-            let age = oldest.map_or(0, |created| (now - created).max(0));
-            metrics::gauge!("ocpp_lago_bridge_spool_oldest_pending_age_seconds").set(age as f64);
-        }
-    }
-
     async fn with_reader<T: Send + 'static>(
         &mut self,
         work: impl FnOnce(&Store) -> Result<T, StoreError> + Send + 'static,
@@ -620,20 +804,5 @@ fn raise(alarm: &Alarm) {
         Alarm::UnattributedRejection { .. } => "unattributed_rejection",
     };
     metrics::counter!("ocpp_lago_bridge_lago_alarms_total", "kind" => kind).increment(1);
-    tracing::error!(kind, alarm = ?alarm, "Lago answered outside its contract: check the Lago version and lago.batch_max_events");
-}
-
-fn status_class(result: &Result<BatchOutcome, LagoError>) -> &'static str {
-    match result {
-        Ok(BatchOutcome::Accepted(_) | BatchOutcome::AcceptedUnparseable { .. }) => "2xx",
-        Ok(
-            BatchOutcome::Rejected422 { .. }
-            | BatchOutcome::TooManyEvents
-            | BatchOutcome::Unauthorized { .. }
-            | BatchOutcome::RateLimited { .. },
-        ) => "4xx",
-        Ok(BatchOutcome::Retryable(RetryCause::Status(status))) if *status >= 500 => "5xx",
-        Ok(BatchOutcome::Retryable(RetryCause::Status(_))) => "4xx",
-        Ok(BatchOutcome::Retryable(_)) | Err(_) => "error",
-    }
+    tracing::error!(kind, alarm = ?alarm, "Lago answered outside its contract: check the Lago version, a proxy in front of it and lago.batch_max_events");
 }

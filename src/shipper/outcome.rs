@@ -1,5 +1,6 @@
 //! Pure decisions of the shipper: given a batch and what Lago answered, what happens to each
-//! outbox row and to the shipper. No I/O here; EVENTS-CONTRACT.md is the specification.
+//! outbox row and to the shipper; which rows form the next job; how a failed row backs off;
+//! what a verification proves. No I/O here; EVENTS-CONTRACT.md is the specification.
 
 use std::time::Duration;
 
@@ -7,11 +8,14 @@ use serde_json::{Map, Value};
 
 use crate::event::LagoEvent;
 use crate::lago::{BatchOutcome, IndexError, LagoError, StoredEvent};
+use crate::spool::store::{ReadyRow, RetryState};
 
 /// A 429 without a usable header pauses this long.
 pub const DEFAULT_RATE_LIMIT_PAUSE: Duration = Duration::from_secs(1);
 /// A header asking for longer than this is capped: a bogus proxy must not stall us for days.
 pub const MAX_RATE_LIMIT_PAUSE: Duration = Duration::from_secs(15 * 60);
+/// The first backoff of a row failing alone (then doubled up to `lago.retry_max_delay`).
+pub const MIN_ROW_BACKOFF: Duration = Duration::from_millis(200);
 
 pub use crate::spool::store::OutboxRow;
 
@@ -20,10 +24,8 @@ pub use crate::spool::store::OutboxRow;
 pub enum DeadLetterReason {
     /// Lago holds another event under our (subscription, transaction_id).
     TransactionIdCollision,
-    /// Lago rejected the event itself; the detail is Lago's error text.
+    /// Lago rejected the event itself (a 422 naming its index); the detail is Lago's error text.
     LagoRejected,
-    /// Lago says the transaction_id exists but does not show it to us.
-    DuplicateUnverified,
 }
 
 impl DeadLetterReason {
@@ -32,7 +34,6 @@ impl DeadLetterReason {
         match self {
             Self::TransactionIdCollision => "transaction_id_collision",
             Self::LagoRejected => "lago_rejected",
-            Self::DuplicateUnverified => "duplicate_unverified",
         }
     }
 }
@@ -49,7 +50,8 @@ pub enum Fate {
         /// Lago's words or ours, for the operator.
         detail: String,
     },
-    /// Lago says `value_already_exist`: GET the stored event and apply [`resolve_verification`].
+    /// Lago may hold it already (`value_already_exist`): flag the row; it is checked alone
+    /// ([`check_by_id`], [`check_listing`]) before it counts as delivered or goes again.
     Verify,
     /// Not stored (Lago rolled the batch back): send again, in order, without the others.
     Resend,
@@ -67,7 +69,8 @@ pub struct EventFate {
 /// Something an operator must hear about (ERROR log + counter), beside the decision itself.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Alarm {
-    /// Lago stored the batch but its answer did not parse: its schema changed.
+    /// A 200 whose body is not Lago's answer (a proxy's maintenance page, a changed schema):
+    /// no evidence that anything was stored, so the events go again and prove it.
     AcceptedUnparseable {
         /// Parse error and body excerpt.
         detail: String,
@@ -77,7 +80,8 @@ pub enum Alarm {
         /// The batch size Lago refused.
         refused_len: usize,
     },
-    /// Lago rejected the batch without saying which event; we bisect to find it.
+    /// Lago refused the batch without naming an event (a 422 without index, an odd status):
+    /// retried in smaller batches, never dead-lettered for it.
     UnattributedRejection {
         /// What Lago said.
         detail: String,
@@ -109,15 +113,16 @@ pub enum Decision {
         /// Raised beside the fates, if any.
         alarm: Option<Alarm>,
     },
-    /// Outcome unknown (408, 5xx, timeout, connection): same batch again after backoff.
-    RetryBatch {
-        /// Why, for the log.
+    /// Not taken, or the outcome is unknown (5xx, timeout, 400, an HTML 200): the rows go again
+    /// after a backoff, in smaller batches ([`retry_rows`]), and a row alone backs off alone.
+    Retry {
+        /// Why, for the log and the spool's `last_error`.
         cause: String,
+        /// Raised beside, if Lago answered outside its contract.
+        alarm: Option<Alarm>,
     },
-    /// Send the same events again in batches of at most `batch_max_events`.
-    HalveBatch {
-        /// The new batch size limit (at least 1).
-        batch_max_events: usize,
+    /// `too_many_events`: Lago's own limit is below ours; every batch shrinks ([`shrink`]).
+    ShrinkBatches {
         /// Why.
         alarm: Alarm,
     },
@@ -137,13 +142,28 @@ pub enum Decision {
 pub fn decide(batch: &[OutboxRow], outcome: &BatchOutcome) -> Decision {
     match outcome {
         BatchOutcome::Accepted(_) => settle_all(batch, Fate::Delivered, None),
-        BatchOutcome::AcceptedUnparseable { reason, body } => settle_all(
+        // Lago's own `{"events": [...]}`, one echo per event sent, whose objects changed shape:
+        // stored; the alarm asks for a look at the Lago version.
+        BatchOutcome::AcceptedUnparseable {
+            echoed: Some(echoed),
+            reason,
+            body,
+        } if *echoed == batch.len() => settle_all(
             batch,
             Fate::Delivered,
             Some(Alarm::AcceptedUnparseable {
                 detail: format!("{reason}; body: {body}"),
             }),
         ),
+        // EVENTS-CONTRACT.md "Unknown outcomes": any other 200 (a maintenance page, a truncated
+        // body) proves nothing; sent again, the events either go in or meet
+        // `value_already_exist` and are checked.
+        BatchOutcome::AcceptedUnparseable { reason, body, .. } => Decision::Retry {
+            cause: format!("HTTP 200 whose body is not Lago's answer: {reason}"),
+            alarm: Some(Alarm::AcceptedUnparseable {
+                detail: format!("{reason}; body: {body}"),
+            }),
+        },
         BatchOutcome::Rejected422 {
             index_errors,
             unattributed,
@@ -153,10 +173,7 @@ pub fn decide(batch: &[OutboxRow], outcome: &BatchOutcome) -> Decision {
                 refused_len: batch.len(),
             };
             if batch.len() > 1 {
-                Decision::HalveBatch {
-                    batch_max_events: batch.len() / 2,
-                    alarm,
-                }
+                Decision::ShrinkBatches { alarm }
             } else {
                 Decision::PauseUntilOperator {
                     cause: OperatorCause::Misconfigured {
@@ -173,8 +190,9 @@ pub fn decide(batch: &[OutboxRow], outcome: &BatchOutcome) -> Decision {
                 .unwrap_or(DEFAULT_RATE_LIMIT_PAUSE)
                 .min(MAX_RATE_LIMIT_PAUSE),
         },
-        BatchOutcome::Retryable(cause) => Decision::RetryBatch {
+        BatchOutcome::Retryable(cause) => Decision::Retry {
             cause: cause.to_string(),
+            alarm: None,
         },
     }
 }
@@ -188,22 +206,16 @@ pub fn decide_error(batch: &[OutboxRow], error: &LagoError) -> Decision {
         LagoError::RateLimited { pause } => {
             decide(batch, &BatchOutcome::RateLimited { pause: *pause })
         }
-        LagoError::Transient(cause) => Decision::RetryBatch {
+        LagoError::Transient(cause) => Decision::Retry {
             cause: cause.to_string(),
+            alarm: None,
         },
-        LagoError::UnexpectedStatus { status: 413, .. } if batch.len() > 1 => {
-            Decision::HalveBatch {
-                batch_max_events: batch.len() / 2,
-                alarm: Alarm::UnattributedRejection {
-                    detail: error.to_string(),
-                },
-            }
-        }
         // A 404 or redirect on the batch path means the api_url is wrong, not the events.
         LagoError::UnexpectedStatus {
             status: 300..=399 | 404,
             ..
         }
+        | LagoError::WrongUrl { .. }
         | LagoError::InvalidUrl { .. }
         | LagoError::InvalidApiKey
         | LagoError::ClientBuild(_) => Decision::PauseUntilOperator {
@@ -211,45 +223,200 @@ pub fn decide_error(batch: &[OutboxRow], error: &LagoError) -> Decision {
                 detail: error.to_string(),
             },
         },
-        // Lago (or our encoder) refuses the batch without naming an event: nothing was stored,
-        // and the same batch would fail the same way, so bisect down to the event at fault.
+        // Refused without naming an event (an unparseable 422, 413, another status, our own
+        // encoder): only a 422 naming an index is evidence against an event, so retry smaller.
         LagoError::Schema { .. } | LagoError::UnexpectedStatus { .. } | LagoError::Encode(_) => {
-            bisect_or_dead_letter(batch, error.to_string())
+            Decision::Retry {
+                cause: error.to_string(),
+                alarm: Some(Alarm::UnattributedRejection {
+                    detail: error.to_string(),
+                }),
+            }
         }
     }
 }
 
-/// The fate of a `Verify` event once Lago's stored copy (None on 404) is known.
-pub fn resolve_verification(ours: &LagoEvent, stored: Option<&StoredEvent>) -> Fate {
+/// What a job of the shipper is: a batch to POST, or one row to check alone.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Job {
+    /// POST these rows as one batch.
+    Send(Vec<ReadyRow>),
+    /// GET what Lago holds for this row before it counts as delivered or is sent again.
+    Check(Box<ReadyRow>),
+    /// Nothing ready.
+    Nothing,
+}
+
+/// The next job from the ready rows (oldest first): a row waiting for a check is checked alone
+/// and never rides with others; a batch is at most `batch_size` rows and at most the
+/// `max_batch` of every row in it (rows of a failed batch go again in smaller ones).
+pub fn compose(ready: Vec<ReadyRow>, batch_size: usize) -> Job {
+    let mut rows = ready.into_iter();
+    let Some(first) = rows.next() else {
+        return Job::Nothing;
+    };
+    if first.retry.needs_check {
+        return Job::Check(Box::new(first));
+    }
+    let mut limit = batch_size
+        .min(first.retry.max_batch.unwrap_or(usize::MAX))
+        .max(1);
+    let mut batch = vec![first];
+    for row in rows {
+        if batch.len() >= limit {
+            break;
+        }
+        if row.retry.needs_check {
+            // Its turn comes when it is the oldest ready row.
+            continue;
+        }
+        let row_limit = row.retry.max_batch.unwrap_or(usize::MAX);
+        if batch.len() + 1 > row_limit {
+            break;
+        }
+        limit = limit.min(row_limit);
+        batch.push(row);
+    }
+    Job::Send(batch)
+}
+
+/// The retry state of each row of a batch Lago did not take: a batch of several goes again as
+/// batches of half its size (down to one); a row alone backs off alone (doubling, capped), its
+/// backoff counted from the end of the shipper's own `pause`, so that the other rows go first
+/// and one event Lago keeps failing on holds back no other.
+pub fn retry_rows(
+    batch: &[ReadyRow],
+    now_ms: i64,
+    max_backoff: Duration,
+    pause: Duration,
+) -> Vec<(i64, RetryState)> {
+    if batch.len() > 1 {
+        let half = (batch.len() / 2).max(1);
+        return batch
+            .iter()
+            .map(|r| {
+                let max_batch = Some(r.retry.max_batch.map_or(half, |m| m.min(half)));
+                (
+                    r.row.outbox_id,
+                    RetryState {
+                        max_batch,
+                        ..r.retry
+                    },
+                )
+            })
+            .collect();
+    }
+    let after_pause = now_ms.saturating_add(i64::try_from(pause.as_millis()).unwrap_or(i64::MAX));
+    batch
+        .iter()
+        .map(|r| {
+            (
+                r.row.outbox_id,
+                backed_off(r.retry, after_pause, max_backoff),
+            )
+        })
+        .collect()
+}
+
+/// `state` after a failure alone (a send or a check): the next backoff, doubled and capped.
+pub fn backed_off(state: RetryState, now_ms: i64, max_backoff: Duration) -> RetryState {
+    let max_ms = u64::try_from(max_backoff.as_millis()).unwrap_or(u64::MAX);
+    let min_ms = u64::try_from(MIN_ROW_BACKOFF.as_millis())
+        .unwrap_or(200)
+        .min(max_ms);
+    let backoff_ms = state
+        .backoff_ms
+        .saturating_mul(2)
+        .clamp(min_ms, max_ms.max(1));
+    RetryState {
+        max_batch: Some(1),
+        backoff_ms,
+        retry_at_ms: now_ms.saturating_add(i64::try_from(backoff_ms).unwrap_or(i64::MAX)),
+        ..state
+    }
+}
+
+/// The batch size after `too_many_events` on a batch of `refused_len`: half of it, at least 1.
+pub fn shrink(current: usize, refused_len: usize) -> usize {
+    (current.min(refused_len) / 2).max(1)
+}
+
+/// The batch size after a batch was taken: additive increase by a tenth of
+/// `lago.batch_max_events` (at least 1), up to it: back to full within ten batches.
+pub fn grow(current: usize, max: usize) -> usize {
+    let max = max.max(1);
+    current.saturating_add((max / 10).max(1)).clamp(1, max)
+}
+
+/// What the first look (`GET /api/v1/events/{transaction_id}`) proves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CheckStep {
+    /// The row's fate is known.
+    Done(Fate),
+    /// Lago answered with the first event of that id in the organization, under another
+    /// subscription: that proves nothing about ours; list our subscription's events.
+    ListOurs,
+}
+
+/// The fate of a row to check once `GET /events/{id}` answered (`None` on 404). lago-api's
+/// `events_controller.rb#show` is `Event.find_by(organization, transaction_id)`: the first such
+/// event, whatever its subscription (EVENTS-CONTRACT.md "Idempotency").
+pub fn check_by_id(ours: &LagoEvent, stored: Option<&StoredEvent>) -> CheckStep {
     match stored {
-        Some(stored) if same_event(ours, stored) => Fate::Delivered,
-        Some(stored) => Fate::DeadLetter {
-            reason: DeadLetterReason::TransactionIdCollision,
-            detail: format!(
-                "Lago holds transaction_id {} for subscription {} code {} with properties {}",
-                stored.transaction_id,
-                stored.external_subscription_id,
-                stored.code,
-                stored.properties.as_ref().map_or_else(
-                    || "null".to_owned(),
-                    |p| Value::Object(p.clone()).to_string()
-                ),
+        // No event with that id at all: ours was never stored; send it again.
+        None => CheckStep::Done(Fate::Resend),
+        Some(stored) if stored.external_subscription_id != ours.external_subscription_id => {
+            CheckStep::ListOurs
+        }
+        Some(stored) => CheckStep::Done(judge(ours, stored)),
+    }
+}
+
+/// The fate of a row to check from our subscription's events listed at its timestamp: our very
+/// event → delivered; another one under our (subscription, id) → collision; none → send again.
+pub fn check_listing(ours: &LagoEvent, listed: &[StoredEvent]) -> Fate {
+    let under_our_key = listed.iter().filter(|s| {
+        s.transaction_id == ours.transaction_id
+            && s.external_subscription_id == ours.external_subscription_id
+    });
+    let mut other = None;
+    for stored in under_our_key {
+        if same_event(ours, stored) {
+            return Fate::Delivered;
+        }
+        other.get_or_insert(stored);
+    }
+    match other {
+        Some(stored) => judge(ours, stored),
+        None => Fate::Resend,
+    }
+}
+
+fn judge(ours: &LagoEvent, stored: &StoredEvent) -> Fate {
+    if same_event(ours, stored) {
+        return Fate::Delivered;
+    }
+    Fate::DeadLetter {
+        reason: DeadLetterReason::TransactionIdCollision,
+        detail: format!(
+            "Lago holds transaction_id {} for subscription {} code {} with properties {}",
+            stored.transaction_id,
+            stored.external_subscription_id,
+            stored.code,
+            stored.properties.as_ref().map_or_else(
+                || "null".to_owned(),
+                |p| Value::Object(p.clone()).to_string()
             ),
-        },
-        None => Fate::DeadLetter {
-            reason: DeadLetterReason::DuplicateUnverified,
-            detail: "Lago answered value_already_exist but GET /events/{transaction_id} found none"
-                .into(),
-        },
+        ),
     }
 }
 
 /// True when Lago's stored event is ours: same subscription, code, value and session properties.
 ///
-/// Properties are compared as opaque JSON: every property we send must be stored with the same
-/// value; a number stored as its decimal string (ClickHouse keeps strings) counts as equal.
-/// The timestamp is not compared: Lago renders it as ISO text, and the session properties
-/// already tell one session from another.
+/// Properties are compared leniently: a number and its decimal string are equal either way
+/// (ClickHouse keeps strings, and the wire form may send every value as a string), and a
+/// property we send as null matches one Lago does not show. The timestamp is not compared:
+/// Lago renders it as ISO text, and the session properties already tell sessions apart.
 pub fn same_event(ours: &LagoEvent, stored: &StoredEvent) -> bool {
     if ours.transaction_id != stored.transaction_id
         || ours.external_subscription_id != stored.external_subscription_id
@@ -262,11 +429,12 @@ pub fn same_event(ours: &LagoEvent, stored: &StoredEvent) -> bool {
     };
     let empty = Map::new();
     let stored_properties = stored.properties.as_ref().unwrap_or(&empty);
-    our_properties.iter().all(|(name, our_value)| {
-        stored_properties
-            .get(name)
-            .is_some_and(|stored_value| same_scalar(our_value, stored_value))
-    })
+    our_properties
+        .iter()
+        .all(|(name, our_value)| match stored_properties.get(name) {
+            Some(stored_value) => same_scalar(our_value, stored_value),
+            None => our_value.is_null(),
+        })
 }
 
 fn same_scalar(ours: &Value, stored: &Value) -> bool {
@@ -312,7 +480,12 @@ fn decide_rejection(
             );
             parts.join("; ")
         };
-        return bisect_or_dead_letter(batch, detail);
+        // No index names an event: nothing is evidence against one (EVENTS-CONTRACT.md), so
+        // the rows go again in smaller batches and are never dead-lettered for it.
+        return Decision::Retry {
+            cause: format!("422 naming no event: {detail}"),
+            alarm: Some(Alarm::UnattributedRejection { detail }),
+        };
     }
     let fates = batch
         .iter()
@@ -332,25 +505,6 @@ fn decide_rejection(
     Decision::Settle { fates, alarm: None }
 }
 
-/// A rejection no event can be blamed for: halve until one event is left, then dead-letter it.
-fn bisect_or_dead_letter(batch: &[OutboxRow], detail: String) -> Decision {
-    if batch.len() > 1 {
-        Decision::HalveBatch {
-            batch_max_events: batch.len() / 2,
-            alarm: Alarm::UnattributedRejection { detail },
-        }
-    } else {
-        settle_all(
-            batch,
-            Fate::DeadLetter {
-                reason: DeadLetterReason::LagoRejected,
-                detail,
-            },
-            None,
-        )
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeMap;
@@ -360,6 +514,7 @@ mod tests {
     use super::*;
     use crate::lago::RetryCause;
     use crate::lago::schema::EventsCreated;
+    use crate::spool::store::{ReadyRow, RetryState};
 
     fn event(n: i64) -> LagoEvent {
         crate::event::sample_event(&format!("cb1-{n}"), "sub-1", n)
@@ -427,19 +582,36 @@ mod tests {
     }
 
     #[test]
-    fn accepted_unparseable_is_delivered_and_alarms() {
+    fn an_unparseable_200_proves_nothing_retries_and_alarms() {
         let rows = batch(2);
         let outcome = BatchOutcome::AcceptedUnparseable {
+            echoed: None,
             reason: "expected value".into(),
-            body: "garbage".into(),
+            body: "<html>maintenance</html>".into(),
         };
-        let Decision::Settle { fates, alarm } = decide(&rows, &outcome) else {
+        let Decision::Retry { alarm, .. } = decide(&rows, &outcome) else {
+            panic!("an HTML 200 must not count as delivered")
+        };
+        assert!(
+            matches!(alarm, Some(Alarm::AcceptedUnparseable { detail }) if detail.contains("maintenance"))
+        );
+        // Lago's JSON in a changed shape, one echo per event: stored, with the alarm.
+        let changed = BatchOutcome::AcceptedUnparseable {
+            echoed: Some(2),
+            reason: "missing field `code`".into(),
+            body: "{\"events\":[{},{}]}".into(),
+        };
+        let Decision::Settle { fates, alarm } = decide(&rows, &changed) else {
             panic!()
         };
         assert!(fates.iter().all(|f| f.fate == Fate::Delivered));
-        assert!(
-            matches!(alarm, Some(Alarm::AcceptedUnparseable { detail }) if detail.contains("garbage"))
-        );
+        assert!(alarm.is_some());
+        let short = BatchOutcome::AcceptedUnparseable {
+            echoed: Some(1),
+            reason: "r".into(),
+            body: "b".into(),
+        };
+        assert!(matches!(decide(&rows, &short), Decision::Retry { .. }));
     }
 
     #[test]
@@ -527,15 +699,18 @@ mod tests {
     }
 
     #[test]
-    fn too_many_events_halves_and_alarms() {
+    fn too_many_events_shrinks_and_alarms() {
         let decision = decide(&batch(100), &BatchOutcome::TooManyEvents);
         assert_eq!(
             decision,
-            Decision::HalveBatch {
-                batch_max_events: 50,
+            Decision::ShrinkBatches {
                 alarm: Alarm::TooManyEvents { refused_len: 100 }
             }
         );
+        assert_eq!(shrink(100, 100), 50);
+        assert_eq!(grow(50, 100), 60);
+        assert_eq!(grow(95, 100), 100);
+        assert_eq!(grow(1, 5), 2);
         assert!(matches!(
             decide(&batch(1), &BatchOutcome::TooManyEvents),
             Decision::PauseUntilOperator {
@@ -580,52 +755,45 @@ mod tests {
     }
 
     #[test]
-    fn unknown_outcomes_retry_the_same_batch() {
+    fn unknown_outcomes_and_400s_retry() {
         for cause in [
             RetryCause::Status(503),
+            RetryCause::Status(400),
             RetryCause::Status(408),
             RetryCause::Timeout,
             RetryCause::Connect("refused".into()),
         ] {
             assert!(matches!(
                 decide(&batch(3), &BatchOutcome::Retryable(cause)),
-                Decision::RetryBatch { .. }
+                Decision::Retry { .. }
             ));
         }
         let error = LagoError::Transient(RetryCause::Timeout);
         assert!(matches!(
             decide_error(&batch(3), &error),
-            Decision::RetryBatch { .. }
+            Decision::Retry { .. }
         ));
     }
 
     #[test]
-    fn an_unattributed_rejection_bisects_then_dead_letters_the_single_event() {
+    fn a_rejection_naming_no_event_retries_and_never_dead_letters() {
         let outcome = BatchOutcome::Rejected422 {
             index_errors: BTreeMap::new(),
             unattributed: BTreeMap::from([("".to_owned(), IndexError::Message("boom".into()))]),
         };
-        assert!(matches!(
-            decide(&batch(8), &outcome),
-            Decision::HalveBatch {
-                batch_max_events: 4,
-                ..
-            }
-        ));
-        assert_eq!(
-            fates_of(decide(&batch(1), &outcome)),
-            [Fate::DeadLetter {
-                reason: DeadLetterReason::LagoRejected,
-                detail: ": boom".into()
-            }]
-        );
+        for len in [8, 1] {
+            assert!(matches!(
+                decide(&batch(len), &outcome),
+                Decision::Retry {
+                    alarm: Some(Alarm::UnattributedRejection { .. }),
+                    ..
+                }
+            ));
+        }
         let out_of_range = rejected(vec![(7, fields("code", "x"))]);
         assert!(matches!(
             decide(&batch(2), &out_of_range),
-            Decision::HalveBatch {
-                batch_max_events: 1,
-                ..
-            }
+            Decision::Retry { .. }
         ));
         let schema = LagoError::Schema {
             what: "t",
@@ -634,11 +802,8 @@ mod tests {
             body: "<html>".into(),
         };
         assert!(matches!(
-            decide_error(&batch(4), &schema),
-            Decision::HalveBatch {
-                batch_max_events: 2,
-                ..
-            }
+            decide_error(&batch(1), &schema),
+            Decision::Retry { .. }
         ));
         let wrong_url = LagoError::UnexpectedStatus {
             what: "t",
@@ -652,11 +817,11 @@ mod tests {
     }
 
     #[test]
-    fn verification_delivers_our_copy_and_dead_letters_a_collision() {
+    fn a_check_delivers_our_copy_and_dead_letters_a_collision_under_our_key() {
         let ours = event(3);
         assert_eq!(
-            resolve_verification(&ours, Some(&stored(&ours))),
-            Fate::Delivered
+            check_by_id(&ours, Some(&stored(&ours))),
+            CheckStep::Done(Fate::Delivered)
         );
 
         let mut other_session = stored(&ours);
@@ -667,11 +832,11 @@ mod tests {
             .insert("charge_box_id".into(), Value::String("cb2".into()));
         assert!(!same_event(&ours, &other_session));
         assert!(matches!(
-            resolve_verification(&ours, Some(&other_session)),
-            Fate::DeadLetter {
+            check_by_id(&ours, Some(&other_session)),
+            CheckStep::Done(Fate::DeadLetter {
                 reason: DeadLetterReason::TransactionIdCollision,
                 ..
-            }
+            })
         ));
 
         let mut other_value = stored(&ours);
@@ -682,16 +847,50 @@ mod tests {
             .insert("value".into(), Value::String("9.9".into()));
         assert!(!same_event(&ours, &other_value));
 
+        // The first event with that id belongs to another subscription: no proof either way.
         let mut other_subscription = stored(&ours);
         other_subscription.external_subscription_id = "sub-2".into();
         assert!(!same_event(&ours, &other_subscription));
-
+        assert_eq!(
+            check_by_id(&ours, Some(&other_subscription)),
+            CheckStep::ListOurs
+        );
+        assert_eq!(
+            check_listing(&ours, &[other_subscription.clone(), stored(&ours)]),
+            Fate::Delivered
+        );
+        assert_eq!(check_listing(&ours, &[other_subscription]), Fate::Resend);
         assert!(matches!(
-            resolve_verification(&ours, None),
+            check_listing(&ours, &[other_value]),
             Fate::DeadLetter {
-                reason: DeadLetterReason::DuplicateUnverified,
+                reason: DeadLetterReason::TransactionIdCollision,
                 ..
             }
+        ));
+
+        // No event with that id at all: send again.
+        assert_eq!(check_by_id(&ours, None), CheckStep::Done(Fate::Resend));
+    }
+
+    #[test]
+    fn same_event_reads_properties_back_as_strings_or_numbers() {
+        let ours = event(5);
+        let mut copy = stored(&ours);
+        let properties = copy.properties.as_mut().unwrap();
+        for (_, value) in properties.iter_mut() {
+            if let Value::Number(n) = value {
+                *value = Value::String(n.to_string());
+            }
+        }
+        assert!(same_event(&ours, &copy));
+        // And the other way round: we send strings, Lago shows numbers.
+        assert!(same_scalar(
+            &Value::String("1".into()),
+            &serde_json::json!(1)
+        ));
+        assert!(!same_scalar(
+            &Value::String("2".into()),
+            &serde_json::json!(1)
         ));
     }
 
@@ -735,6 +934,144 @@ mod tests {
                 prop_assert_eq!(fate.fate == Fate::Resend, !blamed_indexes.contains(&index));
                 prop_assert_ne!(&fate.fate, &Fate::Delivered);
             }
+        }
+    }
+
+    fn ready(id: i64, needs_check: bool, max_batch: Option<usize>) -> ReadyRow {
+        ReadyRow {
+            row: OutboxRow {
+                outbox_id: id,
+                event: event(id),
+            },
+            retry: RetryState {
+                needs_check,
+                max_batch,
+                ..RetryState::default()
+            },
+        }
+    }
+
+    fn arb_ready() -> impl Strategy<Value = Vec<ReadyRow>> {
+        proptest::collection::vec((any::<bool>(), proptest::option::of(1usize..8)), 0..40).prop_map(
+            |specs| {
+                specs
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, (check, max))| ready(i as i64, check && i % 3 == 0, max))
+                    .collect()
+            },
+        )
+    }
+
+    #[test]
+    fn a_row_to_check_goes_alone_and_a_split_row_rides_in_small_batches() {
+        let rows = vec![ready(1, true, None), ready(2, false, None)];
+        assert!(matches!(compose(rows, 100), Job::Check(r) if r.row.outbox_id == 1));
+        let rows = vec![
+            ready(1, false, None),
+            ready(2, true, None),
+            ready(3, false, Some(1)),
+        ];
+        let Job::Send(batch) = compose(rows, 100) else {
+            panic!()
+        };
+        assert_eq!(
+            batch.len(),
+            1,
+            "the checked row is skipped, the solo row waits its turn"
+        );
+        // The rows of a failed batch of 8: 4, 2, 1; a failure alone backs off alone.
+        let eight: Vec<_> = (0..8).map(|i| ready(i, false, None)).collect();
+        let after = retry_rows(&eight, 1_000, Duration::from_secs(10), Duration::ZERO);
+        assert!(
+            after
+                .iter()
+                .all(|(_, s)| s.max_batch == Some(4) && s.retry_at_ms == 0)
+        );
+        let alone = retry_rows(&eight[..1], 1_000, Duration::from_secs(10), Duration::ZERO);
+        assert_eq!(alone[0].1.retry_at_ms, 1_200);
+        // Counted from the end of the shipper's pause: the others go first.
+        let paused = retry_rows(
+            &eight[..1],
+            1_000,
+            Duration::from_secs(10),
+            Duration::from_millis(300),
+        );
+        assert_eq!(paused[0].1.retry_at_ms, 1_500);
+        let again = backed_off(alone[0].1, 2_000, Duration::from_secs(10));
+        assert_eq!((again.backoff_ms, again.retry_at_ms), (400, 2_400));
+        let capped = (0..20).fold(alone[0].1, |s, _| backed_off(s, 0, Duration::from_secs(10)));
+        assert_eq!(capped.backoff_ms, 10_000);
+    }
+
+    proptest! {
+        /// A job never mixes a row to check with others, never exceeds the batch size or any
+        /// member's own limit, keeps the rows' order, and takes the oldest ready row.
+        #[test]
+        fn composed_jobs_respect_every_limit(ready in arb_ready(), size in 1usize..20) {
+            let first = ready.first().map(|r| r.row.outbox_id);
+            match compose(ready.clone(), size) {
+                Job::Nothing => prop_assert!(ready.is_empty()),
+                Job::Check(row) => {
+                    prop_assert!(row.retry.needs_check);
+                    prop_assert_eq!(Some(row.row.outbox_id), first);
+                }
+                Job::Send(batch) => {
+                    prop_assert!(!batch.is_empty() && batch.len() <= size);
+                    prop_assert_eq!(Some(batch[0].row.outbox_id), first);
+                    prop_assert!(batch.windows(2).all(|w| w[0].row.outbox_id < w[1].row.outbox_id));
+                    for row in &batch {
+                        prop_assert!(!row.retry.needs_check);
+                        prop_assert!(batch.len() <= row.retry.max_batch.unwrap_or(usize::MAX));
+                    }
+                }
+            }
+        }
+
+        /// Repeated failures split any batch down to single rows within log2(n) rounds, and
+        /// single rows back off within the cap; a row's limit never grows through a failure.
+        #[test]
+        fn failures_split_down_to_one_and_back_off_capped(
+            len in 1usize..200,
+            max_ms in 1u64..60_000,
+            now in 0i64..1_000_000,
+        ) {
+            let cap = Duration::from_millis(max_ms);
+            let mut rows: Vec<ReadyRow> = (0..len as i64).map(|i| ready(i, false, None)).collect();
+            let mut rounds = 0;
+            loop {
+                let Job::Send(batch) = compose(rows.clone(), len) else { unreachable!() };
+                let updates = retry_rows(&batch, now, cap, Duration::ZERO);
+                for (id, state) in &updates {
+                    let row = rows.iter_mut().find(|r| r.row.outbox_id == *id).unwrap();
+                    prop_assert!(state.max_batch.unwrap() <= row.retry.max_batch.unwrap_or(usize::MAX));
+                    row.retry = *state;
+                }
+                rounds += 1;
+                if batch.len() == 1 {
+                    let state = updates[0].1;
+                    prop_assert!(state.backoff_ms >= 1 && state.backoff_ms <= max_ms);
+                    prop_assert_eq!(state.retry_at_ms, now + state.backoff_ms as i64);
+                    break;
+                }
+                prop_assert!(rounds <= 8, "no split to one after {} rounds", rounds);
+            }
+        }
+
+        /// Halving on too_many_events then growing on success stays within 1..=max and gets
+        /// back to max.
+        #[test]
+        fn batch_size_shrinks_and_grows_back(max in 1usize..500, refusals in 0usize..12) {
+            let mut size = max;
+            for _ in 0..refusals {
+                size = shrink(size, size);
+                prop_assert!(size >= 1 && size <= max);
+            }
+            for _ in 0..20 {
+                size = grow(size, max);
+                prop_assert!(size >= 1 && size <= max);
+            }
+            prop_assert_eq!(size, max);
         }
     }
 }

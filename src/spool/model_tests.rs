@@ -890,8 +890,11 @@ fn run(ops: &[Op]) -> Result<(), TestCaseError> {
             Op::Attempt(picks) => {
                 // A failed attempt changes nothing the model tracks (attempts and the error
                 // are diagnostics), whatever the row's state.
-                let ids: Vec<i64> = picks.iter().map(|p| picked(&model, *p)).collect();
-                store.record_attempt(&ids, "503 from Lago").unwrap();
+                let updates: Vec<_> = picks
+                    .iter()
+                    .map(|p| (picked(&model, *p), super::store::RetryState::default()))
+                    .collect();
+                store.record_retry(&updates, "503 from Lago").unwrap();
             }
             Op::DeadLetterOutbox(p, reason) => {
                 let id = picked(&model, *p);

@@ -79,6 +79,14 @@ CREATE TABLE parked_stops (
 );
 CREATE INDEX parked_stops_session ON parked_stops (charge_box_id, ocpp_transaction_id);
 "#,
+    // Version 3: each pending row's own retry state, so one row Lago keeps failing on (or one whose
+    // outcome must be checked) waits on its own instead of holding every batch behind it.
+    r#"
+ALTER TABLE outbox ADD COLUMN retry_at_ms INTEGER NOT NULL DEFAULT 0;   -- not sent before (unix ms)
+ALTER TABLE outbox ADD COLUMN backoff_ms INTEGER NOT NULL DEFAULT 0;    -- its last backoff alone
+ALTER TABLE outbox ADD COLUMN needs_check INTEGER NOT NULL DEFAULT 0;   -- outcome unknown: GET first
+ALTER TABLE outbox ADD COLUMN max_batch INTEGER;                        -- rides in batches up to this
+"#,
 ];
 
 /// The schema version this binary writes.
@@ -165,6 +173,41 @@ pub struct ParkedStopRow {
 pub struct OutboxRow {
     pub outbox_id: i64,
     pub event: LagoEvent,
+}
+
+/// A pending row's own retry state (outbox columns of schema version 3).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RetryState {
+    /// Lago may hold this event already (`value_already_exist`): check before sending again.
+    pub needs_check: bool,
+    /// After a failed batch: ride only in batches of at most this many (1 = alone).
+    pub max_batch: Option<usize>,
+    /// The backoff of its last failure alone (0 = none), doubled on the next one.
+    pub backoff_ms: u64,
+    /// Not to be sent or checked before this unix time in milliseconds.
+    pub retry_at_ms: i64,
+}
+
+/// A pending row ready to go, with its retry state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReadyRow {
+    pub row: OutboxRow,
+    pub retry: RetryState,
+}
+
+/// What to read for the shipper's next job.
+#[derive(Debug, Clone, Default)]
+pub struct ReadyFilter {
+    /// Most rows returned.
+    pub limit: usize,
+    /// Unix ms now: rows waiting for a later `retry_at_ms` are skipped.
+    pub now_ms: i64,
+    /// Rows being marked delivered right now (still pending on disk).
+    pub skip_ids: HashSet<i64>,
+    /// Subscriptions whose events are held back (not yet confirmed in Lago).
+    pub held_subscriptions: HashSet<String>,
+    /// Most pending rows looked at, so a long run of held rows costs a bounded read.
+    pub scan_limit: usize,
 }
 
 /// A dead letter as the operator sees it.
@@ -466,6 +509,84 @@ impl Store {
         Ok(out)
     }
 
+    /// The oldest pending rows the shipper may use now, in creation order, with their retry
+    /// state: rows backing off, rows being marked and rows of held subscriptions are skipped.
+    /// Reads the subscription column before the event, so a skipped row costs no JSON parse.
+    pub fn ready(&self, filter: &ReadyFilter) -> Result<Vec<ReadyRow>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT id, external_subscription_id, retry_at_ms, event, needs_check, max_batch,
+                    backoff_ms
+             FROM outbox WHERE state = 'pending' ORDER BY id",
+        )?;
+        let mut rows = stmt.query([])?;
+        let mut out = Vec::new();
+        let mut scanned = 0;
+        while let Some(row) = rows.next()? {
+            if out.len() >= filter.limit || scanned >= filter.scan_limit.max(filter.limit) {
+                break;
+            }
+            scanned += 1;
+            let outbox_id: i64 = row.get(0)?;
+            let retry_at_ms: i64 = row.get(2)?;
+            if retry_at_ms > filter.now_ms || filter.skip_ids.contains(&outbox_id) {
+                continue;
+            }
+            if !filter.held_subscriptions.is_empty()
+                && filter
+                    .held_subscriptions
+                    .contains(row.get_ref(1)?.as_str().map_err(rusqlite::Error::from)?)
+            {
+                continue;
+            }
+            let max_batch: Option<i64> = row.get(5)?;
+            let backoff_ms: i64 = row.get(6)?;
+            out.push(ReadyRow {
+                row: OutboxRow {
+                    outbox_id,
+                    event: serde_json::from_str(&row.get::<_, String>(3)?)?,
+                },
+                retry: RetryState {
+                    needs_check: row.get(4)?,
+                    max_batch: max_batch.map(|m| usize::try_from(m.max(1)).unwrap_or(1)),
+                    backoff_ms: u64::try_from(backoff_ms).unwrap_or(0),
+                    retry_at_ms,
+                },
+            });
+        }
+        Ok(out)
+    }
+
+    /// Records a failed attempt on pending rows with each row's new retry state (they stay
+    /// pending).
+    pub fn record_retry(
+        &mut self,
+        updates: &[(i64, RetryState)],
+        error: &str,
+    ) -> Result<(), StoreError> {
+        let tx = self.conn.transaction()?;
+        {
+            let mut stmt = tx.prepare_cached(
+                "UPDATE outbox SET attempts = attempts + 1, last_error = ?2, retry_at_ms = ?3,
+                     backoff_ms = ?4, needs_check = ?5, max_batch = ?6
+                 WHERE id = ?1 AND state = 'pending'",
+            )?;
+            for (id, retry) in updates {
+                stmt.execute(params![
+                    id,
+                    error,
+                    retry.retry_at_ms,
+                    i64::try_from(retry.backoff_ms).unwrap_or(i64::MAX),
+                    retry.needs_check,
+                    retry
+                        .max_batch
+                        .map(|m| i64::try_from(m).unwrap_or(i64::MAX)),
+                ])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
     /// How many events are pending and when the oldest was created (unix seconds).
     ///
     /// The oldest is the pending row with the lowest id: ids and `created_at` both come from the
@@ -495,27 +616,12 @@ impl Store {
         let tx = self.conn.transaction()?;
         {
             let mut stmt = tx.prepare_cached(
-                "UPDATE outbox SET state = 'delivered', delivered_at = ?2, attempts = attempts + 1
+                "UPDATE outbox SET state = 'delivered', delivered_at = ?2, attempts = attempts + 1,
+                     retry_at_ms = 0, backoff_ms = 0, needs_check = 0, max_batch = NULL
                  WHERE id = ?1 AND state = 'pending'",
             )?;
             for id in ids {
                 stmt.execute(params![id, now])?;
-            }
-        }
-        tx.commit()?;
-        Ok(())
-    }
-
-    /// Records a failed attempt on pending rows (they stay pending).
-    pub fn record_attempt(&mut self, ids: &[i64], error: &str) -> Result<(), StoreError> {
-        let tx = self.conn.transaction()?;
-        {
-            let mut stmt = tx.prepare_cached(
-                "UPDATE outbox SET attempts = attempts + 1, last_error = ?2
-                 WHERE id = ?1 AND state = 'pending'",
-            )?;
-            for id in ids {
-                stmt.execute(params![id, error])?;
             }
         }
         tx.commit()?;
@@ -532,7 +638,8 @@ impl Store {
     ) -> Result<(), StoreError> {
         let tx = self.conn.transaction()?;
         let changed = tx.execute(
-            "UPDATE outbox SET state = 'dead', attempts = attempts + 1, last_error = ?2
+            "UPDATE outbox SET state = 'dead', attempts = attempts + 1, last_error = ?2,
+                 retry_at_ms = 0, backoff_ms = 0, needs_check = 0, max_batch = NULL
              WHERE id = ?1 AND state = 'pending'",
             params![id, detail],
         )?;
@@ -1153,6 +1260,97 @@ mod tests {
             .collect();
         assert_eq!(got, vec![ids[0], ids[2], ids[4], ids[5]]);
         assert_eq!(store.backlog().unwrap(), (6, Some(100)));
+    }
+
+    #[test]
+    fn ready_rows_skip_backing_off_held_and_marking_rows_and_keep_their_retry_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(&dir.path().join("spool.db")).unwrap();
+        let mut events: Vec<LagoEvent> = (1..=5).map(|n| event(&n.to_string(), "sub")).collect();
+        events.push(event("6", "held"));
+        store.commit(&[changes(events)], 100).unwrap();
+        let ids: Vec<i64> = store
+            .pending(10)
+            .unwrap()
+            .iter()
+            .map(|r| r.outbox_id)
+            .collect();
+        let backing_off = RetryState {
+            needs_check: false,
+            max_batch: Some(1),
+            backoff_ms: 400,
+            retry_at_ms: 5_000,
+        };
+        let to_check = RetryState {
+            needs_check: true,
+            max_batch: Some(2),
+            backoff_ms: 0,
+            retry_at_ms: 0,
+        };
+        store
+            .record_retry(&[(ids[0], backing_off), (ids[1], to_check)], "HTTP 503")
+            .unwrap();
+        let filter = |now_ms| ReadyFilter {
+            limit: 10,
+            now_ms,
+            skip_ids: [ids[2]].into_iter().collect(),
+            held_subscriptions: ["held".to_owned()].into_iter().collect(),
+            scan_limit: 100,
+        };
+        let ready = store.ready(&filter(4_999)).unwrap();
+        let got: Vec<i64> = ready.iter().map(|r| r.row.outbox_id).collect();
+        assert_eq!(got, [ids[1], ids[3], ids[4]]);
+        assert_eq!(ready[0].retry, to_check);
+        assert_eq!(ready[1].retry, RetryState::default());
+        let ready = store.ready(&filter(5_000)).unwrap();
+        assert_eq!(ready[0].retry, backing_off, "due at its retry_at_ms");
+        // The scan is bounded even when every row is skipped.
+        let bounded = ReadyFilter {
+            scan_limit: 1,
+            limit: 1,
+            ..filter(0)
+        };
+        assert!(store.ready(&bounded).unwrap().is_empty());
+        // Settling a row clears its retry state (a requeued or replayed row starts afresh).
+        store.mark_delivered(&[ids[0]], 200).unwrap();
+        store.replay(Replay::Since(0)).unwrap();
+        let again = store.ready(&filter(0)).unwrap();
+        assert_eq!(again[0].row.outbox_id, ids[0]);
+        assert_eq!(again[0].retry, RetryState::default());
+    }
+
+    #[test]
+    fn a_schema_1_spool_migrates_forward_with_its_pending_rows_ready() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("spool.db");
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(MIGRATIONS[0]).unwrap();
+            conn.pragma_update(None, "user_version", 1).unwrap();
+            conn.execute(
+                "INSERT INTO outbox (lago_transaction_id, external_subscription_id, charge_box_id,
+                     ocpp_transaction_id, event, created_at)
+                 VALUES ('7', 'sub', 'CP1', 7, ?1, 100)",
+                [serde_json::to_string(&event("7", "sub")).unwrap()],
+            )
+            .unwrap();
+        }
+        let store = Store::open(&path).unwrap();
+        let version: i64 = store
+            .conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
+        let ready = store
+            .ready(&ReadyFilter {
+                limit: 10,
+                scan_limit: 10,
+                ..ReadyFilter::default()
+            })
+            .unwrap();
+        assert_eq!(ready.len(), 1);
+        assert_eq!(ready[0].row.event, event("7", "sub"));
+        assert_eq!(ready[0].retry, RetryState::default());
     }
 
     #[test]

@@ -48,9 +48,10 @@ pub enum Command {
         ids: Vec<i64>,
         done: oneshot::Sender<Result<(), String>>,
     },
-    /// A failed delivery attempt on pending rows (they stay pending).
+    /// A failed delivery attempt on pending rows (they stay pending), with each row's new
+    /// retry state.
     Attempted {
-        ids: Vec<i64>,
+        retry: Vec<(i64, super::store::RetryState)>,
         error: String,
         done: oneshot::Sender<Result<(), String>>,
     },
@@ -482,8 +483,8 @@ impl Writer {
             for op in ops {
                 let (result, done) = match op {
                     Command::Delivered { ids, done } => (store.mark_delivered(&ids, now), done),
-                    Command::Attempted { ids, error, done } => {
-                        (store.record_attempt(&ids, &error), done)
+                    Command::Attempted { retry, error, done } => {
+                        (store.record_retry(&retry, &error), done)
                     }
                     Command::DeadLetter {
                         id,

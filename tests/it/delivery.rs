@@ -25,7 +25,12 @@ use crate::support::poll_until;
 const PEER_LIMIT: Duration = Duration::from_secs(60);
 
 /// A session event as the ledger would derive it, for seeding the spool.
-fn seeded_event(transaction_id: &str, subscription: &str, value: &str, n: i64) -> LagoEvent {
+pub(crate) fn seeded_event(
+    transaction_id: &str,
+    subscription: &str,
+    value: &str,
+    n: i64,
+) -> LagoEvent {
     LagoEvent {
         transaction_id: transaction_id.into(),
         external_subscription_id: subscription.into(),
@@ -48,7 +53,7 @@ fn seeded_event(transaction_id: &str, subscription: &str, value: &str, n: i64) -
 }
 
 /// Commits `events` into a new spool at `path` as the writer would, before the daemon starts.
-fn seed_spool(path: &Path, events: Vec<LagoEvent>) {
+pub(crate) fn seed_spool(path: &Path, events: Vec<LagoEvent>) {
     let mut store = Store::open(path).expect("create the spool");
     let changes = Changes {
         events,

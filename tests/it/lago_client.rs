@@ -7,7 +7,7 @@ use ocpp_lago_bridge::lago::{
     ApiKey, BatchOutcome, IndexError, LagoClient, LagoClientConfig, RetryCause,
 };
 use ocpp_lago_bridge::shipper::outcome::{
-    DeadLetterReason, Decision, Fate, OutboxRow, decide, resolve_verification, same_event,
+    CheckStep, DeadLetterReason, Decision, Fate, OutboxRow, check_by_id, decide, same_event,
 };
 use serde_json::json;
 
@@ -123,8 +123,8 @@ async fn postgres_duplicate_rolls_back_the_batch_and_verifies_as_delivered() {
         .expect("stored copy");
     assert!(same_event(&event(1), &stored));
     assert_eq!(
-        resolve_verification(&event(1), Some(&stored)),
-        Fate::Delivered
+        check_by_id(&event(1), Some(&stored)),
+        CheckStep::Done(Fate::Delivered)
     );
 
     let resend = vec![event(2), event(3)];
@@ -161,11 +161,11 @@ async fn a_transaction_id_held_by_another_session_is_a_collision() {
     assert_eq!(fates[0].fate, Fate::Verify);
     let stored = client.get_event("cb1-5").await.unwrap();
     assert!(matches!(
-        resolve_verification(&ours, stored.as_ref()),
-        Fate::DeadLetter {
+        check_by_id(&ours, stored.as_ref()),
+        CheckStep::Done(Fate::DeadLetter {
             reason: DeadLetterReason::TransactionIdCollision,
             ..
-        }
+        })
     ));
 }
 
@@ -311,7 +311,7 @@ async fn a_slow_lago_times_out_with_the_outcome_unknown() {
 }
 
 #[tokio::test]
-async fn an_unparseable_200_means_stored() {
+async fn an_unparseable_200_is_its_own_outcome() {
     let (lago, client) = start(StandInConfig::default()).await;
     lago.push_fault(Fault::GarbageOk);
     let outcome = client.post_batch(&events(0..2)).await.unwrap();

@@ -12,6 +12,7 @@ mod delivery;
 mod fuzz_stable;
 mod hardening;
 mod lago_client;
+mod lago_interop;
 mod operations;
 mod operator_cli;
 mod operator_experience;

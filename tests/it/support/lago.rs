@@ -93,6 +93,20 @@ pub enum Fault {
     Unauthorized,
     /// Processes normally (events stored) but answers 200 with a body that is not JSON.
     GarbageOk,
+    /// 400 with an HTML body, as a proxy or WAF in front of Lago sends it; nothing stored.
+    ProxyBadRequest,
+    /// 200 with a maintenance page, as a load balancer sends it; nothing stored.
+    MaintenancePage,
+}
+
+/// Which route a scripted fault applies to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RouteKind {
+    Batch,
+    GetEvent,
+    ListEvents,
+    GetBillableMetric,
+    GetSubscription,
 }
 
 /// How many requests of each kind arrived (faulted ones included).
@@ -100,6 +114,7 @@ pub enum Fault {
 pub struct RequestCounts {
     pub batch: u64,
     pub get_event: u64,
+    pub list_events: u64,
     pub get_billable_metric: u64,
     pub get_subscription: u64,
     pub other: u64,
@@ -154,6 +169,16 @@ struct State {
     /// Positions in `stored` of the live rows of each ClickHouse dedupe key.
     by_dedupe_key: HashMap<DedupeKey, Vec<usize>>,
     faults: VecDeque<Fault>,
+    /// Faults for one route only, consumed before the general queue.
+    route_faults: HashMap<RouteKind, VecDeque<Fault>>,
+    /// Faults answering every request of a route until cleared.
+    sticky_faults: HashMap<RouteKind, Fault>,
+    /// Faults answering every lookup of one subscription until cleared.
+    subscription_faults: HashMap<String, Fault>,
+    /// Every batch holding one of these transaction ids gets a 500 (Lago keeps failing on it).
+    poison_ids: HashSet<String>,
+    /// Every request path as it arrived (percent-encoding untouched), in order.
+    paths: Vec<String>,
     counts: RequestCounts,
     accepted: AcceptedBatches,
     next_id: u64,
@@ -180,6 +205,11 @@ impl State {
             keys: HashSet::new(),
             by_dedupe_key: HashMap::new(),
             faults: VecDeque::new(),
+            route_faults: HashMap::new(),
+            sticky_faults: HashMap::new(),
+            subscription_faults: HashMap::new(),
+            poison_ids: HashSet::new(),
+            paths: Vec::new(),
             counts: RequestCounts::default(),
             accepted: AcceptedBatches::default(),
             next_id: 1,
@@ -223,6 +253,7 @@ impl State {
             "requests": {
                 "batch": self.counts.batch,
                 "get_event": self.counts.get_event,
+                "list_events": self.counts.list_events,
                 "get_billable_metric": self.counts.get_billable_metric,
                 "get_subscription": self.counts.get_subscription,
                 "other": self.counts.other,
@@ -303,9 +334,57 @@ impl LagoStandIn {
         state.faults.extend(std::iter::repeat_n(fault, times));
     }
 
-    /// Drops pending faults.
+    /// Queues a fault for the next `times` requests of one route (before the general queue).
+    pub fn push_route_faults(&self, route: RouteKind, fault: Fault, times: usize) {
+        let mut state = lock(&self.state);
+        let queue = state.route_faults.entry(route).or_default();
+        queue.extend(std::iter::repeat_n(fault, times));
+    }
+
+    /// Answers every request of `route` with `fault` until set to `None`.
+    pub fn set_sticky_fault(&self, route: RouteKind, fault: Option<Fault>) {
+        let mut state = lock(&self.state);
+        match fault {
+            Some(fault) => state.sticky_faults.insert(route, fault),
+            None => state.sticky_faults.remove(&route),
+        };
+    }
+
+    /// Answers every `GET /subscriptions/{external_id}` of one subscription with `fault`
+    /// until set to `None`.
+    pub fn set_subscription_fault(&self, external_id: &str, fault: Option<Fault>) {
+        let mut state = lock(&self.state);
+        match fault {
+            Some(fault) => state
+                .subscription_faults
+                .insert(external_id.to_owned(), fault),
+            None => state.subscription_faults.remove(external_id),
+        };
+    }
+
+    /// Every batch holding `transaction_id` fails with 500 (nothing stored) until cleared.
+    pub fn set_poison(&self, transaction_id: &str, poisoned: bool) {
+        let mut state = lock(&self.state);
+        if poisoned {
+            state.poison_ids.insert(transaction_id.to_owned());
+        } else {
+            state.poison_ids.remove(transaction_id);
+        }
+    }
+
+    /// Every request path so far, as sent (percent-encoding untouched).
+    pub fn request_paths(&self) -> Vec<String> {
+        lock(&self.state).paths.clone()
+    }
+
+    /// Drops pending faults (general, per route and sticky) and poisoned ids.
     pub fn clear_faults(&self) {
-        lock(&self.state).faults.clear();
+        let mut state = lock(&self.state);
+        state.faults.clear();
+        state.route_faults.clear();
+        state.sticky_faults.clear();
+        state.subscription_faults.clear();
+        state.poison_ids.clear();
     }
 
     /// Closes the listener: connections are refused until [`Self::come_up`].
@@ -416,6 +495,7 @@ async fn serve_connection(mut stream: TcpStream, state: Arc<Mutex<State>>) {
     let response = handle(&state, request).await;
     let reason = match response.status {
         200 => "OK",
+        400 => "Bad Request",
         401 => "Unauthorized",
         404 => "Not Found",
         422 => "Unprocessable Entity",
@@ -491,6 +571,8 @@ async fn read_request(stream: &mut TcpStream) -> Option<Request> {
 enum Route {
     Batch,
     Event(String),
+    /// `GET /api/v1/events?...`: the raw query string.
+    ListEvents(String),
     BillableMetric(String),
     Subscription(String),
     /// The benchmarks' counters; not part of Lago's API.
@@ -498,8 +580,36 @@ enum Route {
     Other,
 }
 
-fn route(method: &str, path: &str) -> Route {
-    let path = path.split('?').next().unwrap_or_default();
+impl Route {
+    fn kind(&self) -> Option<RouteKind> {
+        Some(match self {
+            Self::Batch => RouteKind::Batch,
+            Self::Event(_) => RouteKind::GetEvent,
+            Self::ListEvents(_) => RouteKind::ListEvents,
+            Self::BillableMetric(_) => RouteKind::GetBillableMetric,
+            Self::Subscription(_) => RouteKind::GetSubscription,
+            Self::Stats | Self::Other => return None,
+        })
+    }
+}
+
+/// The id Rails hands the controller for a route whose `:id` has no format constraint: a
+/// `.suffix` of the raw (still percent-encoded) segment is split off as the response format
+/// (`fleet.acme.com` → id `fleet.acme`, format `com`), then the id is decoded. lago-api's
+/// `config/routes.rb` constrains `billable_metrics/:code` (`code: /.*/`) but not
+/// `subscriptions/:external_id`, nor `events/:id` before it gained `id: /[^\/]+/`.
+fn rails_id(raw_segment: &str) -> String {
+    let id = match raw_segment.rsplit_once('.') {
+        Some((id, format)) if !id.is_empty() && !format.is_empty() => id,
+        _ => raw_segment,
+    };
+    percent_decode(id)
+}
+
+fn route(method: &str, path_and_query: &str) -> Route {
+    let (path, query) = path_and_query
+        .split_once('?')
+        .unwrap_or((path_and_query, ""));
     if (method, path) == ("GET", "/stand-in/stats") {
         return Route::Stats;
     }
@@ -509,9 +619,10 @@ fn route(method: &str, path: &str) -> Route {
     let segments: Vec<&str> = rest.split('/').collect();
     match (method, segments.as_slice()) {
         ("POST", ["events", "batch"]) => Route::Batch,
-        ("GET", ["events", id]) => Route::Event(percent_decode(id)),
+        ("GET", ["events"]) => Route::ListEvents(query.to_owned()),
+        ("GET", ["events", id]) => Route::Event(rails_id(id)),
         ("GET", ["billable_metrics", code]) => Route::BillableMetric(percent_decode(code)),
-        ("GET", ["subscriptions", id]) => Route::Subscription(percent_decode(id)),
+        ("GET", ["subscriptions", id]) => Route::Subscription(rails_id(id)),
         _ => Route::Other,
     }
 }
@@ -540,12 +651,37 @@ async fn handle(state: &Mutex<State>, request: Request) -> Response {
         match route {
             Route::Batch => counts.batch += 1,
             Route::Event(_) => counts.get_event += 1,
+            Route::ListEvents(_) => counts.list_events += 1,
             Route::BillableMetric(_) => counts.get_billable_metric += 1,
             Route::Subscription(_) => counts.get_subscription += 1,
             Route::Stats | Route::Other => counts.other += 1,
         }
         let authorized = authorized(&state, &request);
-        (state.faults.pop_front(), authorized)
+        state.paths.push(request.path.clone());
+        let kind = route.kind();
+        let sticky = kind.and_then(|k| state.sticky_faults.get(&k).cloned());
+        let for_route = kind.and_then(|k| state.route_faults.get_mut(&k)?.pop_front());
+        let poisoned = matches!(route, Route::Batch)
+            && !state.poison_ids.is_empty()
+            && serde_json::from_slice::<Value>(&request.body)
+                .ok()
+                .and_then(|body| body.get("events").cloned())
+                .and_then(|events| events.as_array().cloned())
+                .is_some_and(|events| {
+                    events
+                        .iter()
+                        .any(|e| state.poison_ids.contains(&str_field(e, "transaction_id")))
+                });
+        let for_subscription = match &route {
+            Route::Subscription(id) => state.subscription_faults.get(id).cloned(),
+            _ => None,
+        };
+        let fault = for_subscription
+            .or(sticky)
+            .or(for_route)
+            .or_else(|| poisoned.then_some(Fault::InternalError))
+            .or_else(|| state.faults.pop_front());
+        (fault, authorized)
     };
     let mut garbage = false;
     match fault {
@@ -579,6 +715,20 @@ async fn handle(state: &Mutex<State>, request: Request) -> Response {
         Some(Fault::Unauthorized) => return unauthorized(),
         Some(Fault::Slow(delay)) => tokio::time::sleep(delay).await,
         Some(Fault::GarbageOk) => garbage = true,
+        Some(Fault::ProxyBadRequest) => {
+            return Response {
+                status: 400,
+                headers: vec![("X-Proxy", "edge".to_owned())],
+                body: b"<html><body><h1>400 Bad Request</h1>nginx</body></html>".to_vec(),
+            };
+        }
+        Some(Fault::MaintenancePage) => {
+            return Response {
+                status: 200,
+                headers: Vec::new(),
+                body: b"<html><body>Down for maintenance, back soon.</body></html>".to_vec(),
+            };
+        }
         None => {}
     }
     if !authorized {
@@ -589,6 +739,7 @@ async fn handle(state: &Mutex<State>, request: Request) -> Response {
         match route {
             Route::Batch => ingest(&mut state, &request.body),
             Route::Event(transaction_id) => find_event(&state, &transaction_id),
+            Route::ListEvents(query) => list_events(&state, &query),
             Route::BillableMetric(code) => find_metric(&state, &code),
             Route::Subscription(external_id) => find_subscription(&state, &external_id),
             Route::Stats | Route::Other => not_found("route_not_found"),
@@ -761,6 +912,127 @@ fn find_event(state: &State, transaction_id: &str) -> Response {
         ),
         None => not_found("event_not_found"),
     }
+}
+
+/// `GET /api/v1/events?...` as lago-api's `EventsQuery` answers it: filters on subscription
+/// and code, `timestamp_from`/`timestamp_to` through `DateTime.strptime` (`%FT%T%z`: whole
+/// seconds and a zone, anything else is 422 `invalid_date`), newest first, paginated.
+fn list_events(state: &State, query: &str) -> Response {
+    let mut params: HashMap<String, String> = HashMap::new();
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        params.insert(
+            percent_decode(&key.replace('+', " ")),
+            percent_decode(&value.replace('+', " ")),
+        );
+    }
+    let mut bounds = [None, None];
+    for (slot, field) in bounds.iter_mut().zip(["timestamp_from", "timestamp_to"]) {
+        if let Some(text) = params.get(field) {
+            match strptime_seconds(text) {
+                Some(secs) => *slot = Some(secs),
+                None => return unprocessable(json!({ field: ["invalid_date"] })),
+            }
+        }
+    }
+    let page: usize = params
+        .get("page")
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(1)
+        .max(1);
+    let per_page: usize = params
+        .get("per_page")
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(20)
+        .clamp(1, 100);
+    let mut rows: Vec<&StoredRow> = state
+        .rows()
+        .filter(|row| {
+            params
+                .get("external_subscription_id")
+                .is_none_or(|s| *s == row.external_subscription_id)
+                && params.get("code").is_none_or(|c| *c == row.code)
+                && bounds[0].is_none_or(|from| row.timestamp_secs >= from as f64)
+                && bounds[1].is_none_or(|to| row.timestamp_secs <= to as f64)
+        })
+        .collect();
+    rows.sort_by(|a, b| b.timestamp_secs.total_cmp(&a.timestamp_secs));
+    let total = rows.len();
+    let total_pages = total.div_ceil(per_page).max(1);
+    let events: Vec<Value> = rows
+        .into_iter()
+        .skip((page - 1) * per_page)
+        .take(per_page)
+        .map(|row| row.to_event_object(&state.config.subscriptions))
+        .collect();
+    Response::json(
+        200,
+        json!({
+            "events": events,
+            "meta": {
+                "current_page": page,
+                "next_page": (page < total_pages).then_some(page + 1),
+                "prev_page": (page > 1).then(|| page - 1),
+                "total_pages": total_pages,
+                "total_count": total,
+            }
+        }),
+    )
+}
+
+/// `DateTime.strptime(text)` with Ruby's default `%FT%T%z`: `YYYY-MM-DDTHH:MM:SS` and a zone
+/// (`Z`, `+HH:MM`, `+HHMM`), as unix seconds; `None` for anything else (fractions, unix time).
+fn strptime_seconds(text: &str) -> Option<i64> {
+    let bytes = text.as_bytes();
+    if bytes.len() < 20 || bytes[10] != b'T' {
+        return None;
+    }
+    let number = |range: std::ops::Range<usize>| -> Option<i64> {
+        let part = text.get(range)?;
+        part.bytes()
+            .all(|b| b.is_ascii_digit())
+            .then(|| part.parse().ok())
+            .flatten()
+    };
+    let separators = [(4, b'-'), (7, b'-'), (13, b':'), (16, b':')];
+    if separators.iter().any(|(i, c)| bytes[*i] != *c) {
+        return None;
+    }
+    let (year, month, day) = (number(0..4)?, number(5..7)?, number(8..10)?);
+    let (hour, minute, second) = (number(11..13)?, number(14..16)?, number(17..19)?);
+    let offset = match &text[19..] {
+        "Z" => 0,
+        zone => {
+            let sign = match zone.as_bytes().first()? {
+                b'+' => 1,
+                b'-' => -1,
+                _ => return None,
+            };
+            let digits = zone[1..].replace(':', "");
+            if digits.len() != 4 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+                return None;
+            }
+            let (h, m): (i64, i64) = (digits[..2].parse().ok()?, digits[2..].parse().ok()?);
+            sign * (h * 3600 + m * 60)
+        }
+    };
+    if !(1..=12).contains(&month)
+        || !(1..=31).contains(&day)
+        || hour > 23
+        || minute > 59
+        || second > 60
+    {
+        return None;
+    }
+    // Days from the civil date (Howard Hinnant's algorithm).
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (month + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    Some(days * 86_400 + hour * 3600 + minute * 60 + second - offset)
 }
 
 fn find_metric(state: &State, code: &str) -> Response {

@@ -1,0 +1,456 @@
+//! Issue 13's Lago cases, each against the Lago stand-in behaving as lago-api does (Rails'
+//! format suffix, `GET /events/{id}` answering the first event in the organization, the
+//! filtered list) and scripted to fail the way production does: a check that keeps failing,
+//! proxy 400s, a maintenance page, one event Lago keeps failing on, a lookup that hangs, an
+//! outage, a wrong `api_url`. Every test here failed before the shipper's rework.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use ocpp_lago_bridge::event::LagoEvent;
+
+use crate::delivery::{seed_spool, seeded_event};
+use crate::support::admin::{readyz, scrape};
+use crate::support::bridge::{Bridge, BridgeOptions, check_config};
+use crate::support::e2e::{self, SpoolCounts, dead_letter_details, spool_counts};
+use crate::support::lago::{Fault, LagoStandIn, RouteKind, StoreMode};
+use crate::support::peers::{CentralOptions, CentralSystem, Implementation};
+use crate::support::poll_until;
+
+/// A bridge in front of a central system, shipping the seeded spool to `lago`.
+async fn bridge_with(
+    central: &CentralSystem,
+    lago: &LagoStandIn,
+    dir: &std::path::Path,
+    events: Vec<LagoEvent>,
+    lago_keys: &str,
+) -> Bridge {
+    let spool = dir.join("spool.db");
+    seed_spool(&spool, events);
+    let toml = e2e::lago_toml(lago, None, "session")
+        .replace("[billing]", &format!("{lago_keys}\n[billing]"));
+    Bridge::start_opts(
+        &central.url_base(),
+        BridgeOptions {
+            extra_toml: toml,
+            env: vec![("LAGO_API_KEY".into(), lago.api_key())],
+            spool_path: Some(spool),
+            ..Default::default()
+        },
+    )
+    .await
+}
+
+async fn settle(
+    bridge: &Bridge,
+    limit: Duration,
+    done: impl Fn(&SpoolCounts) -> bool,
+) -> SpoolCounts {
+    poll_until(limit, || {
+        let counts = spool_counts(bridge.spool_path());
+        done(&counts).then_some(counts)
+    })
+    .await
+    .unwrap_or_else(|| {
+        panic!(
+            "spool never settled: {:?}; bridge stderr:\n{}",
+            spool_counts(bridge.spool_path()),
+            bridge.stderr()
+        )
+    })
+}
+
+fn events(prefix: &str, subscription: &str, n: i64) -> Vec<LagoEvent> {
+    (0..n)
+        .map(|i| {
+            seeded_event(
+                &format!("{prefix}{i:03}"),
+                subscription,
+                &format!("{i}.5"),
+                i,
+            )
+        })
+        .collect()
+}
+
+fn stored_ids(lago: &LagoStandIn) -> BTreeMap<String, usize> {
+    let mut ids = BTreeMap::new();
+    for row in lago.stored_events() {
+        *ids.entry(row.transaction_id).or_default() += 1;
+    }
+    ids
+}
+
+/// Rails reads `fleet.acme.com` as id `fleet.acme` with format `com` (`subscriptions/:external_id`
+/// has no format constraint in lago-api's routes): with `.` sent literally, the subscription was
+/// "unknown" (dead letter) and the check of an incremental id `101:1234.5` asked for `101:1234`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dotted_subscription_and_event_ids_reach_lago_whole() {
+    let central = CentralSystem::start(Implementation::Python, CentralOptions::default()).await;
+    let lago = e2e::stand_in(StoreMode::Postgres, &["fleet.acme.com"]).await;
+    // Our event, stored by Lago on an earlier attempt whose answer was lost.
+    let checked = seeded_event("101:1234.5", "fleet.acme.com", "2.5", 1);
+    lago.seed(serde_json::to_value(&checked).unwrap());
+    let fresh = seeded_event("101:1234.6", "fleet.acme.com", "3.5", 2);
+    let dir = tempfile::tempdir().unwrap();
+    let bridge = bridge_with(&central, &lago, dir.path(), vec![checked, fresh], "").await;
+
+    let counts = settle(&bridge, Duration::from_secs(20), |c| c.pending == 0).await;
+    assert_eq!(counts.delivered, 2, "{counts:?}");
+    assert!(counts.dead_letters.is_empty(), "{counts:?}");
+    assert_eq!(
+        stored_ids(&lago),
+        BTreeMap::from([("101:1234.5".into(), 1), ("101:1234.6".into(), 1)])
+    );
+    let paths = lago.request_paths();
+    assert!(
+        paths
+            .iter()
+            .any(|p| p == "/api/v1/subscriptions/fleet%2Eacme%2Ecom"),
+        "{paths:?}"
+    );
+    assert!(
+        paths.iter().any(|p| p == "/api/v1/events/101%3A1234%2E5"),
+        "the check asked for the whole id: {paths:?}"
+    );
+}
+
+/// `GET /events/{id}` answers the first event with that id in the organization: one of another
+/// subscription proves nothing. Our subscription's list at our timestamp finds our copy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_event_with_our_id_under_another_subscription_is_no_collision() {
+    let central = CentralSystem::start(Implementation::Python, CentralOptions::default()).await;
+    let lago = e2e::stand_in(StoreMode::Postgres, &["sub-ours", "sub-other"]).await;
+    lago.seed(serde_json::json!({
+        "transaction_id": "777",
+        "external_subscription_id": "sub-other",
+        "code": e2e::METRIC,
+        "timestamp": 1_700_000_000,
+        "properties": {"value": "9.9", "charge_box_id": "ELSEWHERE", "ocpp_transaction_id": 777},
+    }));
+    let ours = seeded_event("777", "sub-ours", "2.5", 7);
+    lago.seed(serde_json::to_value(&ours).unwrap());
+    let dir = tempfile::tempdir().unwrap();
+    let bridge = bridge_with(&central, &lago, dir.path(), vec![ours], "").await;
+
+    let counts = settle(&bridge, Duration::from_secs(20), |c| c.pending == 0).await;
+    assert_eq!(counts.delivered, 1, "{counts:?}");
+    assert!(
+        counts.dead_letters.is_empty(),
+        "no collision: {counts:?} {:?}",
+        dead_letter_details(bridge.spool_path(), "transaction_id_collision")
+    );
+    assert_eq!(lago.stored_events().len(), 2, "Lago gained nothing");
+    let lists: Vec<String> = lago
+        .request_paths()
+        .into_iter()
+        .filter(|p| p.starts_with("/api/v1/events?"))
+        .collect();
+    assert!(!lists.is_empty(), "our subscription's events were listed");
+    // DateTime.strptime-style filters: whole seconds with a zone, nothing else.
+    assert!(
+        lists[0].contains("timestamp_from=2026-01-01T00%3A00%3A07Z")
+            && lists[0].contains("timestamp_to=2026-01-01T00%3A00%3A07Z")
+            && lists[0].contains("external_subscription_id=sub-ours"),
+        "{lists:?}"
+    );
+}
+
+/// While the check of one event fails (500), that row waits alone with its own backoff: the
+/// other events are delivered, and the batch path does not spin (it was 40 POSTs in 8 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_check_that_keeps_failing_holds_back_only_its_own_row() {
+    let central = CentralSystem::start(Implementation::Python, CentralOptions::default()).await;
+    let lago = e2e::stand_in(StoreMode::Postgres, &["sub-c"]).await;
+    let all = events("c-", "sub-c", 21);
+    let checked = all[0].clone();
+    lago.seed(serde_json::to_value(&checked).unwrap());
+    lago.set_sticky_fault(RouteKind::GetEvent, Some(Fault::InternalError));
+    let dir = tempfile::tempdir().unwrap();
+    let bridge = bridge_with(&central, &lago, dir.path(), all, "").await;
+
+    let counts = settle(&bridge, Duration::from_secs(15), |c| c.delivered == 20).await;
+    assert_eq!(counts.pending, 1, "only the row to check waits: {counts:?}");
+    let before = lago.request_counts();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let after = lago.request_counts();
+    assert_eq!(
+        after.batch, before.batch,
+        "no POST while the check fails: {before:?} → {after:?}"
+    );
+    let checks = after.get_event - before.get_event;
+    // retry_max_delay is 500 ms in these tests: about 8 checks in 4 s, not hundreds.
+    assert!(
+        (2..=12).contains(&checks),
+        "the check is retried with a backoff: {checks} in 4 s"
+    );
+    assert!(spool_counts(bridge.spool_path()).dead_letters.is_empty());
+
+    lago.set_sticky_fault(RouteKind::GetEvent, None);
+    let counts = settle(&bridge, Duration::from_secs(20), |c| c.pending == 0).await;
+    assert_eq!(counts.delivered, 21, "{counts:?}");
+    assert!(counts.dead_letters.is_empty(), "{counts:?}");
+    assert_eq!(stored_ids(&lago).len(), 21);
+    assert!(stored_ids(&lago).values().all(|n| *n == 1));
+}
+
+/// Proxy 400s are not Lago's verdict on an event and a maintenance page is no proof of storage:
+/// no event is dead-lettered or counted delivered without being in Lago (four 400s used to
+/// bisect 8→4→2→1 and dead-letter a valid event; an HTML 200 was marked delivered).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_400s_and_a_maintenance_page_neither_dead_letter_nor_lose_an_event() {
+    let central = CentralSystem::start(Implementation::Python, CentralOptions::default()).await;
+    let lago = e2e::stand_in(StoreMode::Postgres, &["sub-p"]).await;
+    lago.push_route_faults(RouteKind::Batch, Fault::ProxyBadRequest, 4);
+    lago.push_route_faults(RouteKind::Batch, Fault::MaintenancePage, 1);
+    let dir = tempfile::tempdir().unwrap();
+    let bridge = bridge_with(&central, &lago, dir.path(), events("p-", "sub-p", 8), "").await;
+
+    let counts = settle(&bridge, Duration::from_secs(30), |c| c.pending == 0).await;
+    assert!(counts.dead_letters.is_empty(), "{counts:?}");
+    assert_eq!(counts.delivered, 8, "{counts:?}");
+    let ids = stored_ids(&lago);
+    assert_eq!(ids.len(), 8, "every delivered event is in Lago: {ids:?}");
+    assert!(ids.values().all(|n| *n == 1));
+    let metrics = scrape(bridge.admin_addr).await;
+    assert!(
+        metrics.sum(
+            "ocpp_lago_bridge_lago_requests_total",
+            &[("endpoint", "events_batch"), ("status_class", "4xx")]
+        ) >= 4.0,
+        "{}",
+        metrics.text
+    );
+}
+
+/// `too_many_events` halves every batch, and they grow back once Lago takes more: a batch
+/// size that never grew back drained a later backlog up to 100× slower.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_shrink_on_too_many_events_and_grow_back() {
+    let central = CentralSystem::start(Implementation::Python, CentralOptions::default()).await;
+    let lago = e2e::stand_in(StoreMode::Postgres, &["sub-g"]).await;
+    lago.set_batch_limit(30);
+    let dir = tempfile::tempdir().unwrap();
+    let bridge = bridge_with(&central, &lago, dir.path(), events("g-", "sub-g", 1500), "").await;
+
+    let shrunk = poll_until(Duration::from_secs(20), || {
+        (lago.stats()["accepted_batches"].as_u64() >= Some(3)).then_some(())
+    })
+    .await;
+    assert!(shrunk.is_some(), "stderr:\n{}", bridge.stderr());
+    lago.set_batch_limit(100);
+    let counts = settle(&bridge, Duration::from_secs(40), |c| c.pending == 0).await;
+    assert_eq!(counts.delivered, 1500, "{counts:?}");
+    assert!(counts.dead_letters.is_empty(), "{counts:?}");
+    let sizes = lago.stats()["accepted_batch_sizes"].clone();
+    assert!(
+        sizes.get("100").and_then(|n| n.as_u64()).unwrap_or(0) >= 5,
+        "full batches again once Lago takes them: {sizes}"
+    );
+    assert!(
+        sizes
+            .as_object()
+            .unwrap()
+            .keys()
+            .any(|size| size.parse::<usize>().unwrap() <= 30),
+        "batches shrank under Lago's limit first: {sizes}"
+    );
+}
+
+/// One event Lago keeps failing on (500 whenever it is in a batch) waits alone with its own
+/// backoff; every other event is delivered, and it is never dead-lettered for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_event_lago_keeps_failing_on_waits_alone() {
+    let central = CentralSystem::start(Implementation::Python, CentralOptions::default()).await;
+    let lago = e2e::stand_in(StoreMode::Postgres, &["sub-x"]).await;
+    lago.set_poison("x-003", true);
+    let dir = tempfile::tempdir().unwrap();
+    let bridge = bridge_with(&central, &lago, dir.path(), events("x-", "sub-x", 30), "").await;
+
+    let counts = settle(&bridge, Duration::from_secs(20), |c| c.delivered == 29).await;
+    assert_eq!(counts.pending, 1, "{counts:?}");
+    assert!(!stored_ids(&lago).contains_key("x-003"));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(spool_counts(bridge.spool_path()).dead_letters.is_empty());
+
+    lago.set_poison("x-003", false);
+    let counts = settle(&bridge, Duration::from_secs(20), |c| c.pending == 0).await;
+    assert_eq!((counts.delivered, counts.dead), (30, 0), "{counts:?}");
+    assert_eq!(stored_ids(&lago).len(), 30);
+}
+
+/// A subscription lookup that hangs past `request_timeout` holds back that subscription's
+/// events only (it held the whole batch: 0 POSTs in 150 s), and the failed lookups are counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hanging_subscription_lookup_holds_back_only_its_events() {
+    let central = CentralSystem::start(Implementation::Python, CentralOptions::default()).await;
+    let lago = e2e::stand_in(StoreMode::Postgres, &["sub-a", "sub-slow"]).await;
+    lago.set_subscription_fault("sub-slow", Some(Fault::Slow(Duration::from_secs(5))));
+    let mut all = events("s-", "sub-slow", 2);
+    all.extend(events("a-", "sub-a", 10));
+    let dir = tempfile::tempdir().unwrap();
+    let bridge = bridge_with(&central, &lago, dir.path(), all, "").await;
+    // e2e's request_timeout is 3 s: the lookup of sub-slow times out.
+    let counts = settle(&bridge, Duration::from_secs(10), |c| c.delivered == 10).await;
+    assert_eq!(counts.pending, 2, "{counts:?}");
+    let metrics = scrape(bridge.admin_addr).await;
+    let failed = metrics.sum(
+        "ocpp_lago_bridge_lago_requests_total",
+        &[("endpoint", "subscription"), ("status_class", "timeout")],
+    );
+    let seconds = metrics.sum(
+        "ocpp_lago_bridge_lago_request_seconds_count",
+        &[("endpoint", "subscription")],
+    );
+    if failed < 1.0 {
+        // The 3 s timeout may not have elapsed yet: wait for it.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+    }
+    let metrics = scrape(bridge.admin_addr).await;
+    assert!(
+        metrics.sum(
+            "ocpp_lago_bridge_lago_requests_total",
+            &[("endpoint", "subscription"), ("status_class", "timeout")],
+        ) >= 1.0
+            && seconds >= 1.0,
+        "a failed lookup is counted with its endpoint:\n{}",
+        metrics.text
+    );
+    lago.set_subscription_fault("sub-slow", None);
+    let counts = settle(&bridge, Duration::from_secs(30), |c| c.pending == 0).await;
+    assert_eq!(counts.delivered, 12, "{counts:?}");
+}
+
+/// `/readyz` names `lago` while Lago is down with events waiting (and while the oldest pending
+/// event is older than `lago.max_pending_age`), and is ready again once they are delivered;
+/// the failed GETs are counted with their endpoint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_names_lago_during_an_outage_and_recovers() {
+    let central = CentralSystem::start(Implementation::Python, CentralOptions::default()).await;
+    let lago = e2e::stand_in(StoreMode::Postgres, &["sub-r"]).await;
+    lago.go_down().await;
+    let dir = tempfile::tempdir().unwrap();
+    let bridge = bridge_with(
+        &central,
+        &lago,
+        dir.path(),
+        events("r-", "sub-r", 3),
+        "max_pending_age = \"10m\"",
+    )
+    .await;
+
+    let mut named = None;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while Instant::now() < deadline {
+        let (status, body) = readyz(bridge.admin_addr).await;
+        if status == 503 && body["not_ready"]["lago"].is_string() {
+            named = Some(body);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let body = named.unwrap_or_else(|| {
+        panic!(
+            "/readyz never named lago during the outage; stderr:\n{}",
+            bridge.stderr()
+        )
+    });
+    let reason = body["not_ready"]["lago"].as_str().unwrap();
+    assert!(reason.contains("unreachable"), "{reason}");
+    // The seeded events are months old: past max_pending_age too.
+    assert!(reason.contains("max_pending_age"), "{reason}");
+    let metrics = scrape(bridge.admin_addr).await;
+    assert!(
+        metrics.sum(
+            "ocpp_lago_bridge_lago_requests_total",
+            &[("endpoint", "billable_metric"), ("status_class", "error")]
+        ) >= 1.0,
+        "{}",
+        metrics.text
+    );
+    assert_eq!(
+        metrics.get("ocpp_lago_bridge_spool_pending_events", &[]),
+        Some(3.0),
+        "the gauge is current"
+    );
+
+    lago.come_up().await;
+    settle(&bridge, Duration::from_secs(30), |c| c.pending == 0).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut last = (0, serde_json::Value::Null);
+    while Instant::now() < deadline {
+        last = readyz(bridge.admin_addr).await;
+        if last.0 == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(last.0, 200, "ready again once delivered: {}", last.1);
+    let metrics = scrape(bridge.admin_addr).await;
+    assert_eq!(
+        metrics.get("ocpp_lago_bridge_spool_pending_events", &[]),
+        Some(0.0)
+    );
+}
+
+/// An `api_url` ending in `/api/v1` (the OpenAPI spec's server URL) is named by `check-config`;
+/// one where every route is 404 is named a wrong URL, not "the metric does not exist".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_url_mistakes_are_named() {
+    let output = check_config(
+        "[lago]\napi_url = \"https://lago.example.com/api/v1\"\nmetric_code = \"kwh\"\n",
+    )
+    .await;
+    let stderr = String::from_utf8_lossy(&output.stderr).to_string()
+        + &String::from_utf8_lossy(&output.stdout);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("ends in /api/v1") && stderr.contains("https://lago.example.com"),
+        "{stderr}"
+    );
+
+    let central = CentralSystem::start(Implementation::Python, CentralOptions::default()).await;
+    let lago = e2e::stand_in(StoreMode::Postgres, &["sub-u"]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let spool = dir.path().join("spool.db");
+    seed_spool(&spool, events("u-", "sub-u", 1));
+    let toml = e2e::lago_toml(&lago, None, "session").replace(
+        &format!("api_url = \"{}\"", lago.url()),
+        &format!("api_url = \"{}/lago\"", lago.url()),
+    );
+    let bridge = Bridge::start_opts(
+        &central.url_base(),
+        BridgeOptions {
+            extra_toml: toml,
+            env: vec![("LAGO_API_KEY".into(), lago.api_key())],
+            spool_path: Some(spool),
+            ..Default::default()
+        },
+    )
+    .await;
+    let mut body = serde_json::Value::Null;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while Instant::now() < deadline {
+        let (status, json) = readyz(bridge.admin_addr).await;
+        body = json;
+        if status == 503 && body["not_ready"]["lago"].is_string() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let reason = body["not_ready"]["lago"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("api_url is wrong"),
+        "the URL is named: {body}; stderr:\n{}",
+        bridge.stderr()
+    );
+    assert!(
+        body["not_ready"].get("lago_metric").is_none(),
+        "not a missing metric: {body}"
+    );
+    assert_eq!(
+        spool_counts(bridge.spool_path()).pending,
+        1,
+        "nothing dropped"
+    );
+}
