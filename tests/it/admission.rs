@@ -315,7 +315,7 @@ async fn out_of_file_descriptors_chargers_get_503_fds_exhausted_logged_once_a_se
     let warned = poll_until(Duration::from_secs(5), || {
         bridge
             .stderr()
-            .contains("`proxy.max_connections` = 1000 but the open-file limit is 96")
+            .contains("`proxy.max_connections` = 1000 needs about 2064 open files, but the open-file limit is 96")
             .then_some(())
     })
     .await;
@@ -578,7 +578,8 @@ async fn check_config_warns_only_when_max_connections_exceeds_the_fd_limit() {
     let stderr = String::from_utf8_lossy(&too_many.stderr).into_owned();
     assert!(too_many.status.success(), "{stderr}");
     assert!(
-        stderr.contains("`proxy.max_connections` = 10000000 but the open-file limit is"),
+        stderr.contains("`proxy.max_connections` = 10000000 needs about")
+            && stderr.contains("but the open-file limit is"),
         "{stderr}"
     );
     // 0 derives max_connections from the limit: it always fits, nothing to warn about.

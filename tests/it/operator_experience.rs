@@ -566,7 +566,11 @@ async fn a_dry_run_keeps_its_own_spool_across_restarts_and_prints_each_event_onc
     .unwrap_or_else(|| panic!("no event printed; stderr:\n{}", bridge.stderr()));
     let event: Value = serde_json::from_str(printed.lines().next().unwrap()).expect("event JSON");
     assert_eq!(event["properties"]["value"], "2.5", "{event}");
-    assert_eq!(event["properties"]["ocpp_transaction_id"], tx, "{event}");
+    assert_eq!(
+        event["properties"]["ocpp_transaction_id"],
+        tx.to_string(),
+        "{event}"
+    );
     drop(charger);
 
     // Another restart prints nothing again: longer than the shipper's idle poll.
