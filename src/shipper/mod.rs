@@ -199,6 +199,30 @@ impl Shared {
     }
 }
 
+/// Our subscription's events of our metric at the event's own second, every page up to
+/// `LIST_MAX_PAGES`, each request under the shared rate limit.
+async fn list_at(
+    client: &LagoClient,
+    limiter: &DefaultDirectRateLimiter,
+    ours: &crate::event::LagoEvent,
+) -> Result<Vec<crate::lago::schema::StoredEvent>, LagoError> {
+    let mut pages = client.list_events(&crate::lago::EventsWindow {
+        external_subscription_id: &ours.external_subscription_id,
+        code: &ours.code,
+        from: ours.timestamp,
+        to: ours.timestamp,
+    })?;
+    let mut events = Vec::new();
+    while pages.pages_read() < crate::lago::LIST_MAX_PAGES {
+        limiter.until_ready().await;
+        match pages.next_page().await? {
+            Some(page) => events.extend(page),
+            None => break,
+        }
+    }
+    Ok(events)
+}
+
 /// Ships until `shutdown` fires. `draining` fires first, on SIGTERM: from then on a part-full
 /// batch goes at once instead of lingering, so the flush window is spent sending.
 pub async fn run(
@@ -583,10 +607,7 @@ impl Shipper {
         let fate = match by_id.map(|stored| check_by_id(ours, stored.as_ref())) {
             Ok(CheckStep::Done(fate)) => Ok(fate),
             Ok(CheckStep::ListOurs) => {
-                self.shared.limiter.until_ready().await;
-                let listed = client
-                    .list_events_at(&ours.external_subscription_id, &ours.code, ours.timestamp)
-                    .await;
+                let listed = list_at(client, &self.shared.limiter, ours).await;
                 self.shared.observe(&listed);
                 listed.map(|listed| check_listing(ours, &listed))
             }
