@@ -507,3 +507,95 @@ async fn run_once(sources: &Sources, from: i64, to: i64, with_backfill: bool) {
     publish(&audit.findings);
     metrics::counter!("ocpp_lago_bridge_reconcile_runs_total", "result" => "complete").increment(1);
 }
+
+/// `ocpp-lago-bridge reconcile`: the report on stdout, logs and the backfill summary on stderr
+/// (on stdout too for `--format table`); returns the exit code.
+pub async fn command(
+    config: &Config,
+    from: i64,
+    to: i64,
+    format: super::Format,
+    with_backfill: bool,
+    wait: Option<Duration>,
+) -> u8 {
+    let sources = match Sources::from_config(config, None) {
+        Ok(sources) => sources,
+        Err(error) => {
+            eprintln!("error: {error}");
+            return error.exit_code();
+        }
+    };
+    let audit_fn = audit;
+    let mut audit = match audit_fn(&sources, from, to).await {
+        Ok(audit) => audit,
+        Err(error) => {
+            eprintln!("error: {error}");
+            return error.exit_code();
+        }
+    };
+    log_summary(&audit, from, to);
+    let mut note = String::new();
+    let mut delivered = true;
+    if with_backfill {
+        let missing = std::mem::take(&mut audit.missing);
+        match backfill(&sources, &mut audit.findings, &missing).await {
+            Ok(report) => {
+                note = format!(
+                    "backfill: queued {} event(s) (origin reconcile); {} missing session(s) not queued",
+                    report.queued.len(),
+                    report.not_queued.len()
+                );
+                for (cb, tx, why) in &report.not_queued {
+                    note.push_str(&format!("\n  {cb}:{tx}: {why}"));
+                }
+                if let Some(limit) = wait.filter(|_| !report.queued.is_empty()) {
+                    match wait_delivered(sources.spool_path.clone(), report.queued.clone(), limit)
+                        .await
+                    {
+                        Ok(true) => {
+                            // Lago took them: audit again, so the report and the exit code
+                            // say what Lago holds now rather than what was sent.
+                            note.push_str(
+                                "\nbackfill: every queued event is delivered; the report is a fresh audit",
+                            );
+                            match audit_fn(&sources, from, to).await {
+                                Ok(fresh) => audit = fresh,
+                                Err(error) => {
+                                    eprintln!("error: {error}");
+                                    return error.exit_code();
+                                }
+                            }
+                        }
+                        Ok(false) => {
+                            delivered = false;
+                            note.push_str(&format!(
+                                "\nbackfill: NOT every queued event was delivered within {}",
+                                humantime::format_duration(limit)
+                            ));
+                        }
+                        Err(error) => {
+                            eprintln!("error: {error}");
+                            return error.exit_code();
+                        }
+                    }
+                }
+            }
+            Err(error) => {
+                eprintln!("error: {error}");
+                return error.exit_code();
+            }
+        }
+    }
+    print!("{}", super::render(&audit.findings, format));
+    if !note.is_empty() {
+        if format == super::Format::Table {
+            println!("\n{note}");
+        } else {
+            eprintln!("{note}");
+        }
+    }
+    if !delivered {
+        return 1;
+    }
+    super::exit_code(&audit.findings)
+}

@@ -64,6 +64,9 @@ pub struct ShipperSettings {
     pub retry_max_delay: Duration,
     /// `/readyz` names `lago` while the oldest pending event is older than this.
     pub max_pending_age: Duration,
+    /// The limiter to share with other Lago callers of the daemon (the periodic reconcile),
+    /// so the bridge as a whole stays under `max_requests_per_second`; `None`: its own.
+    pub shared_limiter: Option<Arc<DefaultDirectRateLimiter>>,
 }
 
 /// Where events go.
@@ -85,7 +88,7 @@ pub struct SpoolAccess {
 /// What the shipper and its lookup task share: the one rate limit every Lago call goes
 /// through, what is known of the metric and the subscriptions, and the `lago` readiness.
 struct Shared {
-    limiter: DefaultDirectRateLimiter,
+    limiter: Arc<DefaultDirectRateLimiter>,
     metric: Mutex<Metric>,
     subscriptions: Mutex<std::collections::HashMap<String, Subscription>>,
     lookups_wanted: Notify,
@@ -242,9 +245,11 @@ pub async fn run(
         }
     };
     let shared = Arc::new(Shared {
-        limiter: RateLimiter::direct(Quota::per_second(
-            NonZeroU32::new(settings.max_requests_per_second).unwrap_or(NonZeroU32::MIN),
-        )),
+        limiter: settings.shared_limiter.clone().unwrap_or_else(|| {
+            Arc::new(RateLimiter::direct(Quota::per_second(
+                NonZeroU32::new(settings.max_requests_per_second).unwrap_or(NonZeroU32::MIN),
+            )))
+        }),
         metric: Mutex::new(match destination {
             Destination::Lago(_) => Metric::Unchecked,
             Destination::Stdout => Metric::Ok {
