@@ -328,9 +328,9 @@ fn main() -> ExitCode {
             }
             let to = to.unwrap_or_else(ocpp_lago_bridge::spool::writer::unix_now);
             match tokio::runtime::Runtime::new() {
-                Ok(runtime) => ExitCode::from(
-                    runtime.block_on(reconcile::run::command(&config, from, to, format, backfill, wait)),
-                ),
+                Ok(runtime) => ExitCode::from(runtime.block_on(reconcile::run::command(
+                    &config, from, to, format, backfill, wait,
+                ))),
                 Err(error) => {
                     eprintln!("error: cannot start the tokio runtime: {error}");
                     ExitCode::FAILURE

@@ -145,9 +145,8 @@ pub struct SteveSession {
 /// (`QueryPeriodFromToFilter`, e.g. `2024-08-25T14:30:00.000Z`, BEHAVIOUR.md).
 pub fn steve_timestamp(unix_secs: i64) -> Option<String> {
     let at = time::OffsetDateTime::from_unix_timestamp(unix_secs).ok()?;
-    let format = time::macros::format_description!(
-        "[year]-[month]-[day]T[hour]:[minute]:[second].000Z"
-    );
+    let format =
+        time::macros::format_description!("[year]-[month]-[day]T[hour]:[minute]:[second].000Z");
     at.format(&format).ok()
 }
 
@@ -192,7 +191,9 @@ impl SteveClient {
         charge_box_id: &str,
         ocpp_transaction_id: i64,
     ) -> Result<bool, SteveError> {
-        let body = self.get(self.by_pk_url(charge_box_id, ocpp_transaction_id)).await?;
+        let body = self
+            .get(self.by_pk_url(charge_box_id, ocpp_transaction_id))
+            .await?;
         let transactions: Vec<SteveTransaction> = parse(&body)?;
         Ok(transactions
             .iter()
@@ -246,7 +247,9 @@ impl SteveClient {
         ocpp_transaction_id: i64,
         received_at: i64,
     ) -> Result<Option<TapRecord>, SteveError> {
-        let body = self.get(self.by_pk_url(charge_box_id, ocpp_transaction_id)).await?;
+        let body = self
+            .get(self.by_pk_url(charge_box_id, ocpp_transaction_id))
+            .await?;
         start_from_transactions(&body, charge_box_id, ocpp_transaction_id, received_at)
     }
 }
@@ -428,7 +431,10 @@ mod tests {
     #[test]
     fn stopped_transactions_become_sessions_active_ones_are_left_out() {
         let sessions = sessions_from_transactions(FIXTURE).unwrap();
-        assert!(sessions.iter().all(|s| s.ocpp_transaction_id != 7), "7 is active");
+        assert!(
+            sessions.iter().all(|s| s.ocpp_transaction_id != 7),
+            "7 is active"
+        );
         let one = sessions
             .iter()
             .find(|s| s.ocpp_transaction_id == 1)

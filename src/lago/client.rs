@@ -338,9 +338,8 @@ impl LagoClient {
     /// `YYYY-MM-DDTHH:MM:SSZ`: fractions or unix seconds get 422 `invalid_date`.
     pub fn list_events(&self, window: &EventsWindow<'_>) -> Result<EventPages<'_>, LagoError> {
         let at = |t: i64| {
-            strptime_timestamp(t).ok_or_else(|| {
-                LagoError::Encode(format!("timestamp {t} is outside the calendar"))
-            })
+            strptime_timestamp(t)
+                .ok_or_else(|| LagoError::Encode(format!("timestamp {t} is outside the calendar")))
         };
         Ok(EventPages {
             client: self,
@@ -542,7 +541,10 @@ impl EventPages<'_> {
         };
         let (page_text, per_page) = (page.to_string(), LIST_PER_PAGE.to_string());
         let query = [
-            ("external_subscription_id", self.external_subscription_id.as_str()),
+            (
+                "external_subscription_id",
+                self.external_subscription_id.as_str(),
+            ),
             ("code", self.code.as_str()),
             ("timestamp_from", self.from.as_str()),
             ("timestamp_to", self.to.as_str()),

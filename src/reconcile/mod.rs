@@ -290,8 +290,10 @@ pub fn classify(
 
 /// Per class: how many, and the kWh involved (SteVe's for sessions, Lago's for unknown events).
 pub fn totals(findings: &[Finding]) -> BTreeMap<Status, (u64, Decimal)> {
-    let mut totals: BTreeMap<Status, (u64, Decimal)> =
-        Status::ALL.iter().map(|s| (*s, (0, Decimal::ZERO))).collect();
+    let mut totals: BTreeMap<Status, (u64, Decimal)> = Status::ALL
+        .iter()
+        .map(|s| (*s, (0, Decimal::ZERO)))
+        .collect();
     for f in findings {
         let entry = totals.entry(f.status).or_default();
         entry.0 += 1;
@@ -346,7 +348,8 @@ pub fn render(findings: &[Finding], format: Format) -> String {
                 let cells = [
                     f.status.as_str().to_string(),
                     f.charge_box_id.clone(),
-                    f.ocpp_transaction_id.map_or(String::new(), |t| t.to_string()),
+                    f.ocpp_transaction_id
+                        .map_or(String::new(), |t| t.to_string()),
                     f.external_subscription_id.clone().unwrap_or_default(),
                     kwh(f.steve_kwh).unwrap_or_default(),
                     kwh(f.lago_kwh).unwrap_or_default(),

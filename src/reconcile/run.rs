@@ -223,7 +223,10 @@ pub async fn audit(sources: &Sources, from: i64, to: i64) -> Result<Audit, Recon
     for session in &sessions {
         if let Some(sub) = derived_subscription(session, &sources.rules) {
             subscriptions.insert(sub.clone());
-            derived.insert((session.charge_box_id.clone(), session.ocpp_transaction_id), sub);
+            derived.insert(
+                (session.charge_box_id.clone(), session.ocpp_transaction_id),
+                sub,
+            );
         }
     }
 

@@ -51,8 +51,10 @@ fn every_class_in_the_issue_order() {
     lago.add(&event("s", "5", "CB", 5, "1.4", IN_WINDOW), WINDOW);
     lago.add(&event("s", "9", "CB", 9, "7", IN_WINDOW), WINDOW);
     lago.add(
-        &serde_json::from_value(json!({"transaction_id": "x", "external_subscription_id": "s",
-            "code": "kwh", "timestamp": IN_WINDOW, "properties": {"value": "2"}}))
+        &serde_json::from_value(
+            json!({"transaction_id": "x", "external_subscription_id": "s",
+            "code": "kwh", "timestamp": IN_WINDOW, "properties": {"value": "2"}}),
+        )
         .unwrap(),
         WINDOW,
     );

@@ -1010,9 +1010,9 @@ impl Store {
                     BackfillOutcome::AlreadyHeld
                 }
             }
-            Inserted::Taken(existing) => {
-                BackfillOutcome::Collision(dead_letter_collision(&tx, event, &existing, now)?)
-            }
+            Inserted::Taken(existing) => BackfillOutcome::Collision(Box::new(
+                dead_letter_collision(&tx, event, &existing, now)?,
+            )),
         };
         tx.commit()?;
         Ok(outcome)
@@ -1094,7 +1094,7 @@ pub enum BackfillOutcome {
     /// The outbox holds it pending already: nothing changed.
     AlreadyHeld,
     /// Its key holds another event: held in a `transaction_id_collision` dead letter.
-    Collision(Collision),
+    Collision(Box<Collision>),
 }
 
 /// Which delivered events `replay` sends again.
