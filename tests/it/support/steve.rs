@@ -85,9 +85,18 @@ impl SteveRest {
     /// Starts serving on an ephemeral loopback port; `central_log` is the event log of the
     /// central-system peer playing SteVe's websocket side, if any.
     pub async fn start(auth: SteveAuth, central_log: Option<PathBuf>) -> SteveRest {
-        let listener = TcpListener::bind("127.0.0.1:0")
+        Self::start_on("127.0.0.1:0".parse().unwrap(), auth, central_log)
             .await
-            .expect("bind SteVe REST stand-in");
+            .expect("bind SteVe REST stand-in")
+    }
+
+    /// Like [`Self::start`], on a given loopback address (the benchmark's process).
+    pub async fn start_on(
+        addr: std::net::SocketAddr,
+        auth: SteveAuth,
+        central_log: Option<PathBuf>,
+    ) -> std::io::Result<SteveRest> {
+        let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr().unwrap();
         let state = Arc::new(Mutex::new(State {
             auth,
@@ -108,11 +117,11 @@ impl SteveRest {
                 tokio::spawn(serve(stream, shared.clone()));
             }
         });
-        SteveRest {
+        Ok(SteveRest {
             addr,
             state,
             acceptor,
-        }
+        })
     }
 
     /// SteVe's root, to configure as `steve.api_url`.
@@ -319,6 +328,18 @@ async fn serve(mut stream: TcpStream, state: Arc<Mutex<State>>) {
     };
     tokio::time::sleep(delay).await;
     lock(&state).in_flight -= 1;
+    // For benchmarks run as a process (`examples/steve_standin`): the requests counted so far.
+    if path == "/stand-in/stats" {
+        let seen = lock(&state).seen.len();
+        let body = json!({ "requests": seen }).to_string();
+        let response = format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        let _ = stream.write_all(response.as_bytes()).await;
+        let _ = stream.shutdown().await;
+        return;
+    }
     let (status, body) = if !ok_auth {
         (
             401,
