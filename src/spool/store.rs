@@ -1810,6 +1810,60 @@ mod tests {
     }
 
     #[test]
+    fn a_backfill_queues_once_requeues_what_lago_lost_and_never_replaces_another_session() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("spool.db");
+        let mut store = Store::open(&path).unwrap();
+        let mut backfilled = event("9", "sub");
+        backfilled.properties.origin = Some(crate::event::ORIGIN_RECONCILE.into());
+        assert_eq!(
+            store.queue_backfill(&backfilled, 100).unwrap(),
+            BackfillOutcome::Queued
+        );
+        assert_eq!(
+            store.queue_backfill(&backfilled, 101).unwrap(),
+            BackfillOutcome::AlreadyHeld,
+            "twice queues nothing new"
+        );
+        let stats = store.stats(&path).unwrap();
+        assert_eq!(
+            (stats.reconcile_events, stats.reconcile_pending_events),
+            (1, 1)
+        );
+        let view = store.reconcile_view(0).unwrap();
+        assert!(view.pending.contains(&("CP1".to_string(), 7)));
+        assert!(view.subscriptions.contains("sub"));
+        let id = store.pending(10).unwrap()[0].outbox_id;
+        store.mark_delivered(&[id], 102).unwrap();
+        assert!(store.all_delivered(&[("sub".into(), "9".into())]).unwrap());
+        // Delivered, yet Lago holds nothing (deleted there): pending again, same row.
+        assert_eq!(
+            store.queue_backfill(&backfilled, 103).unwrap(),
+            BackfillOutcome::Requeued
+        );
+        assert_eq!(store.pending(10).unwrap()[0].outbox_id, id);
+        // A live row of the same billing content is the same event: nothing new.
+        let live = event("10", "sub");
+        store.commit(&[changes(vec![live.clone()])], 104).unwrap();
+        let mut again = live.clone();
+        again.properties.origin = Some(crate::event::ORIGIN_RECONCILE.into());
+        assert_eq!(
+            store.queue_backfill(&again, 105).unwrap(),
+            BackfillOutcome::AlreadyHeld
+        );
+        // Another session under a taken key: held as a collision dead letter, row untouched.
+        let mut other = live.clone();
+        other.properties.charge_box_id = "CB2".into();
+        assert!(matches!(
+            store.queue_backfill(&other, 106).unwrap(),
+            BackfillOutcome::Collision(_)
+        ));
+        assert_eq!(store.dead_letters(None).unwrap().len(), 1);
+        let view = store.reconcile_view(0).unwrap();
+        assert!(view.dead_letters.contains_key(&("CB2".to_string(), 7)));
+    }
+
+    #[test]
     fn pruning_keeps_everything_undelivered() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("spool.db");
