@@ -1200,6 +1200,40 @@ mod tests {
     }
 
     #[test]
+    fn reconcile_is_off_by_default_and_reads_its_keys() {
+        let d = Config::parse("").unwrap().reconcile;
+        assert_eq!(d.interval, None);
+        assert_eq!(d.lookback, Duration::from_secs(48 * 3600));
+        assert!(!d.backfill);
+        assert_eq!(d.max_session_length, Duration::from_secs(7 * 24 * 3600));
+        let set = Config::parse(
+            "[reconcile]\ninterval = \"1h\"\nlookback = \"6h\"\nbackfill = true\nmax_session_length = \"2days\"\n",
+        )
+        .unwrap()
+        .reconcile;
+        assert_eq!(set.interval, Some(Duration::from_secs(3600)));
+        assert_eq!(set.lookback, Duration::from_secs(6 * 3600));
+        assert!(set.backfill);
+        assert_eq!(set.max_session_length, Duration::from_secs(2 * 86_400));
+        assert_eq!(
+            Config::parse("[reconcile]\ninterval = \"\"\n")
+                .unwrap()
+                .reconcile
+                .interval,
+            None
+        );
+        for bad in [
+            "[reconcile]\ninterval = \"0s\"\n",
+            "[reconcile]\ninterval = \"often\"\n",
+            "[reconcile]\nbackfill = \"yes\"\n",
+            "[reconcile]\nlookback = \"0s\"\n",
+            "[reconcile]\nwindow = \"1h\"\n",
+        ] {
+            assert!(Config::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
     fn steve_takes_basic_auth_or_the_legacy_key_never_both() {
         let both = Config::parse(
             r#"

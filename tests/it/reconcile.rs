@@ -321,6 +321,7 @@ async fn reconcile_classifies_every_session_and_backfill_bills_the_missing_exact
 
     // The table for people: the sessions that are not ok, then totals per class.
     let table = reconcile(&config, &["--from", "3h"]).await;
+    println!("reconcile --from 3h (table):\n{}", table.stdout);
     assert_eq!(table.code, 1);
     assert!(table.stdout.contains("mismatch"), "{}", table.stdout);
     assert!(!table.stdout.contains("CP-OK-A"), "{}", table.stdout);
