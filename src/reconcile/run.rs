@@ -27,6 +27,10 @@ pub enum ReconcileError {
     /// The configuration does not allow an audit (exit 78).
     #[error("{0}")]
     Config(String),
+    /// The command line asks for something impossible, e.g. a window that ends before it
+    /// starts (exit 2, as clap's usage errors).
+    #[error("{0}")]
+    Usage(String),
     /// SteVe could not be asked (exit 69).
     #[error("SteVe: {0}")]
     Steve(#[from] SteveError),
@@ -39,10 +43,11 @@ pub enum ReconcileError {
 }
 
 impl ReconcileError {
-    /// The process exit code: 78 bad config, 69 a service unreachable, 1 otherwise.
+    /// The process exit code: 78 bad config, 2 usage, 69 a service unreachable, 1 otherwise.
     pub fn exit_code(&self) -> u8 {
         match self {
             ReconcileError::Config(_) => 78,
+            ReconcileError::Usage(_) => 2,
             ReconcileError::Steve(_) | ReconcileError::Lago(_) => 69,
             ReconcileError::Spool(_) => 1,
         }
@@ -199,8 +204,8 @@ async fn spool_view(path: PathBuf, since: i64) -> Result<ReconcileView, Reconcil
 /// Audits the sessions SteVe recorded as stopped in `[from, to]` (unix seconds).
 pub async fn audit(sources: &Sources, from: i64, to: i64) -> Result<Audit, ReconcileError> {
     if to < from {
-        return Err(ReconcileError::Config(format!(
-            "--to ({to}) is before --from ({from})"
+        return Err(ReconcileError::Usage(format!(
+            "the window ends before it starts: --to {to} is before --from {from} (unix seconds)"
         )));
     }
     let reach = i64::try_from(sources.max_session_length.as_secs()).unwrap_or(i64::MAX);

@@ -577,3 +577,46 @@ async fn records_lost_to_a_full_disk_and_a_restart_are_recovered_by_backfill() {
         );
     }
 }
+
+/// Exit codes: 78 without SteVe's REST API configured, 69 when SteVe cannot be reached, 2 for a
+/// window that ends before it starts or a time that does not parse; stdout stays empty.
+#[tokio::test]
+async fn exit_codes_tell_bad_config_unreachable_and_usage_apart() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("lago-key");
+    std::fs::write(&key, "k-reconcile-exit").unwrap();
+    let password = dir.path().join("steve-password");
+    std::fs::write(&password, "pw").unwrap();
+    let base = format!(
+        "[lago]\napi_url = \"http://127.0.0.1:1\"\napi_key_file = \"{}\"\n[spool]\npath = \"{}/spool.db\"\n",
+        key.display(),
+        dir.path().display()
+    );
+    let without_steve = dir.path().join("no-steve.toml");
+    std::fs::write(&without_steve, &base).unwrap();
+    let ran = reconcile(&without_steve, &["--from", "1h"]).await;
+    assert_eq!(ran.code, 78, "{}", ran.stderr);
+    assert!(ran.stderr.contains("[steve] api_url"), "{}", ran.stderr);
+
+    // Port 1 on loopback: nothing listens there.
+    let unreachable = dir.path().join("unreachable.toml");
+    std::fs::write(
+        &unreachable,
+        format!(
+            "{base}[steve]\napi_url = \"http://127.0.0.1:1/steve\"\napi_user = \"u\"\napi_password_file = \"{}\"\n",
+            password.display()
+        ),
+    )
+    .unwrap();
+    let ran = reconcile(&unreachable, &["--from", "1h", "--format", "json"]).await;
+    assert_eq!(ran.code, 69, "{}", ran.stderr);
+    assert!(ran.stdout.is_empty(), "{}", ran.stdout);
+    assert!(!ran.stderr.contains("k-reconcile-exit"), "{}", ran.stderr);
+
+    let ran = reconcile(&unreachable, &["--from", "1h", "--to", "2h"]).await;
+    assert_eq!(ran.code, 2, "{}", ran.stderr);
+    let ran = reconcile(&unreachable, &["--from", "last tuesday"]).await;
+    assert_eq!(ran.code, 2, "{}", ran.stderr);
+    let ran = reconcile(&unreachable, &["--from", "1h", "--wait", "5s"]).await;
+    assert_eq!(ran.code, 2, "--wait needs --backfill: {}", ran.stderr);
+}
