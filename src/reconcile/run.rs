@@ -455,30 +455,63 @@ pub fn log_summary(audit: &Audit, from: i64, to: i64) {
 }
 
 /// The daemon's periodic audit (`[reconcile] interval`): one run at start, then one per
-/// interval, each over the last `lookback`; never returns before `shutdown`. Its Lago requests
-/// take permits of the shipper's limiter, so the bridge as a whole stays under
-/// `lago.max_requests_per_second`; it runs beside the relay and the shipper, never in their way.
+/// interval, each over the last `lookback`; never returns before `shutdown`. Each run works on a
+/// thread of its own with its own current-thread runtime (parsing SteVe's whole list and
+/// deriving every session costs CPU: ~2 s for 100 000 sessions, BENCHMARKS.md), so it never
+/// takes a worker the relay or the shipper needs. Its Lago requests take permits of the
+/// shipper's limiter, so the bridge as a whole stays under `lago.max_requests_per_second`.
 pub async fn periodic(
     config: Config,
     interval: Duration,
     lago_limiter: Arc<DefaultDirectRateLimiter>,
     shutdown: CancellationToken,
 ) {
-    let sources = match Sources::from_config(&config, Some(lago_limiter)) {
-        Ok(sources) => Some(sources),
-        Err(error) => {
-            tracing::error!(%error, "reconcile.interval is set but the audit cannot run");
-            None
-        }
-    };
+    // Checked once up front, so a config that cannot audit is said at start, not every run.
+    if let Err(error) = Sources::from_config(&config, Some(lago_limiter.clone())) {
+        tracing::error!(%error, "reconcile.interval is set but the audit cannot run");
+        shutdown.cancelled().await;
+        return;
+    }
+    let config = Arc::new(config);
     let lookback = i64::try_from(config.reconcile.lookback.as_secs()).unwrap_or(i64::MAX);
     loop {
-        if let Some(sources) = &sources {
-            let to = unix_now();
-            let from = to.saturating_sub(lookback);
-            tokio::select! {
-                () = shutdown.cancelled() => return,
-                () = run_once(sources, from, to, config.reconcile.backfill) => {}
+        let to = unix_now();
+        let from = to.saturating_sub(lookback);
+        let (config, limiter, stop) = (config.clone(), lago_limiter.clone(), shutdown.clone());
+        let run = tokio::task::spawn_blocking(move || {
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(runtime) => runtime,
+                Err(error) => {
+                    tracing::warn!(%error, "reconcile: no runtime for the audit; the next run tries again");
+                    return;
+                }
+            };
+            runtime.block_on(async {
+                // Clients are built inside this runtime: their connections live and die with it.
+                let sources = match Sources::from_config(&config, Some(limiter)) {
+                    Ok(sources) => sources,
+                    Err(error) => {
+                        tracing::warn!(%error, "reconcile: the audit cannot run; the next run tries again");
+                        return;
+                    }
+                };
+                tokio::select! {
+                    () = stop.cancelled() => {}
+                    () = run_once(&sources, from, to, config.reconcile.backfill) => {}
+                }
+            });
+        });
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            joined = run => {
+                if let Err(error) = joined {
+                    metrics::counter!("ocpp_lago_bridge_reconcile_runs_total", "result" => "failed")
+                        .increment(1);
+                    tracing::error!(%error, "reconcile: the audit's thread failed; the next run tries again");
+                }
             }
         }
         tokio::select! {
