@@ -779,6 +779,11 @@ impl Reader {
                 d.reconcile.max_session_length,
             ),
         };
+        if reconcile.interval.is_some() && steve.api_url.is_none() {
+            self.problems.push(
+                "`reconcile.interval` is set but `steve.api_url` is not: the audit compares the bill with SteVe's sessions, set [steve] api_url and its credentials (or leave the interval out)".into(),
+            );
+        }
         self.reject_unknown_keys();
         Config {
             reconcile,
@@ -1206,8 +1211,10 @@ mod tests {
         assert_eq!(d.lookback, Duration::from_secs(48 * 3600));
         assert!(!d.backfill);
         assert_eq!(d.max_session_length, Duration::from_secs(7 * 24 * 3600));
+        let problems = Config::parse("[reconcile]\ninterval = \"1h\"\n").unwrap_err();
+        assert!(problems[0].contains("steve.api_url"), "{problems:?}");
         let set = Config::parse(
-            "[reconcile]\ninterval = \"1h\"\nlookback = \"6h\"\nbackfill = true\nmax_session_length = \"2days\"\n",
+            "[steve]\napi_url = \"http://127.0.0.1:8080/steve\"\n[reconcile]\ninterval = \"1h\"\nlookback = \"6h\"\nbackfill = true\nmax_session_length = \"2days\"\n",
         )
         .unwrap()
         .reconcile;
