@@ -471,6 +471,28 @@ async fn start_pipeline(
     };
     let draining = CancellationToken::new();
     let stop_shipping = CancellationToken::new();
+    // One rate limit for every Lago request of the daemon: the shipper's and the audit's.
+    let lago_limiter = Arc::new(governor::RateLimiter::direct(governor::Quota::per_second(
+        std::num::NonZeroU32::new(config.lago.max_requests_per_second)
+            .unwrap_or(std::num::NonZeroU32::MIN),
+    )));
+    if let (Some(interval), false) = (config.reconcile.interval, options.dry_run) {
+        tracing::info!(
+            interval = %humantime::format_duration(interval),
+            lookback = %humantime::format_duration(config.reconcile.lookback),
+            backfill = config.reconcile.backfill,
+            "reconcile: the bill is audited against SteVe and Lago periodically"
+        );
+        tokio::spawn(supervisor.watch(
+            "reconcile",
+            crate::reconcile::run::periodic(
+                config.clone(),
+                interval,
+                lago_limiter.clone(),
+                stop_shipping.clone(),
+            ),
+        ));
+    }
     let shipper = destination.map(|destination| {
         let access = SpoolAccess {
             path: spool_path.to_path_buf(),
@@ -484,6 +506,7 @@ async fn start_pipeline(
             max_requests_per_second: config.lago.max_requests_per_second,
             retry_max_delay: config.lago.retry_max_delay,
             max_pending_age: config.lago.max_pending_age,
+            shared_limiter: Some(lago_limiter.clone()),
         };
         tokio::spawn(supervisor.watch(
             "shipper",

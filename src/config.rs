@@ -25,6 +25,21 @@ pub struct Config {
     pub admin: AdminConfig,
     pub log: LogConfig,
     pub steve: SteveConfig,
+    pub reconcile: ReconcileConfig,
+}
+
+/// `[reconcile]`: the audit of the bill against SteVe and Lago (`reconcile` command, and a
+/// periodic run in the daemon when `interval` is set).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReconcileConfig {
+    /// How often the daemon audits; `None` (the default) turns the periodic run off.
+    pub interval: Option<Duration>,
+    /// The window each periodic run audits: sessions stopped in the last `lookback`.
+    pub lookback: Duration,
+    /// Whether the periodic run queues what is missing (as `reconcile --backfill` does).
+    pub backfill: bool,
+    /// Sessions that started up to this long before a window are still found in it.
+    pub max_session_length: Duration,
 }
 
 /// `[steve]`: SteVe's REST API, to recover the start of a session the bridge did not see.
@@ -269,6 +284,12 @@ impl Default for Config {
                 max_concurrent_requests: 4,
                 max_requests_per_second: 10,
                 recovery_timeout: Duration::from_secs(300),
+            },
+            reconcile: ReconcileConfig {
+                interval: None,
+                lookback: Duration::from_secs(48 * 3600),
+                backfill: false,
+                max_session_length: Duration::from_secs(7 * 24 * 3600),
             },
         }
     }
@@ -544,7 +565,16 @@ struct Reader {
 impl Reader {
     fn read_all(&mut self) -> Config {
         let d = Config::default();
-        let known_sections = ["proxy", "lago", "billing", "spool", "admin", "log", "steve"];
+        let known_sections = [
+            "proxy",
+            "lago",
+            "billing",
+            "spool",
+            "admin",
+            "log",
+            "steve",
+            "reconcile",
+        ];
         for (name, value) in &self.table {
             if !known_sections.contains(&name.as_str()) {
                 self.problems.push(format!("unknown key `{name}`"));
@@ -722,8 +752,41 @@ impl Reader {
             recovery_timeout: self.duration("steve", "recovery_timeout", d.steve.recovery_timeout),
         };
         self.check_steve_auth(&steve);
+        let reconcile = ReconcileConfig {
+            interval: self
+                .take::<String>(
+                    "reconcile",
+                    "interval",
+                    "a duration string like \"1h\" (or \"\" for off)",
+                )
+                .filter(|text| !text.is_empty())
+                .and_then(|text| match humantime::parse_duration(&text) {
+                    Ok(d) if !d.is_zero() => Some(d),
+                    _ => {
+                        self.problems.push(format!(
+                            "`reconcile.interval` = {text:?} is not a duration longer than zero; write e.g. \"1h\", or leave it out (off)"
+                        ));
+                        None
+                    }
+                }),
+            lookback: self.duration("reconcile", "lookback", d.reconcile.lookback),
+            backfill: self
+                .take::<bool>("reconcile", "backfill", "true or false")
+                .unwrap_or(d.reconcile.backfill),
+            max_session_length: self.duration(
+                "reconcile",
+                "max_session_length",
+                d.reconcile.max_session_length,
+            ),
+        };
+        if reconcile.interval.is_some() && steve.api_url.is_none() {
+            self.problems.push(
+                "`reconcile.interval` is set but `steve.api_url` is not: the audit compares the bill with SteVe's sessions, set [steve] api_url and its credentials (or leave the interval out)".into(),
+            );
+        }
         self.reject_unknown_keys();
         Config {
+            reconcile,
             steve,
             proxy,
             lago,
@@ -1138,6 +1201,42 @@ mod tests {
                 problems.iter().any(|p| p.contains(needle)),
                 "no problem mentions {needle}: {problems:#?}"
             );
+        }
+    }
+
+    #[test]
+    fn reconcile_is_off_by_default_and_reads_its_keys() {
+        let d = Config::parse("").unwrap().reconcile;
+        assert_eq!(d.interval, None);
+        assert_eq!(d.lookback, Duration::from_secs(48 * 3600));
+        assert!(!d.backfill);
+        assert_eq!(d.max_session_length, Duration::from_secs(7 * 24 * 3600));
+        let problems = Config::parse("[reconcile]\ninterval = \"1h\"\n").unwrap_err();
+        assert!(problems[0].contains("steve.api_url"), "{problems:?}");
+        let set = Config::parse(
+            "[steve]\napi_url = \"http://127.0.0.1:8080/steve\"\n[reconcile]\ninterval = \"1h\"\nlookback = \"6h\"\nbackfill = true\nmax_session_length = \"2days\"\n",
+        )
+        .unwrap()
+        .reconcile;
+        assert_eq!(set.interval, Some(Duration::from_secs(3600)));
+        assert_eq!(set.lookback, Duration::from_secs(6 * 3600));
+        assert!(set.backfill);
+        assert_eq!(set.max_session_length, Duration::from_secs(2 * 86_400));
+        assert_eq!(
+            Config::parse("[reconcile]\ninterval = \"\"\n")
+                .unwrap()
+                .reconcile
+                .interval,
+            None
+        );
+        for bad in [
+            "[reconcile]\ninterval = \"0s\"\n",
+            "[reconcile]\ninterval = \"often\"\n",
+            "[reconcile]\nbackfill = \"yes\"\n",
+            "[reconcile]\nlookback = \"0s\"\n",
+            "[reconcile]\nwindow = \"1h\"\n",
+        ] {
+            assert!(Config::parse(bad).is_err(), "{bad}");
         }
     }
 

@@ -73,7 +73,15 @@ pub struct EventProperties {
     pub received_at: i64,
     /// Whether `timestamp`/`stopped_at` is the charger's or the bridge's time.
     pub timestamp_source: TimestampSource,
+    /// Who queued the event when it is not live billing: `"reconcile"` for an event derived
+    /// from SteVe's record by `reconcile --backfill`. Left out of live events (so their wire
+    /// form is unchanged); a string, like every property.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<String>,
 }
+
+/// The `origin` of an event `reconcile --backfill` derived from SteVe's record.
+pub const ORIGIN_RECONCILE: &str = "reconcile";
 
 /// An `i64` property written as a decimal string, read from a string or a JSON integer.
 mod int_as_string {
@@ -209,6 +217,7 @@ pub(crate) fn sample_event(
             charger_timestamp: Some(1_700_000_000 + ocpp_transaction_id),
             received_at: 1_700_000_001 + ocpp_transaction_id,
             timestamp_source: TimestampSource::Charger,
+            origin: None,
         },
     }
 }
@@ -256,6 +265,7 @@ mod tests {
                 charger_timestamp: Some(1_700_000_000),
                 received_at: 1_700_000_001,
                 timestamp_source: TimestampSource::Charger,
+                origin: None,
             },
         };
         let json = serde_json::to_string(&event).unwrap();

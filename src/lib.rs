@@ -12,6 +12,7 @@ pub mod ledger;
 pub mod ocpp;
 pub mod operator;
 pub mod proxy;
+pub mod reconcile;
 pub mod recovery;
 pub mod shipper;
 pub mod shutdown;

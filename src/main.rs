@@ -8,6 +8,7 @@ use ocpp_lago_bridge::app::{self, RunOptions};
 use ocpp_lago_bridge::check;
 use ocpp_lago_bridge::config::{Config, LogFormat};
 use ocpp_lago_bridge::operator::{self, ReplaySelection};
+use ocpp_lago_bridge::reconcile;
 use ocpp_lago_bridge::simulate;
 use ocpp_lago_bridge::spool::store::Requeue;
 use ocpp_lago_bridge::telemetry;
@@ -26,11 +27,13 @@ Examples:
   ocpp-lago-bridge spool requeue --reason unmapped_id_tag
   ocpp-lago-bridge replay --session CP1:42
   ocpp-lago-bridge replay --since 6h
+  ocpp-lago-bridge reconcile --from 48h --backfill
   ocpp-lago-bridge simulate --url ws://127.0.0.1:8180/steve/websocket/CentralSystemService --chargers 50
 
 Global options (--config, --log-format) go before or after the command.
-Exit codes: 0 ok, 1 the command failed (e.g. a session not found), 2 usage error,
-69 a service is unreachable (check-config --online), 78 the configuration is invalid.";
+Exit codes: 0 ok, 1 the command failed (e.g. a session not found; reconcile: a session not
+billed exactly), 2 usage error, 69 a service is unreachable (check-config --online,
+reconcile), 78 the configuration is invalid.";
 
 #[derive(Parser, Debug)]
 #[command(
@@ -114,6 +117,42 @@ A session the spool does not know is an error (exit 1)."
         #[arg(long)]
         rederive: bool,
     },
+    /// Audit the bill: every session SteVe recorded as stopped in a window against the events
+    /// Lago holds and what the spool holds; --backfill queues what Lago is missing.
+    #[command(after_long_help = "\
+Classes (first rule that applies): ok (Lago's events sum exactly to SteVe's energy), pending
+(the bridge holds undelivered events of it), dead_letter (an open dead letter, reason shown),
+missing (Lago holds no event of it), mismatch (Lago's sum differs: needs a person, never fixed
+automatically), unknown_in_steve (a Lago event whose session SteVe does not know).
+
+Exit codes: 0 all ok/pending, 1 anything else found, 2 usage, 69 SteVe or Lago unreachable,
+78 bad configuration. With --backfill the code describes the state after it.
+
+Examples:
+  ocpp-lago-bridge reconcile --from 48h
+  ocpp-lago-bridge reconcile --from 2026-11-01T00:00:00Z --to 2026-12-01T00:00:00Z --format csv
+  ocpp-lago-bridge reconcile --from 7days --backfill --wait 30s")]
+    Reconcile {
+        /// Start of the window (sessions stopped at or after it): RFC 3339 or an age (48h).
+        #[arg(long, value_name = "TIME_OR_AGE", value_parser = parse_since)]
+        from: i64,
+        /// End of the window (sessions stopped at or before it): RFC 3339 or an age; now if
+        /// left out.
+        #[arg(long, value_name = "TIME_OR_AGE", value_parser = parse_since)]
+        to: Option<i64>,
+        /// `table` (for people: the sessions that are not ok, then totals), `json` (one object
+        /// per line for every session) or `csv` (the same columns with a header).
+        #[arg(long, value_enum, default_value = "table")]
+        format: ReportFormat,
+        /// Queue the events of every missing session, derived from SteVe's record by the same
+        /// rules as live billing (origin "reconcile"); the running daemon sends them.
+        #[arg(long)]
+        backfill: bool,
+        /// With --backfill: wait up to this long until what was queued is delivered (exit 1 if
+        /// not by then).
+        #[arg(long, value_name = "DURATION", requires = "backfill", value_parser = humantime::parse_duration)]
+        wait: Option<std::time::Duration>,
+    },
     /// Simulate a fleet of OCPP 1.6J chargers against a URL and summarize what happened.
     #[command(after_long_help = "\
 Examples:
@@ -179,6 +218,13 @@ if any selected one was not. --subscription bills a held event that has none
         #[arg(long, requires = "id", conflicts_with_all = ["reason", "all"], value_name = "SUB")]
         subscription: Option<String>,
     },
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum ReportFormat {
+    Table,
+    Json,
+    Csv,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -254,6 +300,42 @@ fn main() -> ExitCode {
                 }) as Operation,
             };
             operate(config_path.as_deref(), operation)
+        }
+        Command::Reconcile {
+            from,
+            to,
+            format,
+            backfill,
+            wait,
+        } => {
+            let config = match load(config_path.as_deref()) {
+                Ok(config) => config,
+                Err(code) => return code,
+            };
+            let format = match format {
+                ReportFormat::Table => reconcile::Format::Table,
+                ReportFormat::Json => reconcile::Format::Json,
+                ReportFormat::Csv => reconcile::Format::Csv,
+            };
+            // Logs on stderr, text unless asked otherwise; stdout is the report alone.
+            let log_format = match log_format {
+                Some(LogFormatArg::Json) => LogFormat::Json,
+                _ => LogFormat::Text,
+            };
+            if let Err(error) = telemetry::init_logging(log_format, &config.log.level) {
+                eprintln!("error: {error}");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+            let to = to.unwrap_or_else(ocpp_lago_bridge::spool::writer::unix_now);
+            match tokio::runtime::Runtime::new() {
+                Ok(runtime) => ExitCode::from(runtime.block_on(reconcile::run::command(
+                    &config, from, to, format, backfill, wait,
+                ))),
+                Err(error) => {
+                    eprintln!("error: cannot start the tokio runtime: {error}");
+                    ExitCode::FAILURE
+                }
+            }
         }
         Command::Replay {
             session,

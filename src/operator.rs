@@ -63,7 +63,7 @@ pub fn stats(config: &Config, json: bool) -> Result<String, OperatorError> {
             .to_string()
         });
     Ok(format!(
-        "spool            {}\nsize             {} bytes\npending events   {}\noldest pending   {}\ndelivered events {}\ndead letters     {}\ntap records      {}\nsessions         {}",
+        "spool            {}\nsize             {} bytes\npending events   {}\noldest pending   {}\ndelivered events {}\ndead letters     {}\ntap records      {}\nsessions         {}\nreconcile events {} ({} pending), queued by reconcile --backfill",
         path.display(),
         stats.file_bytes,
         stats.pending_events,
@@ -72,6 +72,8 @@ pub fn stats(config: &Config, json: bool) -> Result<String, OperatorError> {
         stats.dead_letters,
         stats.tap_records,
         stats.sessions,
+        stats.reconcile_events,
+        stats.reconcile_pending_events,
     ))
 }
 

@@ -116,6 +116,38 @@ struct SteveTransaction {
     ocpp_id_tag: String,
     start_timestamp: Option<String>,
     start_value: serde_json::Value,
+    #[serde(default)]
+    stop_timestamp: Option<String>,
+    #[serde(default)]
+    stop_value: Option<serde_json::Value>,
+}
+
+/// A session SteVe recorded as stopped: what `reconcile` compares the bill with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SteveSession {
+    /// SteVe's `transaction_pk`, the OCPP transactionId.
+    pub ocpp_transaction_id: i64,
+    pub charge_box_id: String,
+    pub connector_id: i64,
+    /// The idTag that started it.
+    pub id_tag: String,
+    /// `startValue`, Wh.
+    pub start_wh: Decimal,
+    /// `stopValue`, Wh.
+    pub stop_wh: Decimal,
+    /// `startTimestamp`, unix seconds (`None` when SteVe has none).
+    pub started_at: Option<i64>,
+    /// `stopTimestamp`, unix seconds.
+    pub stopped_at: i64,
+}
+
+/// `YYYY-MM-DDTHH:MM:SS.000Z` of a unix time: the ISO-8601 form SteVe's `from`/`to` take
+/// (`QueryPeriodFromToFilter`, e.g. `2024-08-25T14:30:00.000Z`, BEHAVIOUR.md).
+pub fn steve_timestamp(unix_secs: i64) -> Option<String> {
+    let at = time::OffsetDateTime::from_unix_timestamp(unix_secs).ok()?;
+    let format =
+        time::macros::format_description!("[year]-[month]-[day]T[hour]:[minute]:[second].000Z");
+    at.format(&format).ok()
 }
 
 impl SteveClient {
@@ -134,24 +166,53 @@ impl SteveClient {
         })
     }
 
-    /// The start of `ocpp_transaction_id` at `charge_box_id` as SteVe recorded it, as a tap
-    /// record received at `received_at` (`None` if SteVe does not know it at that charge box).
-    /// SteVe's REST does not report the idTagInfo status of the start: SteVe stored the
-    /// transaction, so it is taken as accepted.
-    pub async fn recover_start(
+    /// `GET {root}/api/v1/transactions?type=STOPPED&periodType=FROM_TO&from=…&to=…`: the
+    /// stopped transactions that **started** in `[from, to]` (SteVe's period filters on the
+    /// start time), the whole list (SteVe does not page).
+    pub async fn stopped_started_between(
+        &self,
+        from: i64,
+        to: i64,
+    ) -> Result<Vec<SteveSession>, SteveError> {
+        let bad = |t: i64| SteveError::Schema(format!("time {t} is outside the calendar"));
+        let from = steve_timestamp(from).ok_or_else(|| bad(from))?;
+        let to = steve_timestamp(to).ok_or_else(|| bad(to))?;
+        let url = format!(
+            "{}?type=STOPPED&periodType=FROM_TO&from={from}&to={to}",
+            self.transactions_url
+        );
+        sessions_from_transactions(&self.get(url).await?)
+    }
+
+    /// `GET {root}/api/v1/transactions?transactionPk=N&chargeBoxId=CB&type=ALL`: whether SteVe
+    /// knows this session at all (active or stopped, whenever it started).
+    pub async fn knows(
         &self,
         charge_box_id: &str,
         ocpp_transaction_id: i64,
-        received_at: i64,
-    ) -> Result<Option<TapRecord>, SteveError> {
-        let url = format!(
+    ) -> Result<bool, SteveError> {
+        let body = self
+            .get(self.by_pk_url(charge_box_id, ocpp_transaction_id))
+            .await?;
+        let transactions: Vec<SteveTransaction> = parse(&body)?;
+        Ok(transactions
+            .iter()
+            .any(|t| t.id == ocpp_transaction_id && t.charge_box_id == charge_box_id))
+    }
+
+    fn by_pk_url(&self, charge_box_id: &str, ocpp_transaction_id: i64) -> String {
+        format!(
             "{}?transactionPk={ocpp_transaction_id}&chargeBoxId={}&type=ALL",
             self.transactions_url,
             percent_encoding::utf8_percent_encode(
                 charge_box_id,
                 percent_encoding::NON_ALPHANUMERIC
             )
-        );
+        )
+    }
+
+    /// One authenticated GET; the body of a 200, else an error without the credentials.
+    async fn get(&self, url: String) -> Result<String, SteveError> {
         let request = match &self.auth {
             SteveAuth::Basic { user, password } => {
                 self.http.get(url).basic_auth(user, Some(password.expose()))
@@ -173,6 +234,22 @@ impl SteveClient {
                 body: body.chars().take(300).collect(),
             });
         }
+        Ok(body)
+    }
+
+    /// The start of `ocpp_transaction_id` at `charge_box_id` as SteVe recorded it, as a tap
+    /// record received at `received_at` (`None` if SteVe does not know it at that charge box).
+    /// SteVe's REST does not report the idTagInfo status of the start: SteVe stored the
+    /// transaction, so it is taken as accepted.
+    pub async fn recover_start(
+        &self,
+        charge_box_id: &str,
+        ocpp_transaction_id: i64,
+        received_at: i64,
+    ) -> Result<Option<TapRecord>, SteveError> {
+        let body = self
+            .get(self.by_pk_url(charge_box_id, ocpp_transaction_id))
+            .await?;
         start_from_transactions(&body, charge_box_id, ocpp_transaction_id, received_at)
     }
 }
@@ -186,12 +263,7 @@ fn start_from_transactions(
     ocpp_transaction_id: i64,
     received_at: i64,
 ) -> Result<Option<TapRecord>, SteveError> {
-    let transactions: Vec<SteveTransaction> = serde_json::from_str(body).map_err(|e| {
-        SteveError::Schema(format!(
-            "{e}: {}",
-            body.chars().take(500).collect::<String>()
-        ))
-    })?;
+    let transactions: Vec<SteveTransaction> = parse(body)?;
     let Some(found) = transactions
         .into_iter()
         .find(|t| t.id == ocpp_transaction_id && t.charge_box_id == charge_box_id)
@@ -220,6 +292,61 @@ fn start_from_transactions(
             id_tag_status: "Accepted".into(),
         }),
     }))
+}
+
+fn parse(body: &str) -> Result<Vec<SteveTransaction>, SteveError> {
+    serde_json::from_str(body).map_err(|e| {
+        SteveError::Schema(format!(
+            "{e}: {}",
+            body.chars().take(500).collect::<String>()
+        ))
+    })
+}
+
+/// SteVe's list as stopped sessions. A transaction without a stop (an answer that ignored
+/// `type=STOPPED`) is not a stopped session and is left out; a stopped one whose values or
+/// times do not parse fails the whole answer: a session is never silently left out.
+fn sessions_from_transactions(body: &str) -> Result<Vec<SteveSession>, SteveError> {
+    let mut sessions = Vec::new();
+    for t in parse(body)? {
+        let (Some(stop_value), Some(stop_timestamp)) = (&t.stop_value, &t.stop_timestamp) else {
+            continue;
+        };
+        if stop_value.is_null() {
+            continue;
+        }
+        let value = |v: &serde_json::Value, what: &str| {
+            number(v).ok_or_else(|| {
+                SteveError::Schema(format!(
+                    "transaction {} at {}: {what} {v} is not a number",
+                    t.id, t.charge_box_id
+                ))
+            })
+        };
+        let time = |text: &str, what: &str| {
+            parse_timestamp(text).map_err(|_| {
+                SteveError::Schema(format!(
+                    "transaction {} at {}: {what} {text:?} is not ISO-8601",
+                    t.id, t.charge_box_id
+                ))
+            })
+        };
+        sessions.push(SteveSession {
+            ocpp_transaction_id: t.id,
+            start_wh: value(&t.start_value, "startValue")?,
+            stop_wh: value(stop_value, "stopValue")?,
+            started_at: t
+                .start_timestamp
+                .as_deref()
+                .map(|text| time(text, "startTimestamp"))
+                .transpose()?,
+            stopped_at: time(stop_timestamp, "stopTimestamp")?,
+            charge_box_id: t.charge_box_id,
+            connector_id: t.connector_id,
+            id_tag: t.ocpp_id_tag,
+        });
+    }
+    Ok(sessions)
 }
 
 fn number(value: &serde_json::Value) -> Option<Decimal> {
@@ -299,6 +426,32 @@ mod tests {
                 "{body}"
             );
         }
+    }
+
+    #[test]
+    fn stopped_transactions_become_sessions_active_ones_are_left_out() {
+        let sessions = sessions_from_transactions(FIXTURE).unwrap();
+        assert!(
+            sessions.iter().all(|s| s.ocpp_transaction_id != 7),
+            "7 is active"
+        );
+        let one = sessions
+            .iter()
+            .find(|s| s.ocpp_transaction_id == 1)
+            .expect("transaction 1 is stopped");
+        assert_eq!(one.charge_box_id, "cb-2");
+        assert_eq!(one.start_wh, Decimal::from(12_345));
+        assert_eq!(one.started_at, Some(1_664_582_400));
+        assert!(one.stop_wh >= one.start_wh);
+    }
+
+    #[test]
+    fn steve_period_times_are_iso_with_millis() {
+        assert_eq!(
+            steve_timestamp(1_724_596_200).as_deref(),
+            Some("2024-08-25T14:30:00.000Z")
+        );
+        assert_eq!(steve_timestamp(i64::MAX), None);
     }
 
     #[test]

@@ -290,7 +290,29 @@ const ZERO_COUNTERS: &[(&str, &[(&str, &str)])] = &[
         &[("reason", "http")],
     ),
     ("ocpp_lago_bridge_admin_connections_refused_total", &[]),
+    (
+        "ocpp_lago_bridge_reconcile_runs_total",
+        &[("result", "complete")],
+    ),
+    (
+        "ocpp_lago_bridge_reconcile_runs_total",
+        &[("result", "failed")],
+    ),
 ];
+
+/// Gauges with a label, registered at zero for every label value.
+const ZERO_LABELLED_GAUGES: &[(&str, &str, &[&str])] = &[(
+    "ocpp_lago_bridge_reconcile_sessions",
+    "status",
+    &[
+        "ok",
+        "pending",
+        "dead_letter",
+        "missing",
+        "mismatch",
+        "unknown_in_steve",
+    ],
+)];
 
 /// Gauges registered at zero; their owners set the real value as soon as they know it.
 const ZERO_GAUGES: &[&str] = &[
@@ -300,6 +322,7 @@ const ZERO_GAUGES: &[&str] = &[
     "ocpp_lago_bridge_spool_pending_events",
     "ocpp_lago_bridge_spool_oldest_pending_age_seconds",
     "ocpp_lago_bridge_spool_bytes",
+    "ocpp_lago_bridge_reconcile_last_complete_timestamp_seconds",
 ];
 
 /// Histograms registered empty (count 0, every bucket 0).
@@ -316,6 +339,7 @@ pub fn metric_names() -> Vec<&'static str> {
         .iter()
         .map(|(name, _)| *name)
         .chain(ZERO_GAUGES.iter().copied())
+        .chain(ZERO_LABELLED_GAUGES.iter().map(|(name, _, _)| *name))
         .chain(ZERO_HISTOGRAMS.iter().copied())
         .chain(["ocpp_lago_bridge_build_info"])
         .collect();
@@ -334,6 +358,11 @@ fn register_zeros() {
     }
     for name in ZERO_GAUGES {
         metrics::gauge!(*name).set(0.0);
+    }
+    for (name, label, values) in ZERO_LABELLED_GAUGES {
+        for value in *values {
+            metrics::gauge!(*name, *label => *value).set(0.0);
+        }
     }
     for name in ZERO_HISTOGRAMS {
         // Registering the handle is enough for the exporter to render it.

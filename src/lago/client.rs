@@ -25,8 +25,8 @@ const MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
 const UNIX_TIME_THRESHOLD_SECS: u64 = 1_000_000_000;
 /// Events per page when listing a subscription's events (Lago's default is 20, its max 100).
 const LIST_PER_PAGE: u32 = 100;
-/// Most pages read to find one event: one second of one subscription holds few events.
-const LIST_MAX_PAGES: u32 = 20;
+/// Most pages the shipper reads to find one event: one second of one subscription holds few.
+pub const LIST_MAX_PAGES: u32 = 20;
 
 /// Every byte but the unreserved `A-Z a-z 0-9 - _ ~` is percent-encoded in a path segment,
 /// `.` included: lago-api's routes (`config/routes.rb`, getlago/lago-api) give
@@ -331,49 +331,25 @@ impl LagoClient {
         Ok(found.map(|envelope| envelope.event))
     }
 
-    /// `GET /api/v1/events?external_subscription_id=S&code=C&timestamp_from=T&timestamp_to=T`,
-    /// every page: the events of one subscription and code at one unix second. lago-api's
-    /// `EventsQuery` parses both time filters with `DateTime.strptime` (`BaseQuery#parse_datetime_filter`),
-    /// so they are written `YYYY-MM-DDTHH:MM:SSZ`: fractions or unix seconds get 422 `invalid_date`.
-    pub async fn list_events_at(
-        &self,
-        external_subscription_id: &str,
-        code: &str,
-        timestamp: i64,
-    ) -> Result<Vec<StoredEvent>, LagoError> {
-        const WHAT: &str = "GET /events?external_subscription_id";
-        let at = strptime_timestamp(timestamp).ok_or_else(|| {
-            LagoError::Encode(format!("timestamp {timestamp} is outside the calendar"))
-        })?;
-        let mut events = Vec::new();
-        let mut page = 1;
-        loop {
-            let (page_text, per_page) = (page.to_string(), LIST_PER_PAGE.to_string());
-            let query = [
-                ("external_subscription_id", external_subscription_id),
-                ("code", code),
-                ("timestamp_from", at.as_str()),
-                ("timestamp_to", at.as_str()),
-                ("page", page_text.as_str()),
-                ("per_page", per_page.as_str()),
-            ];
-            let listed: Option<EventList> = self
-                .get(Endpoint::EventsList, WHAT, "event", &["events"], &query)
-                .await?;
-            // A 404 on the list means no route, not an empty list.
-            let Some(listed) = listed else {
-                return Err(LagoError::WrongUrl {
-                    what: WHAT,
-                    status: 404,
-                    body: String::new(),
-                });
-            };
-            events.extend(listed.events);
-            match listed.meta.and_then(|m| m.next_page) {
-                Some(next) if next > page && page < LIST_MAX_PAGES => page = next,
-                _ => return Ok(events),
-            }
-        }
+    /// `GET /api/v1/events?external_subscription_id=S&code=C&timestamp_from=F&timestamp_to=T`,
+    /// read page by page (`next_page` of [`EventPages`]), so a caller holds one page at a time
+    /// and takes its rate limit before each request. lago-api's `EventsQuery` parses both time
+    /// filters with `DateTime.strptime` (`BaseQuery#parse_datetime_filter`), so they are written
+    /// `YYYY-MM-DDTHH:MM:SSZ`: fractions or unix seconds get 422 `invalid_date`.
+    pub fn list_events(&self, window: &EventsWindow<'_>) -> Result<EventPages<'_>, LagoError> {
+        let at = |t: i64| {
+            strptime_timestamp(t)
+                .ok_or_else(|| LagoError::Encode(format!("timestamp {t} is outside the calendar")))
+        };
+        Ok(EventPages {
+            client: self,
+            external_subscription_id: window.external_subscription_id.to_owned(),
+            code: window.code.to_owned(),
+            from: at(window.from)?,
+            to: at(window.to)?,
+            next: Some(1),
+            pages_read: 0,
+        })
     }
 
     /// `GET /api/v1/billable_metrics/{code}`; `None` when the code is unknown (404).
@@ -530,6 +506,74 @@ impl LagoClient {
             body.extend_from_slice(&chunk);
         }
         Ok((status, headers, body))
+    }
+}
+
+/// The filters of one events listing: one subscription, one metric, a closed time range (unix
+/// seconds, both ends included).
+#[derive(Debug, Clone, Copy)]
+pub struct EventsWindow<'a> {
+    pub external_subscription_id: &'a str,
+    pub code: &'a str,
+    pub from: i64,
+    pub to: i64,
+}
+
+/// A listing read one page per request; see [`LagoClient::list_events`].
+#[derive(Debug)]
+pub struct EventPages<'a> {
+    client: &'a LagoClient,
+    external_subscription_id: String,
+    code: String,
+    from: String,
+    to: String,
+    next: Option<u32>,
+    pages_read: u32,
+}
+
+impl EventPages<'_> {
+    /// The next page's events; `None` once the last page was read. A `next_page` that does not
+    /// move forward ends the listing (a server that repeats a page cannot loop us).
+    pub async fn next_page(&mut self) -> Result<Option<Vec<StoredEvent>>, LagoError> {
+        const WHAT: &str = "GET /events?external_subscription_id";
+        let Some(page) = self.next else {
+            return Ok(None);
+        };
+        let (page_text, per_page) = (page.to_string(), LIST_PER_PAGE.to_string());
+        let query = [
+            (
+                "external_subscription_id",
+                self.external_subscription_id.as_str(),
+            ),
+            ("code", self.code.as_str()),
+            ("timestamp_from", self.from.as_str()),
+            ("timestamp_to", self.to.as_str()),
+            ("page", page_text.as_str()),
+            ("per_page", per_page.as_str()),
+        ];
+        let listed: Option<EventList> = self
+            .client
+            .get(Endpoint::EventsList, WHAT, "event", &["events"], &query)
+            .await?;
+        // A 404 on the list means no route, not an empty list.
+        let Some(listed) = listed else {
+            return Err(LagoError::WrongUrl {
+                what: WHAT,
+                status: 404,
+                body: String::new(),
+            });
+        };
+        self.pages_read = self.pages_read.saturating_add(1);
+        self.next = listed
+            .meta
+            .and_then(|m| m.next_page)
+            .filter(|&next| next > page);
+        Ok(Some(listed.events))
+    }
+
+    /// How many pages were read so far (one request each).
+    pub fn pages_read(&self) -> u32 {
+        self.pages_read
     }
 }
 

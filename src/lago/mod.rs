@@ -5,8 +5,8 @@ mod client;
 pub mod schema;
 
 pub use client::{
-    BatchOutcome, Endpoint, IndexError, LagoClient, LagoClientConfig, RetryCause, rate_limit_pause,
-    strptime_timestamp,
+    BatchOutcome, Endpoint, EventPages, EventsWindow, IndexError, LIST_MAX_PAGES, LagoClient,
+    LagoClientConfig, RetryCause, rate_limit_pause, strptime_timestamp,
 };
 pub use schema::{BillableMetricObject, StoredEvent, SubscriptionObject};
 

@@ -1101,6 +1101,7 @@ fn build_event(
             charger_timestamp: d.charger_timestamp,
             received_at: d.received_at,
             timestamp_source,
+            origin: None,
         },
     }
 }

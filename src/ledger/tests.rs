@@ -105,6 +105,7 @@ fn session_mode_one_event_at_stop() {
                 charger_timestamp: Some(T0 + 3600),
                 received_at: T0 + 3600,
                 timestamp_source: TimestampSource::Charger,
+                origin: None,
             },
         }]
     );

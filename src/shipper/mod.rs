@@ -64,6 +64,9 @@ pub struct ShipperSettings {
     pub retry_max_delay: Duration,
     /// `/readyz` names `lago` while the oldest pending event is older than this.
     pub max_pending_age: Duration,
+    /// The limiter to share with other Lago callers of the daemon (the periodic reconcile),
+    /// so the bridge as a whole stays under `max_requests_per_second`; `None`: its own.
+    pub shared_limiter: Option<Arc<DefaultDirectRateLimiter>>,
 }
 
 /// Where events go.
@@ -85,7 +88,7 @@ pub struct SpoolAccess {
 /// What the shipper and its lookup task share: the one rate limit every Lago call goes
 /// through, what is known of the metric and the subscriptions, and the `lago` readiness.
 struct Shared {
-    limiter: DefaultDirectRateLimiter,
+    limiter: Arc<DefaultDirectRateLimiter>,
     metric: Mutex<Metric>,
     subscriptions: Mutex<std::collections::HashMap<String, Subscription>>,
     lookups_wanted: Notify,
@@ -199,6 +202,30 @@ impl Shared {
     }
 }
 
+/// Our subscription's events of our metric at the event's own second, every page up to
+/// `LIST_MAX_PAGES`, each request under the shared rate limit.
+async fn list_at(
+    client: &LagoClient,
+    limiter: &DefaultDirectRateLimiter,
+    ours: &crate::event::LagoEvent,
+) -> Result<Vec<crate::lago::schema::StoredEvent>, LagoError> {
+    let mut pages = client.list_events(&crate::lago::EventsWindow {
+        external_subscription_id: &ours.external_subscription_id,
+        code: &ours.code,
+        from: ours.timestamp,
+        to: ours.timestamp,
+    })?;
+    let mut events = Vec::new();
+    while pages.pages_read() < crate::lago::LIST_MAX_PAGES {
+        limiter.until_ready().await;
+        match pages.next_page().await? {
+            Some(page) => events.extend(page),
+            None => break,
+        }
+    }
+    Ok(events)
+}
+
 /// Ships until `shutdown` fires. `draining` fires first, on SIGTERM: from then on a part-full
 /// batch goes at once instead of lingering, so the flush window is spent sending.
 pub async fn run(
@@ -218,9 +245,11 @@ pub async fn run(
         }
     };
     let shared = Arc::new(Shared {
-        limiter: RateLimiter::direct(Quota::per_second(
-            NonZeroU32::new(settings.max_requests_per_second).unwrap_or(NonZeroU32::MIN),
-        )),
+        limiter: settings.shared_limiter.clone().unwrap_or_else(|| {
+            Arc::new(RateLimiter::direct(Quota::per_second(
+                NonZeroU32::new(settings.max_requests_per_second).unwrap_or(NonZeroU32::MIN),
+            )))
+        }),
         metric: Mutex::new(match destination {
             Destination::Lago(_) => Metric::Unchecked,
             Destination::Stdout => Metric::Ok {
@@ -583,10 +612,7 @@ impl Shipper {
         let fate = match by_id.map(|stored| check_by_id(ours, stored.as_ref())) {
             Ok(CheckStep::Done(fate)) => Ok(fate),
             Ok(CheckStep::ListOurs) => {
-                self.shared.limiter.until_ready().await;
-                let listed = client
-                    .list_events_at(&ours.external_subscription_id, &ours.code, ours.timestamp)
-                    .await;
+                let listed = list_at(client, &self.shared.limiter, ours).await;
                 self.shared.observe(&listed);
                 listed.map(|listed| check_listing(ours, &listed))
             }

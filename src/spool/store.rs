@@ -87,6 +87,11 @@ ALTER TABLE outbox ADD COLUMN backoff_ms INTEGER NOT NULL DEFAULT 0;    -- its l
 ALTER TABLE outbox ADD COLUMN needs_check INTEGER NOT NULL DEFAULT 0;   -- outcome unknown: GET first
 ALTER TABLE outbox ADD COLUMN max_batch INTEGER;                        -- rides in batches up to this
 "#,
+    // Version 4: who queued a row. 'live' is the bridge's own billing; 'reconcile' an event
+    // `reconcile --backfill` derived from SteVe's record of a session Lago did not bill.
+    r#"
+ALTER TABLE outbox ADD COLUMN origin TEXT NOT NULL DEFAULT 'live';
+"#,
 ];
 
 /// The schema version this binary writes.
@@ -237,6 +242,10 @@ pub struct Stats {
     pub dead_letters: i64,
     /// Unix seconds of the oldest pending event's creation.
     pub oldest_pending_created_at: Option<i64>,
+    /// Outbox rows (pending or delivered) queued by `reconcile --backfill` (origin `reconcile`).
+    pub reconcile_events: i64,
+    /// Of those, the ones still pending.
+    pub reconcile_pending_events: i64,
 }
 
 /// Creates `dir` and its missing parents 0700 whatever the umask (the spool holds idTags);
@@ -925,7 +934,105 @@ impl Store {
                 )
                 .optional()?
                 .flatten(),
+            reconcile_events: count("SELECT COUNT(*) FROM outbox WHERE origin = 'reconcile'")?,
+            reconcile_pending_events: count(
+                "SELECT COUNT(*) FROM outbox WHERE origin = 'reconcile' AND state = 'pending'",
+            )?,
         })
+    }
+
+    /// What the spool holds of sessions, for `reconcile`: every outbox row created at or after
+    /// `since` (its session, subscription, state) and every open dead letter of a session.
+    pub fn reconcile_view(&self, since: i64) -> Result<ReconcileView, StoreError> {
+        let mut view = ReconcileView::default();
+        let mut stmt = self.conn.prepare(
+            "SELECT charge_box_id, ocpp_transaction_id, external_subscription_id, state
+             FROM outbox WHERE created_at >= ?1 OR state = 'pending'",
+        )?;
+        let mut rows = stmt.query([since])?;
+        while let Some(row) = rows.next()? {
+            let key: (String, i64) = (row.get(0)?, row.get(1)?);
+            let subscription: String = row.get(2)?;
+            let state: String = row.get(3)?;
+            if state == "pending" {
+                view.pending.insert(key.clone());
+            }
+            if !subscription.is_empty() {
+                view.subscriptions.insert(subscription);
+            }
+        }
+        let mut stmt = self.conn.prepare(
+            "SELECT charge_box_id, ocpp_transaction_id, reason, detail FROM dead_letters
+             WHERE requeued_at IS NULL AND charge_box_id IS NOT NULL
+               AND ocpp_transaction_id IS NOT NULL ORDER BY id",
+        )?;
+        let mut rows = stmt.query([])?;
+        while let Some(row) = rows.next()? {
+            let key: (String, i64) = (row.get(0)?, row.get(1)?);
+            let reason: String = row.get(2)?;
+            let detail: String = row.get(3)?;
+            view.dead_letters
+                .entry(key)
+                .or_insert_with(|| format!("{reason}: {detail}"));
+        }
+        Ok(view)
+    }
+
+    /// Queues an event `reconcile --backfill` derived, marked `origin = 'reconcile'`. Never
+    /// replaces a stored row of other content (that is a collision, held as a dead letter); a
+    /// delivered identical row is set pending again (Lago lost it: it is sent again and Lago
+    /// dedupes it if it does hold it after all); a pending identical row is left as it is.
+    pub fn queue_backfill(
+        &mut self,
+        event: &LagoEvent,
+        now: i64,
+    ) -> Result<BackfillOutcome, StoreError> {
+        let tx = self.conn.transaction()?;
+        let outcome = match insert_event(&tx, event, now)? {
+            Inserted::New => {
+                tx.execute(
+                    "UPDATE outbox SET origin = 'reconcile'
+                     WHERE external_subscription_id = ?1 AND lago_transaction_id = ?2",
+                    params![event.external_subscription_id, event.transaction_id],
+                )?;
+                BackfillOutcome::Queued
+            }
+            Inserted::Identical => {
+                let changed = tx.execute(
+                    "UPDATE outbox SET state = 'pending', origin = 'reconcile'
+                     WHERE external_subscription_id = ?1 AND lago_transaction_id = ?2
+                       AND state = 'delivered'",
+                    params![event.external_subscription_id, event.transaction_id],
+                )?;
+                if changed == 1 {
+                    BackfillOutcome::Requeued
+                } else {
+                    BackfillOutcome::AlreadyHeld
+                }
+            }
+            Inserted::Taken(existing) => BackfillOutcome::Collision(Box::new(
+                dead_letter_collision(&tx, event, &existing, now)?,
+            )),
+        };
+        tx.commit()?;
+        Ok(outcome)
+    }
+
+    /// Whether every one of these outbox keys (external_subscription_id, transaction_id) is
+    /// delivered (`reconcile --wait`).
+    pub fn all_delivered(&self, keys: &[(String, String)]) -> Result<bool, StoreError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT state FROM outbox WHERE external_subscription_id = ?1 AND lago_transaction_id = ?2",
+        )?;
+        for (subscription, transaction_id) in keys {
+            let state: Option<String> = stmt
+                .query_row(params![subscription, transaction_id], |r| r.get(0))
+                .optional()?;
+            if state.as_deref() != Some("delivered") {
+                return Ok(false);
+            }
+        }
+        Ok(true)
     }
 
     /// Deletes events delivered before `cutoff`, then tap records received before it whose
@@ -964,6 +1071,30 @@ pub fn file_bytes(path: &Path) -> u64 {
             std::fs::metadata(file).ok().map(|m| m.len())
         })
         .sum()
+}
+
+/// What the spool holds that `reconcile` classifies by.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReconcileView {
+    /// Sessions (charge_box_id, ocpp_transaction_id) with an undelivered outbox row.
+    pub pending: HashSet<(String, i64)>,
+    /// Sessions with an open dead letter: "reason: detail" of the first.
+    pub dead_letters: std::collections::HashMap<(String, i64), String>,
+    /// Subscriptions of the recent outbox rows (Lago is asked about each).
+    pub subscriptions: std::collections::BTreeSet<String>,
+}
+
+/// What `queue_backfill` did with one event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BackfillOutcome {
+    /// A new pending outbox row, origin `reconcile`.
+    Queued,
+    /// The outbox held it delivered: pending again.
+    Requeued,
+    /// The outbox holds it pending already: nothing changed.
+    AlreadyHeld,
+    /// Its key holds another event: held in a `transaction_id_collision` dead letter.
+    Collision(Box<Collision>),
 }
 
 /// Which delivered events `replay` sends again.
@@ -1676,6 +1807,60 @@ mod tests {
         same.properties.value = "8".into();
         assert_eq!(store.upsert_pending(&same, 120).unwrap(), None);
         assert_eq!(store.pending(10).unwrap()[0].event, same);
+    }
+
+    #[test]
+    fn a_backfill_queues_once_requeues_what_lago_lost_and_never_replaces_another_session() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("spool.db");
+        let mut store = Store::open(&path).unwrap();
+        let mut backfilled = event("9", "sub");
+        backfilled.properties.origin = Some(crate::event::ORIGIN_RECONCILE.into());
+        assert_eq!(
+            store.queue_backfill(&backfilled, 100).unwrap(),
+            BackfillOutcome::Queued
+        );
+        assert_eq!(
+            store.queue_backfill(&backfilled, 101).unwrap(),
+            BackfillOutcome::AlreadyHeld,
+            "twice queues nothing new"
+        );
+        let stats = store.stats(&path).unwrap();
+        assert_eq!(
+            (stats.reconcile_events, stats.reconcile_pending_events),
+            (1, 1)
+        );
+        let view = store.reconcile_view(0).unwrap();
+        assert!(view.pending.contains(&("CP1".to_string(), 7)));
+        assert!(view.subscriptions.contains("sub"));
+        let id = store.pending(10).unwrap()[0].outbox_id;
+        store.mark_delivered(&[id], 102).unwrap();
+        assert!(store.all_delivered(&[("sub".into(), "9".into())]).unwrap());
+        // Delivered, yet Lago holds nothing (deleted there): pending again, same row.
+        assert_eq!(
+            store.queue_backfill(&backfilled, 103).unwrap(),
+            BackfillOutcome::Requeued
+        );
+        assert_eq!(store.pending(10).unwrap()[0].outbox_id, id);
+        // A live row of the same billing content is the same event: nothing new.
+        let live = event("10", "sub");
+        store.commit(&[changes(vec![live.clone()])], 104).unwrap();
+        let mut again = live.clone();
+        again.properties.origin = Some(crate::event::ORIGIN_RECONCILE.into());
+        assert_eq!(
+            store.queue_backfill(&again, 105).unwrap(),
+            BackfillOutcome::AlreadyHeld
+        );
+        // Another session under a taken key: held as a collision dead letter, row untouched.
+        let mut other = live.clone();
+        other.properties.charge_box_id = "CB2".into();
+        assert!(matches!(
+            store.queue_backfill(&other, 106).unwrap(),
+            BackfillOutcome::Collision(_)
+        ));
+        assert_eq!(store.dead_letters(None).unwrap().len(), 1);
+        let view = store.reconcile_view(0).unwrap();
+        assert!(view.dead_letters.contains_key(&("CB2".to_string(), 7)));
     }
 
     #[test]

@@ -48,6 +48,7 @@ pub(crate) fn seeded_event(
             charger_timestamp: Some(1_767_225_600 + n),
             received_at: 1_767_225_601 + n,
             timestamp_source: TimestampSource::Charger,
+            origin: None,
         },
     }
 }

@@ -33,6 +33,7 @@ fn event(n: i64) -> LagoEvent {
             charger_timestamp: Some(1_700_000_000 + n),
             received_at: 1_700_000_001 + n,
             timestamp_source: TimestampSource::Charger,
+            origin: None,
         },
     }
 }

@@ -20,6 +20,7 @@ mod outbox_collision;
 mod packaging;
 mod peers_selfcheck;
 mod private_files;
+mod reconcile;
 mod relay;
 mod simulate;
 mod steve_recovery;

@@ -124,6 +124,7 @@ fn event(transaction_id: &str, subscription: &str, charge_box_id: &str, tx: i64)
             charger_timestamp: Some(1_767_225_600 + tx),
             received_at: 1_767_225_601 + tx,
             timestamp_source: TimestampSource::Charger,
+            origin: None,
         },
     }
 }

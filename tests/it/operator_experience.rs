@@ -289,7 +289,7 @@ async fn check_config_online_reaches_steve_and_lago_and_exits_69_when_they_are_d
 #[tokio::test]
 async fn every_help_documents_every_flag_with_examples_and_global_flags_once() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let verbs: [&[&str]; 8] = [
+    let verbs: [&[&str]; 9] = [
         &[],
         &["run"],
         &["check-config"],
@@ -297,6 +297,7 @@ async fn every_help_documents_every_flag_with_examples_and_global_flags_once() {
         &["spool", "dead-letters"],
         &["spool", "requeue"],
         &["replay"],
+        &["reconcile"],
         &["simulate"],
     ];
     for verb in verbs {

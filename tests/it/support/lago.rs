@@ -436,6 +436,21 @@ impl LagoStandIn {
         state.store(row, false);
     }
 
+    /// Changes the `value` property of the stored events with this transaction_id, as an
+    /// operator editing (or re-ingesting) an event in Lago would; returns how many it changed.
+    pub fn alter_value(&self, transaction_id: &str, value: &str) -> usize {
+        let mut state = lock(&self.state);
+        let mut changed = 0;
+        for row in state.stored.iter_mut().flatten() {
+            if row.transaction_id == transaction_id {
+                row.properties
+                    .insert("value".into(), Value::String(value.into()));
+                changed += 1;
+            }
+        }
+        changed
+    }
+
     /// Everything stored, in arrival order.
     pub fn stored_events(&self) -> Vec<StoredRow> {
         lock(&self.state).rows().cloned().collect()

@@ -1,5 +1,6 @@
 //! A SteVe REST stand-in on 127.0.0.1: `GET /steve/api/v1/transactions?...` with SteVe's query
-//! parameters (`transactionPk`, `chargeBoxId`, `type`), HTTP Basic (SteVe ≥ 3.8) or the legacy
+//! parameters (`transactionPk`, `chargeBoxId`, `type`, `periodType=FROM_TO` with `from`/`to`
+//! on the start time, the whole list unpaged), HTTP Basic (SteVe ≥ 3.8) or the legacy
 //! `STEVE-API-KEY` header, a 401 with SteVe's JSON error body otherwise, and an optional delay
 //! per request. Shapes from steve-community/steve: `web/api/TransactionsRestController.java`,
 //! `repository/dto/Transaction.java`, `web/api/ApiControllerAdvice.java` (error body),
@@ -84,9 +85,18 @@ impl SteveRest {
     /// Starts serving on an ephemeral loopback port; `central_log` is the event log of the
     /// central-system peer playing SteVe's websocket side, if any.
     pub async fn start(auth: SteveAuth, central_log: Option<PathBuf>) -> SteveRest {
-        let listener = TcpListener::bind("127.0.0.1:0")
+        Self::start_on("127.0.0.1:0".parse().unwrap(), auth, central_log)
             .await
-            .expect("bind SteVe REST stand-in");
+            .expect("bind SteVe REST stand-in")
+    }
+
+    /// Like [`Self::start`], on a given loopback address (the benchmark's process).
+    pub async fn start_on(
+        addr: std::net::SocketAddr,
+        auth: SteveAuth,
+        central_log: Option<PathBuf>,
+    ) -> std::io::Result<SteveRest> {
+        let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr().unwrap();
         let state = Arc::new(Mutex::new(State {
             auth,
@@ -107,11 +117,11 @@ impl SteveRest {
                 tokio::spawn(serve(stream, shared.clone()));
             }
         });
-        SteveRest {
+        Ok(SteveRest {
             addr,
             state,
             acceptor,
-        }
+        })
     }
 
     /// SteVe's root, to configure as `steve.api_url`.
@@ -318,6 +328,18 @@ async fn serve(mut stream: TcpStream, state: Arc<Mutex<State>>) {
     };
     tokio::time::sleep(delay).await;
     lock(&state).in_flight -= 1;
+    // For benchmarks run as a process (`examples/steve_standin`): the requests counted so far.
+    if path == "/stand-in/stats" {
+        let seen = lock(&state).seen.len();
+        let body = json!({ "requests": seen }).to_string();
+        let response = format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        let _ = stream.write_all(response.as_bytes()).await;
+        let _ = stream.shutdown().await;
+        return;
+    }
     let (status, body) = if !ok_auth {
         (
             401,
@@ -373,10 +395,38 @@ fn answer(state: &State, path: &str, params: &[(String, String)]) -> (u16, Strin
     if !["ALL", "ACTIVE", "STOPPED"].contains(&kind.as_str()) {
         return (400, error_body(400, "Bad Request", "type", path));
     }
+    // `periodType=FROM_TO` with `from`/`to` (ISO-8601, `to` after `from`, else 400), filtering
+    // on the START timestamp, as SteVe's `QueryPeriodFromToFilter` / `TransactionQueryForm`.
+    let period = match list("periodType").first().copied().unwrap_or("ALL") {
+        "ALL" => None,
+        "FROM_TO" => {
+            let bound = |name: &str| {
+                list(name)
+                    .first()
+                    .and_then(|t| ocpp_lago_bridge::ocpp::units::parse_timestamp(t).ok())
+            };
+            match (bound("from"), bound("to")) {
+                (Some(from), Some(to)) if to > from => Some((from, to)),
+                _ => {
+                    return (
+                        400,
+                        error_body(400, "Bad Request", "from/to of FROM_TO", path),
+                    );
+                }
+            }
+        }
+        _ => return (400, error_body(400, "Bad Request", "periodType", path)),
+    };
     let found: Vec<Value> = transactions(state)
         .iter()
         .filter(|t| pks.is_empty() || pks.contains(&t.id))
         .filter(|t| boxes.is_empty() || boxes.contains(&t.charge_box_id.as_str()))
+        .filter(|t| {
+            period.is_none_or(|(from, to)| {
+                ocpp_lago_bridge::ocpp::units::parse_timestamp(&t.start_timestamp)
+                    .is_ok_and(|start| start >= from && start <= to)
+            })
+        })
         .filter(|t| match kind.as_str() {
             "ACTIVE" => t.stop_value_wh.is_none(),
             "STOPPED" => t.stop_value_wh.is_some(),
