@@ -168,7 +168,12 @@ impl SteveClient {
 
     /// `GET {root}/api/v1/transactions?type=STOPPED&periodType=FROM_TO&from=…&to=…`: the
     /// stopped transactions that **started** in `[from, to]` (SteVe's period filters on the
-    /// start time), the whole list (SteVe does not page).
+    /// start time), the whole list (SteVe does not page). Checked against SteVe's source
+    /// (steve-community/steve, Aug 2026): `web/dto/TransactionQueryForm.java` (`type` ALL |
+    /// ACTIVE | STOPPED, `periodType`, repeatable `transactionPk` / `chargeBoxId`),
+    /// `web/dto/QueryPeriodFromToFilter.java` (`from`/`to`, ISO 8601 with zone, `to` after
+    /// `from`) and `repository/impl/TransactionRepositoryImpl.java`, whose period condition is
+    /// on `START_TIMESTAMP` and whose STOPPED type means `STOP_TIMESTAMP IS NOT NULL`.
     pub async fn stopped_started_between(
         &self,
         from: i64,
