@@ -231,10 +231,16 @@ impl Writer {
                     overflow::log_lost(&row.json, "the spool could not commit before exit");
                 }
             }
+            let overflow_dir = self
+                .settings
+                .overflow
+                .as_ref()
+                .map(|o| o.dir().display().to_string());
             tracing::warn!(
                 records,
                 lost = lost.len(),
-                "tap records not committed to the spool before exit: those in spool.overflow_dir are ingested at the next start"
+                overflow_dir,
+                "tap records not committed to the spool before exit: those in spool.overflow_dir are ingested at the next start; systemd removes its RuntimeDirectory on stop (kept on restart): restart, or copy the files first"
             );
         }
     }
