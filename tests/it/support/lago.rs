@@ -1,4 +1,4 @@
-//! A Lago stand-in speaking HTTP/1.1 on 127.0.0.1 that follows EVENTS-CONTRACT.md: batch
+//! A Lago stand-in speaking HTTP/1.1 on 127.0.0.1 that follows docs/lago-contract.md: batch
 //! ingestion with validation, Postgres (unique, whole-batch rollback) or ClickHouse (dedupe)
 //! storage, the three lookups, and a fault schedule the test changes at runtime.
 //!
