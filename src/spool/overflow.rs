@@ -94,11 +94,6 @@ impl Overflow {
         Ok(())
     }
 
-    /// Whether the writer's own file exists (records of failed commits are in it).
-    pub fn has_uncommitted(&self) -> bool {
-        self.dir.join(UNCOMMITTED).exists()
-    }
-
     /// Removes the writer's own file: everything it held is committed.
     pub fn remove_uncommitted(&self) -> std::io::Result<()> {
         remove(&self.dir.join(UNCOMMITTED))

@@ -142,6 +142,7 @@ pub fn start(
         heartbeat,
         backlog: VecDeque::new(),
         ingested: Vec::new(),
+        wrote_uncommitted: false,
         keep_overflow: false,
         parked,
         next_housekeeping: std::time::Instant::now(),
@@ -164,6 +165,9 @@ struct Writer {
     backlog: VecDeque<Pending>,
     /// Overflow files whose records are in the backlog; removed once it is committed.
     ingested: Vec<std::path::PathBuf>,
+    /// This run appended to the overflow directory's `uncommitted.jsonl` (a stat per commit
+    /// would cost the writer a syscall for nothing).
+    wrote_uncommitted: bool,
     /// Records only in an overflow file were dropped from the backlog: its files stay until the
     /// next start ingests them (a duplicate there is harmless, a removal would lose them).
     keep_overflow: bool,
@@ -316,6 +320,7 @@ impl Writer {
                 for i in fresh {
                     self.backlog[i].overflowed = true;
                 }
+                self.wrote_uncommitted = true;
             }
             Err(error) => {
                 metrics::counter!("ocpp_lago_bridge_overflow_errors_total").increment(1);
@@ -633,7 +638,7 @@ impl Writer {
         let Some(overflow) = self.settings.overflow.clone() else {
             return;
         };
-        if self.keep_overflow || (self.ingested.is_empty() && !overflow.has_uncommitted()) {
+        if self.keep_overflow || (self.ingested.is_empty() && !self.wrote_uncommitted) {
             return;
         }
         let removed = overflow.remove_uncommitted().and_then(|()| {
@@ -645,6 +650,7 @@ impl Writer {
         match removed {
             Ok(()) => {
                 self.ingested.clear();
+                self.wrote_uncommitted = false;
                 tracing::info!(overflow_dir = %overflow.dir().display(), "records kept in spool.overflow_dir are committed to the spool");
             }
             Err(error) => {
