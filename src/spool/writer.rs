@@ -857,6 +857,55 @@ mod tests {
         (tx, lookups, spawn_writer(future))
     }
 
+    #[tokio::test]
+    async fn records_in_the_overflow_directory_are_ingested_first_and_their_files_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let overflow = Arc::new(Overflow::new(dir.path().join("overflow")));
+        let json = |r: &TapRecord| serde_json::to_string(r).unwrap();
+        // As a full disk left them: the writer's own file and the relay's, then a restart.
+        overflow
+            .append(
+                overflow::UNCOMMITTED,
+                [json(&start_record(7, 1_000)).as_str()],
+            )
+            .unwrap();
+        overflow
+            .append(overflow::QUEUE_FULL, [json(&stop(7, 5_000)).as_str()])
+            .unwrap();
+        let path = dir.path().join("spool.db");
+        let settings = WriterSettings {
+            max_backlog: 100,
+            retention: Duration::from_secs(3600),
+            disk_cap_bytes: 1 << 30,
+            path: path.clone(),
+            recovery: None,
+            overflow: Some(overflow),
+        };
+        let (tx, future) = start(
+            Store::open(&path).unwrap(),
+            Arc::new(crate::config::Config::default().billing_rules().unwrap()),
+            settings,
+            Readiness::default(),
+            Arc::new(Notify::new()),
+            Arc::new(AtomicI64::new(0)),
+        )
+        .unwrap();
+        let ended = spawn_writer(future);
+        // A record sent now commits after the ingested ones.
+        record(&tx, stop(8, 1)).await;
+        drop(tx);
+        ended.await.unwrap();
+        let store = Store::open(&path).unwrap();
+        let pending = store.pending(10).unwrap();
+        assert_eq!(pending.len(), 1, "session 7 billed once");
+        assert_eq!(pending[0].event.properties.value, "4");
+        let left: Vec<_> = std::fs::read_dir(dir.path().join("overflow"))
+            .unwrap()
+            .filter_map(|e| e.ok().map(|e| e.file_name()))
+            .collect();
+        assert!(left.is_empty(), "ingested files removed: {left:?}");
+    }
+
     async fn record(tx: &mpsc::Sender<Command>, record: TapRecord) {
         let (committed, receipt) = oneshot::channel();
         tx.send(Command::Record { record, committed })
