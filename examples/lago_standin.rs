@@ -1,5 +1,5 @@
 //! The integration tests' Lago stand-in (`tests/it/support/lago.rs`, which follows
-//! EVENTS-CONTRACT.md) as a process of its own, for benchmarks only: `bench/outage-drain` starts
+//! docs/lago-contract.md) as a process of its own, for benchmarks only: `bench/outage-drain` starts
 //! it when the "outage" ends and polls `GET /stand-in/stats` for what it stored. Not part of the
 //! daemon.
 //!

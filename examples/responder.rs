@@ -195,6 +195,10 @@ fn main() {
             ("--threads", Some(v)) => threads = v.parse().expect("--threads N"),
             _ => {
                 eprintln!("usage: responder [--listen 127.0.0.1:9000] [--threads N]");
+                #[allow(
+                    clippy::disallowed_methods,
+                    reason = "a bench tool's usage error, before any runtime or spool exists"
+                )]
                 std::process::exit(2);
             }
         }

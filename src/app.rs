@@ -392,6 +392,22 @@ pub async fn open_store(spool_path: &Path) -> Result<Store, String> {
     }
 }
 
+/// The overflow directory of `spool.overflow_dir` (see [`crate::spool::overflow`]); a dry run
+/// keeps its own below it, as it keeps its own spool.
+fn overflow_dir(config: &Config, options: &RunOptions) -> Arc<crate::spool::overflow::Overflow> {
+    let runtime_directory = std::env::var("RUNTIME_DIRECTORY").ok();
+    let (mut dir, beside_spool) = config.spool.overflow_dir(runtime_directory.as_deref());
+    if options.dry_run {
+        dir = dir.join("dry-run");
+    }
+    if beside_spool {
+        tracing::warn!(overflow_dir = %dir.display(), "spool.overflow_dir is unset and systemd set no RUNTIME_DIRECTORY: records the spool cannot commit go beside it, on the disk that may be the full one; set spool.overflow_dir to another filesystem");
+    } else {
+        tracing::info!(overflow_dir = %dir.display(), "records the spool cannot commit go to spool.overflow_dir");
+    }
+    Arc::new(crate::spool::overflow::Overflow::new(dir))
+}
+
 /// Opens the spool and starts the writer and the shipper. Without a usable spool the bridge
 /// runs relay-only and not ready: charging must go on.
 async fn start_pipeline(
@@ -421,6 +437,7 @@ async fn start_pipeline(
     };
     let events_committed = Arc::new(Notify::new());
     let steve = steve_client(config);
+    let overflow = overflow_dir(config, options);
     let (recovery_handle, recovery_requests) = crate::recovery::channel();
     let settings = WriterSettings {
         max_backlog: config.spool.max_memory_records,
@@ -428,6 +445,7 @@ async fn start_pipeline(
         disk_cap_bytes: config.spool.disk_cap_bytes,
         path: spool_path.to_path_buf(),
         recovery: steve.is_some().then(|| recovery_handle.clone()),
+        overflow: Some(overflow.clone()),
     };
     drop(recovery_handle);
     let (commands, writer_future) = match writer::start(
@@ -461,7 +479,7 @@ async fn start_pipeline(
             ),
         ))
     });
-    let spool = SpoolHandle::new(commands);
+    let spool = SpoolHandle::new(commands, Some(overflow));
     let writer = writer::spawn_writer(supervisor.watch("spool_writer", writer_future));
 
     let destination = if options.dry_run {

@@ -167,9 +167,29 @@ pub struct SpoolConfig {
     pub max_memory_records: usize,
     /// Spool size that must never be reached; alarms start at 80 % of it. Nothing is dropped.
     pub disk_cap_bytes: u64,
+    /// Where records go that the spool cannot commit (disk full); `None`: systemd's
+    /// `$RUNTIME_DIRECTORY`, else `overflow/` beside the spool (see [`SpoolConfig::overflow_dir`]).
+    pub overflow_dir: Option<PathBuf>,
 }
 
 impl SpoolConfig {
+    /// The overflow directory in effect, given systemd's `$RUNTIME_DIRECTORY` (colon-separated
+    /// when the unit names several; the first is ours), and whether it is the last-resort
+    /// default beside the spool (on the very disk that may fill up: worth a WARN at start).
+    pub fn overflow_dir(&self, runtime_directory: Option<&str>) -> (PathBuf, bool) {
+        if let Some(dir) = &self.overflow_dir {
+            return (dir.clone(), false);
+        }
+        if let Some(first) = runtime_directory
+            .and_then(|dirs| dirs.split(':').next())
+            .filter(|dir| !dir.is_empty())
+        {
+            return (PathBuf::from(first), false);
+        }
+        let beside = self.path.parent().unwrap_or(std::path::Path::new("."));
+        (beside.join("overflow"), true)
+    }
+
     /// The spool of `run --dry-run`: `path` with `.dry-run` before the extension
     /// (`data/spool.db` → `data/spool.dry-run.db`), never the live spool itself.
     pub fn dry_run_path(&self) -> PathBuf {
@@ -264,6 +284,7 @@ impl Default for Config {
                 retention: Duration::from_secs(30 * 24 * 3600),
                 max_memory_records: 100_000,
                 disk_cap_bytes: 10 << 30,
+                overflow_dir: None,
             },
             admin: AdminConfig {
                 listen: "127.0.0.1:9180".parse().expect("literal address"),
@@ -702,6 +723,7 @@ impl Reader {
                 d.spool.disk_cap_bytes as usize,
                 (1 << 20)..=usize::MAX,
             ) as u64,
+            overflow_dir: self.optional_path("spool", "overflow_dir"),
         };
         let admin = AdminConfig {
             listen: self.addr("admin", "listen", d.admin.listen),

@@ -1,4 +1,4 @@
-//! The Lago usage event and its wire form (EVENTS-CONTRACT.md): decimal-string value, unix-seconds timestamp.
+//! The Lago usage event and its wire form (docs/lago-contract.md): decimal-string value, unix-seconds timestamp.
 //!
 //! Every `properties` value goes on the wire as a JSON string. Lago's OpenAPI spec types a
 //! property value as `oneOf [string, integer, number]`, so an integer matches two branches and

@@ -16,6 +16,9 @@ pub mod reconcile;
 pub mod recovery;
 pub mod shipper;
 pub mod shutdown;
+/// The load generator behind `ocpp-lago-bridge simulate`; feature "simulate" (default), left out
+/// of the packaged daemon.
+#[cfg(feature = "simulate")]
 pub mod simulate;
 pub mod spool;
 pub mod steve;

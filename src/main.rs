@@ -9,6 +9,7 @@ use ocpp_lago_bridge::check;
 use ocpp_lago_bridge::config::{Config, LogFormat};
 use ocpp_lago_bridge::operator::{self, ReplaySelection};
 use ocpp_lago_bridge::reconcile;
+#[cfg(feature = "simulate")]
 use ocpp_lago_bridge::simulate;
 use ocpp_lago_bridge::spool::store::Requeue;
 use ocpp_lago_bridge::telemetry;
@@ -158,7 +159,16 @@ Examples:
 Examples:
   ocpp-lago-bridge simulate --chargers 100 --ramp-up 10s --sessions-per-charger 2
   ocpp-lago-bridge simulate --url ws://127.0.0.1:8180/ocpp --idle --duration 5m --json")]
+    #[cfg(feature = "simulate")]
     Simulate(simulate::SimulateArgs),
+    /// Simulate a fleet of chargers: not in this build (the packaged daemon leaves the load
+    /// generator out); use a default `cargo build --release`.
+    #[cfg(not(feature = "simulate"))]
+    #[command(disable_help_flag = true)]
+    Simulate {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
+        args: Vec<String>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -252,6 +262,7 @@ fn main() -> ExitCode {
             eprint!("{}", report.stderr());
             ExitCode::from(report.exit_code())
         }
+        #[cfg(feature = "simulate")]
         Command::Simulate(args) => match args.runtime() {
             Ok(runtime) => runtime.block_on(simulate::run(args)),
             Err(error) => {
@@ -259,6 +270,14 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        #[cfg(not(feature = "simulate"))]
+        Command::Simulate { .. } => {
+            eprintln!(
+                "error: this build of ocpp-lago-bridge (the packaged daemon) leaves the load generator out; \
+                 run `simulate` from a default `cargo build --release` (feature \"simulate\")"
+            );
+            ExitCode::FAILURE
+        }
         Command::Run { dry_run } => {
             let config = match load(config_path.as_deref()) {
                 Ok(config) => config,

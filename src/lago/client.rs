@@ -32,7 +32,7 @@ pub const LIST_MAX_PAGES: u32 = 20;
 /// `.` included: lago-api's routes (`config/routes.rb`, getlago/lago-api) give
 /// `subscriptions/:external_id` no format constraint, so Rails reads `fleet.acme.com` as id
 /// `fleet.acme` with format `com`; it matches the still-encoded path and decodes the parameter
-/// afterwards (EVENTS-CONTRACT.md "URLs").
+/// afterwards (docs/lago-contract.md "URLs").
 const PATH_SEGMENT: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
     .remove(b'-')
     .remove(b'_')
@@ -304,7 +304,7 @@ impl LagoClient {
                 pause: rate_limit_pause(&headers, SystemTime::now()),
             },
             // 400 comes from a body Rails (or a proxy, a WAF) could not parse, never from one
-            // event's content (EVENTS-CONTRACT.md "Unknown outcomes"): retried like a 5xx.
+            // event's content (docs/lago-contract.md "What the answers mean"): retried like a 5xx.
             400 | 408 | 500..=599 => BatchOutcome::Retryable(RetryCause::Status(status.as_u16())),
             other => {
                 return Err(LagoError::UnexpectedStatus {

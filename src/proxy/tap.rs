@@ -68,7 +68,7 @@ impl FrameTap {
         }
         if !orphans.is_empty() {
             // Stops pushed out of the tap's bounded memory unanswered: recorded as they are.
-            Box::pin(self.submit_all(orphans)).await;
+            self.submit_all(orphans);
         }
         label
     }
@@ -120,9 +120,9 @@ impl FrameTap {
         (None, orphans)
     }
 
-    async fn submit_all(&self, records: Vec<TapRecord>) {
+    fn submit_all(&self, records: Vec<TapRecord>) {
         for record in records {
-            let _ = self.submit(record).await;
+            let _ = self.submit(record);
         }
     }
 
@@ -130,7 +130,7 @@ impl FrameTap {
     async fn bill(&self, from: Side, observation: Observation) {
         match observation {
             Observation::Record { record, message_id } => {
-                let Some(receipt) = self.submit(record).await else {
+                let Some(receipt) = self.submit(record) else {
                     return;
                 };
                 match from {
@@ -164,7 +164,7 @@ impl FrameTap {
         if !stops.is_empty() {
             tracing::info!(charge_box_id = %self.charge_box_id, stops = stops.len(), "StopTransaction unanswered when the connection ended: recorded as sent");
         }
-        self.submit_all(stops).await;
+        self.submit_all(stops);
     }
 
     /// The unbilled reasons that need a log line beside their counter.
@@ -188,13 +188,15 @@ impl FrameTap {
         }
     }
 
-    async fn submit(&self, record: TapRecord) -> Option<oneshot::Receiver<()>> {
+    /// Queues a record for the spool; never waits (a full queue overflows to disk, see
+    /// [`crate::spool::SpoolHandle::try_submit`]), so a CALL is never delayed by the spool.
+    fn submit(&self, record: TapRecord) -> Option<oneshot::Receiver<()>> {
         let billing = self.billing.as_ref()?;
-        match billing.spool.submit(record, billing.hold_timeout).await {
+        match billing.spool.try_submit(record) {
             Ok(receipt) => Some(receipt),
             Err(error) => {
-                metrics::counter!("ocpp_lago_bridge_tap_records_lost_total").increment(1);
-                tracing::error!(charge_box_id = %self.charge_box_id, %error, "billing record not queued for the spool: its energy is not billed unless the charger resends it");
+                let json = serde_json::to_string(error.record()).expect("tap record serialises");
+                crate::spool::overflow::log_lost(&json, &error.to_string());
                 None
             }
         }
@@ -252,6 +254,96 @@ fn bad_frame(from: Side, reason: &'static str) {
 #[cfg(test)]
 mod tests {
     use super::outside_session_log_due;
+    use super::{Billing, FrameTap, Side};
+    use crate::spool::SpoolHandle;
+    use crate::spool::overflow::{Overflow, QUEUE_FULL};
+    use crate::spool::writer::Command;
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+    use tokio::sync::mpsc;
+    use tokio_tungstenite::tungstenite::Message;
+
+    const HOLD: Duration = Duration::from_millis(600);
+    /// Scheduling slack of a loaded test machine on top of the bound.
+    const SLACK: Duration = Duration::from_millis(250);
+
+    fn tap(commands: mpsc::Sender<Command>, overflow: Arc<Overflow>) -> FrameTap {
+        let billing = Billing {
+            spool: SpoolHandle::new(commands, Some(overflow)),
+            hold_timeout: HOLD,
+        };
+        FrameTap::new("CP-HOLD".into(), Some("ocpp1.6"), Some(billing))
+    }
+
+    fn rules() -> Command {
+        Command::Rules(Arc::new(
+            crate::config::Config::default().billing_rules().unwrap(),
+        ))
+    }
+
+    async fn timed(tap: &FrameTap, from: Side, frame: &str) -> Duration {
+        let started = Instant::now();
+        tap.observe(from, &Message::text(frame)).await;
+        started.elapsed()
+    }
+
+    /// Issue 15 item 3: queueing never waits and a reply waits at most `hold_timeout` in all.
+    /// The writer's queue is full and frees one slot just before the hold timeout, then
+    /// never commits: the old code delayed the MeterValues CALL by the hold timeout and held
+    /// the Start reply for almost twice it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_full_writer_queue_never_delays_a_call_and_a_reply_waits_at_most_the_hold_timeout() {
+        let dir = tempfile::tempdir().unwrap();
+        let overflow = Arc::new(Overflow::new(dir.path().join("overflow")));
+        let (commands, mut writer) = mpsc::channel(1);
+        commands.try_send(rules()).unwrap();
+        let taken = tokio::spawn(async move {
+            tokio::time::sleep(HOLD.mul_f32(0.9)).await;
+            let mut kept = Vec::new();
+            // Takes commands but never commits them: receipts stay pending for the whole test.
+            while let Ok(Some(command)) =
+                tokio::time::timeout(Duration::from_secs(5), writer.recv()).await
+            {
+                kept.push(command);
+            }
+            kept.len()
+        });
+        let tap = tap(commands, overflow);
+
+        let call = r#"[2,"mv1","MeterValues",{"connectorId":1,"transactionId":42,"meterValue":[{"timestamp":"2023-11-14T22:13:20Z","sampledValue":[{"value":"1.5","unit":"kWh"}]}]}]"#;
+        let took = timed(&tap, Side::Charger, call).await;
+        assert!(took < SLACK, "the CALL waited {took:?} for queue space");
+
+        let start = r#"[2,"s1","StartTransaction",{"connectorId":1,"idTag":"TAG","meterStart":1000,"timestamp":"2023-11-14T22:13:20Z"}]"#;
+        timed(&tap, Side::Charger, start).await;
+        let reply = r#"[3,"s1",{"transactionId":43,"idTagInfo":{"status":"Accepted"}}]"#;
+        let took = timed(&tap, Side::Upstream, reply).await;
+        assert!(took <= HOLD + SLACK, "the Start reply was held {took:?}");
+
+        // Now the queue has room and the writer never commits: the hold alone bounds the reply.
+        tokio::time::sleep(HOLD).await;
+        let took = timed(&tap, Side::Upstream, r#"[3,"mv1",{}]"#).await;
+        assert!(
+            took <= HOLD + SLACK,
+            "the MeterValues reply was held {took:?}"
+        );
+        let call = r#"[2,"mv2","MeterValues",{"connectorId":1,"transactionId":43,"meterValue":[{"timestamp":"2023-11-14T22:13:20Z","sampledValue":[{"value":"2","unit":"kWh"}]}]}]"#;
+        let took = timed(&tap, Side::Charger, call).await;
+        assert!(took < SLACK, "the CALL waited {took:?}");
+        let took = timed(&tap, Side::Upstream, r#"[3,"mv2",{}]"#).await;
+        assert!(
+            took >= HOLD.mul_f32(0.9) && took <= HOLD + SLACK,
+            "held for the hold timeout, no longer: {took:?}"
+        );
+
+        // The records the full queue refused are on disk in the overflow directory.
+        let lines = std::fs::read_to_string(dir.path().join("overflow").join(QUEUE_FULL)).unwrap();
+        assert_eq!(lines.lines().count(), 2, "{lines}");
+        assert!(lines.contains("\"ocpp_transaction_id\":42"), "{lines}");
+        assert!(lines.contains("\"ocpp_transaction_id\":43"), "{lines}");
+        drop(tap);
+        assert!(taken.await.unwrap() >= 2, "rules + the later MeterValues");
+    }
 
     #[test]
     fn out_of_session_meter_values_are_logged_once_an_hour_per_charge_box() {

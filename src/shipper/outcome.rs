@@ -1,6 +1,6 @@
 //! Pure decisions of the shipper: given a batch and what Lago answered, what happens to each
 //! outbox row and to the shipper; which rows form the next job; how a failed row backs off;
-//! what a verification proves. No I/O here; EVENTS-CONTRACT.md is the specification.
+//! what a verification proves. No I/O here; docs/lago-contract.md is the specification.
 
 use std::time::Duration;
 
@@ -155,7 +155,7 @@ pub fn decide(batch: &[OutboxRow], outcome: &BatchOutcome) -> Decision {
                 detail: format!("{reason}; body: {body}"),
             }),
         ),
-        // EVENTS-CONTRACT.md "Unknown outcomes": any other 200 (a maintenance page, a truncated
+        // docs/lago-contract.md "What the answers mean": any other 200 (a maintenance page, a truncated
         // body) proves nothing; sent again, the events either go in or meet
         // `value_already_exist` and are checked.
         BatchOutcome::AcceptedUnparseable { reason, body, .. } => Decision::Retry {
@@ -360,7 +360,7 @@ pub enum CheckStep {
 
 /// The fate of a row to check once `GET /events/{id}` answered (`None` on 404). lago-api's
 /// `events_controller.rb#show` is `Event.find_by(organization, transaction_id)`: the first such
-/// event, whatever its subscription (EVENTS-CONTRACT.md "Idempotency").
+/// event, whatever its subscription (docs/lago-contract.md "Exactly once").
 pub fn check_by_id(ours: &LagoEvent, stored: Option<&StoredEvent>) -> CheckStep {
     match stored {
         // No event with that id at all: ours was never stored; send it again.
@@ -480,7 +480,7 @@ fn decide_rejection(
             );
             parts.join("; ")
         };
-        // No index names an event: nothing is evidence against one (EVENTS-CONTRACT.md), so
+        // No index names an event: nothing is evidence against one (docs/lago-contract.md), so
         // the rows go again in smaller batches and are never dead-lettered for it.
         return Decision::Retry {
             cause: format!("422 naming no event: {detail}"),

@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use tokio::sync::{Notify, mpsc, oneshot};
 
+use super::overflow::{self, Overflow};
 use super::store::{
     Changes, NewDeadLetter, ParkedStopRow, RecordRow, SessionRow, Store, StoreError,
 };
@@ -83,6 +84,17 @@ pub struct WriterSettings {
     /// Where Stops of sessions the bridge never saw start are looked up (SteVe's REST API);
     /// `None`: they are applied at once (`missing_start`).
     pub recovery: Option<RecoveryHandle>,
+    /// Where records go that the spool cannot commit (`spool.overflow_dir`); ingested at start.
+    pub overflow: Option<Arc<Overflow>>,
+}
+
+/// Applied but not yet committed, with the reply waiting on it.
+#[derive(Debug)]
+struct Pending {
+    changes: Changes,
+    committed: Option<oneshot::Sender<()>>,
+    /// Its tap record is in an overflow file already (or it has none).
+    overflowed: bool,
 }
 
 /// Opens the spool, rebuilds the ledger from it and returns the writer's future.
@@ -129,6 +141,9 @@ pub fn start(
         events_committed,
         heartbeat,
         backlog: VecDeque::new(),
+        ingested: Vec::new(),
+        wrote_uncommitted: false,
+        keep_overflow: false,
         parked,
         next_housekeeping: std::time::Instant::now(),
         next_prune: std::time::Instant::now(),
@@ -147,7 +162,15 @@ struct Writer {
     /// Unix seconds of the loop's last turn (the systemd watchdog checks it).
     heartbeat: Arc<AtomicI64>,
     /// Applied but not yet committed, in order, with the replies waiting on them.
-    backlog: VecDeque<(Changes, Option<oneshot::Sender<()>>)>,
+    backlog: VecDeque<Pending>,
+    /// Overflow files whose records are in the backlog; removed once it is committed.
+    ingested: Vec<std::path::PathBuf>,
+    /// This run appended to the overflow directory's `uncommitted.jsonl` (a stat per commit
+    /// would cost the writer a syscall for nothing).
+    wrote_uncommitted: bool,
+    /// Records only in an overflow file were dropped from the backlog: its files stay until the
+    /// next start ingests them (a duplicate there is harmless, a removal would lose them).
+    keep_overflow: bool,
     /// Stops waiting for their session's start from SteVe, in arrival order per session.
     parked: HashMap<SessionKey, Vec<TapRecord>>,
     next_housekeeping: std::time::Instant,
@@ -158,6 +181,11 @@ impl Writer {
     async fn run(mut self, mut rx: mpsc::Receiver<Command>) {
         let mut commands = Vec::with_capacity(MAX_GROUP);
         self.resume_parked();
+        // Records a full disk kept out of the spool before the restart come first.
+        self.ingest_overflow();
+        if !self.backlog.is_empty() {
+            self.commit_backlog().await;
+        }
         loop {
             self.heartbeat.store(unix_now(), Ordering::Relaxed);
             commands.clear();
@@ -175,10 +203,12 @@ impl Writer {
             let mut store_ops = Vec::new();
             for command in commands.drain(..) {
                 match command {
-                    Command::Record { record, committed } => self.record(record, committed),
+                    Command::Record { record, committed } => {
+                        self.record(record, Some(committed), false)
+                    }
                     Command::StartUnknown { key } => {
                         let changes = self.apply_parked(&key, Changes::default());
-                        self.backlog.push_back((changes, None));
+                        self.push(changes, None, true);
                     }
                     Command::Rules(rules) => self.rules = rules,
                     other => store_ops.push(other),
@@ -197,16 +227,116 @@ impl Writer {
             self.commit_backlog().await;
         }
         if !self.backlog.is_empty() {
-            tracing::error!(
-                records = self.backlog.len(),
-                "tap records could not be written to the spool before exit and are lost; the chargers were answered after the hold timeout"
+            self.overflow_backlog();
+            let records = self.backlog.len();
+            let lost: Vec<Pending> = self.backlog.drain(..).filter(|p| !p.overflowed).collect();
+            for pending in &lost {
+                for row in &pending.changes.records {
+                    overflow::log_lost(&row.json, "the spool could not commit before exit");
+                }
+            }
+            let overflow_dir = self
+                .settings
+                .overflow
+                .as_ref()
+                .map(|o| o.dir().display().to_string());
+            tracing::warn!(
+                records,
+                lost = lost.len(),
+                overflow_dir,
+                "tap records not committed to the spool before exit: those in spool.overflow_dir are ingested at the next start; systemd removes its RuntimeDirectory on stop (kept on restart): restart, or copy the files first"
             );
+        }
+    }
+
+    fn push(&mut self, changes: Changes, committed: Option<oneshot::Sender<()>>, overflowed: bool) {
+        // A change set without a tap record (parked Stops applied) is rebuilt from the spool.
+        let overflowed = overflowed || changes.records.is_empty();
+        self.backlog.push_back(Pending {
+            changes,
+            committed,
+            overflowed,
+        });
+    }
+
+    /// Takes every record waiting in the overflow directory into the backlog (in order, as if
+    /// they had just arrived); their files are removed once the backlog is committed.
+    fn ingest_overflow(&mut self) {
+        let Some(overflow) = self.settings.overflow.clone() else {
+            return;
+        };
+        let taken = match overflow.take() {
+            Ok(taken) => taken,
+            Err(error) => {
+                metrics::counter!("ocpp_lago_bridge_overflow_errors_total").increment(1);
+                tracing::error!(overflow_dir = %overflow.dir().display(), %error, "spool.overflow_dir unreadable: its records are not ingested now; fix it and restart");
+                return;
+            }
+        };
+        if taken.files.is_empty() {
+            return;
+        }
+        tracing::info!(
+            records = taken.records.len(),
+            files = taken.files.len(),
+            overflow_dir = %overflow.dir().display(),
+            "ingesting records the spool could not take earlier"
+        );
+        metrics::counter!("ocpp_lago_bridge_overflow_ingested_total")
+            .increment(taken.records.len() as u64);
+        for record in taken.records {
+            self.record(record, None, true);
+        }
+        self.ingested.extend(taken.files);
+    }
+
+    /// After a failed commit: appends the records of the backlog not yet in the overflow
+    /// directory to it, fsync'd, so a restart does not lose them.
+    fn overflow_backlog(&mut self) {
+        let fresh: Vec<usize> = (0..self.backlog.len())
+            .filter(|&i| !self.backlog[i].overflowed)
+            .collect();
+        if fresh.is_empty() {
+            return;
+        }
+        let Some(overflow) = self.settings.overflow.clone() else {
+            return;
+        };
+        let lines: Vec<&str> = fresh
+            .iter()
+            .flat_map(|&i| {
+                self.backlog[i]
+                    .changes
+                    .records
+                    .iter()
+                    .map(|r| r.json.as_str())
+            })
+            .collect();
+        let count = lines.len();
+        match overflow.append(overflow::UNCOMMITTED, lines) {
+            Ok(()) => {
+                metrics::counter!("ocpp_lago_bridge_overflow_appended_total")
+                    .increment(count as u64);
+                for i in fresh {
+                    self.backlog[i].overflowed = true;
+                }
+                self.wrote_uncommitted = true;
+            }
+            Err(error) => {
+                metrics::counter!("ocpp_lago_bridge_overflow_errors_total").increment(1);
+                tracing::error!(overflow_dir = %overflow.dir().display(), %error, records = count, "spool.overflow_dir cannot take the records the spool cannot commit either: they are only in memory, lost if the bridge stops before the spool commits");
+            }
         }
     }
 
     /// One tap record: parked if it is a Stop waiting for SteVe, else applied to the ledger
     /// (a Start of a parked session then applies the parked Stops after it, in one change set).
-    fn record(&mut self, record: TapRecord, committed: oneshot::Sender<()>) {
+    fn record(
+        &mut self,
+        record: TapRecord,
+        committed: Option<oneshot::Sender<()>>,
+        overflowed: bool,
+    ) {
         let key = session_key(&record);
         if self.parks(&record, &key) {
             let first = !self.parked.contains_key(&key);
@@ -221,7 +351,7 @@ impl Writer {
             };
             let received_at = record.received_at;
             self.parked.entry(key.clone()).or_default().push(record);
-            self.backlog.push_back((changes, Some(committed)));
+            self.push(changes, committed, overflowed);
             metrics::counter!("ocpp_lago_bridge_stops_parked_total").increment(1);
             if first {
                 tracing::info!(charge_box_id = %key.charge_box_id, ocpp_transaction_id = key.ocpp_transaction_id, "Stop without a known start: parked while SteVe is asked for the start");
@@ -236,7 +366,7 @@ impl Writer {
         if matches!(record.kind, TapKind::Start(_)) && self.parked.contains_key(&key) {
             changes = self.apply_parked(&key, changes);
         }
-        self.backlog.push_back((changes, Some(committed)));
+        self.push(changes, committed, overflowed);
     }
 
     /// A Stop is parked when SteVe can be asked and the ledger does not know its session (or
@@ -267,7 +397,7 @@ impl Writer {
                 tracing::warn!(charge_box_id = %key.charge_box_id, ocpp_transaction_id = key.ocpp_transaction_id, "a Stop parked before the restart cannot be looked up: [steve] is no longer configured; billed as it is (missing_start)");
             }
             let changes = self.apply_parked(&key, Changes::default());
-            self.backlog.push_back((changes, None));
+            self.push(changes, None, true);
         }
     }
 
@@ -394,6 +524,17 @@ impl Writer {
             return;
         }
         self.next_housekeeping = now + Duration::from_secs(60);
+        // Records the relay could not queue: taken in once the spool is committing again.
+        if self.backlog.is_empty()
+            && !self.keep_overflow
+            && self
+                .settings
+                .overflow
+                .as_ref()
+                .is_some_and(|o| o.dir().join(overflow::QUEUE_FULL).exists())
+        {
+            self.ingest_overflow();
+        }
         let bytes = super::store::file_bytes(&self.settings.path);
         metrics::gauge!("ocpp_lago_bridge_spool_bytes").set(bytes as f64);
         let cap = self.settings.disk_cap_bytes;
@@ -427,12 +568,25 @@ impl Writer {
     /// oldest records are lost, loudly.
     fn bound_backlog(&mut self) {
         while self.backlog.len() > self.settings.max_backlog {
-            self.backlog.pop_front();
-            metrics::counter!("ocpp_lago_bridge_tap_records_lost_total").increment(1);
-            tracing::error!(
-                max_backlog = self.settings.max_backlog,
-                "spool backlog full: the oldest uncommitted tap record was dropped; fix the spool disk"
-            );
+            let Some(oldest) = self.backlog.pop_front() else {
+                break;
+            };
+            if oldest.overflowed {
+                if !self.keep_overflow {
+                    tracing::warn!(
+                        max_backlog = self.settings.max_backlog,
+                        "spool backlog full: the oldest uncommitted records are kept only in spool.overflow_dir until the next start ingests them; fix the spool disk"
+                    );
+                }
+                self.keep_overflow = true;
+                continue;
+            }
+            for row in &oldest.changes.records {
+                overflow::log_lost(
+                    &row.json,
+                    "spool backlog full (spool.max_memory_records) and not in spool.overflow_dir",
+                );
+            }
         }
     }
 
@@ -442,7 +596,7 @@ impl Writer {
         let started = std::time::Instant::now();
         let (backlog, result) = self
             .with_store(move |store| {
-                let result = store.commit(backlog.iter().map(|(changes, _)| changes), unix_now());
+                let result = store.commit(backlog.iter().map(|p| &p.changes), unix_now());
                 (backlog, result)
             })
             .await;
@@ -453,12 +607,13 @@ impl Writer {
             Ok(collisions) => {
                 collisions.iter().for_each(report_collision);
                 let mut derived = false;
-                for (changes, committed) in self.backlog.drain(..) {
-                    derived |= !changes.events.is_empty();
-                    if let Some(committed) = committed {
+                for pending in self.backlog.drain(..) {
+                    derived |= !pending.changes.events.is_empty();
+                    if let Some(committed) = pending.committed {
                         let _ = committed.send(());
                     }
                 }
+                self.overflow_committed();
                 if derived {
                     self.events_committed.notify_one();
                 }
@@ -473,6 +628,35 @@ impl Writer {
                 );
                 self.readiness
                     .set_problem(READY_CHECK, format!("spool commit failed: {error}"));
+                self.overflow_backlog();
+            }
+        }
+    }
+
+    /// Everything in memory is committed: the overflow files hold nothing the spool lacks.
+    fn overflow_committed(&mut self) {
+        let Some(overflow) = self.settings.overflow.clone() else {
+            return;
+        };
+        if self.keep_overflow || (self.ingested.is_empty() && !self.wrote_uncommitted) {
+            return;
+        }
+        let removed = overflow.remove_uncommitted().and_then(|()| {
+            for file in &self.ingested {
+                overflow::remove(file)?;
+            }
+            Ok(())
+        });
+        match removed {
+            Ok(()) => {
+                self.ingested.clear();
+                self.wrote_uncommitted = false;
+                tracing::info!(overflow_dir = %overflow.dir().display(), "records kept in spool.overflow_dir are committed to the spool");
+            }
+            Err(error) => {
+                // Left in place: the next start ingests them again, as duplicates the ledger drops.
+                metrics::counter!("ocpp_lago_bridge_overflow_errors_total").increment(1);
+                tracing::warn!(overflow_dir = %overflow.dir().display(), %error, "committed overflow files could not be removed");
             }
         }
     }
@@ -659,6 +843,7 @@ mod tests {
             disk_cap_bytes: 1 << 30,
             path,
             recovery: Some(handle),
+            overflow: None,
         };
         let (tx, future) = start(
             store,
@@ -670,6 +855,55 @@ mod tests {
         )
         .unwrap();
         (tx, lookups, spawn_writer(future))
+    }
+
+    #[tokio::test]
+    async fn records_in_the_overflow_directory_are_ingested_first_and_their_files_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let overflow = Arc::new(Overflow::new(dir.path().join("overflow")));
+        let json = |r: &TapRecord| serde_json::to_string(r).unwrap();
+        // As a full disk left them: the writer's own file and the relay's, then a restart.
+        overflow
+            .append(
+                overflow::UNCOMMITTED,
+                [json(&start_record(7, 1_000)).as_str()],
+            )
+            .unwrap();
+        overflow
+            .append(overflow::QUEUE_FULL, [json(&stop(7, 5_000)).as_str()])
+            .unwrap();
+        let path = dir.path().join("spool.db");
+        let settings = WriterSettings {
+            max_backlog: 100,
+            retention: Duration::from_secs(3600),
+            disk_cap_bytes: 1 << 30,
+            path: path.clone(),
+            recovery: None,
+            overflow: Some(overflow),
+        };
+        let (tx, future) = start(
+            Store::open(&path).unwrap(),
+            Arc::new(crate::config::Config::default().billing_rules().unwrap()),
+            settings,
+            Readiness::default(),
+            Arc::new(Notify::new()),
+            Arc::new(AtomicI64::new(0)),
+        )
+        .unwrap();
+        let ended = spawn_writer(future);
+        // A record sent now commits after the ingested ones.
+        record(&tx, stop(8, 1)).await;
+        drop(tx);
+        ended.await.unwrap();
+        let store = Store::open(&path).unwrap();
+        let pending = store.pending(10).unwrap();
+        assert_eq!(pending.len(), 1, "session 7 billed once");
+        assert_eq!(pending[0].event.properties.value, "4");
+        let left: Vec<_> = std::fs::read_dir(dir.path().join("overflow"))
+            .unwrap()
+            .filter_map(|e| e.ok().map(|e| e.file_name()))
+            .collect();
+        assert!(left.is_empty(), "ingested files removed: {left:?}");
     }
 
     async fn record(tx: &mpsc::Sender<Command>, record: TapRecord) {

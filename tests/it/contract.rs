@@ -467,7 +467,7 @@ async fn every_lago_request_the_bridge_makes_passes_the_openapi_spec() {
     );
     if !report.response_violations.is_empty() {
         // Not a failure: the bridge reads only the fields of src/lago/schema.rs, and where the
-        // spec and lago-api differ the server wins (EVENTS-CONTRACT.md).
+        // spec and lago-api differ the server wins (docs/lago-contract.md).
         eprintln!(
             "note: answers of the Lago stand-in outside the spec (simplified ids and fields, or \
              lago-api's own shape):\n  {}",

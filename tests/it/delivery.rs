@@ -18,7 +18,7 @@ use crate::support::e2e::{
     ran_sessions, spool_counts, stored_kwh,
 };
 use crate::support::http;
-use crate::support::lago::{Fault, LagoStandIn, StoreMode};
+use crate::support::lago::{Fault, LagoStandIn, RouteKind, StoreMode};
 use crate::support::peers::{CentralOptions, CentralSystem, Implementation, run_charger};
 use crate::support::poll_until;
 
@@ -304,6 +304,13 @@ pub(crate) fn assert_exactly_once(lago: &LagoStandIn, sessions: &[RanSession]) {
     );
 }
 
+/// The sum of metric `name` over the series matching `labels`.
+async fn metric(bridge: &Bridge, name: &str, labels: &[(&str, &str)]) -> f64 {
+    crate::support::admin::scrape(bridge.admin_addr)
+        .await
+        .sum(name, labels)
+}
+
 async fn readyz(bridge: &Bridge) -> (u16, Value) {
     let (status, body) = http::get(bridge.admin_addr, "/readyz")
         .await
@@ -341,17 +348,103 @@ async fn lago_faults_while_sessions_run_delay_but_never_lose_or_duplicate_events
     lago.go_down().await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
     lago.come_up().await;
-    // 500s, then 429 with Retry-After.
-    lago.push_faults(Fault::InternalError, 4);
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    lago.push_faults(
+    // 500s: each answered, each retried (the shipper backs off and sends again).
+    let retries_before = metric(&bridge, "ocpp_lago_bridge_lago_retries_total", &[]).await;
+    // On the batch route: a general fault goes to whatever comes first, the startup checks.
+    lago.push_route_faults(RouteKind::Batch, Fault::InternalError, 4);
+    let consumed = poll_until(Duration::from_secs(15), || {
+        (lago.pending_faults() == 0).then_some(())
+    })
+    .await;
+    assert!(
+        consumed.is_some(),
+        "the bridge never sent the requests that get the 500s"
+    );
+    let answered_500 = lago
+        .arrivals()
+        .iter()
+        .filter(|a| a.fault == Some("500") && a.path.ends_with("/events/batch"))
+        .count();
+    assert_eq!(answered_500, 4, "{:?}", lago.arrivals());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut retried = false;
+    while !retried && Instant::now() < deadline {
+        let now = metric(&bridge, "ocpp_lago_bridge_lago_retries_total", &[]).await;
+        retried = now - retries_before >= 1.0;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        retried,
+        "the 500s were retried: {:?}\n{}",
+        lago.arrivals(),
+        crate::support::admin::scrape(bridge.admin_addr).await.text
+    );
+    assert!(
+        metric(
+            &bridge,
+            "ocpp_lago_bridge_lago_requests_total",
+            &[("status_class", "5xx")]
+        )
+        .await
+            >= 1.0,
+        "the bridge counted the 500s"
+    );
+    // Then 429 with Retry-After: 1: the shipper pauses, its next batch comes no sooner.
+    lago.push_route_faults(
+        RouteKind::Batch,
         Fault::RateLimited {
             retry_after_secs: Some(1),
             reset_secs: 1,
         },
         2,
     );
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let consumed = poll_until(Duration::from_secs(15), || {
+        (lago.pending_faults() == 0).then_some(())
+    })
+    .await;
+    assert!(
+        consumed.is_some(),
+        "the bridge never sent the requests that get the 429s"
+    );
+    // Wait for a batch after the last 429 to be answered normally.
+    let resumed = poll_until(Duration::from_secs(15), || {
+        let arrivals = lago.arrivals();
+        let last_429 = arrivals.iter().rposition(|a| a.fault == Some("429"))?;
+        arrivals[last_429 + 1..]
+            .iter()
+            .any(|a| a.path.ends_with("/events/batch") && a.fault.is_none())
+            .then_some(arrivals)
+    })
+    .await;
+    let arrivals = resumed.unwrap_or_else(|| {
+        panic!(
+            "no batch after the 429s: {:?}\nstderr:\n{}",
+            lago.arrivals(),
+            bridge.stderr()
+        )
+    });
+    for (i, limited) in arrivals.iter().enumerate() {
+        if limited.fault != Some("429") || !limited.path.ends_with("/events/batch") {
+            continue;
+        }
+        if let Some(next) = arrivals[i + 1..]
+            .iter()
+            .find(|a| a.path.ends_with("/events/batch"))
+        {
+            let gap = next.at.duration_since(limited.at);
+            // Retry-After is whole seconds; a little less for the time the answer travelled.
+            assert!(
+                gap >= Duration::from_millis(900),
+                "a batch {gap:?} after a 429 with Retry-After: 1"
+            );
+        }
+    }
+    assert!(
+        bridge
+            .stderr()
+            .contains("Lago rate limit: the shipper pauses"),
+        "the pause is logged"
+    );
     // The key refused: delivery pauses and the bridge is not ready, naming Lago.
     lago.clear_faults();
     lago.push_faults(Fault::Unauthorized, 1000);

@@ -15,7 +15,8 @@ pub const BRIDGE_BIN: &str = env!("CARGO_BIN_EXE_ocpp-lago-bridge");
 const STARTUP_LIMIT: Duration = Duration::from_secs(15);
 
 /// Environment variables the bridge reads that a test sets only on purpose.
-const INHERITED_ENV_CLEARED: [&str; 7] = [
+const INHERITED_ENV_CLEARED: [&str; 8] = [
+    "RUNTIME_DIRECTORY",
     "LAGO_API_KEY",
     "STEVE_API_KEY",
     "STEVE_API_PASSWORD",

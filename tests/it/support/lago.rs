@@ -1,4 +1,4 @@
-//! A Lago stand-in speaking HTTP/1.1 on 127.0.0.1 that follows EVENTS-CONTRACT.md: batch
+//! A Lago stand-in speaking HTTP/1.1 on 127.0.0.1 that follows docs/lago-contract.md: batch
 //! ingestion with validation, Postgres (unique, whole-batch rollback) or ClickHouse (dedupe)
 //! storage, the three lookups, and a fault schedule the test changes at runtime.
 //!
@@ -99,6 +99,21 @@ pub enum Fault {
     MaintenancePage,
 }
 
+impl Fault {
+    /// A short name for logs and assertions: the status it answers with, or what it does.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Fault::InternalError => "500",
+            Fault::RateLimited { .. } => "429",
+            Fault::Slow(_) => "slow",
+            Fault::Unauthorized => "401",
+            Fault::GarbageOk => "garbage_ok",
+            Fault::ProxyBadRequest => "proxy_400",
+            Fault::MaintenancePage => "maintenance_page",
+        }
+    }
+}
+
 /// Which route a scripted fault applies to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum RouteKind {
@@ -118,6 +133,15 @@ pub struct RequestCounts {
     pub get_billable_metric: u64,
     pub get_subscription: u64,
     pub other: u64,
+}
+
+/// One request as it arrived: when, where, and the injected fault that answered it.
+#[derive(Debug, Clone)]
+pub struct Arrival {
+    pub at: std::time::Instant,
+    pub path: String,
+    /// `None`: answered normally; else the fault's name (`"500"`, `"429"`, `"401"`, …).
+    pub fault: Option<&'static str>,
 }
 
 /// An event as the stand-in stored it.
@@ -179,6 +203,8 @@ struct State {
     poison_ids: HashSet<String>,
     /// Every request path as it arrived (percent-encoding untouched), in order.
     paths: Vec<String>,
+    /// Every request with when it arrived and the fault it got, in order.
+    arrivals: Vec<Arrival>,
     counts: RequestCounts,
     accepted: AcceptedBatches,
     next_id: u64,
@@ -210,6 +236,7 @@ impl State {
             subscription_faults: HashMap::new(),
             poison_ids: HashSet::new(),
             paths: Vec::new(),
+            arrivals: Vec::new(),
             counts: RequestCounts::default(),
             accepted: AcceptedBatches::default(),
             next_id: 1,
@@ -375,6 +402,22 @@ impl LagoStandIn {
     /// Every request path so far, as sent (percent-encoding untouched).
     pub fn request_paths(&self) -> Vec<String> {
         lock(&self.state).paths.clone()
+    }
+
+    /// Every request so far with its arrival time and the fault that answered it.
+    pub fn arrivals(&self) -> Vec<Arrival> {
+        lock(&self.state).arrivals.clone()
+    }
+
+    /// Queued faults (general and per route) not yet consumed by a request.
+    pub fn pending_faults(&self) -> usize {
+        let state = lock(&self.state);
+        state.faults.len()
+            + state
+                .route_faults
+                .values()
+                .map(VecDeque::len)
+                .sum::<usize>()
     }
 
     /// Drops pending faults (general, per route and sticky) and poisoned ids.
@@ -696,6 +739,12 @@ async fn handle(state: &Mutex<State>, request: Request) -> Response {
             .or(for_route)
             .or_else(|| poisoned.then_some(Fault::InternalError))
             .or_else(|| state.faults.pop_front());
+        let arrival = Arrival {
+            at: std::time::Instant::now(),
+            path: request.path.clone(),
+            fault: fault.as_ref().map(Fault::name),
+        };
+        state.arrivals.push(arrival);
         (fault, authorized)
     };
     let mut garbage = false;

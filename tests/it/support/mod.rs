@@ -23,6 +23,18 @@ pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
+/// A fault test that cannot inject its fault here (not root, no tmpfs, no fsfreeze, no
+/// systemd-analyze): under `CI=true` it fails, so CI never reports a fault test it did not run;
+/// elsewhere (a developer's laptop) it says so on stderr and the caller returns.
+pub fn cannot_run(test: &str, why: &str) {
+    let on_ci = std::env::var("CI").is_ok_and(|v| v.eq_ignore_ascii_case("true") || v == "1");
+    assert!(
+        !on_ci,
+        "{test} cannot run its fault under CI=true ({why}); .ci/run installs what it needs and runs as root"
+    );
+    eprintln!("NOT RUN (not under CI=true): {test}: {why}");
+}
+
 /// Runs `fut` or panics naming `what` once `limit` has passed, so no test can hang.
 pub async fn within<T>(limit: Duration, what: &str, fut: impl Future<Output = T>) -> T {
     match tokio::time::timeout(limit, fut).await {
