@@ -42,16 +42,19 @@ const DELIVERY_LIMIT: Duration = Duration::from_secs(45);
 const PEER_LIMIT: Duration = Duration::from_secs(60);
 /// The subscription of the events seeded into the spool.
 const SEEDED_SUBSCRIPTION: &str = "sub-contract";
+/// Another customer's subscription, holding an event with one of our transaction_ids.
+const OTHER_SUBSCRIPTION: &str = "sub-contract-other";
 /// The id tag (= subscription) of the live session.
 const LIVE_TAG: &str = "TAG-CONTRACT-1";
 
 /// The request kinds the bridge sends to Lago, as Prism logs them (method, path pattern).
 /// `*` matches one path segment. A branch that adds a request kind adds it here.
-const REQUEST_KINDS: [(&str, &str); 4] = [
+const REQUEST_KINDS: [(&str, &str); 5] = [
     ("post", "/api/v1/events/batch"),
     ("get", "/api/v1/billable_metrics/*"),
     ("get", "/api/v1/subscriptions/*"),
     ("get", "/api/v1/events/*"),
+    ("get", "/api/v1/events"),
 ];
 
 /// The path of Lago's OpenAPI spec from `LAGO_OPENAPI_SPEC`; panics saying how to get it.
@@ -376,9 +379,15 @@ async fn every_lago_request_the_bridge_makes_passes_the_openapi_spec() {
     let prism = Prism::start(&spec_copy, &lago.url(), dir.path()).await;
 
     // Spooled rows: one in the old integer form, one Lago already holds (so the batch meets
-    // `value_already_exist` and the bridge verifies it with GET /events/{id}).
+    // `value_already_exist` and the bridge verifies it with GET /events/{id}). Another
+    // subscription's event with the same transaction_id was stored first, so that GET names it,
+    // and the bridge lists our subscription's events (GET /events?...) to find ours.
     let held: LagoEvent = serde_json::from_value(old_wire_form("contract-held", 2))
         .expect("the old wire form reads back");
+    let mut elsewhere = held.clone();
+    elsewhere.external_subscription_id = OTHER_SUBSCRIPTION.into();
+    elsewhere.properties.value = "7.5".into();
+    lago.seed(serde_json::to_value(&elsewhere).expect("event to JSON"));
     lago.seed(serde_json::to_value(&held).expect("event to JSON"));
     let spool = dir.path().join("spool.db");
     seed_spool(&spool, &old_wire_form("contract-old", 1), &held);
@@ -480,7 +489,10 @@ async fn every_lago_request_the_bridge_makes_passes_the_openapi_spec() {
     for transaction_id in ["contract-old", "contract-held"] {
         let copies: Vec<_> = stored
             .iter()
-            .filter(|row| row.transaction_id == transaction_id)
+            .filter(|row| {
+                row.transaction_id == transaction_id
+                    && row.external_subscription_id == SEEDED_SUBSCRIPTION
+            })
             .collect();
         assert_eq!(copies.len(), 1, "{transaction_id}: {stored:?}");
     }
