@@ -11,19 +11,17 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
-use tokio_tungstenite::tungstenite::Message;
 
 use crate::support::bridge::{Bridge, BridgeOptions};
 use crate::support::e2e::{self, key_file, lago_toml, spool_counts};
 use crate::support::lago::{LagoStandIn, StoreMode};
 use crate::support::peers::{CentralOptions, CentralSystem, Implementation};
+use crate::support::poll_until;
 use crate::support::steve::{SteveAuth, SteveRest};
-use crate::support::ws::{self, ClientWs};
-use crate::support::{poll_until, within};
+use crate::support::ws::RawCharger;
 
 const USER: &str = "bridge-api";
 const PASSWORD: &str = "cut:over:pw";
@@ -38,45 +36,17 @@ const OTHER_MAX_SESSIONS: usize = 1_000;
 const START_ISO: &str = "2026-01-01T10:00:00Z";
 const START_UNIX: i64 = 1_767_261_600;
 
-/// One charger's raw OCPP-J connection.
-struct Charger {
-    ws: ClientWs,
-    next_id: u64,
-}
+/// One charger's raw OCPP-J connection, with this test's session shapes.
+struct Charger(RawCharger);
 
 impl Charger {
     async fn connect(url: &str) -> Charger {
-        let (ws, _) = within(
-            Duration::from_secs(15),
-            "charger connects",
-            ws::connect(url, &["ocpp1.6"], None),
-        )
-        .await
-        .unwrap_or_else(|e| panic!("connect {url}: {e}"));
-        Charger { ws, next_id: 0 }
+        Charger(RawCharger::connect(url).await)
     }
 
     /// Sends a CALL and waits for its answer: (payload, how long the answer took).
     async fn call(&mut self, action: &str, payload: Value) -> (Value, Duration) {
-        self.next_id += 1;
-        let id = format!("m{}", self.next_id);
-        let frame = json!([2, id, action, payload]).to_string();
-        let sent = Instant::now();
-        self.ws.send(Message::text(frame)).await.expect("send CALL");
-        loop {
-            let message = within(Duration::from_secs(15), action, self.ws.next())
-                .await
-                .unwrap_or_else(|| panic!("{action}: connection closed"))
-                .unwrap_or_else(|e| panic!("{action}: {e}"));
-            let Message::Text(text) = message else {
-                continue;
-            };
-            let reply: Value = serde_json::from_str(text.as_str()).expect("JSON reply");
-            if reply[0] == 3 && reply[1] == id.as_str() {
-                return (reply[2].clone(), sent.elapsed());
-            }
-            assert_ne!(reply[0], 4, "{action} got a CALLERROR: {reply}");
-        }
+        self.0.call(action, payload).await
     }
 
     async fn start(&mut self, id_tag: &str, meter_start: i64) -> (i64, Duration) {

@@ -65,7 +65,7 @@ pub(crate) fn seed_spool(path: &Path, events: Vec<LagoEvent>) {
         .expect("seed the spool");
 }
 
-async fn settle(
+pub(crate) async fn settle(
     bridge: &Bridge,
     limit: Duration,
     done: impl Fn(&SpoolCounts) -> bool,

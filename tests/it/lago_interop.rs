@@ -9,10 +9,10 @@ use std::time::{Duration, Instant};
 
 use ocpp_lago_bridge::event::LagoEvent;
 
-use crate::delivery::{seed_spool, seeded_event};
+use crate::delivery::{seed_spool, seeded_event, settle};
 use crate::support::admin::{readyz, scrape};
 use crate::support::bridge::{Bridge, BridgeOptions, check_config};
-use crate::support::e2e::{self, SpoolCounts, dead_letter_details, spool_counts};
+use crate::support::e2e::{self, dead_letter_details, spool_counts};
 use crate::support::lago::{Fault, LagoStandIn, RouteKind, StoreMode};
 use crate::support::peers::{CentralOptions, CentralSystem, Implementation};
 use crate::support::poll_until;
@@ -39,25 +39,6 @@ async fn bridge_with(
         },
     )
     .await
-}
-
-async fn settle(
-    bridge: &Bridge,
-    limit: Duration,
-    done: impl Fn(&SpoolCounts) -> bool,
-) -> SpoolCounts {
-    poll_until(limit, || {
-        let counts = spool_counts(bridge.spool_path());
-        done(&counts).then_some(counts)
-    })
-    .await
-    .unwrap_or_else(|| {
-        panic!(
-            "spool never settled: {:?}; bridge stderr:\n{}",
-            spool_counts(bridge.spool_path()),
-            bridge.stderr()
-        )
-    })
 }
 
 fn events(prefix: &str, subscription: &str, n: i64) -> Vec<LagoEvent> {

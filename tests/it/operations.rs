@@ -11,9 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures_util::{SinkExt, StreamExt};
 use serde_json::Value;
-use tokio_tungstenite::tungstenite::Message;
 
 use crate::support::admin::{self, Metrics};
 use crate::support::bridge::{Bridge, LaunchOptions, check_config};
@@ -21,7 +19,7 @@ use crate::support::lago::{LagoStandIn, MetricDef, StandInConfig};
 use crate::support::peers::{
     CentralOptions, CentralSystem, ChargerRun, Implementation, run_charger,
 };
-use crate::support::{cannot_run, net, poll_until, within, ws};
+use crate::support::{cannot_run, net, poll_until, ws};
 
 /// A key no log line, metric or message may ever contain.
 const KEY: &str = "lago-secret-4f1c9d2e7b60a5";
@@ -1083,7 +1081,7 @@ async fn sighup_reloads_the_subscription_map_and_log_level_without_dropping_char
         .expect("connect the long-lived charger");
     let boot =
         r#"[2,"h-boot","BootNotification",{"chargePointVendor":"it","chargePointModel":"hup"}]"#;
-    call(&mut open, boot, "h-boot").await;
+    ws::call_frame(&mut open, boot, "h-boot").await;
 
     charge(&bridge, "OPS-H1", "TAG-H", 1).await;
     let before = poll_until(RECHECK_LIMIT, || {
@@ -1121,7 +1119,7 @@ async fn sighup_reloads_the_subscription_map_and_log_level_without_dropping_char
     assert_eq!(reloaded["subscription_map_entries"], 1, "{reloaded}");
 
     // The connection opened before the reload still relays both ways.
-    call(&mut open, r#"[2,"h-hb","Heartbeat",{}]"#, "h-hb").await;
+    ws::call_frame(&mut open, r#"[2,"h-hb","Heartbeat",{}]"#, "h-hb").await;
     let metrics = admin::scrape(bridge.admin_addr).await;
     assert_eq!(
         metrics.get("ocpp_lago_bridge_charger_connections", &[]),
@@ -1141,30 +1139,6 @@ async fn sighup_reloads_the_subscription_map_and_log_level_without_dropping_char
         after[1].external_subscription_id, "SUB-AFTER",
         "a session started after SIGHUP uses the new map"
     );
-    call(&mut open, r#"[2,"h-hb2","Heartbeat",{}]"#, "h-hb2").await;
+    ws::call_frame(&mut open, r#"[2,"h-hb2","Heartbeat",{}]"#, "h-hb2").await;
     let _ = open.close(None).await;
-}
-
-/// Sends a CALL on a raw charger socket and waits (10 s) for the CALLRESULT with `id`.
-async fn call(socket: &mut ws::ClientWs, frame: &str, id: &str) {
-    socket
-        .send(Message::text(frame))
-        .await
-        .expect("send CALL through the bridge");
-    let reply = within(Duration::from_secs(10), "CALLRESULT", async {
-        loop {
-            match socket.next().await {
-                Some(Ok(Message::Text(text))) => {
-                    let value: Value = serde_json::from_str(&text).expect("JSON reply");
-                    if value[1] == id {
-                        return value;
-                    }
-                }
-                Some(Ok(_)) => continue,
-                other => panic!("connection ended while waiting for {id}: {other:?}"),
-            }
-        }
-    })
-    .await;
-    assert_eq!(reply[0], 3, "CALLRESULT for {id}: {reply}");
 }

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
-use futures_util::{SinkExt, StreamExt};
+use futures_util::SinkExt;
 use rust_decimal::Decimal;
 use serde_json::Value;
 use tokio_tungstenite::tungstenite::Message;
@@ -19,7 +19,7 @@ use ocpp_lago_bridge::tap::{StopRecord, TapKind, TapRecord};
 use crate::support::bridge::{BRIDGE_BIN, Bridge, BridgeOptions};
 use crate::support::lago::{LagoStandIn, MetricDef, StandInConfig};
 use crate::support::peers::{CentralOptions, CentralSystem, Implementation};
-use crate::support::{net, poll_until, within, ws};
+use crate::support::{net, poll_until, ws};
 
 /// No CLI command may take longer than this.
 const CLI_LIMIT: Duration = Duration::from_secs(40);
@@ -487,38 +487,13 @@ fn anomaly_details_show_times_not_rust_debug_text() {
 // ---------------------------------------------------------------------------------------------
 // Item 4: shadow mode that survives restarts.
 
-/// Sends a CALL on a raw charger socket and returns the CALLRESULT with `id` (10 s at most).
-async fn call(socket: &mut ws::ClientWs, frame: &str, id: &str) -> Value {
-    socket
-        .send(Message::text(frame))
-        .await
-        .expect("send CALL through the bridge");
-    let reply = within(Duration::from_secs(10), "CALLRESULT", async {
-        loop {
-            match socket.next().await {
-                Some(Ok(Message::Text(text))) => {
-                    let value: Value = serde_json::from_str(&text).expect("JSON reply");
-                    if value[1] == id {
-                        return value;
-                    }
-                }
-                Some(Ok(_)) => continue,
-                other => panic!("connection ended while waiting for {id}: {other:?}"),
-            }
-        }
-    })
-    .await;
-    assert_eq!(reply[0], 3, "CALLRESULT for {id}: {reply}");
-    reply
-}
-
 async fn booted_charger(bridge: &Bridge, charge_box_id: &str) -> ws::ClientWs {
     let (mut socket, _) = ws::connect(&bridge.charger_url(charge_box_id), &["ocpp1.6"], None)
         .await
         .expect("connect a charger through the bridge");
     let boot =
         r#"[2,"boot","BootNotification",{"chargePointVendor":"it","chargePointModel":"dry"}]"#;
-    call(&mut socket, boot, "boot").await;
+    ws::call_frame(&mut socket, boot, "boot").await;
     socket
 }
 
@@ -537,7 +512,7 @@ async fn a_dry_run_keeps_its_own_spool_across_restarts_and_prints_each_event_onc
     )
     .await;
     let mut charger = booted_charger(&bridge, "DRY-RESTART").await;
-    let start = call(
+    let start = ws::call_frame(
         &mut charger,
         r#"[2,"start","StartTransaction",{"connectorId":1,"idTag":"TAG-DRY","meterStart":1000,"timestamp":"2026-12-01T10:00:00Z"}]"#,
         "start",
@@ -551,7 +526,7 @@ async fn a_dry_run_keeps_its_own_spool_across_restarts_and_prints_each_event_onc
     // SIGKILL mid-session, then the same config again.
     bridge.restart().await;
     let mut charger = booted_charger(&bridge, "DRY-RESTART").await;
-    call(
+    ws::call_frame(
         &mut charger,
         &format!(
             r#"[2,"stop","StopTransaction",{{"transactionId":{tx},"meterStop":3500,"timestamp":"2026-12-01T10:30:00Z"}}]"#
@@ -731,7 +706,7 @@ async fn text_logs_in_a_file_have_no_colours_and_escape_control_characters() {
     let forged = "EVIL%0A1999-01-01T00:00:00.000000Z%20ERROR%20forged%20line%0D%1B[31m";
     let url = format!("ws://{proxy}{}/{forged}", crate::support::PATH_PREFIX);
     if let Ok((mut socket, _)) = ws::connect(&url, &["ocpp1.6"], None).await {
-        let _ = call(&mut socket, r#"[2,"hb","Heartbeat",{}]"#, "hb").await;
+        let _ = ws::call_frame(&mut socket, r#"[2,"hb","Heartbeat",{}]"#, "hb").await;
         let _ = socket.close(None).await;
     }
     let logged = poll_until(Duration::from_secs(10), || {

@@ -7,9 +7,7 @@
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
-use tokio_tungstenite::tungstenite::Message;
 
 use crate::support::bridge::{BRIDGE_BIN, Bridge, BridgeOptions};
 use crate::support::e2e::{self, key_file, lago_toml};
@@ -17,7 +15,7 @@ use crate::support::http;
 use crate::support::lago::StoreMode;
 use crate::support::peers::{CentralOptions, CentralSystem, Implementation};
 use crate::support::steve::{SteveAuth, SteveRest};
-use crate::support::ws::{self, ClientWs};
+use crate::support::ws::RawCharger;
 use crate::support::{poll_until, within};
 
 const USER: &str = "bridge-audit";
@@ -38,43 +36,16 @@ fn iso(unix: i64) -> String {
     .unwrap()
 }
 
-/// One charger's raw OCPP-J connection.
-struct Charger {
-    ws: ClientWs,
-    next_id: u64,
-}
+/// One charger's raw OCPP-J connection, with this test's session shapes.
+struct Charger(RawCharger);
 
 impl Charger {
     async fn connect(url: &str) -> Charger {
-        let (ws, _) = within(
-            Duration::from_secs(15),
-            "charger connects",
-            ws::connect(url, &["ocpp1.6"], None),
-        )
-        .await
-        .unwrap_or_else(|e| panic!("connect {url}: {e}"));
-        Charger { ws, next_id: 0 }
+        Charger(RawCharger::connect(url).await)
     }
 
     async fn call(&mut self, action: &str, payload: Value) -> Value {
-        self.next_id += 1;
-        let id = format!("m{}", self.next_id);
-        let frame = json!([2, id, action, payload]).to_string();
-        self.ws.send(Message::text(frame)).await.expect("send CALL");
-        loop {
-            let message = within(Duration::from_secs(15), action, self.ws.next())
-                .await
-                .unwrap_or_else(|| panic!("{action}: connection closed"))
-                .unwrap_or_else(|e| panic!("{action}: {e}"));
-            let Message::Text(text) = message else {
-                continue;
-            };
-            let reply: Value = serde_json::from_str(text.as_str()).expect("JSON reply");
-            if reply[0] == 3 && reply[1] == id.as_str() {
-                return reply[2].clone();
-            }
-            assert_ne!(reply[0], 4, "{action} got a CALLERROR: {reply}");
-        }
+        self.0.call(action, payload).await.0
     }
 
     async fn start(&mut self, id_tag: &str, meter_start: i64, at: i64) -> i64 {

@@ -50,3 +50,83 @@ pub fn refusal_status(
         Ok((_, response)) => Err(format!("handshake succeeded with {}", response.status())),
     }
 }
+
+/// A charger speaking raw OCPP-J over one connection: each CALL gets the next message id and
+/// waits (15 s at most) for its CALLRESULT; a CALLERROR fails the test.
+pub struct RawCharger {
+    ws: ClientWs,
+    next_id: u64,
+}
+
+impl RawCharger {
+    /// Connects with subprotocol `ocpp1.6` (15 s at most).
+    pub async fn connect(url: &str) -> RawCharger {
+        let (ws, _) = crate::support::within(
+            std::time::Duration::from_secs(15),
+            "charger connects",
+            connect(url, &["ocpp1.6"], None),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("connect {url}: {e}"));
+        RawCharger { ws, next_id: 0 }
+    }
+
+    /// Sends a CALL and waits for its answer: (payload, how long the answer took).
+    pub async fn call(
+        &mut self,
+        action: &str,
+        payload: serde_json::Value,
+    ) -> (serde_json::Value, std::time::Duration) {
+        use futures_util::{SinkExt, StreamExt};
+        self.next_id += 1;
+        let id = format!("m{}", self.next_id);
+        let frame = serde_json::json!([2, id, action, payload]).to_string();
+        let sent = std::time::Instant::now();
+        self.ws
+            .send(tungstenite::Message::text(frame))
+            .await
+            .expect("send CALL");
+        loop {
+            let message =
+                crate::support::within(std::time::Duration::from_secs(15), action, self.ws.next())
+                    .await
+                    .unwrap_or_else(|| panic!("{action}: connection closed"))
+                    .unwrap_or_else(|e| panic!("{action}: {e}"));
+            let tungstenite::Message::Text(text) = message else {
+                continue;
+            };
+            let reply: serde_json::Value = serde_json::from_str(text.as_str()).expect("JSON reply");
+            if reply[0] == 3 && reply[1] == id.as_str() {
+                return (reply[2].clone(), sent.elapsed());
+            }
+            assert_ne!(reply[0], 4, "{action} got a CALLERROR: {reply}");
+        }
+    }
+}
+
+/// Sends the CALL `frame` on a raw charger socket and returns the CALLRESULT with message id
+/// `id` (10 s at most); anything else with that id fails the test.
+pub async fn call_frame(socket: &mut ClientWs, frame: &str, id: &str) -> serde_json::Value {
+    use futures_util::{SinkExt, StreamExt};
+    socket
+        .send(tungstenite::Message::text(frame))
+        .await
+        .expect("send CALL through the bridge");
+    let reply = crate::support::within(std::time::Duration::from_secs(10), "CALLRESULT", async {
+        loop {
+            match socket.next().await {
+                Some(Ok(tungstenite::Message::Text(text))) => {
+                    let value: serde_json::Value = serde_json::from_str(&text).expect("JSON reply");
+                    if value[1] == id {
+                        return value;
+                    }
+                }
+                Some(Ok(_)) => continue,
+                other => panic!("connection ended while waiting for {id}: {other:?}"),
+            }
+        }
+    })
+    .await;
+    assert_eq!(reply[0], 3, "CALLRESULT for {id}: {reply}");
+    reply
+}
