@@ -205,9 +205,17 @@ impl FrameTap {
     async fn hold(&self, receipt: oneshot::Receiver<()>, message_id: &str) {
         let Some(billing) = &self.billing else { return };
         let started = tokio::time::Instant::now();
-        let outcome = match tokio::time::timeout(billing.hold_timeout, receipt).await {
+        let deadline = started + billing.hold_timeout;
+        let outcome = match tokio::time::timeout_at(deadline, receipt).await {
             Ok(Ok(())) => "committed",
-            Ok(Err(_)) => "writer_stopped",
+            Ok(Err(_)) => {
+                // The writer is gone: the daemon is failing and about to close every charger
+                // (supervise.rs). Holding the reply to the end of the hold lets that close come
+                // first, so the charger resends to the restarted bridge instead of getting an
+                // answer whose record is not on disk; the bound stays `hold_timeout`.
+                tokio::time::sleep_until(deadline).await;
+                "writer_stopped"
+            }
             Err(_) => "timeout",
         };
         metrics::histogram!("ocpp_lago_bridge_reply_hold_seconds")

@@ -54,8 +54,8 @@ impl SpoolHandle {
     }
 
     /// Queues `record` without ever waiting; the receiver fires once it (and what it derived)
-    /// is on disk. With the writer's queue full the record is appended to the overflow
-    /// directory instead (off the async threads; the receiver fires once that is fsync'd) and
+    /// is on disk. With the writer's queue full, or the writer stopped, the record is appended
+    /// to the overflow directory instead (off the async threads; the receiver fires once that is fsync'd) and
     /// ingested at the next start; only if that fails too is it lost, logged at ERROR with
     /// its readings.
     pub fn try_submit(&self, record: TapRecord) -> Result<oneshot::Receiver<()>, SubmitError> {
@@ -71,14 +71,22 @@ impl SpoolHandle {
         let Command::Record { record, committed } = command else {
             unreachable!("the command sent was a record");
         };
-        if self.commands.is_closed() {
-            return Err(SubmitError::Stopped(Box::new(record)));
-        }
+        // A stopped writer (the daemon is failing and about to exit, see supervise.rs) takes no
+        // more records either: the overflow file keeps them for the next start all the same.
+        let stopped = self.commands.is_closed();
         let Some(overflow) = self.overflow.clone() else {
-            return Err(SubmitError::Full(Box::new(record)));
+            return Err(if stopped {
+                SubmitError::Stopped(Box::new(record))
+            } else {
+                SubmitError::Full(Box::new(record))
+            });
         };
-        metrics::counter!("ocpp_lago_bridge_spool_queue_full_total").increment(1);
-        tracing::warn!(charge_box_id = %record.charge_box_id, overflow_dir = %overflow.dir().display(), "spool writer queue full: record appended to spool.overflow_dir, ingested at the next start");
+        if stopped {
+            tracing::warn!(charge_box_id = %record.charge_box_id, overflow_dir = %overflow.dir().display(), "spool writer stopped: record appended to spool.overflow_dir, ingested at the next start");
+        } else {
+            metrics::counter!("ocpp_lago_bridge_spool_queue_full_total").increment(1);
+            tracing::warn!(charge_box_id = %record.charge_box_id, overflow_dir = %overflow.dir().display(), "spool writer queue full: record appended to spool.overflow_dir, ingested at the next start");
+        }
         let json = serde_json::to_string(&record).expect("tap record serialises");
         tokio::task::spawn_blocking(move || {
             match overflow.append(overflow::QUEUE_FULL, [json.as_str()]) {
@@ -94,5 +102,53 @@ impl SpoolHandle {
     /// Sends a command other than a record (shipper results, new rules).
     pub async fn send(&self, command: Command) -> Result<(), WriterStopped> {
         self.commands.send(command).await.map_err(|_| WriterStopped)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tap::{StopRecord, TapKind};
+    use rust_decimal::Decimal;
+
+    fn stop(tx: i64) -> TapRecord {
+        TapRecord {
+            charge_box_id: "CP".into(),
+            received_at: 1_767_265_200,
+            kind: TapKind::Stop(StopRecord {
+                ocpp_transaction_id: tx,
+                meter_stop_wh: Decimal::from(5),
+                timestamp: None,
+                id_tag: None,
+                reason: None,
+                begin_reading: None,
+                readings: vec![],
+            }),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_record_for_a_stopped_writer_is_kept_in_the_overflow_before_its_receipt_fires() {
+        let dir = tempfile::tempdir().unwrap();
+        let overflow = Arc::new(Overflow::new(dir.path().join("overflow")));
+        let (commands, receiver) = mpsc::channel(4);
+        drop(receiver); // the writer has ended (it panicked, or the daemon is exiting)
+        let spool = SpoolHandle::new(commands, Some(overflow.clone()));
+        let receipt = spool.try_submit(stop(7)).expect("kept, not lost");
+        tokio::time::timeout(std::time::Duration::from_secs(5), receipt)
+            .await
+            .expect("the receipt fires once the record is fsync'd")
+            .expect("fired, not dropped");
+        let taken = overflow.take().unwrap();
+        assert_eq!(taken.records, vec![stop(7)], "ingested at the next start");
+
+        // Without an overflow directory the record is reported lost, never silently dropped.
+        let (commands, receiver) = mpsc::channel(4);
+        drop(receiver);
+        let error = SpoolHandle::new(commands, None)
+            .try_submit(stop(8))
+            .unwrap_err();
+        assert!(matches!(error, SubmitError::Stopped(_)), "{error}");
+        assert_eq!(*error.record(), stop(8));
     }
 }
