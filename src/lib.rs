@@ -9,6 +9,8 @@ pub mod clock;
 pub mod config;
 pub mod event;
 pub mod lago;
+#[cfg(test)]
+mod layering_tests;
 pub mod ledger;
 pub mod ocpp;
 pub mod operator;
