@@ -108,6 +108,23 @@ impl SpoolHandle {
     }
 }
 
+/// How long opening the spool may take before the bridge relays without it: a hung disk must
+/// not keep chargers from SteVe.
+const SPOOL_OPEN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Opens the spool off the async threads, bounded in time.
+pub async fn open_store(spool_path: &Path) -> Result<Store, String> {
+    let path = spool_path.to_path_buf();
+    let opening = tokio::task::spawn_blocking(move || Store::open(&path));
+    match tokio::time::timeout(SPOOL_OPEN_TIMEOUT, opening).await {
+        Ok(Ok(result)) => result.map_err(|e| e.to_string()),
+        Ok(Err(join)) => Err(format!("opening the spool failed: {join}")),
+        Err(_) => Err(format!(
+            "opening the spool took longer than {SPOOL_OPEN_TIMEOUT:?}: is its disk hung?"
+        )),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -153,22 +170,5 @@ mod tests {
             .unwrap_err();
         assert!(matches!(error, SubmitError::Stopped(_)), "{error}");
         assert_eq!(*error.record(), stop(8));
-    }
-}
-
-/// How long opening the spool may take before the bridge relays without it: a hung disk must
-/// not keep chargers from SteVe.
-const SPOOL_OPEN_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Opens the spool off the async threads, bounded in time.
-pub async fn open_store(spool_path: &Path) -> Result<Store, String> {
-    let path = spool_path.to_path_buf();
-    let opening = tokio::task::spawn_blocking(move || Store::open(&path));
-    match tokio::time::timeout(SPOOL_OPEN_TIMEOUT, opening).await {
-        Ok(Ok(result)) => result.map_err(|e| e.to_string()),
-        Ok(Err(join)) => Err(format!("opening the spool failed: {join}")),
-        Err(_) => Err(format!(
-            "opening the spool took longer than {SPOOL_OPEN_TIMEOUT:?}: is its disk hung?"
-        )),
     }
 }
