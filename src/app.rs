@@ -15,14 +15,14 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
-use crate::lago::{ApiKey, LagoClient, LagoClientConfig};
+use crate::lago::{LagoClient, LagoClientConfig};
 use crate::proxy::Proxy;
 use crate::proxy::tap::Billing;
+use crate::secrets::{read_api_key, steve_auth};
 use crate::shipper::{self, Destination, ShipperSettings, SpoolAccess};
 use crate::shutdown::{self, Shutdown};
-use crate::spool::SpoolHandle;
-use crate::spool::store::Store;
 use crate::spool::writer::{self, Command, WriterSettings};
+use crate::spool::{SpoolHandle, open_store};
 use crate::supervise::{Supervisor, TaskFailure};
 use crate::systemd;
 use crate::telemetry::{self, LogLevel, Readiness};
@@ -51,7 +51,7 @@ pub enum AppError {
     #[error("cannot install the signal handlers: {0}")]
     Signals(std::io::Error),
     #[error("TLS: {0}")]
-    Tls(#[from] crate::proxy::tls::TlsError),
+    Tls(#[from] crate::tls::TlsError),
     #[error("task {} {}: exiting so that the service manager restarts the bridge", .0.task, .0.reason)]
     TaskFailed(TaskFailure),
 }
@@ -107,7 +107,7 @@ pub async fn run(
     } else {
         config.spool.path.clone()
     };
-    let heartbeat = Arc::new(AtomicI64::new(writer::unix_now()));
+    let heartbeat = Arc::new(AtomicI64::new(crate::clock::unix_now()));
     let pipeline = start_pipeline(
         &config,
         &spool_path,
@@ -164,7 +164,7 @@ pub async fn run(
             }
             _ = report.tick() => {
                 let writer_alive = pipeline.is_none()
-                    || writer::unix_now() - heartbeat.load(Ordering::Relaxed) <= WRITER_STALL_SECS;
+                    || crate::clock::unix_now() - heartbeat.load(Ordering::Relaxed) <= WRITER_STALL_SECS;
                 let alive = writer_alive && !accepting.is_finished();
                 if alive && systemd::watchdog_enabled() {
                     systemd::watchdog();
@@ -375,23 +375,6 @@ fn upstream_address(upstream_url: &str) -> Option<String> {
     Some(format!("{}:{port}", uri.host()?))
 }
 
-/// How long opening the spool may take before the bridge relays without it: a hung disk must
-/// not keep chargers from SteVe.
-const SPOOL_OPEN_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Opens the spool off the async threads, bounded in time.
-pub async fn open_store(spool_path: &Path) -> Result<Store, String> {
-    let path = spool_path.to_path_buf();
-    let opening = tokio::task::spawn_blocking(move || Store::open(&path));
-    match tokio::time::timeout(SPOOL_OPEN_TIMEOUT, opening).await {
-        Ok(Ok(result)) => result.map_err(|e| e.to_string()),
-        Ok(Err(join)) => Err(format!("opening the spool failed: {join}")),
-        Err(_) => Err(format!(
-            "opening the spool took longer than {SPOOL_OPEN_TIMEOUT:?}: is its disk hung?"
-        )),
-    }
-}
-
 /// The overflow directory of `spool.overflow_dir` (see [`crate::spool::overflow`]); a dry run
 /// keeps its own below it, as it keeps its own spool.
 fn overflow_dir(config: &Config, options: &RunOptions) -> Arc<crate::spool::overflow::Overflow> {
@@ -438,7 +421,7 @@ async fn start_pipeline(
     let events_committed = Arc::new(Notify::new());
     let steve = steve_client(config);
     let overflow = overflow_dir(config, options);
-    let (recovery_handle, recovery_requests) = crate::recovery::channel();
+    let (recovery_handle, recovery_requests) = crate::start_lookup::channel();
     let settings = WriterSettings {
         max_backlog: config.spool.max_memory_records,
         retention: config.spool.retention,
@@ -596,78 +579,6 @@ fn steve_client(config: &Config) -> Option<crate::steve::SteveClient> {
             None
         }
     }
-}
-
-/// SteVe ≥ 3.8 takes HTTP Basic (`steve.api_user` + `steve.api_password_file` or
-/// `STEVE_API_PASSWORD`); older SteVe the `STEVE-API-KEY` header (`steve.api_key_file` or
-/// `STEVE_API_KEY`). `check-config` refuses both at once.
-pub fn steve_auth(steve: &crate::config::SteveConfig) -> Result<crate::steve::SteveAuth, String> {
-    match &steve.api_user {
-        Some(user) => read_secret(
-            "SteVe API password",
-            steve.api_password_file.as_deref(),
-            None,
-            "STEVE_API_PASSWORD",
-            "set steve.api_password_file or STEVE_API_PASSWORD",
-        )
-        .map(|password| crate::steve::SteveAuth::Basic {
-            user: user.clone(),
-            password,
-        }),
-        None => read_secret(
-            "SteVe API key",
-            steve.api_key_file.as_deref(),
-            None,
-            "STEVE_API_KEY",
-            "set steve.api_user and its API password (SteVe >= 3.8), or steve.api_key_file / STEVE_API_KEY (older SteVe)",
-        )
-        .map(crate::steve::SteveAuth::LegacyKey),
-    }
-}
-
-/// The Lago API key: `lago.api_key_file`, else the systemd credential `lago-api-key`, else the
-/// environment variable `LAGO_API_KEY`. Errors never contain the key.
-pub fn read_api_key(api_key_file: Option<&Path>) -> Result<ApiKey, String> {
-    read_secret(
-        "Lago API key",
-        api_key_file,
-        Some("lago-api-key"),
-        "LAGO_API_KEY",
-        "set lago.api_key_file, a systemd credential `lago-api-key` or LAGO_API_KEY",
-    )
-}
-
-/// A secret from `file`, else the systemd credential `credential` (under
-/// `$CREDENTIALS_DIRECTORY`), else the environment variable `var`; trimmed, never empty.
-/// Errors name where it was looked for, never what it holds.
-fn read_secret(
-    what: &str,
-    file: Option<&Path>,
-    credential: Option<&str>,
-    var: &str,
-    how_to_set: &str,
-) -> Result<ApiKey, String> {
-    let credential = credential.and_then(|name| {
-        std::env::var_os("CREDENTIALS_DIRECTORY").map(|dir| PathBuf::from(dir).join(name))
-    });
-    let file = file
-        .map(Path::to_path_buf)
-        .or(credential.filter(|p| p.exists()));
-    let secret = match file {
-        Some(path) => {
-            if let Some(warning) = crate::config::secret_file_warning(what, &path) {
-                tracing::warn!(%warning, "secret file readable by others");
-            }
-            std::fs::read_to_string(&path)
-                .map_err(|e| format!("cannot read the {what} file {}: {e}", path.display()))?
-        }
-        None => std::env::var(var).map_err(|_| format!("no {what}: {how_to_set}"))?,
-    };
-    let secret = secret.trim();
-    if secret.is_empty() {
-        return Err(format!("the {what} is empty"));
-    }
-    Ok(ApiKey::new(secret))
 }
 
 async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, AppError> {

@@ -172,7 +172,7 @@ fn local_checks(config: &Config, report: &mut Report) {
     // environment (systemd credential, LAGO_API_KEY) may still provide it, so that is a warning.
     match &config.lago.api_key_file {
         Some(file) => {
-            if let Err(problem) = crate::app::read_api_key(Some(file)) {
+            if let Err(problem) = crate::secrets::read_api_key(Some(file)) {
                 report
                     .problems
                     .push(format!("`lago.api_key_file`: {problem}"));
@@ -181,7 +181,7 @@ fn local_checks(config: &Config, report: &mut Report) {
             }
         }
         None => {
-            if let Err(problem) = crate::app::read_api_key(None) {
+            if let Err(problem) = crate::secrets::read_api_key(None) {
                 report.warnings.push(format!(
                     "{problem} (in this environment): `run` keeps events in the spool and sends none until it has one"
                 ));
@@ -306,7 +306,7 @@ async fn probe_steve_websocket(config: &Config) -> Probe {
         http::HeaderValue::from_static("ocpp1.6"),
     );
     crate::ensure_rustls_provider();
-    let tls = match crate::proxy::tls::client_config(config.proxy.upstream_ca_file.as_deref()) {
+    let tls = match crate::tls::client_config(config.proxy.upstream_ca_file.as_deref()) {
         Ok(tls) => tls,
         Err(e) => return Probe::Problem(e.to_string()),
     };
@@ -345,7 +345,7 @@ async fn probe_steve_websocket(config: &Config) -> Probe {
 /// nothing) proves the URL and the key.
 async fn probe_steve_rest(config: &Config) -> Option<Probe> {
     let api_url = config.steve.api_url.as_deref()?;
-    let auth = match crate::app::steve_auth(&config.steve) {
+    let auth = match crate::secrets::steve_auth(&config.steve) {
         Ok(auth) => auth,
         Err(problem) => return Some(Probe::Problem(problem)),
     };
@@ -356,7 +356,7 @@ async fn probe_steve_rest(config: &Config) -> Option<Probe> {
     use crate::steve::SteveError;
     Some(
         match client
-            .recover_start(PROBE_CHARGE_BOX_ID, 0, crate::spool::writer::unix_now())
+            .recover_start(PROBE_CHARGE_BOX_ID, 0, crate::clock::unix_now())
             .await
         {
             Ok(_) => Probe::Ok(format!("{api_url} accepted the credentials")),
@@ -379,7 +379,7 @@ async fn probe_steve_rest(config: &Config) -> Option<Probe> {
 async fn probe_lago(config: &Config) -> Probe {
     use crate::lago::{LagoClient, LagoClientConfig, LagoError};
     let api_url = &config.lago.api_url;
-    let key = match crate::app::read_api_key(config.lago.api_key_file.as_deref()) {
+    let key = match crate::secrets::read_api_key(config.lago.api_key_file.as_deref()) {
         Ok(key) => key,
         Err(problem) => return Probe::Problem(format!("cannot ask {api_url}: {problem}")),
     };

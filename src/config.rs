@@ -10,6 +10,7 @@ use std::time::Duration;
 use serde::de::DeserializeOwned;
 
 use crate::ledger::{BillingMode, BillingRules, IdTagCase, SubscriptionMap, Template};
+use crate::tls::TlsConfig;
 use tokio_tungstenite::tungstenite::http::Uri;
 
 /// The config file used when `--config` is not given; absent means "all defaults".
@@ -107,16 +108,6 @@ pub struct ProxyConfig {
     /// Proxies in front of the bridge (IPs or CIDRs) whose `X-Forwarded-For/-Proto` are passed
     /// on; anyone else's are replaced, so a charger cannot claim it came over TLS.
     pub trusted_proxies: Vec<ipnet::IpNet>,
-}
-
-/// `[proxy.tls]`: the listener's certificate, and optionally the CA of charger certificates.
-#[derive(Debug, Clone, PartialEq)]
-pub struct TlsConfig {
-    pub cert_file: PathBuf,
-    pub key_file: PathBuf,
-    /// Security profile 3: chargers must present a certificate from this CA (PEM) whose subject
-    /// CN is their chargeBoxId.
-    pub client_ca_file: Option<PathBuf>,
 }
 
 /// `[lago]`: the Lago events API.
@@ -456,19 +447,14 @@ impl Config {
     /// check-config, not a session hours later.
     fn file_problems(&self) -> Vec<String> {
         let mut problems = self.billing_rules().err().unwrap_or_default();
-        if let Some(Err(e)) = self
-            .proxy
-            .tls
-            .as_ref()
-            .map(crate::proxy::tls::server_config)
-        {
+        if let Some(Err(e)) = self.proxy.tls.as_ref().map(crate::tls::server_config) {
             problems.push(e.to_string());
         }
         if let Some(Err(e)) = self
             .proxy
             .upstream_ca_file
             .as_deref()
-            .map(|ca| crate::proxy::tls::client_config(Some(ca)))
+            .map(|ca| crate::tls::client_config(Some(ca)))
         {
             problems.push(e.to_string());
         }

@@ -5,15 +5,19 @@
 
 pub mod app;
 pub mod check;
+pub mod clock;
 pub mod config;
 pub mod event;
 pub mod lago;
+#[cfg(test)]
+mod layering_tests;
 pub mod ledger;
 pub mod ocpp;
 pub mod operator;
 pub mod proxy;
 pub mod reconcile;
 pub mod recovery;
+pub mod secrets;
 pub mod shipper;
 pub mod shutdown;
 /// The load generator behind `ocpp-lago-bridge simulate`; feature "simulate" (default), left out
@@ -21,11 +25,13 @@ pub mod shutdown;
 #[cfg(feature = "simulate")]
 pub mod simulate;
 pub mod spool;
+pub mod start_lookup;
 pub mod steve;
 pub mod supervise;
 pub mod systemd;
 pub mod tap;
 pub mod telemetry;
+pub mod tls;
 
 /// Installs rustls' ring provider process-wide (reqwest is built without a default one: the
 /// aws-lc provider needs cmake and nasm). Idempotent; every HTTP client calls it first.

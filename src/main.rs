@@ -345,7 +345,7 @@ fn main() -> ExitCode {
                 eprintln!("error: {error}");
                 return ExitCode::from(EXIT_CONFIG);
             }
-            let to = to.unwrap_or_else(ocpp_lago_bridge::spool::writer::unix_now);
+            let to = to.unwrap_or_else(ocpp_lago_bridge::clock::unix_now);
             match tokio::runtime::Runtime::new() {
                 Ok(runtime) => ExitCode::from(runtime.block_on(reconcile::run::command(
                     &config, from, to, format, backfill, wait,
@@ -427,7 +427,7 @@ fn parse_session(session: &str) -> Result<(String, i64), String> {
 /// `--since`: an age ("6h") or an RFC 3339 time, as unix seconds.
 fn parse_since(since: &str) -> Result<i64, String> {
     if let Ok(age) = humantime::parse_duration(since) {
-        let now = ocpp_lago_bridge::spool::writer::unix_now();
+        let now = ocpp_lago_bridge::clock::unix_now();
         return Ok(now.saturating_sub(i64::try_from(age.as_secs()).unwrap_or(i64::MAX)));
     }
     ocpp_lago_bridge::ocpp::units::parse_timestamp(since).map_err(|e| {

@@ -4,11 +4,11 @@
 use std::fmt::Write as _;
 use std::path::Path;
 
+use crate::clock::unix_now;
 use crate::config::Config;
 use crate::lago::{LagoClient, LagoClientConfig, LagoError};
 use crate::ledger::Ledger;
 use crate::spool::store::{Replay, Requeue, RequeueOutcome, Store, StoreError};
-use crate::spool::writer::unix_now;
 use crate::tap::TapRecord;
 
 /// Why an operator command failed.
@@ -282,7 +282,7 @@ pub async fn replay(
     let rules = config
         .billing_rules()
         .map_err(|problems| OperatorError::Refused(problems.join("; ")))?;
-    let key = crate::app::read_api_key(config.lago.api_key_file.as_deref())
+    let key = crate::secrets::read_api_key(config.lago.api_key_file.as_deref())
         .map_err(OperatorError::Refused)?;
     let client = LagoClient::new(LagoClientConfig {
         api_url: config.lago.api_url.clone(),

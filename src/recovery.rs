@@ -21,6 +21,7 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use crate::ledger::SessionKey;
 use crate::spool::writer::Command;
+use crate::start_lookup::Lookup;
 use crate::steve::{SteveClient, SteveError};
 use crate::tap::TapRecord;
 
@@ -33,28 +34,6 @@ const CACHE_MAX: usize = 10_000;
 const RETRY_MIN_DELAY: Duration = Duration::from_millis(250);
 const RETRY_MAX_DELAY: Duration = Duration::from_secs(30);
 
-/// A session whose start the writer needs.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Lookup {
-    /// The session.
-    pub key: SessionKey,
-    /// When its (first) Stop arrived: the recovered Start record carries the same time.
-    pub received_at: i64,
-}
-
-/// The writer's way to ask for a start; sending never waits.
-#[derive(Debug, Clone)]
-pub struct RecoveryHandle {
-    requests: mpsc::UnboundedSender<Lookup>,
-}
-
-impl RecoveryHandle {
-    /// Queues a lookup; `false` if the recovery task has ended.
-    pub fn request(&self, lookup: Lookup) -> bool {
-        self.requests.send(lookup).is_ok()
-    }
-}
-
 /// The recovery task's limits (`[steve]`).
 #[derive(Debug, Clone)]
 pub struct RecoverySettings {
@@ -64,14 +43,6 @@ pub struct RecoverySettings {
     pub max_requests_per_second: u32,
     /// How long one session is retried before SteVe is taken not to know it.
     pub recovery_timeout: Duration,
-}
-
-/// The channel between the writer and the recovery task. The queue is unbounded on purpose:
-/// the writer must never wait on it, and it holds at most one entry per parked session (the
-/// writer asks once per session), which the writer keeps in memory anyway.
-pub fn channel() -> (RecoveryHandle, mpsc::UnboundedReceiver<Lookup>) {
-    let (requests, receiver) = mpsc::unbounded_channel();
-    (RecoveryHandle { requests }, receiver)
 }
 
 /// What SteVe said about a session, as cached.

@@ -7,8 +7,8 @@
 pub mod admission;
 pub mod handshake;
 pub mod relay;
+pub mod side;
 pub mod tap;
-pub mod tls;
 pub mod upstream;
 
 use std::net::SocketAddr;
@@ -25,12 +25,12 @@ use tracing::Instrument;
 
 use crate::config::ProxyConfig;
 use crate::shutdown::Shutdown;
+use crate::tls::{self, ReloadableAcceptor, TlsError};
 use admission::{Admission, Refusal, Slot};
 use futures_util::StreamExt;
 use handshake::{HttpResponse, UpgradeRequest, read_upgrade_request};
 use relay::{Halves, Limits, relay};
 use tap::{Billing, FrameTap};
-use tls::{ReloadableAcceptor, TlsError};
 
 use crate::telemetry::Throttle;
 

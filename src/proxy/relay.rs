@@ -21,45 +21,18 @@ use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_util::sync::CancellationToken;
 
 use super::admission::ChargerRateLimiter;
+use super::side::Side;
 use super::tap::FrameTap;
 
 /// How long a close handshake may take before the socket is simply dropped.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// One end of a relayed connection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Side {
-    Charger,
-    Upstream,
-}
-
-impl Side {
-    fn index(self) -> usize {
-        self as usize
-    }
-
-    /// The direction of frames read from this side.
-    pub fn direction(self) -> &'static str {
-        match self {
-            Side::Charger => "charger_to_upstream",
-            Side::Upstream => "upstream_to_charger",
-        }
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Side::Charger => "charger",
-            Side::Upstream => "upstream",
-        }
-    }
-
-    /// What the other side is told when this side vanishes. A lost charger is "going away" for
-    /// SteVe; a lost SteVe is a server-side failure for the charger (1005/1006 cannot be sent).
-    fn loss_close(self) -> CloseFrame {
-        match self {
-            Side::Charger => close_frame(CloseCode::Away, "charger connection lost"),
-            Side::Upstream => close_frame(CloseCode::Error, "upstream connection lost"),
-        }
+/// What the other side is told when `side` vanishes. A lost charger is "going away" for
+/// SteVe; a lost SteVe is a server-side failure for the charger (1005/1006 cannot be sent).
+fn loss_close(side: Side) -> CloseFrame {
+    match side {
+        Side::Charger => close_frame(CloseCode::Away, "charger connection lost"),
+        Side::Upstream => close_frame(CloseCode::Error, "upstream connection lost"),
     }
 }
 
@@ -185,12 +158,12 @@ where
             frame,
         } => (Some(frame.clone()), None),
         End::Lost { side, .. } | End::Unresponsive { side } => match side {
-            Side::Charger => (None, Some(Some(side.loss_close()))),
-            Side::Upstream => (Some(Some(side.loss_close())), None),
+            Side::Charger => (None, Some(Some(loss_close(*side)))),
+            Side::Upstream => (Some(Some(loss_close(*side))), None),
         },
         End::Violation { side, code, error } => {
             let own = Some(Some(close_frame(*code, error)));
-            let other = Some(Some(side.loss_close()));
+            let other = Some(Some(loss_close(*side)));
             match side {
                 Side::Charger => (own, other),
                 Side::Upstream => (other, own),

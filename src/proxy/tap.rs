@@ -9,10 +9,10 @@ use std::time::Duration;
 use tokio::sync::oneshot;
 use tokio_tungstenite::tungstenite::Message;
 
-use super::relay::Side;
+use super::side::Side;
+use crate::clock::unix_now;
 use crate::lock;
 use crate::spool::SpoolHandle;
-use crate::spool::writer::unix_now;
 use crate::tap::{ConnectionTap, MAX_PENDING_CALLS, Observation, TapRecord, Unbilled};
 
 /// Where billing records go, shared by all connections.

@@ -12,12 +12,12 @@ use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use tokio_util::sync::CancellationToken;
 
 use super::{Finding, LagoTally, Status, classify, orphans};
+use crate::clock::unix_now;
 use crate::config::Config;
 use crate::event::{LagoEvent, ORIGIN_RECONCILE};
 use crate::lago::{EventsWindow, LagoClient, LagoClientConfig, LagoError};
 use crate::ledger::{BillingRules, Ledger};
 use crate::spool::store::{BackfillOutcome, ReconcileView, Store, StoreError};
-use crate::spool::writer::unix_now;
 use crate::steve::{SteveClient, SteveError, SteveSession};
 use crate::tap::{StartRecord, StopRecord, TapKind, TapRecord};
 
@@ -103,9 +103,9 @@ impl Sources {
                 "reconcile needs SteVe's REST API: set [steve] api_url and its credentials".into(),
             )
         })?;
-        let auth = crate::app::steve_auth(&config.steve).map_err(ReconcileError::Config)?;
+        let auth = crate::secrets::steve_auth(&config.steve).map_err(ReconcileError::Config)?;
         let steve = SteveClient::new(api_url, auth, config.steve.request_timeout)?;
-        let key = crate::app::read_api_key(config.lago.api_key_file.as_deref())
+        let key = crate::secrets::read_api_key(config.lago.api_key_file.as_deref())
             .map_err(ReconcileError::Config)?;
         let lago = LagoClient::new(LagoClientConfig {
             api_url: config.lago.api_url.clone(),

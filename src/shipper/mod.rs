@@ -28,10 +28,11 @@ use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use tokio::sync::{Notify, oneshot};
 use tokio_util::sync::CancellationToken;
 
+use crate::clock::unix_now;
 use crate::lago::{LagoClient, LagoError, RetryCause};
 use crate::spool::SpoolHandle;
 use crate::spool::store::{OutboxRow, ReadyFilter, ReadyRow, RetryState, Store, StoreError};
-use crate::spool::writer::{Command, unix_now};
+use crate::spool::writer::Command;
 use crate::telemetry::Readiness;
 use lookups::{Metric, REPROBE_EVERY, Subscription, Triage};
 use outcome::{
@@ -236,7 +237,7 @@ pub async fn run(
     draining: CancellationToken,
     shutdown: CancellationToken,
 ) {
-    let reader = match crate::app::open_store(&spool.path).await {
+    let reader = match crate::spool::open_store(&spool.path).await {
         Ok(store) => store,
         Err(error) => {
             tracing::error!(%error, "the shipper cannot read the spool: nothing is delivered until restart");
@@ -325,7 +326,7 @@ async fn watch_backlog(
     max_pending_age: Duration,
     stop: CancellationToken,
 ) {
-    let store = match crate::app::open_store(&path).await {
+    let store = match crate::spool::open_store(&path).await {
         Ok(store) => Arc::new(Mutex::new(store)),
         Err(error) => {
             tracing::error!(%error, "the backlog gauges cannot read the spool");

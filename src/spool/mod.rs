@@ -7,12 +7,15 @@ pub mod overflow;
 pub mod store;
 pub mod writer;
 
+use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
 
 use crate::tap::TapRecord;
 use overflow::Overflow;
+use store::Store;
 use writer::Command;
 
 /// The way into the writer, cloned into every connection.
@@ -102,6 +105,23 @@ impl SpoolHandle {
     /// Sends a command other than a record (shipper results, new rules).
     pub async fn send(&self, command: Command) -> Result<(), WriterStopped> {
         self.commands.send(command).await.map_err(|_| WriterStopped)
+    }
+}
+
+/// How long opening the spool may take before the bridge relays without it: a hung disk must
+/// not keep chargers from SteVe.
+const SPOOL_OPEN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Opens the spool off the async threads, bounded in time.
+pub async fn open_store(spool_path: &Path) -> Result<Store, String> {
+    let path = spool_path.to_path_buf();
+    let opening = tokio::task::spawn_blocking(move || Store::open(&path));
+    match tokio::time::timeout(SPOOL_OPEN_TIMEOUT, opening).await {
+        Ok(Ok(result)) => result.map_err(|e| e.to_string()),
+        Ok(Err(join)) => Err(format!("opening the spool failed: {join}")),
+        Err(_) => Err(format!(
+            "opening the spool took longer than {SPOOL_OPEN_TIMEOUT:?}: is its disk hung?"
+        )),
     }
 }
 

@@ -22,8 +22,9 @@ use super::overflow::{self, Overflow};
 use super::store::{
     Changes, NewDeadLetter, ParkedStopRow, RecordRow, SessionRow, Store, StoreError,
 };
+use crate::clock::unix_now;
 use crate::ledger::{AnomalyReason, Applied, BillingRules, Ledger, SessionKey, SessionState};
-use crate::recovery::{Lookup, RecoveryHandle};
+use crate::start_lookup::{Lookup, RecoveryHandle};
 use crate::tap::{TapKind, TapRecord};
 use crate::telemetry::Readiness;
 
@@ -778,18 +779,10 @@ pub fn spawn_writer(writer: impl Future<Output = ()> + Send + 'static) -> onesho
     receiver
 }
 
-/// The bridge clock in unix seconds.
-pub fn unix_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::recovery;
+    use crate::start_lookup;
     use crate::tap::{StartRecord, StopRecord};
     use rust_decimal::Decimal;
 
@@ -836,7 +829,7 @@ mod tests {
         let path = dir.join("spool.db");
         let store = Store::open(&path).unwrap();
         let rules = Arc::new(crate::config::Config::default().billing_rules().unwrap());
-        let (handle, lookups) = recovery::channel();
+        let (handle, lookups) = start_lookup::channel();
         let settings = WriterSettings {
             max_backlog: 100,
             retention: Duration::from_secs(3600),

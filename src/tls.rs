@@ -5,7 +5,7 @@
 //! a charger must present a certificate signed by that CA whose subject CN is its chargeBoxId;
 //! SteVe then no longer sees the certificate, only the relayed connection.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
 use rustls::RootCertStore;
@@ -14,7 +14,15 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio_rustls::TlsAcceptor;
 
-use crate::config::TlsConfig;
+/// `[proxy.tls]`: the listener's certificate, and optionally the CA of charger certificates.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TlsConfig {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    /// Security profile 3: chargers must present a certificate from this CA (PEM) whose subject
+    /// CN is their chargeBoxId.
+    pub client_ca_file: Option<PathBuf>,
+}
 
 /// Why TLS material could not be loaded.
 #[derive(Debug, thiserror::Error)]
