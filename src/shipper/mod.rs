@@ -525,7 +525,13 @@ impl Shipper {
         self.shared.limiter.until_ready().await;
         let events: Vec<_> = rows.iter().map(|r| r.row.event.clone()).collect();
         let result = client.post_batch(&events).await;
-        self.shared.observe(&result);
+        match &result {
+            // `post_batch` answers transport trouble, timeouts and 5xx as a retryable outcome,
+            // not an error: it still means Lago did not answer, so `/readyz` must say so (else
+            // each failed batch during an outage would mark Lago reachable again).
+            Ok(crate::lago::BatchOutcome::Retryable(cause)) => self.shared.unreachable(cause),
+            other => self.shared.observe(other),
+        }
         let plain: Vec<OutboxRow> = rows.iter().map(|r| r.row.clone()).collect();
         let decision = match &result {
             Ok(outcome) => decide(&plain, outcome),

@@ -374,6 +374,60 @@ async fn readyz_names_lago_during_an_outage_and_recovers() {
     );
 }
 
+/// Lago going down after the bridge confirmed the metric and the subscription: only batch POSTs
+/// fail then, and each must keep `lago` named in `/readyz` (a failed batch used to count as
+/// "Lago answered", so an outage behind a confirmed metric never showed, or flapped).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_keeps_naming_lago_while_batches_fail() {
+    let central = CentralSystem::start(Implementation::Python, CentralOptions::default()).await;
+    let lago = e2e::stand_in(StoreMode::Postgres, &["sub-f"]).await;
+    let dir = tempfile::tempdir().unwrap();
+    // The seeded events are months old: a max_pending_age far beyond it keeps the backlog
+    // reason out of the way, so only reachability can name lago.
+    let bridge = bridge_with(
+        &central,
+        &lago,
+        dir.path(),
+        events("f-", "sub-f", 2),
+        "max_pending_age = \"3650days\"",
+    )
+    .await;
+    settle(&bridge, Duration::from_secs(20), |c| c.pending == 0).await;
+    let (status, body) = readyz(bridge.admin_addr).await;
+    assert!(body["not_ready"]["lago"].is_null(), "{status} {body}");
+
+    lago.go_down().await;
+    // New events while Lago is down (committed from outside, as `spool requeue` does).
+    seed_spool(bridge.spool_path(), events("g-", "sub-f", 2));
+    let mut polls = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        let (status, body) = readyz(bridge.admin_addr).await;
+        let named = status == 503 && body["not_ready"]["lago"].is_string();
+        if named || !polls.is_empty() {
+            polls.push((named, body));
+        }
+        if polls.len() >= 40 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        !polls.is_empty(),
+        "/readyz never named lago while every batch failed; stderr:\n{}",
+        bridge.stderr()
+    );
+    assert_eq!(polls.len(), 40, "polled 4 s once lago was named");
+    let cleared: Vec<_> = polls.iter().filter(|(named, _)| !named).collect();
+    assert!(
+        cleared.is_empty(),
+        "/readyz stopped naming lago during the outage: {:?}",
+        cleared.first()
+    );
+    lago.come_up().await;
+    settle(&bridge, Duration::from_secs(30), |c| c.pending == 0).await;
+}
+
 /// An `api_url` ending in `/api/v1` (the OpenAPI spec's server URL) is named by `check-config`;
 /// one where every route is 404 is named a wrong URL, not "the metric does not exist".
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
