@@ -128,24 +128,7 @@ pub async fn open_store(spool_path: &Path) -> Result<Store, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tap::{StopRecord, TapKind};
-    use rust_decimal::Decimal;
-
-    fn stop(tx: i64) -> TapRecord {
-        TapRecord {
-            charge_box_id: "CP".into(),
-            received_at: 1_767_265_200,
-            kind: TapKind::Stop(StopRecord {
-                ocpp_transaction_id: tx,
-                meter_stop_wh: Decimal::from(5),
-                timestamp: None,
-                id_tag: None,
-                reason: None,
-                begin_reading: None,
-                readings: vec![],
-            }),
-        }
-    }
+    use crate::spool::overflow::tests::stop_record as stop;
 
     #[tokio::test]
     async fn a_record_for_a_stopped_writer_is_kept_in_the_overflow_before_its_receipt_fires() {

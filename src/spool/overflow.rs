@@ -195,14 +195,15 @@ fn transaction_id(kind: &TapKind) -> Option<i64> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use crate::tap::StopRecord;
     use rust_decimal::Decimal;
     use std::os::unix::fs::PermissionsExt;
 
-    fn stop(tx: i64) -> String {
-        serde_json::to_string(&TapRecord {
+    /// A Stop record of session `tx`, the spool tests' one fixture.
+    pub(in crate::spool) fn stop_record(tx: i64) -> TapRecord {
+        TapRecord {
             charge_box_id: "CP".into(),
             received_at: 1_767_265_200,
             kind: TapKind::Stop(StopRecord {
@@ -214,8 +215,11 @@ mod tests {
                 begin_reading: None,
                 readings: vec![],
             }),
-        })
-        .unwrap()
+        }
+    }
+
+    fn stop(tx: i64) -> String {
+        serde_json::to_string(&stop_record(tx)).unwrap()
     }
 
     #[test]
