@@ -124,34 +124,3 @@ pub async fn open_store(spool_path: &Path) -> Result<Store, String> {
         )),
     }
 }
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::spool::overflow::tests::stop_record as stop;
-
-    #[tokio::test]
-    async fn a_record_for_a_stopped_writer_is_kept_in_the_overflow_before_its_receipt_fires() {
-        let dir = tempfile::tempdir().unwrap();
-        let overflow = Arc::new(Overflow::new(dir.path().join("overflow")));
-        let (commands, receiver) = mpsc::channel(4);
-        drop(receiver); // the writer has ended (it panicked, or the daemon is exiting)
-        let spool = SpoolHandle::new(commands, Some(overflow.clone()));
-        let receipt = spool.try_submit(stop(7)).expect("kept, not lost");
-        tokio::time::timeout(std::time::Duration::from_secs(5), receipt)
-            .await
-            .expect("the receipt fires once the record is fsync'd")
-            .expect("fired, not dropped");
-        let taken = overflow.take().unwrap();
-        assert_eq!(taken.records, vec![stop(7)], "ingested at the next start");
-
-        // Without an overflow directory the record is reported lost, never silently dropped.
-        let (commands, receiver) = mpsc::channel(4);
-        drop(receiver);
-        let error = SpoolHandle::new(commands, None)
-            .try_submit(stop(8))
-            .unwrap_err();
-        assert!(matches!(error, SubmitError::Stopped(_)), "{error}");
-        assert_eq!(*error.record(), stop(8));
-    }
-}

@@ -195,14 +195,14 @@ fn transaction_id(kind: &TapKind) -> Option<i64> {
 }
 
 #[cfg(test)]
-pub(super) mod tests {
+mod tests {
     use super::*;
     use crate::tap::StopRecord;
     use rust_decimal::Decimal;
     use std::os::unix::fs::PermissionsExt;
 
-    /// A Stop record of session `tx`, the spool tests' one fixture.
-    pub(in crate::spool) fn stop_record(tx: i64) -> TapRecord {
+    /// A Stop record of session `tx`.
+    fn stop_record(tx: i64) -> TapRecord {
         TapRecord {
             charge_box_id: "CP".into(),
             received_at: 1_767_265_200,
@@ -255,5 +255,37 @@ pub(super) mod tests {
             remove(&file).unwrap();
         }
         assert!(overflow.take().unwrap().records.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_record_for_a_stopped_writer_is_kept_in_the_overflow_before_its_receipt_fires() {
+        let dir = tempfile::tempdir().unwrap();
+        let overflow = std::sync::Arc::new(Overflow::new(dir.path().join("overflow")));
+        let (commands, receiver) = tokio::sync::mpsc::channel(4);
+        drop(receiver); // the writer has ended (it panicked, or the daemon is exiting)
+        let spool = crate::spool::SpoolHandle::new(commands, Some(overflow.clone()));
+        let receipt = spool.try_submit(stop_record(7)).expect("kept, not lost");
+        tokio::time::timeout(std::time::Duration::from_secs(5), receipt)
+            .await
+            .expect("the receipt fires once the record is fsync'd")
+            .expect("fired, not dropped");
+        let taken = overflow.take().unwrap();
+        assert_eq!(
+            taken.records,
+            vec![stop_record(7)],
+            "ingested at the next start"
+        );
+
+        // Without an overflow directory the record is reported lost, never silently dropped.
+        let (commands, receiver) = tokio::sync::mpsc::channel(4);
+        drop(receiver);
+        let error = crate::spool::SpoolHandle::new(commands, None)
+            .try_submit(stop_record(8))
+            .unwrap_err();
+        assert!(
+            matches!(error, crate::spool::SubmitError::Stopped(_)),
+            "{error}"
+        );
+        assert_eq!(*error.record(), stop_record(8));
     }
 }
