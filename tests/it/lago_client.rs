@@ -283,14 +283,37 @@ async fn lago_down_is_a_retryable_connection_error_until_it_comes_back() {
     lago.go_down().await;
     let outcome = client.post_batch(&events(0..1)).await.unwrap();
     assert!(
-        matches!(outcome, BatchOutcome::Retryable(RetryCause::Connect(_))),
-        "{outcome:?}"
+        matches!(
+            outcome,
+            BatchOutcome::Retryable(RetryCause::Connect(_) | RetryCause::Io(_))
+        ),
+        "a reset before any answer is retryable: {outcome:?}"
     );
     lago.come_up().await;
     assert!(matches!(
         client.post_batch(&events(0..1)).await.unwrap(),
         BatchOutcome::Accepted(_)
     ));
+}
+
+#[tokio::test]
+async fn a_refused_connection_is_a_retryable_connect_error() {
+    // A port bound without SO_REUSEADDR and never listened on refuses every connection, and no
+    // other test can take it while the socket lives.
+    let held = tokio::net::TcpSocket::new_v4().unwrap();
+    held.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let client = LagoClient::new(LagoClientConfig {
+        api_url: format!("http://{}", held.local_addr().unwrap()),
+        api_key: ApiKey::new("key"),
+        connect_timeout: Duration::from_millis(500),
+        request_timeout: REQUEST_TIMEOUT,
+    })
+    .expect("client");
+    let outcome = client.post_batch(&events(0..1)).await.unwrap();
+    assert!(
+        matches!(outcome, BatchOutcome::Retryable(RetryCause::Connect(_))),
+        "{outcome:?}"
+    );
 }
 
 #[tokio::test]

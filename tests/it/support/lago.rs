@@ -10,12 +10,13 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
 use serde_json::{Map, Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 
 /// Requests whose head or body does not arrive within this are dropped.
@@ -302,14 +303,16 @@ impl State {
 pub struct LagoStandIn {
     addr: SocketAddr,
     state: Arc<Mutex<State>>,
-    acceptor: Mutex<Option<JoinHandle<()>>>,
+    /// While set, every connection is reset unanswered. The port stays bound through an outage:
+    /// closing the listener let a parallel test's ephemeral server take the port, and the bridge
+    /// then got that server's 404s instead of an outage.
+    down: Arc<AtomicBool>,
+    acceptor: JoinHandle<()>,
 }
 
 impl Drop for LagoStandIn {
     fn drop(&mut self) {
-        if let Some(acceptor) = lock(&self.acceptor).take() {
-            acceptor.abort();
-        }
+        self.acceptor.abort();
     }
 }
 
@@ -332,11 +335,13 @@ impl LagoStandIn {
         let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
         let state = Arc::new(Mutex::new(State::new(config)));
-        let acceptor = tokio::spawn(accept_loop(listener, state.clone()));
+        let down = Arc::new(AtomicBool::new(false));
+        let acceptor = tokio::spawn(accept_loop(listener, state.clone(), down.clone()));
         Ok(Self {
             addr,
             state,
-            acceptor: Mutex::new(Some(acceptor)),
+            down,
+            acceptor,
         })
     }
 
@@ -430,26 +435,15 @@ impl LagoStandIn {
         state.poison_ids.clear();
     }
 
-    /// Closes the listener: connections are refused until [`Self::come_up`].
+    /// Lago unreachable: every new connection is reset before a byte of answer (the port stays
+    /// bound, see `down`).
     pub async fn go_down(&self) {
-        let acceptor = lock(&self.acceptor).take();
-        if let Some(acceptor) = acceptor {
-            acceptor.abort();
-            // Wait for the abort so the listening socket is really closed when we return.
-            let _ = acceptor.await;
-        }
+        self.down.store(true, Ordering::SeqCst);
     }
 
-    /// Listens again on the same port.
+    /// Answers again.
     pub async fn come_up(&self) {
-        if lock(&self.acceptor).is_some() {
-            return;
-        }
-        let socket = TcpSocket::new_v4().expect("socket");
-        socket.set_reuseaddr(true).expect("reuseaddr");
-        socket.bind(self.addr).expect("rebind stand-in port");
-        let listener = socket.listen(128).expect("listen");
-        *lock(&self.acceptor) = Some(tokio::spawn(accept_loop(listener, self.state.clone())));
+        self.down.store(false, Ordering::SeqCst);
     }
 
     /// Switches the store mode (stored events are kept).
@@ -510,13 +504,19 @@ impl LagoStandIn {
     }
 }
 
-async fn accept_loop(listener: TcpListener, state: Arc<Mutex<State>>) {
+async fn accept_loop(listener: TcpListener, state: Arc<Mutex<State>>, down: Arc<AtomicBool>) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             // E.g. out of file descriptors: back off instead of spinning.
             tokio::time::sleep(Duration::from_millis(10)).await;
             continue;
         };
+        if down.load(Ordering::SeqCst) {
+            // Linger 0: the drop sends RST, as a dead host's kernel would refuse the connection.
+            let _ = stream.set_zero_linger();
+            drop(stream);
+            continue;
+        }
         tokio::spawn(serve_connection(stream, state.clone()));
     }
 }
