@@ -56,7 +56,7 @@ impl Proxy {
             .clone()
             .map(ReloadableAcceptor::new)
             .transpose()?;
-        let upstream_tls = if config.upstream_url.starts_with("wss://") {
+        let upstream_tls = if config.upstream_url.scheme() == "wss" {
             Some(tls::client_config(config.upstream_ca_file.as_deref())?)
         } else {
             None
@@ -366,7 +366,7 @@ impl Proxy {
             ("X-Forwarded-Proto", forwarded_proto),
         ];
         let dialled = upstream::dial(
-            &self.config.upstream_url,
+            self.config.upstream_url.as_str(),
             &request,
             &forwarded,
             self.upstream_tls.clone(),
