@@ -384,4 +384,196 @@ mod tests {
         }
         assert_eq!(problems.len(), 3, "{problems:#?}");
     }
+
+    /// One run reports what each part finds: the reader (a wrong type, an unknown key, a bad
+    /// URL), the model's cross-key rules, and the files the valid values name (a missing
+    /// allowlist, a subscription map with a bad row, a missing TLS certificate).
+    #[test]
+    fn every_problem_is_reported_at_once_across_the_three_parts() {
+        let dir = tempfile::tempdir().unwrap();
+        let map = dir.path().join("map.csv");
+        std::fs::write(&map, "id_tag,external_subscription_id\nTAG1\n").unwrap();
+        let config = dir.path().join("bridge.toml");
+        std::fs::write(
+            &config,
+            format!(
+                r#"
+                [proxy]
+                allowlist_file = "{0}/no-allowlist"
+                max_connections = "many"
+                colour = "blue"
+                [proxy.tls]
+                cert_file = "{0}/no-cert.pem"
+                key_file = "{0}/no-key.pem"
+                [lago]
+                api_url = "lago.example"
+                [billing]
+                subscription_map_file = "{1}"
+                [steve]
+                api_password_file = "/run/steve-password"
+                "#,
+                dir.path().display(),
+                map.display()
+            ),
+        )
+        .unwrap();
+        let problems = Config::check(Some(&config)).problems;
+        for needle in [
+            "`proxy.max_connections`",
+            "unknown key `proxy.colour`",
+            "`lago.api_url`",
+            "without `steve.api_user`",
+            "proxy.allowlist_file",
+            "billing.subscription_map_file",
+            "no-cert.pem",
+        ] {
+            assert_eq!(
+                problems.iter().filter(|p| p.contains(needle)).count(),
+                1,
+                "not exactly one problem mentions {needle}: {problems:#?}"
+            );
+        }
+        assert_eq!(problems.len(), 7, "{problems:#?}");
+        assert!(Config::load(Some(&config)).is_err());
+    }
+
+    /// Operators' files spell "off" `0`, `"0s"` or `""`: still accepted, meaning the same, and
+    /// held as `None`; any other value is `Some`.
+    #[test]
+    fn zero_means_off_keys_are_none() {
+        let off = Config::parse(
+            r#"
+            [proxy]
+            max_connections = 0
+            max_connections_per_ip = 0
+            max_messages_per_second = 0
+            idle_timeout = "0s"
+            [steve]
+            api_url = ""
+            [reconcile]
+            interval = ""
+        "#,
+        )
+        .unwrap();
+        assert_eq!(off.proxy.max_connections, None);
+        assert_eq!(off.proxy.max_connections_per_ip, None);
+        assert_eq!(off.proxy.max_messages_per_second, None);
+        assert_eq!(off.proxy.idle_timeout, None);
+        assert_eq!(off.steve.api_url, None);
+        assert_eq!(off.reconcile.interval, None);
+        assert_eq!(off, Config::default(), "off is also the default of each");
+        let on = Config::parse(
+            r#"
+            [proxy]
+            max_connections = 500
+            max_connections_per_ip = 3
+            max_messages_per_second = 5
+            idle_timeout = "10m"
+            [steve]
+            api_url = "http://127.0.0.1:8080/steve/"
+            [reconcile]
+            interval = "1h"
+        "#,
+        )
+        .unwrap();
+        assert_eq!(on.proxy.max_connections.map(|n| n.get()), Some(500));
+        assert_eq!(on.proxy.max_connections_per_ip.map(|n| n.get()), Some(3));
+        assert_eq!(on.proxy.max_messages_per_second.map(|n| n.get()), Some(5));
+        assert_eq!(on.proxy.idle_timeout, Some(Duration::from_secs(600)));
+        assert_eq!(
+            on.steve.api_url.as_ref().map(BaseUrl::as_str),
+            Some("http://127.0.0.1:8080/steve")
+        );
+        assert_eq!(on.reconcile.interval, Some(Duration::from_secs(3600)));
+        for bad in [
+            "[proxy]\nmax_connections = -1\n",
+            "[proxy]\nmax_messages_per_second = 1000001\n",
+            "[proxy]\nidle_timeout = 0\n",
+        ] {
+            assert!(Config::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    /// A URL that does not parse, or has the wrong scheme, is a problem naming its key and the
+    /// value (URLs are not secrets), and it is parsed once, here: consumers get a `BaseUrl`.
+    #[test]
+    fn a_bad_url_is_named_with_its_key() {
+        for (toml, key) in [
+            (
+                "[proxy]\nupstream_url = \"http://steve/ws\"\n",
+                "`proxy.upstream_url`",
+            ),
+            (
+                "[proxy]\nupstream_url = \"ws://\"\n",
+                "`proxy.upstream_url`",
+            ),
+            ("[lago]\napi_url = \"api.getlago.com\"\n", "`lago.api_url`"),
+            ("[lago]\napi_url = \"ftp://lago\"\n", "`lago.api_url`"),
+            (
+                "[lago]\napi_url = \"https://lago/?x=1\"\n",
+                "`lago.api_url`",
+            ),
+            (
+                "[lago]\napi_url = \"https://lago/api/v1/\"\n",
+                "`lago.api_url`",
+            ),
+            ("[steve]\napi_url = \"ws://steve\"\n", "`steve.api_url`"),
+            ("[steve]\napi_url = \"http://st eve\"\n", "`steve.api_url`"),
+            ("[steve]\napi_url = 8080\n", "`steve.api_url`"),
+        ] {
+            let problems = Config::parse(toml).unwrap_err();
+            assert_eq!(problems.len(), 1, "{toml}: {problems:#?}");
+            assert!(problems[0].contains(key), "{toml}: {problems:#?}");
+        }
+        let root = Config::parse("[lago]\napi_url = \"https://lago.example/base/\"\n").unwrap();
+        assert_eq!(root.lago.api_url, "https://lago.example/base");
+        assert_eq!(root.lago.api_url.url().path(), "/base/");
+    }
+
+    /// The defaults live in `Config::default` alone, and the shipped example documents every
+    /// key the reader knows (the commented-out ones have no value by default), each at exactly
+    /// that default (`the_documented_example_parses`).
+    #[test]
+    fn the_example_file_documents_every_key_at_its_default() {
+        let text = std::fs::read_to_string(DEFAULT_CONFIG_PATH).unwrap();
+        let table: toml::Table = toml::from_str(&text).unwrap();
+        // `# key = …` lines name a key by its leaf, `# [section.table]` lines by its path.
+        let commented: Vec<&str> = text
+            .lines()
+            .filter_map(|line| line.trim_start().strip_prefix('#'))
+            .map(str::trim_start)
+            .filter_map(|rest| match rest.strip_prefix('[') {
+                Some(header) => header.split(']').next(),
+                None => rest.split('=').next(),
+            })
+            .map(str::trim)
+            .collect();
+        let mut missing = Vec::new();
+        for key in reader::known_keys() {
+            let mut path = key.split('.').peekable();
+            let mut value = Some(&table);
+            let mut found = false;
+            while let Some(part) = path.next() {
+                let next = value.and_then(|t| t.get(part));
+                if path.peek().is_none() {
+                    found = next.is_some();
+                }
+                value = next.and_then(toml::Value::as_table);
+            }
+            let leaf = key.rsplit('.').next().unwrap();
+            if !found && !commented.contains(&leaf) && !commented.contains(&key.as_str()) {
+                missing.push(key);
+            }
+        }
+        assert_eq!(missing, Vec::<String>::new(), "undocumented keys");
+        let known = reader::known_keys();
+        for key in [
+            "proxy.tls.client_ca_file",
+            "spool.overflow_dir",
+            "log.format",
+        ] {
+            assert!(known.iter().any(|k| k == key), "{key}: {known:?}");
+        }
+        assert_eq!(Config::parse(&text).unwrap(), Config::default());
+    }
 }

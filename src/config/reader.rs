@@ -326,6 +326,9 @@ impl Reader {
     }
 
     fn tls(&mut self) -> Option<TlsConfig> {
+        self.asked.extend(
+            ["cert_file", "key_file", "client_ca_file"].map(|key| format!("proxy.tls.{key}")),
+        );
         let mut table = self.take::<toml::Table>("proxy", "tls", "a table ([proxy.tls])")?;
         let mut path = |key: &str, problems: &mut Vec<String>| match table.remove(key) {
             Some(toml::Value::String(p)) if !p.is_empty() => Some(PathBuf::from(p)),
@@ -338,9 +341,6 @@ impl Reader {
                 None
             }
         };
-        self.asked.extend(
-            ["cert_file", "key_file", "client_ca_file"].map(|key| format!("proxy.tls.{key}")),
-        );
         let cert_file = path("cert_file", &mut self.problems);
         let key_file = path("key_file", &mut self.problems);
         let client_ca_file = path("client_ca_file", &mut self.problems);
