@@ -366,7 +366,7 @@ impl Proxy {
             ("X-Forwarded-Proto", forwarded_proto),
         ];
         let dialled = upstream::dial(
-            self.config.upstream_url.as_str(),
+            &self.config.upstream_url,
             &request,
             &forwarded,
             self.upstream_tls.clone(),
