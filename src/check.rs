@@ -5,7 +5,7 @@
 //! is unreachable, else 0.
 //!
 //! The shape of `lago.api_url` (e.g. one ending in `/api/v1`) is judged where the URL is
-//! parsed, in `config.rs`, by the Lago interop work (issue 17 item 1 cites it).
+//! parsed, in `config/reader.rs`, by the Lago interop work (issue 17 item 1 cites it).
 
 use std::fmt::Write as _;
 use std::os::unix::fs::PermissionsExt;
