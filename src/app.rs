@@ -541,14 +541,14 @@ fn lago_client(config: &Config, readiness: &Readiness) -> Option<LagoClient> {
 
 /// SteVe's REST client, when `[steve] api_url` is set and its credentials can be read.
 fn steve_client(config: &Config) -> Option<crate::steve::SteveClient> {
-    let api_url = config.steve.api_url.as_ref()?.as_str();
+    let api_url = config.steve.api_url.as_ref()?;
     let client = steve_auth(&config.steve).and_then(|auth| {
         tracing::info!(
-            api_url,
+            api_url = api_url.as_str(),
             auth = auth.kind(),
             "SteVe REST API configured: Stops without a known start are looked up there"
         );
-        crate::steve::SteveClient::new(api_url, auth, config.steve.request_timeout)
+        crate::steve::SteveClient::new(api_url.url(), auth, config.steve.request_timeout)
             .map_err(|e| e.to_string())
     });
     match client {

@@ -344,12 +344,13 @@ async fn probe_steve_websocket(config: &Config) -> Probe {
 /// With `[steve] api_url`: one authenticated REST call (a transaction lookup that finds
 /// nothing) proves the URL and the key.
 async fn probe_steve_rest(config: &Config) -> Option<Probe> {
-    let api_url = config.steve.api_url.as_ref()?.as_str();
+    let base = config.steve.api_url.as_ref()?;
+    let api_url = base.as_str();
     let auth = match crate::secrets::steve_auth(&config.steve) {
         Ok(auth) => auth,
         Err(problem) => return Some(Probe::Problem(problem)),
     };
-    let client = match crate::steve::SteveClient::new(api_url, auth, PROBE_LIMIT) {
+    let client = match crate::steve::SteveClient::new(base.url(), auth, PROBE_LIMIT) {
         Ok(client) => client,
         Err(e) => return Some(Probe::Problem(e.to_string())),
     };

@@ -102,7 +102,7 @@ impl Sources {
             .steve
             .api_url
             .as_ref()
-            .map(|url| url.as_str())
+            .map(|url| url.url())
             .ok_or_else(|| {
                 ReconcileError::Config(
                     "reconcile needs SteVe's REST API: set [steve] api_url and its credentials"
