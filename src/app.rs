@@ -14,11 +14,11 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::Config;
-use crate::lago::{LagoClient, LagoClientConfig};
+use crate::config::{BaseUrl, Config};
+use crate::lago::LagoClient;
 use crate::proxy::Proxy;
 use crate::proxy::tap::Billing;
-use crate::secrets::{read_api_key, steve_auth};
+use crate::secrets::{LagoClientError, LagoTimeouts, steve_auth};
 use crate::shipper::{self, Destination, ShipperSettings, SpoolAccess};
 use crate::shutdown::{self, Shutdown};
 use crate::spool::writer::{self, Command, WriterSettings};
@@ -72,7 +72,7 @@ pub async fn run(
 ) -> Result<(), AppError> {
     // Only when the limit is below what `max_connections` needs: a warning on every start,
     // whatever the fleet, teaches operators to ignore warnings.
-    if let Some(warning) = crate::config::fd_limit_warning(config.proxy.max_connections) {
+    if let Some(warning) = crate::check::fd_limit_warning(config.proxy.max_connections) {
         tracing::warn!(%warning, "check the service limits");
     }
     // The cap as a series, so that "spool near its disk cap" is one alert expression.
@@ -341,9 +341,9 @@ async fn reload(options: &RunOptions, log_level: &LogLevel, pipeline: Option<&Pi
 }
 
 /// Keeps the `upstream` readiness check current: SteVe accepting TCP connections.
-async fn probe_upstream(upstream_url: String, readiness: Readiness, stop: CancellationToken) {
+async fn probe_upstream(upstream_url: BaseUrl, readiness: Readiness, stop: CancellationToken) {
     const CHECK: &str = "upstream";
-    let Some(address) = upstream_address(&upstream_url) else {
+    let Some(address) = upstream_url.host_port() else {
         return;
     };
     loop {
@@ -361,18 +361,6 @@ async fn probe_upstream(upstream_url: String, readiness: Readiness, stop: Cancel
             _ = stop.cancelled() => return,
         }
     }
-}
-
-fn upstream_address(upstream_url: &str) -> Option<String> {
-    let uri: tokio_tungstenite::tungstenite::http::Uri = upstream_url.parse().ok()?;
-    let port = uri
-        .port_u16()
-        .unwrap_or(if uri.scheme_str() == Some("wss") {
-            443
-        } else {
-            80
-        });
-    Some(format!("{}:{port}", uri.host()?))
 }
 
 /// The overflow directory of `spool.overflow_dir` (see [`crate::spool::overflow`]); a dry run
@@ -532,23 +520,14 @@ async fn start_pipeline(
 }
 
 fn lago_client(config: &Config, readiness: &Readiness) -> Option<LagoClient> {
-    let key = match read_api_key(config.lago.api_key_file.as_deref()) {
-        Ok(key) => key,
-        Err(problem) => {
+    match crate::secrets::lago_client(&config.lago, LagoTimeouts::Daemon) {
+        Ok(client) => Some(client),
+        Err(LagoClientError::ApiKey(problem)) => {
             tracing::error!(%problem, "no Lago API key: events are kept in the spool and not sent");
             readiness.set_problem(READY_API_KEY, problem);
-            return None;
+            None
         }
-    };
-    let client = LagoClient::new(LagoClientConfig {
-        api_url: config.lago.api_url.clone(),
-        api_key: key,
-        connect_timeout: config.lago.request_timeout.min(Duration::from_secs(10)),
-        request_timeout: config.lago.request_timeout,
-    });
-    match client {
-        Ok(client) => Some(client),
-        Err(error) => {
+        Err(LagoClientError::Client(error)) => {
             tracing::error!(%error, "cannot build the Lago client: events are kept in the spool and not sent");
             let check = match error {
                 crate::lago::LagoError::InvalidUrl { .. } => shipper::READY_LAGO,
@@ -562,14 +541,14 @@ fn lago_client(config: &Config, readiness: &Readiness) -> Option<LagoClient> {
 
 /// SteVe's REST client, when `[steve] api_url` is set and its credentials can be read.
 fn steve_client(config: &Config) -> Option<crate::steve::SteveClient> {
-    let api_url = config.steve.api_url.as_deref()?;
+    let api_url = config.steve.api_url.as_ref()?;
     let client = steve_auth(&config.steve).and_then(|auth| {
         tracing::info!(
-            api_url,
+            api_url = api_url.as_str(),
             auth = auth.kind(),
             "SteVe REST API configured: Stops without a known start are looked up there"
         );
-        crate::steve::SteveClient::new(api_url, auth, config.steve.request_timeout)
+        crate::steve::SteveClient::new(api_url.url(), auth, config.steve.request_timeout)
             .map_err(|e| e.to_string())
     });
     match client {

@@ -5,7 +5,7 @@
 //! is unreachable, else 0.
 //!
 //! The shape of `lago.api_url` (e.g. one ending in `/api/v1`) is judged where the URL is
-//! parsed, in `config.rs`, by the Lago interop work (issue 17 item 1 cites it).
+//! parsed, in `config/reader.rs`, by the Lago interop work (issue 17 item 1 cites it).
 
 use std::fmt::Write as _;
 use std::os::unix::fs::PermissionsExt;
@@ -212,7 +212,7 @@ fn local_checks(config: &Config, report: &mut Report) {
     if let Some(problem) = spool_path_problem(&config.spool.path) {
         report.problems.push(problem);
     }
-    if let Some(warning) = crate::config::fd_limit_warning(config.proxy.max_connections) {
+    if let Some(warning) = fd_limit_warning(config.proxy.max_connections) {
         report.warnings.push(warning);
     }
 }
@@ -344,12 +344,13 @@ async fn probe_steve_websocket(config: &Config) -> Probe {
 /// With `[steve] api_url`: one authenticated REST call (a transaction lookup that finds
 /// nothing) proves the URL and the key.
 async fn probe_steve_rest(config: &Config) -> Option<Probe> {
-    let api_url = config.steve.api_url.as_deref()?;
+    let base = config.steve.api_url.as_ref()?;
+    let api_url = base.as_str();
     let auth = match crate::secrets::steve_auth(&config.steve) {
         Ok(auth) => auth,
         Err(problem) => return Some(Probe::Problem(problem)),
     };
-    let client = match crate::steve::SteveClient::new(api_url, auth, PROBE_LIMIT) {
+    let client = match crate::steve::SteveClient::new(base.url(), auth, PROBE_LIMIT) {
         Ok(client) => client,
         Err(e) => return Some(Probe::Problem(e.to_string())),
     };
@@ -377,20 +378,15 @@ async fn probe_steve_rest(config: &Config) -> Option<Probe> {
 
 /// The key is valid and the billable metric sums `value` (anything else bills 0).
 async fn probe_lago(config: &Config) -> Probe {
-    use crate::lago::{LagoClient, LagoClientConfig, LagoError};
+    use crate::lago::LagoError;
+    use crate::secrets::{LagoClientError, LagoTimeouts};
     let api_url = &config.lago.api_url;
-    let key = match crate::secrets::read_api_key(config.lago.api_key_file.as_deref()) {
-        Ok(key) => key,
-        Err(problem) => return Probe::Problem(format!("cannot ask {api_url}: {problem}")),
-    };
-    let client = match LagoClient::new(LagoClientConfig {
-        api_url: api_url.clone(),
-        api_key: key,
-        connect_timeout: PROBE_LIMIT,
-        request_timeout: PROBE_LIMIT,
-    }) {
+    let client = match crate::secrets::lago_client(&config.lago, LagoTimeouts::Probe(PROBE_LIMIT)) {
         Ok(client) => client,
-        Err(e) => return Probe::Problem(e.to_string()),
+        Err(LagoClientError::ApiKey(problem)) => {
+            return Probe::Problem(format!("cannot ask {api_url}: {problem}"));
+        }
+        Err(LagoClientError::Client(e)) => return Probe::Problem(e.to_string()),
     };
     let code = &config.lago.metric_code;
     match client.get_billable_metric(code).await {
@@ -414,6 +410,25 @@ async fn probe_lago(config: &Config) -> Probe {
         Err(LagoError::Transient(cause)) => Probe::Unreachable(format!("{api_url}: {cause}")),
         Err(e) => Probe::Problem(format!("{api_url}: {e}")),
     }
+}
+
+/// A warning when the open-file limit is below what `proxy.max_connections` needs (each
+/// charger holds two sockets: its own and SteVe's); `None` when it fits, or when
+/// `max_connections` is off (`None`) and so sized from the limit itself. The daemon logs it
+/// at start too.
+pub fn fd_limit_warning(max_connections: Option<std::num::NonZeroUsize>) -> Option<String> {
+    let (soft, hard) = crate::rlimit::open_file_limit()?;
+    fd_limit_shortfall(max_connections.map_or(0, |n| n.get()), soft, hard)
+}
+
+fn fd_limit_shortfall(max_connections: usize, soft: u64, hard: u64) -> Option<String> {
+    let fit = crate::rlimit::chargers_within(soft);
+    (max_connections as u64 > fit).then(|| {
+        format!(
+            "`proxy.max_connections` = {max_connections} needs about {} open files, but the open-file limit is {soft} (hard {hard}): room for about {fit} chargers, and those beyond get 503 `fds_exhausted`; raise LimitNOFILE= (systemd) or `ulimit -n`, or lower max_connections",
+            (max_connections as u64).saturating_mul(2).saturating_add(64)
+        )
+    })
 }
 
 #[cfg(test)]
@@ -445,5 +460,27 @@ mod tests {
         assert_eq!(report.exit_code(), EXIT_UNAVAILABLE);
         report.problems.push("bad".into());
         assert_eq!(report.exit_code(), EXIT_CONFIG);
+    }
+
+    #[test]
+    fn the_fd_limit_warns_only_when_max_connections_does_not_fit() {
+        // 1024 descriptors: (1024 - 64) / 2 = 480 chargers.
+        assert_eq!(fd_limit_shortfall(480, 1024, 4096), None);
+        assert_eq!(fd_limit_shortfall(0, 1024, 4096), None);
+        let warning = fd_limit_shortfall(481, 1024, 4096).unwrap();
+        assert!(
+            warning.contains("`proxy.max_connections` = 481"),
+            "{warning}"
+        );
+        assert!(warning.contains("about 480 chargers"), "{warning}");
+        // 0 means "what the limit allows": nothing to warn about, whatever the limit.
+        assert_eq!(fd_limit_shortfall(0, 1024, 1024), None);
+        assert_eq!(fd_limit_shortfall(100, 1024, 4096), None);
+        assert_eq!(fd_limit_shortfall(480, 1024, 4096), None);
+        let warning = fd_limit_shortfall(5000, 1024, 4096).expect("5000 chargers do not fit");
+        assert!(
+            warning.contains("5000") && warning.contains("1024"),
+            "{warning}"
+        );
     }
 }

@@ -17,6 +17,7 @@ pub mod operator;
 pub mod proxy;
 pub mod reconcile;
 pub mod recovery;
+pub mod rlimit;
 pub mod secrets;
 pub mod shipper;
 pub mod shutdown;

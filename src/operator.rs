@@ -6,8 +6,9 @@ use std::path::Path;
 
 use crate::clock::unix_now;
 use crate::config::Config;
-use crate::lago::{LagoClient, LagoClientConfig, LagoError};
+use crate::lago::LagoError;
 use crate::ledger::Ledger;
+use crate::secrets::{LagoClientError, LagoTimeouts};
 use crate::spool::store::{Replay, Requeue, RequeueOutcome, Store, StoreError};
 use crate::tap::TapRecord;
 
@@ -282,14 +283,11 @@ pub async fn replay(
     let rules = config
         .billing_rules()
         .map_err(|problems| OperatorError::Refused(problems.join("; ")))?;
-    let key = crate::secrets::read_api_key(config.lago.api_key_file.as_deref())
-        .map_err(OperatorError::Refused)?;
-    let client = LagoClient::new(LagoClientConfig {
-        api_url: config.lago.api_url.clone(),
-        api_key: key,
-        connect_timeout: config.lago.request_timeout,
-        request_timeout: config.lago.request_timeout,
-    })?;
+    let client =
+        crate::secrets::lago_client(&config.lago, LagoTimeouts::Command).map_err(|e| match e {
+            LagoClientError::ApiKey(problem) => OperatorError::Refused(problem),
+            LagoClientError::Client(e) => OperatorError::from(e),
+        })?;
     let mut out = String::new();
     for (charge_box_id, ocpp_transaction_id) in sessions {
         let mut ledger = Ledger::new();

@@ -68,14 +68,15 @@ impl SteveAuth {
 #[derive(Clone)]
 pub struct SteveClient {
     http: reqwest::Client,
-    transactions_url: String,
+    /// `{steve.api_url}/api/v1/transactions`, built once from the parsed config value.
+    transactions_url: url::Url,
     auth: SteveAuth,
 }
 
 impl std::fmt::Debug for SteveClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SteveClient")
-            .field("transactions_url", &self.transactions_url)
+            .field("transactions_url", &self.transactions_url.as_str())
             .field("auth", &self.auth)
             .finish_non_exhaustive()
     }
@@ -152,7 +153,13 @@ pub fn steve_timestamp(unix_secs: i64) -> Option<String> {
 
 impl SteveClient {
     /// A client for SteVe at `api_url` (its root, e.g. `http://127.0.0.1:8080/steve`).
-    pub fn new(api_url: &str, auth: SteveAuth, timeout: Duration) -> Result<Self, SteveError> {
+    pub fn new(api_url: &url::Url, auth: SteveAuth, timeout: Duration) -> Result<Self, SteveError> {
+        let mut transactions_url = api_url.clone();
+        transactions_url
+            .path_segments_mut()
+            .map_err(|()| SteveError::Http(format!("{api_url} cannot carry a path")))?
+            .pop_if_empty()
+            .extend(["api", "v1", "transactions"]);
         crate::ensure_rustls_provider();
         let http = reqwest::Client::builder()
             .timeout(timeout)
@@ -161,7 +168,7 @@ impl SteveClient {
             .map_err(|e| SteveError::Http(e.to_string()))?;
         Ok(SteveClient {
             http,
-            transactions_url: format!("{}/api/v1/transactions", api_url.trim_end_matches('/')),
+            transactions_url,
             auth,
         })
     }
@@ -182,10 +189,9 @@ impl SteveClient {
         let bad = |t: i64| SteveError::Schema(format!("time {t} is outside the calendar"));
         let from = steve_timestamp(from).ok_or_else(|| bad(from))?;
         let to = steve_timestamp(to).ok_or_else(|| bad(to))?;
-        let url = format!(
-            "{}?type=STOPPED&periodType=FROM_TO&from={from}&to={to}",
-            self.transactions_url
-        );
+        let url = self.transactions_with(&format!(
+            "type=STOPPED&periodType=FROM_TO&from={from}&to={to}"
+        ));
         sessions_from_transactions(&self.get(url).await?)
     }
 
@@ -205,19 +211,25 @@ impl SteveClient {
             .any(|t| t.id == ocpp_transaction_id && t.charge_box_id == charge_box_id))
     }
 
-    fn by_pk_url(&self, charge_box_id: &str, ocpp_transaction_id: i64) -> String {
-        format!(
-            "{}?transactionPk={ocpp_transaction_id}&chargeBoxId={}&type=ALL",
-            self.transactions_url,
+    fn by_pk_url(&self, charge_box_id: &str, ocpp_transaction_id: i64) -> url::Url {
+        self.transactions_with(&format!(
+            "transactionPk={ocpp_transaction_id}&chargeBoxId={}&type=ALL",
             percent_encoding::utf8_percent_encode(
                 charge_box_id,
                 percent_encoding::NON_ALPHANUMERIC
             )
-        )
+        ))
+    }
+
+    /// The transactions URL with `query` (already encoded).
+    fn transactions_with(&self, query: &str) -> url::Url {
+        let mut url = self.transactions_url.clone();
+        url.set_query(Some(query));
+        url
     }
 
     /// One authenticated GET; the body of a 200, else an error without the credentials.
-    async fn get(&self, url: String) -> Result<String, SteveError> {
+    async fn get(&self, url: url::Url) -> Result<String, SteveError> {
         let request = match &self.auth {
             SteveAuth::Basic { user, password } => {
                 self.http.get(url).basic_auth(user, Some(password.expose()))
@@ -467,7 +479,7 @@ mod tests {
         };
         let legacy = SteveAuth::LegacyKey(ApiKey::new("k-123"));
         let client = SteveClient::new(
-            "http://127.0.0.1:1/steve",
+            &"http://127.0.0.1:1/steve".parse().unwrap(),
             basic.clone(),
             Duration::from_secs(1),
         )

@@ -70,7 +70,7 @@ impl Endpoint {
 #[derive(Debug, Clone)]
 pub struct LagoClientConfig {
     /// Server root, e.g. `https://api.getlago.com`; `/api/v1/...` is appended.
-    pub api_url: String,
+    pub api_url: Url,
     /// The secret API key.
     pub api_key: ApiKey,
     /// Limit for establishing the TCP (and TLS) connection.
@@ -232,10 +232,10 @@ impl LagoClient {
     /// Builds the client; fails on a bad URL or key, never on an unreachable server.
     pub fn new(config: LagoClientConfig) -> Result<Self, LagoError> {
         let invalid = |reason: &str| LagoError::InvalidUrl {
-            url: config.api_url.clone(),
+            url: config.api_url.to_string(),
             reason: reason.to_owned(),
         };
-        let mut api_v1 = Url::parse(&config.api_url).map_err(|e| invalid(&e.to_string()))?;
+        let mut api_v1 = config.api_url.clone();
         if !matches!(api_v1.scheme(), "http" | "https") || api_v1.cannot_be_a_base() {
             return Err(invalid("must be an absolute http(s) URL"));
         }
@@ -817,7 +817,7 @@ mod tests {
     fn the_key_never_shows_in_debug_or_display() {
         let key = ApiKey::new("sekret-123");
         let config = LagoClientConfig {
-            api_url: "http://127.0.0.1:9".into(),
+            api_url: "http://127.0.0.1:9".parse().unwrap(),
             api_key: key.clone(),
             connect_timeout: Duration::from_secs(1),
             request_timeout: Duration::from_secs(1),
@@ -836,7 +836,7 @@ mod tests {
     #[test]
     fn every_path_segment_is_encoded_dots_included() {
         let client = LagoClient::new(LagoClientConfig {
-            api_url: "https://lago.example/base/".into(),
+            api_url: "https://lago.example/base/".parse().unwrap(),
             api_key: ApiKey::new("k"),
             connect_timeout: Duration::from_secs(1),
             request_timeout: Duration::from_secs(1),

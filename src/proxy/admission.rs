@@ -4,7 +4,6 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::IpAddr;
-use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, RwLock};
 
@@ -12,8 +11,9 @@ use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use tokio_util::sync::CancellationToken;
 
 use super::handshake::HttpResponse;
-use crate::config::{ProxyConfig, chargers_within, load_allowlist, open_file_limit};
+use crate::config::{ProxyConfig, load_allowlist};
 use crate::lock;
+use crate::rlimit::{chargers_within, open_file_limit};
 use crate::telemetry::Throttle;
 
 /// The per-charger message rate limiter, keyed by chargeBoxId.
@@ -101,8 +101,8 @@ impl Admission {
     /// Limits from `config`; `max_connections = 0` means what the open-file limit allows.
     pub fn new(config: &ProxyConfig) -> Self {
         let max_connections = match config.max_connections {
-            0 => open_file_limit().map_or(10_000, |(soft, _)| chargers_within(soft) as usize),
-            n => n,
+            None => open_file_limit().map_or(10_000, |(soft, _)| chargers_within(soft) as usize),
+            Some(n) => n.get(),
         };
         let allowlist = config.allowlist_file.as_deref().and_then(|file| {
             load_allowlist(file)
@@ -110,11 +110,12 @@ impl Admission {
                 .ok()
                 .or_else(|| Some(HashSet::new()))
         });
-        let rate = NonZeroU32::new(config.max_messages_per_second)
+        let rate = config
+            .max_messages_per_second
             .map(|rate| RateLimiter::keyed(Quota::per_second(rate)));
         Admission {
             max_connections,
-            max_per_ip: config.max_connections_per_ip,
+            max_per_ip: config.max_connections_per_ip.map_or(0, |n| n.get()),
             active: AtomicUsize::new(0),
             per_ip: Mutex::new(HashMap::new()),
             allowlist: RwLock::new(allowlist),

@@ -56,7 +56,7 @@ impl Proxy {
             .clone()
             .map(ReloadableAcceptor::new)
             .transpose()?;
-        let upstream_tls = if config.upstream_url.starts_with("wss://") {
+        let upstream_tls = if config.upstream_url.scheme() == "wss" {
             Some(tls::client_config(config.upstream_ca_file.as_deref())?)
         } else {
             None

@@ -12,11 +12,11 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::handshake::client::generate_key;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
-use tokio_tungstenite::tungstenite::http::Uri;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 use super::handshake::{HttpResponse, UpgradeRequest};
+use crate::config::BaseUrl;
 
 /// The WebSocket to SteVe for one charger.
 pub type UpstreamSocket = WebSocketStream<MaybeTlsStream<TcpStream>>;
@@ -93,7 +93,7 @@ fn io_error(error: std::io::Error) -> DialError {
 /// byte for byte. No retries: the charger is waiting, and it retries by itself. The second
 /// value is the subprotocol SteVe selected, if any.
 pub async fn dial(
-    upstream_url: &str,
+    upstream_url: &BaseUrl,
     request: &UpgradeRequest,
     forwarded: &[(&'static str, String)],
     tls: Option<Arc<rustls::ClientConfig>>,
@@ -107,27 +107,30 @@ pub async fn dial(
 }
 
 async fn handshake(
-    upstream_url: &str,
+    upstream_url: &BaseUrl,
     request: &UpgradeRequest,
     forwarded: &[(&'static str, String)],
     tls: Option<Arc<rustls::ClientConfig>>,
     config: WebSocketConfig,
 ) -> Result<(UpstreamSocket, Option<String>), DialError> {
     let invalid = |what: &str| DialError::Unreachable(format!("upstream URL: {what}"));
-    let uri: Uri = upstream_url.parse().map_err(|_| invalid("unparseable"))?;
-    let secure = match uri.scheme_str() {
-        Some("wss") => true,
-        Some("ws") => false,
+    // Parsed once, when the config was read (`proxy.upstream_url`).
+    let url = upstream_url.url();
+    let secure = match url.scheme() {
+        "wss" => true,
+        "ws" => false,
         _ => return Err(invalid("not ws:// or wss://")),
     };
-    let authority = uri.authority().ok_or_else(|| invalid("no host"))?;
-    let host = authority
-        .host()
-        .trim_start_matches('[')
-        .trim_end_matches(']');
-    let port = authority
-        .port_u16()
+    let host_in_url = url.host_str().ok_or_else(|| invalid("no host"))?;
+    let host = host_in_url.trim_start_matches('[').trim_end_matches(']');
+    let port = url
+        .port_or_known_default()
         .unwrap_or(if secure { 443 } else { 80 });
+    // The Host header: the host, and the port when the URL names one other than the default.
+    let authority = match url.port() {
+        Some(port) => format!("{host_in_url}:{port}"),
+        None => host_in_url.to_string(),
+    };
 
     let tcp = TcpStream::connect((host, port)).await.map_err(io_error)?;
     let _ = tcp.set_nodelay(true);
@@ -146,7 +149,7 @@ async fn handshake(
     };
 
     let key = generate_key();
-    let head = request_head(&uri, authority.as_str(), &key, request, forwarded);
+    let head = request_head(url.path(), &authority, &key, request, forwarded);
     stream.write_all(&head).await.map_err(io_error)?;
     stream.flush().await.map_err(io_error)?;
 
@@ -180,14 +183,14 @@ async fn handshake(
 /// The upgrade request to SteVe: the charger's path and query, its subprotocol offers and
 /// credentials as it sent them, and the bridge's `X-Forwarded-*`.
 fn request_head(
-    uri: &Uri,
+    path: &str,
     authority: &str,
     key: &str,
     request: &UpgradeRequest,
     forwarded: &[(&'static str, String)],
 ) -> Vec<u8> {
     let mut head = Vec::with_capacity(512);
-    let base = uri.path().trim_end_matches('/');
+    let base = path.trim_end_matches('/');
     head.extend_from_slice(format!("GET {base}/{}", request.charge_box_id_raw).as_bytes());
     if let Some(query) = &request.query {
         head.push(b'?');

@@ -15,7 +15,7 @@ use super::{Finding, LagoTally, Status, classify, orphans};
 use crate::clock::unix_now;
 use crate::config::Config;
 use crate::event::{LagoEvent, ORIGIN_RECONCILE};
-use crate::lago::{EventsWindow, LagoClient, LagoClientConfig, LagoError};
+use crate::lago::{EventsWindow, LagoClient, LagoError};
 use crate::ledger::{BillingRules, Ledger};
 use crate::spool::store::{BackfillOutcome, ReconcileView, Store, StoreError};
 use crate::steve::{SteveClient, SteveError, SteveSession};
@@ -98,22 +98,21 @@ impl Sources {
         config: &Config,
         lago_limiter: Option<Arc<DefaultDirectRateLimiter>>,
     ) -> Result<Sources, ReconcileError> {
-        let api_url = config.steve.api_url.as_deref().ok_or_else(|| {
-            ReconcileError::Config(
-                "reconcile needs SteVe's REST API: set [steve] api_url and its credentials".into(),
-            )
-        })?;
+        let api_url = config
+            .steve
+            .api_url
+            .as_ref()
+            .map(|url| url.url())
+            .ok_or_else(|| {
+                ReconcileError::Config(
+                    "reconcile needs SteVe's REST API: set [steve] api_url and its credentials"
+                        .into(),
+                )
+            })?;
         let auth = crate::secrets::steve_auth(&config.steve).map_err(ReconcileError::Config)?;
         let steve = SteveClient::new(api_url, auth, config.steve.request_timeout)?;
-        let key = crate::secrets::read_api_key(config.lago.api_key_file.as_deref())
-            .map_err(ReconcileError::Config)?;
-        let lago = LagoClient::new(LagoClientConfig {
-            api_url: config.lago.api_url.clone(),
-            api_key: key,
-            connect_timeout: config.lago.request_timeout,
-            request_timeout: config.lago.request_timeout,
-        })
-        .map_err(|e| ReconcileError::Config(e.to_string()))?;
+        let lago = crate::secrets::lago_client(&config.lago, crate::secrets::LagoTimeouts::Command)
+            .map_err(|e| ReconcileError::Config(e.to_string()))?;
         let rules = config
             .billing_rules()
             .map_err(|problems| ReconcileError::Config(problems.join("; ")))?;

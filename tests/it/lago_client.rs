@@ -55,7 +55,7 @@ fn rows(events: &[LagoEvent]) -> Vec<OutboxRow> {
 
 fn client_with_key(lago: &LagoStandIn, key: &str) -> LagoClient {
     LagoClient::new(LagoClientConfig {
-        api_url: lago.url(),
+        api_url: lago.url().parse().expect("the stand-in's URL"),
         api_key: ApiKey::new(key),
         connect_timeout: Duration::from_millis(500),
         request_timeout: REQUEST_TIMEOUT,
@@ -303,7 +303,9 @@ async fn a_refused_connection_is_a_retryable_connect_error() {
     let held = tokio::net::TcpSocket::new_v4().unwrap();
     held.bind("127.0.0.1:0".parse().unwrap()).unwrap();
     let client = LagoClient::new(LagoClientConfig {
-        api_url: format!("http://{}", held.local_addr().unwrap()),
+        api_url: format!("http://{}", held.local_addr().unwrap())
+            .parse()
+            .unwrap(),
         api_key: ApiKey::new("key"),
         connect_timeout: Duration::from_millis(500),
         request_timeout: REQUEST_TIMEOUT,
