@@ -109,9 +109,9 @@ struct Liveness {
 }
 
 impl Liveness {
-    fn heard(&self, side: Side) {
-        self.last_heard_ms[side.index()]
-            .store(self.started.elapsed().as_millis() as u64, Ordering::Relaxed);
+    fn heard(&self, side: Side, now: Instant) {
+        let since_start = now.saturating_duration_since(self.started).as_millis();
+        self.last_heard_ms[side.index()].store(since_start as u64, Ordering::Relaxed);
     }
 
     fn silent_for(&self, side: Side) -> Duration {
@@ -148,6 +148,9 @@ where
         last_heard_ms: [AtomicU64::new(0), AtomicU64::new(0)],
     };
     let end = tokio::select! {
+        // A fixed order (no random start per wake-up): the pumps, then the shutdown signal,
+        // which is checked on every wake-up either way.
+        biased;
         end = pump(charger_rx, upstream_tx, Side::Charger, &liveness, limits, tap) => end,
         end = pump(upstream_rx, charger_tx, Side::Upstream, &liveness, limits, tap) => end,
         _ = close.cancelled() => End::Shutdown,
@@ -252,14 +255,21 @@ where
     let mut last_ping = Instant::now();
     loop {
         let (outgoing, label) = tokio::select! {
+            // The socket first: a frame ready to relay does not pay for polling the clock
+            // (a timer poll re-registers its waker). The clock gets its turn whenever the
+            // socket has nothing ready, which tokio's cooperative budget also forces on a
+            // socket that never runs dry.
+            biased;
             // Cancel-safe: a partially received frame stays buffered inside the socket.
             message = src.next() => {
-                liveness.heard(from);
+                // One clock read per frame serves both the liveness and the idle timeout.
+                let now = Instant::now();
+                liveness.heard(from, now);
                 match message {
                     // A binary frame is not OCPP-J; SteVe (or the charger) decides what it
                     // means, exactly as if we were not here.
                     Some(Ok(message @ (Message::Text(_) | Message::Binary(_)))) => {
-                        last_data = Instant::now();
+                        last_data = now;
                         if let (Side::Charger, Some(rate)) = (from, limits.rate)
                             && rate.check_key(limits.charge_box_id).is_err()
                         {
