@@ -113,8 +113,7 @@ impl FrameTap {
             Observation::Pass => count_frame(from, Outcome::Pass),
             Observation::Unbilled { reason } => {
                 count_frame(from, Outcome::Unbilled);
-                metrics::counter!("ocpp_lago_bridge_unbilled_total", "reason" => reason.as_str())
-                    .increment(1);
+                count_unbilled(reason);
                 self.log_unbilled(reason);
             }
             Observation::Malformed {
@@ -325,6 +324,21 @@ fn count_frame(from: Side, outcome: Outcome) {
             metrics::counter!("ocpp_lago_bridge_tap_frames_total", "direction" => from.direction(), "outcome" => outcome.as_str())
         })
         .increment(1);
+}
+
+/// Counts an unbilled frame in `ocpp_lago_bridge_unbilled_total`: a fleet on an untapped
+/// subprotocol, or sending readings between sessions, does so with every MeterValues. Handles
+/// are kept per reason; a reason added to [`Unbilled`] later is counted uncached until
+/// `CACHED` grows (never lost).
+fn count_unbilled(reason: Unbilled) {
+    const CACHED: usize = 8;
+    static HANDLES: [OnceLock<Counter>; CACHED] = [const { OnceLock::new() }; CACHED];
+    let register =
+        || metrics::counter!("ocpp_lago_bridge_unbilled_total", "reason" => reason.as_str());
+    match HANDLES.get(reason as usize) {
+        Some(slot) => slot.get_or_init(register).increment(1),
+        None => register().increment(1),
+    }
 }
 
 fn bad_frame(from: Side, reason: &'static str) {
