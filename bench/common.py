@@ -24,6 +24,7 @@ TARGET = ROOT / os.environ.get("CARGO_TARGET_DIR", "target")
 BRIDGE = TARGET / "release/ocpp-lago-bridge"
 RESPONDER = TARGET / "release/examples/responder"
 LAGO_STANDIN = TARGET / "release/examples/lago_standin"
+SQLITE_CEILING = TARGET / "release/examples/sqlite_ceiling"
 PATH_PREFIX = "/steve/websocket/CentralSystemService"
 FD_LIMIT = 20000
 
@@ -154,9 +155,10 @@ class Procs:
         wait_port(port)
         return proc, port
 
-    def bridge(self, upstream_port, extra_toml=""):
+    def bridge(self, upstream_port, extra_toml="", binary=None):
         """The bridge on a spool in the temp dir; `extra_toml` adds sections (e.g. `[lago]`).
-        Its config file is `self.tmp / "bridge.toml"`, its admin port `self.admin_port`."""
+        Its config file is `self.tmp / "bridge.toml"`, its admin port `self.admin_port`.
+        `binary`: another build of the bridge (e.g. a baseline) instead of `BRIDGE`."""
         port, admin = free_port(), free_port()
         config = self.tmp / "bridge.toml"
         config.write_text(
@@ -166,7 +168,7 @@ class Procs:
             f'[log]\nlevel = "warn"\n{extra_toml}'
         )
         self.admin_port = admin
-        proc = self.start("bridge", [str(BRIDGE), "run", "--config", str(config)], cwd=self.tmp)
+        proc = self.start("bridge", [str(binary or BRIDGE), "run", "--config", str(config)], cwd=self.tmp)
         wait_port(port)
         return proc, port
 
@@ -219,6 +221,45 @@ def simulate(port, args, limit_s):
     if done.returncode != 0:
         log(f"simulate reported errors: {summary['errors']}\n{done.stderr[-2000:]}")
     return summary
+
+
+def ensure_perf():
+    """`perf` (Debian `linux-perf`), installed by apt-get if missing; its path."""
+    found = shutil.which("perf")
+    if found:
+        return found
+    log("perf missing: apt-get install -y linux-perf (Debian)")
+    subprocess.run(["apt-get", "update", "-q"], check=True, timeout=600)
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    subprocess.run(["apt-get", "install", "-y", "-q", "linux-perf"], check=True, timeout=900, env=env)
+    found = shutil.which("perf")
+    if not found:
+        raise RuntimeError("linux-perf installed but no `perf` on PATH")
+    return found
+
+
+def metrics_text(admin_port):
+    """The bridge's `/metrics` page (Prometheus text) from its admin port on 127.0.0.1."""
+    import urllib.request
+    with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/metrics", timeout=10) as r:
+        return r.read().decode()
+
+
+def metric_sum(text, name, **labels):
+    """The sum of the samples of `name` in Prometheus `text` whose labels include `labels`."""
+    total = 0.0
+    for line in text.splitlines():
+        if not line.startswith(name):
+            continue
+        head, _, value = line.rpartition(" ")
+        if head != name and not head.startswith(name + "{"):
+            continue
+        if all(f'{k}="{v}"' in head for k, v in labels.items()):
+            try:
+                total += float(value)
+            except ValueError:
+                pass
+    return total
 
 
 def append_markdown(path, text):

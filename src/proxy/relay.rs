@@ -7,12 +7,14 @@
 //! cancel-safe: `StreamExt::next` keeps partial frames inside the socket, and a frame handed to
 //! `send` is either fully buffered or not at all), and the close is propagated.
 
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::Poll;
 use std::time::Duration;
 
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{Sink, SinkExt, Stream, StreamExt};
+use metrics::Counter;
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_tungstenite::tungstenite::error::{CapacityError, ProtocolError};
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
@@ -22,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::admission::ChargerRateLimiter;
 use super::side::Side;
-use super::tap::FrameTap;
+use super::tap::{FRAME_LABELS, FrameTap, frame_label_name};
 
 /// How long a close handshake may take before the socket is simply dropped.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -107,9 +109,9 @@ struct Liveness {
 }
 
 impl Liveness {
-    fn heard(&self, side: Side) {
-        self.last_heard_ms[side.index()]
-            .store(self.started.elapsed().as_millis() as u64, Ordering::Relaxed);
+    fn heard(&self, side: Side, now: Instant) {
+        let since_start = now.saturating_duration_since(self.started).as_millis();
+        self.last_heard_ms[side.index()].store(since_start as u64, Ordering::Relaxed);
     }
 
     fn silent_for(&self, side: Side) -> Duration {
@@ -125,9 +127,12 @@ impl Liveness {
 pub type Halves<S> = (SplitSink<S, Message>, SplitStream<S>);
 
 /// Relays until either side ends or `close` fires, then propagates the close to both sides.
+///
+/// The halves are borrowed, not moved in: an async fn keeps its arguments for its whole life,
+/// so every value passed down the connection's task would be held twice (idle memory).
 pub async fn relay<C, U>(
-    charger: Halves<C>,
-    upstream: Halves<U>,
+    charger: &mut Halves<C>,
+    upstream: &mut Halves<U>,
     limits: Limits<'_>,
     tap: &FrameTap,
     close: &CancellationToken,
@@ -136,15 +141,18 @@ where
     C: Stream<Item = Result<Message, WsError>> + Sink<Message, Error = WsError> + Unpin,
     U: Stream<Item = Result<Message, WsError>> + Sink<Message, Error = WsError> + Unpin,
 {
-    let (mut charger_tx, mut charger_rx) = charger;
-    let (mut upstream_tx, mut upstream_rx) = upstream;
+    let (charger_tx, charger_rx) = charger;
+    let (upstream_tx, upstream_rx) = upstream;
     let liveness = Liveness {
         started: Instant::now(),
         last_heard_ms: [AtomicU64::new(0), AtomicU64::new(0)],
     };
     let end = tokio::select! {
-        end = pump(&mut charger_rx, &mut upstream_tx, Side::Charger, &liveness, limits, tap) => end,
-        end = pump(&mut upstream_rx, &mut charger_tx, Side::Upstream, &liveness, limits, tap) => end,
+        // A fixed order (no random start per wake-up): the pumps, then the shutdown signal,
+        // which is checked on every wake-up either way.
+        biased;
+        end = pump(charger_rx, upstream_tx, Side::Charger, &liveness, limits, tap) => end,
+        end = pump(upstream_rx, charger_tx, Side::Upstream, &liveness, limits, tap) => end,
         _ = close.cancelled() => End::Shutdown,
     };
 
@@ -181,8 +189,8 @@ where
     // A side that closed (or vanished) gets no close frame from us; one that closed has its
     // close answered by tungstenite, which a flush sends.
     tokio::join!(
-        close_side(&mut charger_tx, &mut charger_rx, charger_close),
-        close_side(&mut upstream_tx, &mut upstream_rx, upstream_close),
+        close_side(charger_tx, charger_rx, charger_close),
+        close_side(upstream_tx, upstream_rx, upstream_close),
     );
     end
 }
@@ -210,7 +218,8 @@ where
             }
         }
     };
-    let _ = tokio::time::timeout(CLOSE_TIMEOUT, closing).await;
+    // Boxed: only a closing connection pays for its timer, not every idle connection's task.
+    let _ = Box::pin(tokio::time::timeout(CLOSE_TIMEOUT, closing)).await;
 }
 
 /// Moves frames read from `from` to the other side until something ends the connection.
@@ -246,16 +255,28 @@ where
     let mut last_ping = Instant::now();
     loop {
         let (outgoing, label) = tokio::select! {
+            // The socket first: a frame ready to relay does not pay for polling the clock
+            // (a timer poll re-registers its waker). The clock gets its turn whenever the
+            // socket has nothing ready, which tokio's cooperative budget also forces on a
+            // socket that never runs dry.
+            biased;
             // Cancel-safe: a partially received frame stays buffered inside the socket.
             message = src.next() => {
-                liveness.heard(from);
+                // One clock read per frame serves both the liveness and the idle timeout.
+                let now = Instant::now();
+                liveness.heard(from, now);
                 match message {
                     // A binary frame is not OCPP-J; SteVe (or the charger) decides what it
                     // means, exactly as if we were not here.
                     Some(Ok(message @ (Message::Text(_) | Message::Binary(_)))) => {
-                        last_data = Instant::now();
-                        if let (Side::Charger, Some(rate)) = (from, limits.rate) {
-                            rate.until_key_ready(limits.charge_box_id).await;
+                        last_data = now;
+                        if let (Side::Charger, Some(rate)) = (from, limits.rate)
+                            && rate.check_key(limits.charge_box_id).is_err()
+                        {
+                            // Over its rate: waits for the next cell (taking it, as a passed
+                            // check did). Boxed: the limiter's future would otherwise size
+                            // every connection's task for its whole life.
+                            Box::pin(rate.until_key_ready(limits.charge_box_id)).await;
                         }
                         let label = tap.observe(from, &message).await;
                         (message, Some(label))
@@ -282,16 +303,17 @@ where
             }
         };
         // Almost every frame fits the socket buffer at once; only a send that has to wait
-        // arms a deadline (a timer per frame costs two timer-wheel locks for nothing).
+        // arms a deadline (a timer per frame costs two timer-wheel locks for nothing), in a
+        // box: a timer held inline would size every idle connection's task for it.
         let mut sending = std::pin::pin!(dst.send(outgoing));
         let sent = match futures_util::poll!(sending.as_mut()) {
             Poll::Ready(result) => Ok(result),
-            Poll::Pending => tokio::time::timeout(deadline, sending).await,
+            Poll::Pending => Box::pin(tokio::time::timeout(deadline, sending)).await,
         };
         match sent {
             Ok(Ok(())) => {
-                if let Some(action) = label {
-                    metrics::counter!("ocpp_lago_bridge_frames_relayed_total", "direction" => from.direction(), "action" => action).increment(1);
+                if let Some(label) = label {
+                    count_relayed(from, label);
                 }
             }
             Ok(Err(error)) => {
@@ -303,6 +325,20 @@ where
             Err(_) => return End::Unresponsive { side: to },
         }
     }
+}
+
+/// Counts a relayed frame in `ocpp_lago_bridge_frames_relayed_total`; its handles are registered
+/// on first use and kept, instead of a registry lookup (and a label `Vec`) per frame.
+fn count_relayed(from: Side, label: usize) {
+    static HANDLES: [[OnceLock<Counter>; FRAME_LABELS]; 2] =
+        [const { [const { OnceLock::new() }; FRAME_LABELS] }; 2];
+    let Some(slot) = HANDLES[from.index()].get(label) else {
+        return;
+    };
+    slot.get_or_init(|| {
+        metrics::counter!("ocpp_lago_bridge_frames_relayed_total", "direction" => from.direction(), "action" => frame_label_name(label))
+    })
+    .increment(1);
 }
 
 fn read_error(side: Side, error: WsError) -> End {

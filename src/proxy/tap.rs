@@ -3,9 +3,10 @@
 //! record is on disk, for at most `spool.hold_timeout` (charging never stalls on us).
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
+use metrics::{Counter, Histogram};
 use tokio::sync::oneshot;
 use tokio_tungstenite::tungstenite::Message;
 
@@ -46,31 +47,52 @@ impl FrameTap {
     }
 
     /// Sees a frame read from `from` before it is relayed; returns once it may be relayed,
-    /// with the frame's label for the relayed-frames counter.
-    pub async fn observe(&self, from: Side, message: &Message) -> &'static str {
+    /// with the frame's label (see [`frame_label_name`]) for the relayed-frames counter.
+    pub async fn observe(&self, from: Side, message: &Message) -> usize {
+        let (label, billing) = self.see(from, message);
+        if let Some(billing) = billing {
+            billing.await;
+        }
+        label
+    }
+
+    /// [`Self::observe`]'s synchronous part: the label, and the billing work to wait for, if
+    /// any. Apart so that the relay's task holds only this box across the wait, not the
+    /// observation (a whole tap record): every connection's task is sized by it, for life.
+    #[allow(clippy::type_complexity)]
+    fn see(
+        &self,
+        from: Side,
+        message: &Message,
+    ) -> (
+        usize,
+        Option<std::pin::Pin<Box<dyn Future<Output = ()> + Send + '_>>>,
+    ) {
         let text = match message {
             Message::Text(text) => text.as_str(),
             Message::Binary(bytes) => {
-                count_frame(from, "malformed");
+                count_frame(from, Outcome::Malformed);
                 bad_frame(from, "binary");
                 tracing::warn!(charge_box_id = %self.charge_box_id, direction = from.direction(), bytes = bytes.len(), "binary frame relayed: OCPP-J is text only");
-                return "binary";
+                return (LABEL_BINARY, None);
             }
-            _ => return "control",
+            _ => return (LABEL_CONTROL, None),
         };
         // The head is parsed once, for the label and for the tap.
         let head = crate::ocpp::frame::parse_head(text);
-        let label = crate::ocpp::head_label(&head);
+        let label = crate::ocpp::head_label_index(&head);
         let (billing, orphans) = self.classify(from, head);
-        if let Some(billing) = billing {
-            // Boxed: only billing frames pay for this future, not every connection's task.
-            Box::pin(self.bill(from, billing)).await;
-        }
-        if !orphans.is_empty() {
+        let Some(billing) = billing else {
             // Stops pushed out of the tap's bounded memory unanswered: recorded as they are.
             self.submit_all(orphans);
-        }
-        label
+            return (label, None);
+        };
+        // Boxed: only billing frames pay for this future, not every connection's task.
+        let billing = async move {
+            self.bill(from, billing).await;
+            self.submit_all(orphans);
+        };
+        (label, Some(Box::pin(billing)))
     }
 
     /// Counts and logs what the tap made of a frame; returns it when it is billing work.
@@ -88,11 +110,10 @@ impl FrameTap {
             (observation, tap.take_unanswered_stops())
         };
         match observation {
-            Observation::Pass => count_frame(from, "pass"),
+            Observation::Pass => count_frame(from, Outcome::Pass),
             Observation::Unbilled { reason } => {
-                count_frame(from, "unbilled");
-                metrics::counter!("ocpp_lago_bridge_unbilled_total", "reason" => reason.as_str())
-                    .increment(1);
+                count_frame(from, Outcome::Unbilled);
+                count_unbilled(reason);
                 self.log_unbilled(reason);
             }
             Observation::Malformed {
@@ -100,7 +121,7 @@ impl FrameTap {
                 detail,
                 record,
             } => {
-                count_frame(from, "malformed");
+                count_frame(from, Outcome::Malformed);
                 bad_frame(from, reason);
                 tracing::warn!(charge_box_id = %self.charge_box_id, direction = from.direction(), reason, %detail, "frame relayed unchanged but not understood");
                 // A billing message: its record becomes an `unreadable_frame` dead letter.
@@ -109,11 +130,11 @@ impl FrameTap {
                 }
             }
             Observation::Record { .. } => {
-                count_frame(from, "record");
+                count_frame(from, Outcome::Record);
                 return (Some(observation), orphans);
             }
             Observation::BillingReply { .. } => {
-                count_frame(from, "billing_reply");
+                count_frame(from, Outcome::BillingReply);
                 return (Some(observation), orphans);
             }
         }
@@ -218,7 +239,9 @@ impl FrameTap {
             }
             Err(_) => "timeout",
         };
-        metrics::histogram!("ocpp_lago_bridge_reply_hold_seconds")
+        static HOLD_SECONDS: OnceLock<Histogram> = OnceLock::new();
+        HOLD_SECONDS
+            .get_or_init(|| metrics::histogram!("ocpp_lago_bridge_reply_hold_seconds"))
             .record(started.elapsed().as_secs_f64());
         if outcome != "committed" {
             metrics::counter!("ocpp_lago_bridge_replies_released_uncommitted_total", "reason" => outcome).increment(1);
@@ -251,8 +274,71 @@ fn outside_session_log_due(charge_box_id: &str, now: i64) -> bool {
     }
 }
 
-fn count_frame(from: Side, outcome: &'static str) {
-    metrics::counter!("ocpp_lago_bridge_tap_frames_total", "direction" => from.direction(), "outcome" => outcome).increment(1);
+/// Labels of relayed frames beyond [`crate::ocpp::head_label_index`]'s.
+pub const LABEL_BINARY: usize = crate::ocpp::HEAD_LABELS;
+pub const LABEL_CONTROL: usize = crate::ocpp::HEAD_LABELS + 1;
+/// How many frame labels there are.
+pub const FRAME_LABELS: usize = crate::ocpp::HEAD_LABELS + 2;
+
+/// The `action` label value of a frame label [`FrameTap::observe`] returned.
+pub fn frame_label_name(label: usize) -> &'static str {
+    match label {
+        LABEL_BINARY => "binary",
+        LABEL_CONTROL => "control",
+        _ => crate::ocpp::label_name(label),
+    }
+}
+
+/// What the tap made of a frame: the `outcome` label of `ocpp_lago_bridge_tap_frames_total`.
+#[derive(Clone, Copy)]
+enum Outcome {
+    Pass,
+    Unbilled,
+    Malformed,
+    Record,
+    BillingReply,
+}
+
+impl Outcome {
+    const COUNT: usize = 5;
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Pass => "pass",
+            Outcome::Unbilled => "unbilled",
+            Outcome::Malformed => "malformed",
+            Outcome::Record => "record",
+            Outcome::BillingReply => "billing_reply",
+        }
+    }
+}
+
+/// Counts a frame in `ocpp_lago_bridge_tap_frames_total`. Its handles are registered on first
+/// use and kept: `counter!` with labels builds a key (a `Vec` of labels) and looks it up in the
+/// registry on every call, twice per relayed frame (issue 16 item 2).
+fn count_frame(from: Side, outcome: Outcome) {
+    static HANDLES: [[OnceLock<Counter>; Outcome::COUNT]; 2] =
+        [const { [const { OnceLock::new() }; Outcome::COUNT] }; 2];
+    HANDLES[from.index()][outcome as usize]
+        .get_or_init(|| {
+            metrics::counter!("ocpp_lago_bridge_tap_frames_total", "direction" => from.direction(), "outcome" => outcome.as_str())
+        })
+        .increment(1);
+}
+
+/// Counts an unbilled frame in `ocpp_lago_bridge_unbilled_total`: a fleet on an untapped
+/// subprotocol, or sending readings between sessions, does so with every MeterValues. Handles
+/// are kept per reason; a reason added to [`Unbilled`] later is counted uncached until
+/// `CACHED` grows (never lost).
+fn count_unbilled(reason: Unbilled) {
+    const CACHED: usize = 8;
+    static HANDLES: [OnceLock<Counter>; CACHED] = [const { OnceLock::new() }; CACHED];
+    let register =
+        || metrics::counter!("ocpp_lago_bridge_unbilled_total", "reason" => reason.as_str());
+    match HANDLES.get(reason as usize) {
+        Some(slot) => slot.get_or_init(register).increment(1),
+        None => register().increment(1),
+    }
 }
 
 fn bad_frame(from: Side, reason: &'static str) {

@@ -5,21 +5,91 @@
 //! and it fails a handshake in which the server selects none of the offered subprotocols,
 //! which RFC 6455 §4.1 allows and a charger connected to SteVe directly accepts.
 
+use std::io::IoSlice;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
+use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::handshake::client::generate_key;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 use super::handshake::{HttpResponse, UpgradeRequest};
 use crate::config::BaseUrl;
 
 /// The WebSocket to SteVe for one charger.
-pub type UpstreamSocket = WebSocketStream<MaybeTlsStream<TcpStream>>;
+pub type UpstreamSocket = WebSocketStream<UpstreamStream>;
+
+/// The connection to SteVe: plain TCP, or TLS behind a pointer. `tokio_tungstenite`'s
+/// `MaybeTlsStream` holds rustls' client state inline, so every plain `ws://` connection
+/// carried its size too (issue 16 item 3: idle memory).
+pub enum UpstreamStream {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for UpstreamStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            UpstreamStream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            UpstreamStream::Tls(s) => Pin::new(&mut **s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for UpstreamStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            UpstreamStream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            UpstreamStream::Tls(s) => Pin::new(&mut **s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            UpstreamStream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            UpstreamStream::Tls(s) => Pin::new(&mut **s).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            UpstreamStream::Plain(s) => s.is_write_vectored(),
+            UpstreamStream::Tls(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            UpstreamStream::Plain(s) => Pin::new(s).poll_flush(cx),
+            UpstreamStream::Tls(s) => Pin::new(&mut **s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            UpstreamStream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            UpstreamStream::Tls(s) => Pin::new(&mut **s).poll_shutdown(cx),
+        }
+    }
+}
 
 /// Largest response head we read from SteVe, and largest refusal body we pass on.
 const MAX_RESPONSE_HEAD: usize = 16 * 1024;
@@ -135,7 +205,7 @@ async fn handshake(
     let tcp = TcpStream::connect((host, port)).await.map_err(io_error)?;
     let _ = tcp.set_nodelay(true);
     let mut stream = match (secure, tls) {
-        (false, _) => MaybeTlsStream::Plain(tcp),
+        (false, _) => UpstreamStream::Plain(tcp),
         (true, Some(tls)) => {
             let name = rustls_pki_types::ServerName::try_from(host.to_string())
                 .map_err(|e| DialError::Unreachable(format!("TLS: server name: {e}")))?;
@@ -143,7 +213,7 @@ async fn handshake(
                 .connect(name, tcp)
                 .await
                 .map_err(|e| DialError::Unreachable(format!("TLS: {e}")))?;
-            MaybeTlsStream::Rustls(stream)
+            UpstreamStream::Tls(Box::new(stream))
         }
         (true, None) => return Err(invalid("wss:// without a TLS client configuration")),
     };
@@ -315,11 +385,7 @@ impl Answer {
 
 /// SteVe's refusal as the charger gets it: status, `Content-Type`, `WWW-Authenticate` and the
 /// body (up to its `Content-Length`, what arrived within a second, at most 64 KiB).
-async fn refused(
-    answer: Answer,
-    mut body: Vec<u8>,
-    stream: &mut MaybeTlsStream<TcpStream>,
-) -> DialError {
+async fn refused(answer: Answer, mut body: Vec<u8>, stream: &mut UpstreamStream) -> DialError {
     let length = answer
         .text("Content-Length")
         .and_then(|v| v.parse::<usize>().ok())

@@ -140,6 +140,96 @@ async fn frames_arrive_byte_identical_in_both_directions() {
     }
 }
 
+/// Issue 16: both directions of one connection are pumped by one task, the socket polled before
+/// the clock. Both ends flood at once (sequence-numbered frames, every 50th of 256 KiB so the
+/// socket buffers fill and sends wait): every frame arrives in order and unchanged, neither
+/// direction starves the other, and the charger's close then reaches upstream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_in_both_directions_at_once_arrives_in_order_and_unchanged() {
+    const FRAMES: usize = 2000;
+    let flood = |tag: &str| -> Vec<Message> {
+        (0..FRAMES)
+            .map(|i| {
+                let data = if i % 50 == 49 { "y".repeat(256 * 1024) } else { format!("{i:0>40}") };
+                Message::text(format!(
+                    "[2,\"{tag}-{i}\",\"DataTransfer\",{{\"vendorId\":\"flood\",\"data\":\"{data}\"}}]"
+                ))
+            })
+            .collect()
+    };
+    let to_charger = flood("down");
+    let recorder = Recorder::start(Script {
+        send_on_open: to_charger.clone(),
+        ..Script::default()
+    })
+    .await;
+    let bridge = Bridge::start(&recorder.url_base()).await;
+    let (charger, _) = within(
+        STEP,
+        "connect",
+        ws::connect(&bridge.charger_url("IT-FLOOD"), &["ocpp1.6"], None),
+    )
+    .await
+    .expect("bridge accepts the charger");
+    let (mut tx, mut rx) = charger.split();
+
+    let to_steve = flood("up");
+    let sending = {
+        let to_steve = to_steve.clone();
+        async move {
+            for frame in to_steve {
+                tx.send(frame).await.expect("send to the bridge");
+            }
+            tx
+        }
+    };
+    let receiving = async {
+        let mut got = Vec::with_capacity(FRAMES);
+        while got.len() < FRAMES {
+            match rx.next().await {
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+                Some(Ok(message)) => got.push(message),
+                other => panic!(
+                    "the charger's stream ended after {} frames: {other:?}",
+                    got.len()
+                ),
+            }
+        }
+        got
+    };
+    let (tx, got) = within(Duration::from_secs(60), "both floods", async {
+        tokio::join!(sending, receiving)
+    })
+    .await;
+    for (i, (got, sent)) in got.iter().zip(&to_charger).enumerate() {
+        assert!(
+            got == sent,
+            "frame {i} to the charger differs or is out of order"
+        );
+    }
+    let log = recorder
+        .wait_for_frames(0, FRAMES, Duration::from_secs(60))
+        .await;
+    assert_eq!(log.frames.len(), FRAMES, "frames upstream received");
+    for (i, (got, sent)) in log.frames.iter().zip(&to_steve).enumerate() {
+        assert!(got == sent, "frame {i} upstream differs or is out of order");
+    }
+
+    let mut charger = tx.reunite(rx).expect("halves of one socket");
+    let leaving = CloseFrame {
+        code: CloseCode::from(4003),
+        reason: "flood over".into(),
+    };
+    within(STEP, "close", charger.close(Some(leaving)))
+        .await
+        .expect("send close");
+    let log = recorder
+        .wait_for_end(0, STEP)
+        .await
+        .expect("upstream connection ended");
+    assert_eq!(log.close_received, Some((4003, "flood over".to_owned())));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn charger_gets_the_subprotocol_upstream_chose_from_its_offer() {
     // The recorder picks the second offer, so a bridge answering on its own cannot pass.

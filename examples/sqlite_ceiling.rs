@@ -1,0 +1,101 @@
+//! The pure-SQLite group-commit ceiling of this disk, for `bench/relay-latency` (issue 16 item 4):
+//! appends `--rows` rows of `--row-bytes` bytes each to one table, `--batch` rows per
+//! transaction, with the spool's connection pragmas (`src/spool/store.rs`: WAL,
+//! `synchronous = FULL`, 64 MiB cache), and prints rows/s as one JSON line. Nothing but SQLite
+//! runs: no index besides the rowid, no parsing, no queue, so the bridge's durable path can be
+//! stated as a fraction of what the disk allows at the same batch size. Benchmarks only.
+//!
+//! `cargo run --release --example sqlite_ceiling -- --path /tmp/x.db --batch 100 --rows 500000`
+
+use std::time::{Duration, Instant};
+
+use rusqlite::{Connection, params};
+
+struct Args {
+    path: String,
+    batch: usize,
+    rows: usize,
+    row_bytes: usize,
+}
+
+fn parse_args() -> Result<Args, String> {
+    let mut args = Args {
+        path: String::new(),
+        batch: 100,
+        rows: 500_000,
+        row_bytes: 300,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let value = it.next().ok_or_else(|| format!("{flag} needs a value"))?;
+        let number = || {
+            value
+                .parse::<usize>()
+                .map_err(|e| format!("{flag} {value}: {e}"))
+        };
+        match flag.as_str() {
+            "--path" => args.path = value.clone(),
+            "--batch" => args.batch = number()?.max(1),
+            "--rows" => args.rows = number()?.max(1),
+            "--row-bytes" => args.row_bytes = number()?,
+            _ => return Err(format!("unknown option {flag}")),
+        }
+    }
+    if args.path.is_empty() {
+        return Err("--path is required (a new file on the disk to measure)".into());
+    }
+    Ok(args)
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let args = parse_args().map_err(|e| {
+        format!(
+            "{e}\nusage: sqlite_ceiling --path FILE [--batch 100] [--rows 500000] [--row-bytes 300]"
+        )
+    })?;
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", args.path));
+    }
+    let mut conn = Connection::open(&args.path)?;
+    conn.busy_timeout(Duration::from_secs(5))?;
+    // The spool's pragmas (src/spool/store.rs, Store::open).
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    conn.pragma_update(None, "foreign_keys", "ON")?;
+    conn.pragma_update(None, "cache_size", -65536)?;
+    conn.execute_batch(
+        "CREATE TABLE records (id INTEGER PRIMARY KEY, received_at INTEGER NOT NULL, record TEXT NOT NULL)",
+    )?;
+    // A MeterValues-like JSON payload, different per row so nothing compresses or dedups.
+    let filler = "x".repeat(args.row_bytes.saturating_sub(40));
+    let started = Instant::now();
+    let mut written = 0usize;
+    let mut commits = 0usize;
+    while written < args.rows {
+        let tx = conn.transaction()?;
+        {
+            let mut insert =
+                tx.prepare_cached("INSERT INTO records (received_at, record) VALUES (?1, ?2)")?;
+            for _ in 0..args.batch.min(args.rows - written) {
+                let record = format!("{{\"n\":{written},\"f\":\"{filler}\"}}");
+                insert.execute(params![written as i64, record])?;
+                written += 1;
+            }
+        }
+        tx.commit()?;
+        commits += 1;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    println!(
+        "{{\"rows\":{written},\"batch\":{},\"row_bytes\":{},\"commits\":{commits},\"elapsed_s\":{elapsed:.3},\"rows_per_s\":{:.0},\"commit_us\":{:.1}}}",
+        args.batch,
+        args.row_bytes,
+        written as f64 / elapsed,
+        elapsed * 1e6 / commits as f64
+    );
+    drop(conn);
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", args.path));
+    }
+    Ok(())
+}
