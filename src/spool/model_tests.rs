@@ -20,7 +20,7 @@ use rusqlite::{Connection, OpenFlags};
 
 use super::store::{
     COLLISION_REASON, Changes, DeadLetter, NewDeadLetter, RecordRow, Replay, Requeue,
-    RequeueOutcome, SessionRow, Store, collision_detail, same_billing_content,
+    RequeueOutcome, SessionChanges, SessionRow, Store, collision_detail, same_billing_content,
 };
 use crate::event::{LagoEvent, sample_event};
 
@@ -332,13 +332,13 @@ impl Model {
                     r.ocpp_transaction_id,
                 ));
             }
-            for s in &c.sessions {
+            for s in &c.sessions.upserts {
                 self.sessions.insert(
                     (s.charge_box_id.clone(), s.ocpp_transaction_id),
                     s.state_json.clone(),
                 );
             }
-            for key in &c.removed_sessions {
+            for key in &c.sessions.removed {
                 self.sessions.remove(key);
             }
             for e in &c.events {
@@ -782,20 +782,22 @@ fn changes(spec: &GroupSpec, now: i64) -> Changes {
                 json: format!(r#"{{"kind":"{}"}}"#, KINDS[kind]),
             })
             .collect(),
-        sessions: spec
-            .sessions
-            .iter()
-            .map(|&(cb, tx, v)| SessionRow {
-                charge_box_id: CHARGE_BOXES[cb].into(),
-                ocpp_transaction_id: tx,
-                state_json: format!(r#"{{"v":{v}}}"#),
-            })
-            .collect(),
-        removed_sessions: spec
-            .removed
-            .iter()
-            .map(|&(cb, tx)| (CHARGE_BOXES[cb].to_string(), tx))
-            .collect(),
+        sessions: SessionChanges {
+            upserts: spec
+                .sessions
+                .iter()
+                .map(|&(cb, tx, v)| SessionRow {
+                    charge_box_id: CHARGE_BOXES[cb].into(),
+                    ocpp_transaction_id: tx,
+                    state_json: format!(r#"{{"v":{v}}}"#),
+                })
+                .collect(),
+            removed: spec
+                .removed
+                .iter()
+                .map(|&(cb, tx)| (CHARGE_BOXES[cb].to_string(), tx))
+                .collect(),
+        },
         events: spec.events.iter().map(EventSpec::event).collect(),
         dead_letters: spec
             .dead
@@ -866,7 +868,7 @@ fn run(ops: &[Op]) -> Result<(), TestCaseError> {
         match op {
             Op::Commit(specs) => {
                 let groups: Vec<Changes> = specs.iter().map(|s| changes(s, now)).collect();
-                store.commit(&groups, now).unwrap();
+                store.append_records(&groups, now).unwrap();
                 model.commit(&groups, now);
                 // A re-derived event never makes a second row: the rows added are exactly the
                 // distinct keys that were not in the outbox.
@@ -900,7 +902,7 @@ fn run(ops: &[Op]) -> Result<(), TestCaseError> {
                 let id = picked(&model, *p);
                 let reason = REASONS[*reason];
                 store
-                    .dead_letter_outbox(id, reason, "rejected by Lago", now)
+                    .dead_letter(id, reason, "rejected by Lago", now)
                     .unwrap();
                 model.dead_letter_outbox(id, reason, "rejected by Lago", now);
             }
