@@ -45,8 +45,10 @@ use outcome::{
 pub const READY_LAGO: &str = "lago";
 pub const READY_METRIC: &str = "lago_metric";
 
-/// How often an idle shipper looks for events queued by operator commands.
-const IDLE_POLL: Duration = Duration::from_secs(2);
+/// How often an idle shipper looks for events queued by operator commands (`spool requeue`,
+/// `replay`, `reconcile --backfill` write from another process: nothing notifies it), so that
+/// they go out within a second. A look is one lease on an empty outbox: an index probe.
+const IDLE_POLL: Duration = Duration::from_millis(500);
 /// The backlog gauges and the `max_pending_age` check are refreshed this often.
 const BACKLOG_PUBLISH_EVERY: Duration = Duration::from_secs(1);
 /// Most pending rows looked at per read: a long run of held rows costs a bounded read.
