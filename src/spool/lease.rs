@@ -67,11 +67,6 @@ impl Lease {
     pub fn rows(&self) -> &[ReadyRow] {
         &self.rows
     }
-
-    /// Keeps only the first `n` rows in this job; the rest are released when it is settled.
-    pub fn truncate(&mut self, n: usize) {
-        self.rows.truncate(n);
-    }
 }
 
 impl Drop for Lease {

@@ -152,3 +152,68 @@ async fn a_read_only_command_on_a_missing_spool_is_a_clear_error_and_creates_not
         assert!(!absent.exists(), "{args:?} created {}", absent.display());
     }
 }
+
+/// `check-config` probes an existing spool read-only: a running daemon's passes untouched, one
+/// written by a newer binary is named, a missing one is not created.
+#[tokio::test]
+async fn check_config_probes_the_spool_read_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = dir.path().join("spool.db");
+    let config = dir.path().join("config.toml");
+    std::fs::write(
+        &config,
+        format!("[spool]\npath = \"{}\"\n", spool.display()),
+    )
+    .unwrap();
+    let check = || async {
+        let output = tokio::process::Command::new(BRIDGE_BIN)
+            .args(["check-config", "--config"])
+            .arg(&config)
+            .env_remove("LAGO_API_KEY")
+            .env_remove("CREDENTIALS_DIRECTORY")
+            .kill_on_drop(true)
+            .output();
+        tokio::time::timeout(CLI_LIMIT, output)
+            .await
+            .expect("check-config finishes")
+            .expect("run check-config")
+    };
+    let run = check().await;
+    assert!(!spool.exists(), "check-config created the spool");
+    assert!(
+        !text(&run.stderr).contains("spool.path"),
+        "{}",
+        text(&run.stderr)
+    );
+
+    // A spool in use (held open by a writer, as the daemon holds it) is left as it is.
+    let store = Store::open(&spool).unwrap();
+    let version = |path: &Path| -> i64 {
+        rusqlite::Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .unwrap()
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap()
+    };
+    let run = check().await;
+    assert!(
+        !text(&run.stderr).contains("spool.path"),
+        "{}",
+        text(&run.stderr)
+    );
+    drop(store);
+
+    // Written by a newer binary: named, and not touched.
+    let newer = version(&spool) + 1;
+    rusqlite::Connection::open(&spool)
+        .unwrap()
+        .pragma_update(None, "user_version", newer)
+        .unwrap();
+    let run = check().await;
+    assert_eq!(run.status.code(), Some(78), "{}", text(&run.stderr));
+    assert!(
+        text(&run.stderr).contains("`spool.path`") && text(&run.stderr).contains("newer"),
+        "{}",
+        text(&run.stderr)
+    );
+    assert_eq!(version(&spool), newer, "the probe left the file as it was");
+}
