@@ -397,7 +397,7 @@ fn session_known(
 }
 
 /// One session's tap records in the order the daemon applied them: a Stop parked while SteVe
-/// was asked for the start is stored before the Start recovered for it (spool/writer.rs), and
+/// was asked for the start is stored before the Start recovered for it (billing/writer.rs), and
 /// was applied after that Start; any Stop read before the session has a Start waits for the
 /// next Start record, if there is one.
 fn in_ledger_order(records: Vec<TapRecord>) -> Vec<TapRecord> {
