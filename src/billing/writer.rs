@@ -55,7 +55,7 @@ pub enum Command {
     /// New billing rules (subscription map reloaded on SIGHUP).
     Rules(Arc<BillingRules>),
     /// SteVe does not know this session's start (or could not be asked in time): its parked
-    /// Stops are applied as they are. A found start comes back as a [`Command::Record`].
+    /// Stops are applied as they are. A found start comes back as [`Command::RecoveredStart`].
     StartUnknown { key: SessionKey },
 }
 

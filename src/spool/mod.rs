@@ -47,11 +47,6 @@ pub enum SubmitError {
     Stopped(Box<TapRecord>),
 }
 
-/// The writer has stopped: a command other than a record was not taken.
-#[derive(Debug, thiserror::Error)]
-#[error("the spool writer has stopped")]
-pub struct WriterStopped;
-
 impl SubmitError {
     /// The record that was not queued.
     pub fn record(&self) -> &TapRecord {
@@ -109,40 +104,30 @@ impl SpoolHandle {
         });
         Ok(receipt)
     }
-
-    /// Queues a record, waiting for room (for the writer's own helpers, never the relay).
-    pub async fn send(&self, record: TapRecord) -> Result<oneshot::Receiver<()>, WriterStopped> {
-        let (committed, receipt) = oneshot::channel();
-        self.commands
-            .send(Submission { record, committed })
-            .await
-            .map_err(|_| WriterStopped)?;
-        Ok(receipt)
-    }
 }
 
 /// How long opening the spool may take before the bridge relays without it: a hung disk must
 /// not keep chargers from SteVe.
 const SPOOL_OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Opens the spool off the async threads, bounded in time.
+/// Opens the spool (read/write, creating and migrating it) off the async threads, bounded in
+/// time.
 pub async fn open_store(spool_path: &Path) -> Result<Store, String> {
-    let path = spool_path.to_path_buf();
-    let opening = tokio::task::spawn_blocking(move || Store::open(&path));
-    match tokio::time::timeout(SPOOL_OPEN_TIMEOUT, opening).await {
-        Ok(Ok(result)) => result.map_err(|e| e.to_string()),
-        Ok(Err(join)) => Err(format!("opening the spool failed: {join}")),
-        Err(_) => Err(format!(
-            "opening the spool took longer than {SPOOL_OPEN_TIMEOUT:?}: is its disk hung?"
-        )),
-    }
+    open_bounded(spool_path, Store::open).await
 }
 
 /// Opens the spool read-only off the async threads, bounded in time (see
-/// [`Store::open_read_only`]): for the daemon's own readers and read-only commands.
+/// [`Store::open_read_only`]): for the daemon's own readers.
 pub async fn open_read_only(spool_path: &Path) -> Result<Store, String> {
+    open_bounded(spool_path, Store::open_read_only).await
+}
+
+async fn open_bounded(
+    spool_path: &Path,
+    open: fn(&Path) -> Result<Store, StoreError>,
+) -> Result<Store, String> {
     let path = spool_path.to_path_buf();
-    let opening = tokio::task::spawn_blocking(move || Store::open_read_only(&path));
+    let opening = tokio::task::spawn_blocking(move || open(&path));
     match tokio::time::timeout(SPOOL_OPEN_TIMEOUT, opening).await {
         Ok(Ok(result)) => result.map_err(|e| e.to_string()),
         Ok(Err(join)) => Err(format!("opening the spool failed: {join}")),
