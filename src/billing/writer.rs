@@ -1030,4 +1030,35 @@ mod tests {
             "one event pending after the restart"
         );
     }
+
+    #[tokio::test]
+    async fn a_lease_asked_before_a_settlement_is_read_before_it_and_excludes_its_rows() {
+        use crate::spool::store::{Outcome, ReadyFilter};
+        let dir = tempfile::tempdir().unwrap();
+        let (tx, _lookups, ended) = writer(dir.path());
+        for n in [31, 32, 33] {
+            record(&tx, start_record(n, 1_000)).await;
+            record(&tx, stop(n, 3_000)).await;
+        }
+        let filter = |limit| ReadyFilter {
+            limit,
+            scan_limit: 100,
+            ..ReadyFilter::default()
+        };
+        let first = tx.outbox.lease_batch(filter(1)).await.unwrap();
+        let delivered = first.rows()[0].row.outbox_id;
+        // The shipper's pipelining: the next lease is asked for, then the first settled.
+        let next = tx.outbox.lease_batch(filter(10));
+        let committed = tx
+            .outbox
+            .settle(first, vec![(delivered, Outcome::Delivered)]);
+        let next = next.await.unwrap();
+        assert_eq!(next.rows().len(), 2);
+        assert!(next.rows().iter().all(|r| r.row.outbox_id != delivered));
+        assert_eq!(committed.await.unwrap().unwrap().delivered, 1);
+        drop(next);
+        drop(tx);
+        ended.await.unwrap();
+        assert_eq!(counts(dir.path()).0, 2);
+    }
 }

@@ -289,6 +289,7 @@ pub async fn run(
         settings,
         draining,
         dry_run: matches!(destination, Destination::Stdout),
+        prefetched: None,
     };
     let wake = spool.events_committed;
     loop {
@@ -384,7 +385,16 @@ struct Shipper {
     draining: CancellationToken,
     /// `--dry-run`: events are printed, no subscription is looked up.
     dry_run: bool,
+    /// The next lease, asked for before the last one's settlement so that it is read while the
+    /// writer commits that settlement (a backlog drains at the rate limit, not at one request
+    /// plus one fsync per batch). Only asked when every row of the last lease left `pending`,
+    /// so it is exactly what a lease after the settlement would return.
+    prefetched: Option<PendingLease>,
 }
+
+/// A lease asked for and not yet answered.
+type PendingLease =
+    std::pin::Pin<Box<dyn Future<Output = Result<Lease, OutboxError>> + Send + 'static>>;
 
 fn now_ms() -> i64 {
     std::time::SystemTime::now()
@@ -395,7 +405,9 @@ fn now_ms() -> i64 {
 impl Shipper {
     async fn step(&mut self, destination: &Destination) -> Step {
         if !crate::lock(&self.shared.metric).allows_sending() {
-            // The lookup task proves the metric (and the key, and the URL) first.
+            // The lookup task proves the metric (and the key, and the URL) first. A lease asked
+            // for meanwhile is released.
+            self.prefetched = None;
             return Step::Wait(Duration::from_millis(200));
         }
         let mut lease = match self.lease(self.batch_size).await {
@@ -455,18 +467,25 @@ impl Shipper {
         Step::Idle
     }
 
+    /// What to lease now: up to `limit` rows due, none of a held subscription.
+    fn filter(&self, limit: usize) -> ReadyFilter {
+        ReadyFilter {
+            limit,
+            now_ms: now_ms(),
+            held_subscriptions: self.shared.held_subscriptions(),
+            scan_limit: SCAN_LIMIT,
+        }
+    }
+
     /// Leases the oldest rows ready to go now, of confirmed subscriptions: rows of unknown ones
     /// are dead-lettered, rows of unconfirmed ones stay pending while their lookup runs.
     /// `None`: nothing can go now.
     async fn lease(&mut self, limit: usize) -> Result<Option<Lease>, OutboxError> {
         for _ in 0..3 {
-            let filter = ReadyFilter {
-                limit,
-                now_ms: now_ms(),
-                held_subscriptions: self.shared.held_subscriptions(),
-                scan_limit: SCAN_LIMIT,
+            let lease = match self.prefetched.take() {
+                Some(asked) => asked.await?,
+                None => self.outbox.lease_batch(self.filter(limit)).await?,
             };
-            let lease = self.outbox.lease_batch(filter).await?;
             if lease.rows().is_empty() {
                 return Ok(None);
             }
@@ -554,6 +573,17 @@ impl Shipper {
                         // Rolled back with the batch: still pending, leased again in order.
                         Fate::Resend => {}
                     }
+                }
+                let all_leave_pending = lease.rows().iter().all(|r| {
+                    outcomes.iter().any(|(id, outcome)| {
+                        *id == r.row.outbox_id
+                            && matches!(outcome, Outcome::Delivered | Outcome::DeadLetter { .. })
+                    })
+                });
+                if all_leave_pending {
+                    self.prefetched = Some(Box::pin(
+                        self.outbox.lease_batch(self.filter(self.batch_size)),
+                    ));
                 }
                 self.settle(lease, outcomes);
                 Step::Sent

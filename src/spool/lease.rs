@@ -84,21 +84,29 @@ impl OutboxHandle {
         (OutboxHandle { requests }, receiver)
     }
 
-    /// Leases the oldest ready rows matching `filter` (none leased already).
-    pub async fn lease_batch(&self, filter: ReadyFilter) -> Result<Lease, OutboxError> {
+    /// Leases the oldest ready rows matching `filter` (none leased already). The request is
+    /// queued at once, in order with the handle's other requests, whenever the answer is
+    /// awaited: a lease asked before a settlement is served before it (and does not see it).
+    /// Dropped unawaited, the lease is released.
+    pub fn lease_batch(
+        &self,
+        filter: ReadyFilter,
+    ) -> impl Future<Output = Result<Lease, OutboxError>> + Send + 'static {
         let (reply, answer) = oneshot::channel();
-        self.requests
-            .send(Request::Lease { filter, reply })
-            .map_err(|_| OutboxError::Stopped)?;
-        let (id, rows) = answer
-            .await
-            .map_err(|_| OutboxError::Stopped)?
-            .map_err(OutboxError::Store)?;
-        Ok(Lease {
-            id,
-            rows,
-            release: Some(self.requests.clone()),
-        })
+        let sent = self.requests.send(Request::Lease { filter, reply });
+        let release = self.requests.clone();
+        async move {
+            sent.map_err(|_| OutboxError::Stopped)?;
+            let (id, rows) = answer
+                .await
+                .map_err(|_| OutboxError::Stopped)?
+                .map_err(OutboxError::Store)?;
+            Ok(Lease {
+                id,
+                rows,
+                release: Some(release),
+            })
+        }
     }
 
     /// Settles `lease` with `outcomes` (rows of the lease only; others are ignored). Does not
