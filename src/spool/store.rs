@@ -121,6 +121,10 @@ pub enum StoreError {
     #[error("the spool file {0} does not exist (is spool.path right?)")]
     Missing(String),
     #[error(
+        "the spool file {0} can only be read (a read-only filesystem?): billing needs to write it"
+    )]
+    ReadOnly(String),
+    #[error(
         "spool schema version {found} is older than this binary's ({known}) and a read-only command does not migrate it: start the daemon (or a writing command) once"
     )]
     OlderSchema { found: i64, known: i64 },
@@ -367,6 +371,12 @@ impl Store {
             }
         }
         let conn = Connection::open(path)?;
+        // SQLite falls back to reading a file it cannot write (a filesystem remounted read-only
+        // after a disk error) where a spool must refuse: a writer on it could never commit. A
+        // read-only command's `-shm` left beside it lets SQLite open such a file at all.
+        if conn.is_readonly(rusqlite::MAIN_DB)? {
+            return Err(StoreError::ReadOnly(path.display().to_string()));
+        }
         conn.busy_timeout(Duration::from_secs(5))?;
         // WAL + FULL: a commit is on disk when it returns, which is what lets us ack a charger.
         conn.pragma_update(None, "journal_mode", "WAL")?;
