@@ -14,6 +14,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::billing::writer::{self, Command, WriterSettings};
 use crate::config::{BaseUrl, Config};
 use crate::lago::LagoClient;
 use crate::proxy::Proxy;
@@ -21,8 +22,7 @@ use crate::proxy::tap::Billing;
 use crate::secrets::{LagoClientError, LagoTimeouts, steve_auth};
 use crate::shipper::{self, Destination, ShipperSettings, SpoolAccess};
 use crate::shutdown::{self, Shutdown};
-use crate::spool::writer::{self, Command, WriterSettings};
-use crate::spool::{SpoolHandle, open_store};
+use crate::spool::{SpoolHandle, open_read_only, open_store};
 use crate::supervise::{Supervisor, TaskFailure};
 use crate::systemd;
 use crate::telemetry::{self, LogLevel, Readiness};
@@ -249,6 +249,8 @@ async fn exit_on_failure(
 /// The billing half of the daemon: spool writer and shipper.
 struct Pipeline {
     spool: SpoolHandle,
+    /// Rules reloaded on SIGHUP go to the writer here.
+    control: tokio::sync::mpsc::Sender<Command>,
     /// Fires when the writer thread has committed what it held and ended.
     writer: tokio::sync::oneshot::Receiver<()>,
     shipper: Option<tokio::task::JoinHandle<()>>,
@@ -263,7 +265,7 @@ impl Pipeline {
     async fn stop(self, spool_path: &Path, flush: Duration) {
         self.draining.cancel();
         // One read connection for the whole shutdown, not one per look.
-        let reader = open_store(spool_path).await.ok();
+        let reader = open_read_only(spool_path).await.ok();
         let pending_events = || {
             reader
                 .as_ref()
@@ -331,7 +333,7 @@ async fn reload(options: &RunOptions, log_level: &LogLevel, pipeline: Option<&Pi
     match config.billing_rules() {
         Ok(rules) => {
             let mapped = rules.subscriptions.as_ref().map_or(0, |m| m.len());
-            let _ = pipeline.spool.send(Command::Rules(Arc::new(rules))).await;
+            let _ = pipeline.control.send(Command::Rules(Arc::new(rules))).await;
             tracing::info!(subscription_map_entries = mapped, log_level = %config.log.level, "SIGHUP: subscription map and log level reloaded");
         }
         Err(problems) => {
@@ -419,7 +421,7 @@ async fn start_pipeline(
         overflow: Some(overflow.clone()),
     };
     drop(recovery_handle);
-    let (commands, writer_future) = match writer::start(
+    let (inputs, writer_future) = match writer::start(
         store,
         rules,
         settings,
@@ -446,11 +448,13 @@ async fn start_pipeline(
                     recovery_timeout: config.steve.recovery_timeout,
                 },
                 recovery_requests,
-                commands.downgrade(),
+                inputs.control.downgrade(),
             ),
         ))
     });
-    let spool = SpoolHandle::new(commands, Some(overflow));
+    let spool = SpoolHandle::new(inputs.intake, Some(overflow));
+    let control = inputs.control;
+    let outbox = inputs.outbox;
     let writer = writer::spawn_writer(supervisor.watch("spool_writer", writer_future));
 
     let destination = if options.dry_run {
@@ -485,7 +489,7 @@ async fn start_pipeline(
     let shipper = destination.map(|destination| {
         let access = SpoolAccess {
             path: spool_path.to_path_buf(),
-            writer: spool.clone(),
+            outbox,
             events_committed,
         };
         let settings = ShipperSettings {
@@ -511,6 +515,7 @@ async fn start_pipeline(
     });
     Some(Pipeline {
         spool,
+        control,
         writer,
         shipper,
         recovery,

@@ -211,6 +211,8 @@ fn local_checks(config: &Config, report: &mut Report) {
     }
     if let Some(problem) = spool_path_problem(&config.spool.path) {
         report.problems.push(problem);
+    } else if let Some(problem) = spool_file_problem(&config.spool.path) {
+        report.problems.push(problem);
     }
     if let Some(warning) = fd_limit_warning(config.proxy.max_connections) {
         report.warnings.push(warning);
@@ -273,6 +275,18 @@ pub fn spool_path_problem(path: &Path) -> Option<String> {
         }
     }
     None
+}
+
+/// Why an existing spool file cannot be used by this binary (not a spool, or a newer schema),
+/// read through a read-only connection: the probe never creates, migrates or writes it, so it is
+/// safe beside the running daemon. An absent file or an older schema is fine (the daemon
+/// creates or migrates it at start).
+fn spool_file_problem(path: &Path) -> Option<String> {
+    use crate::spool::store::{Store, StoreError};
+    match Store::open_read_only(path) {
+        Ok(_) | Err(StoreError::Missing(_) | StoreError::OlderSchema { .. }) => None,
+        Err(error) => Some(format!("`spool.path` = \"{}\": {error}", path.display())),
+    }
 }
 
 fn writable(path: &Path) -> bool {

@@ -4,6 +4,7 @@
 //! the only thing flowing back is the commit acknowledgement that releases a held reply.
 
 pub mod app;
+pub mod billing;
 pub mod check;
 pub mod clock;
 pub mod config;

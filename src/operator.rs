@@ -1,5 +1,8 @@
 //! Operator commands on the spool file: stats, dead letters, requeue, replay. They run beside
-//! the daemon (SQLite serialises the writes) and print for humans or, with `--json`, for tools.
+//! the daemon and print for humans or, with `--json`, for tools. `stats` and `dead-letters` open
+//! the file read-only (`SQLITE_OPEN_READ_ONLY`: they never create, migrate or write it);
+//! `requeue` and `replay` write under SQLite's locking (a busy daemon is waited for), and the
+//! daemon's shipper, polling the outbox while idle, sends what they queued within a second.
 
 use std::fmt::Write as _;
 use std::path::Path;
@@ -31,12 +34,22 @@ pub enum OperatorError {
     SessionNotFound(String),
 }
 
+/// Opens the spool to write (migrating it, as the daemon would); never creates one.
 fn open(config: &Config) -> Result<Store, OperatorError> {
     let path = &config.spool.path;
     if !path.exists() {
         return Err(OperatorError::NoSpool(path.display().to_string()));
     }
     Store::open(path).map_err(|source| spool_error(path, source))
+}
+
+/// Opens the spool read-only: never creates, migrates or writes it.
+fn open_read_only(config: &Config) -> Result<Store, OperatorError> {
+    let path = &config.spool.path;
+    Store::open_read_only(path).map_err(|source| match source {
+        StoreError::Missing(path) => OperatorError::NoSpool(path),
+        source => spool_error(path, source),
+    })
 }
 
 fn spool_error(path: &Path, source: StoreError) -> OperatorError {
@@ -49,7 +62,7 @@ fn spool_error(path: &Path, source: StoreError) -> OperatorError {
 /// `spool stats`: size, pending count, oldest pending age.
 pub fn stats(config: &Config, json: bool) -> Result<String, OperatorError> {
     let path = &config.spool.path;
-    let stats = open(config)?
+    let stats = open_read_only(config)?
         .stats(path)
         .map_err(|e| spool_error(path, e))?;
     if json {
@@ -84,7 +97,7 @@ pub fn dead_letters(
     reason: Option<&str>,
     json: bool,
 ) -> Result<String, OperatorError> {
-    let letters = open(config)?
+    let letters = open_read_only(config)?
         .dead_letters(reason)
         .map_err(|e| spool_error(&config.spool.path, e))?;
     let mut out = String::new();
@@ -382,7 +395,7 @@ fn session_known(
 }
 
 /// One session's tap records in the order the daemon applied them: a Stop parked while SteVe
-/// was asked for the start is stored before the Start recovered for it (spool/writer.rs), and
+/// was asked for the start is stored before the Start recovered for it (billing/writer.rs), and
 /// was applied after that Start; any Stop read before the session has a Start waits for the
 /// next Start record, if there is one.
 fn in_ledger_order(records: Vec<TapRecord>) -> Vec<TapRecord> {

@@ -1,4 +1,4 @@
-//! I/O: start recovery beside the writer. The spool writer parks a Stop whose session it does not
+//! I/O: start recovery beside the writer. The billing writer parks a Stop whose session it does not
 //! know (committing its tap record, so the charger's reply goes out at once) and hands the
 //! session here; this task asks SteVe's REST API (`steve.rs`) with bounded concurrency, its own
 //! rate limit, retries with backoff and a cache of answers, and sends the answer back to the
@@ -17,10 +17,10 @@ use std::time::{Duration, Instant};
 
 use backon::{BackoffBuilder, ExponentialBuilder};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
-use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::sync::{Semaphore, mpsc};
 
+use crate::billing::writer::Command;
 use crate::ledger::SessionKey;
-use crate::spool::writer::Command;
 use crate::start_lookup::Lookup;
 use crate::steve::{SteveClient, SteveError};
 use crate::tap::TapRecord;
@@ -184,11 +184,7 @@ async fn deliver(
     let command = match answer {
         Ok(Some(start)) => {
             tracing::info!(charge_box_id = %key.charge_box_id, ocpp_transaction_id = key.ocpp_transaction_id, "session start recovered from SteVe's REST API");
-            let (committed, _receipt) = oneshot::channel();
-            Command::Record {
-                record: start,
-                committed,
-            }
+            Command::RecoveredStart(start)
         }
         Ok(None) => {
             tracing::warn!(charge_box_id = %key.charge_box_id, ocpp_transaction_id = key.ocpp_transaction_id, "SteVe does not know the transaction at this charge box either: missing_start");

@@ -1,4 +1,4 @@
-//! The channel on which the spool writer asks the recovery task (`recovery.rs`) for the start of
+//! The channel on which the billing writer asks the recovery task (`recovery.rs`) for the start of
 //! a session it does not know. It lives below both: the writer only asks, the recovery task
 //! answers through the writer's own command queue, so neither names the other's module.
 

@@ -349,9 +349,8 @@ fn bad_frame(from: Side, reason: &'static str) {
 mod tests {
     use super::outside_session_log_due;
     use super::{Billing, FrameTap, Side};
-    use crate::spool::SpoolHandle;
     use crate::spool::overflow::{Overflow, QUEUE_FULL};
-    use crate::spool::writer::Command;
+    use crate::spool::{SpoolHandle, Submission};
     use std::sync::Arc;
     use std::time::{Duration, Instant};
     use tokio::sync::mpsc;
@@ -361,7 +360,7 @@ mod tests {
     /// Scheduling slack of a loaded test machine on top of the bound.
     const SLACK: Duration = Duration::from_millis(250);
 
-    fn tap(commands: mpsc::Sender<Command>, overflow: Arc<Overflow>) -> FrameTap {
+    fn tap(commands: mpsc::Sender<Submission>, overflow: Arc<Overflow>) -> FrameTap {
         let billing = Billing {
             spool: SpoolHandle::new(commands, Some(overflow)),
             hold_timeout: HOLD,
@@ -369,10 +368,21 @@ mod tests {
         FrameTap::new("CP-HOLD".into(), Some("ocpp1.6"), Some(billing))
     }
 
-    fn rules() -> Command {
-        Command::Rules(Arc::new(
-            crate::config::Config::default().billing_rules().unwrap(),
-        ))
+    /// A record that takes the queue's one slot.
+    fn filler() -> Submission {
+        Submission {
+            record: crate::tap::TapRecord {
+                charge_box_id: "CP-HOLD".into(),
+                received_at: 0,
+                kind: crate::tap::TapKind::Unreadable(crate::tap::UnreadableRecord {
+                    action: "MeterValues".into(),
+                    problem: "filler".into(),
+                    message_id: "0".into(),
+                    raw_payload: "{}".into(),
+                }),
+            },
+            committed: tokio::sync::oneshot::channel().0,
+        }
     }
 
     async fn timed(tap: &FrameTap, from: Side, frame: &str) -> Duration {
@@ -390,7 +400,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let overflow = Arc::new(Overflow::new(dir.path().join("overflow")));
         let (commands, mut writer) = mpsc::channel(1);
-        commands.try_send(rules()).unwrap();
+        commands.try_send(filler()).unwrap();
         let taken = tokio::spawn(async move {
             tokio::time::sleep(HOLD.mul_f32(0.9)).await;
             let mut kept = Vec::new();

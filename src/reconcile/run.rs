@@ -193,7 +193,8 @@ async fn spool_view(path: PathBuf, since: i64) -> Result<ReconcileView, Reconcil
             // No spool yet: the bridge holds nothing of any session.
             return Ok(ReconcileView::default());
         }
-        Store::open(&path)?.reconcile_view(since)
+        // Read-only: an audit never creates, migrates or writes the spool.
+        Store::open_read_only(&path)?.reconcile_view(since)
     })
     .await
     .map_err(|e| ReconcileError::Config(format!("spool reader task: {e}")))?
@@ -388,9 +389,10 @@ pub async fn wait_delivered(
     let deadline = tokio::time::Instant::now() + limit;
     loop {
         let (path, keys) = (spool_path.clone(), queued.clone());
-        let done = tokio::task::spawn_blocking(move || Store::open(&path)?.all_delivered(&keys))
-            .await
-            .map_err(|e| ReconcileError::Config(format!("spool reader task: {e}")))??;
+        let done =
+            tokio::task::spawn_blocking(move || Store::open_read_only(&path)?.all_delivered(&keys))
+                .await
+                .map_err(|e| ReconcileError::Config(format!("spool reader task: {e}")))??;
         if done {
             return Ok(true);
         }

@@ -1,13 +1,14 @@
-//! I/O: takes pending events from the spool's outbox in order, batches them, rate-limits and
-//! retries requests to Lago, and reports each event's fate back to the spool writer.
+//! I/O: leases pending events from the spool's outbox in order (`spool::lease`), batches them,
+//! rate-limits and retries requests to Lago, and settles each lease with every row's fate.
 //!
 //! Every retry re-reads the same outbox rows, so the same events (same ids, values and
 //! timestamps) are sent every time: delivery is idempotent by construction.
 //!
-//! A batch Lago accepted is marked delivered without waiting for that commit: the next batch is
-//! read (skipping the rows being marked) and sent while the writer commits, so a backlog drains
-//! at the rate limit instead of at one request plus one fsync per batch. Nothing is marked before
-//! Lago accepted it; a mark that fails to commit leaves its rows pending, to be sent again.
+//! Leases and settlements go to the spool's one writer thread, which serves them in the order
+//! asked: the next lease always sees the last settlement, and the shipper never waits for a
+//! settlement's commit itself. A lease excludes its rows from every other lease until settled,
+//! so nothing is sent twice at once; a lease dropped unsettled is released, and a settlement
+//! that fails to commit leaves its rows pending, to be sent again (Lago dedupes).
 //!
 //! Nothing here stalls on one event: a failed batch goes again in smaller batches, a row that
 //! fails alone backs off alone (its state is in the outbox), a row whose outcome is unknown is
@@ -18,21 +19,21 @@ mod lookups;
 pub mod outcome;
 pub mod pause;
 
-use std::collections::HashSet;
 use std::num::NonZeroU32;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
-use tokio::sync::{Notify, oneshot};
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::clock::unix_now;
 use crate::lago::{LagoClient, LagoError, RetryCause};
-use crate::spool::SpoolHandle;
-use crate::spool::store::{OutboxRow, ReadyFilter, ReadyRow, RetryState, Store, StoreError};
-use crate::spool::writer::Command;
+use crate::spool::lease::{Lease, OutboxError, OutboxHandle};
+use crate::spool::store::{
+    OutboxRow, Outcome, ReadyFilter, ReadyRow, RetryState, Store, StoreError,
+};
 use crate::telemetry::Readiness;
 use lookups::{Metric, REPROBE_EVERY, Subscription, Triage};
 use outcome::{
@@ -44,12 +45,10 @@ use outcome::{
 pub const READY_LAGO: &str = "lago";
 pub const READY_METRIC: &str = "lago_metric";
 
-/// How often an idle shipper looks for events queued by operator commands.
-const IDLE_POLL: Duration = Duration::from_secs(2);
-/// Most batches whose "delivered" commit may be outstanding at once.
-const MAX_OPEN_MARKS: usize = 4;
-/// On shutdown, how long the shipper waits for its outstanding marks to commit.
-const MARKS_ON_SHUTDOWN: Duration = Duration::from_secs(2);
+/// How often an idle shipper looks for events queued by operator commands (`spool requeue`,
+/// `replay`, `reconcile --backfill` write from another process: nothing notifies it), so that
+/// they go out within a second. A look is one lease on an empty outbox: an index probe.
+const IDLE_POLL: Duration = Duration::from_millis(500);
 /// The backlog gauges and the `max_pending_age` check are refreshed this often.
 const BACKLOG_PUBLISH_EVERY: Duration = Duration::from_secs(1);
 /// Most pending rows looked at per read: a long run of held rows costs a bounded read.
@@ -78,10 +77,11 @@ pub enum Destination {
     Stdout,
 }
 
-/// The shipper's view of the spool: a read connection plus the writer for every change.
+/// The shipper's view of the spool: a read-only connection for the backlog gauges, and the
+/// writer thread's outbox for leases and settlements.
 pub struct SpoolAccess {
     pub path: PathBuf,
-    pub writer: SpoolHandle,
+    pub outbox: OutboxHandle,
     /// Fired by the writer whenever new events were committed.
     pub events_committed: Arc<Notify>,
 }
@@ -237,7 +237,7 @@ pub async fn run(
     draining: CancellationToken,
     shutdown: CancellationToken,
 ) {
-    let reader = match crate::spool::open_store(&spool.path).await {
+    let reader = match crate::spool::open_read_only(&spool.path).await {
         Ok(store) => store,
         Err(error) => {
             tracing::error!(%error, "the shipper cannot read the spool: nothing is delivered until restart");
@@ -282,26 +282,22 @@ pub async fn run(
     ));
     let mut shipper = Shipper {
         reader: Some(reader),
-        writer: spool.writer,
+        outbox: spool.outbox,
         shared,
         failures: 0,
         batch_size: settings.batch_max_events,
         settings,
         draining,
         dry_run: matches!(destination, Destination::Stdout),
-        marks: std::collections::VecDeque::new(),
-        marking: HashSet::new(),
+        prefetched: None,
     };
     let wake = spool.events_committed;
     loop {
         let progressed = tokio::select! {
             progressed = shipper.step(&destination) => progressed,
-            _ = shutdown.cancelled() => {
-                // Unsettled marks are still committed by the writer; waiting only keeps the
-                // delivered counter exact. Should it not happen, the rows are sent again.
-                let _ = tokio::time::timeout(MARKS_ON_SHUTDOWN, shipper.settle_marks(0)).await;
-                return;
-            }
+            // A job cut short drops its lease, which releases it; settlements already asked
+            // for are committed by the writer before it ends.
+            _ = shutdown.cancelled() => return,
         };
         let pause = match progressed {
             Step::Idle => None,
@@ -326,7 +322,7 @@ async fn watch_backlog(
     max_pending_age: Duration,
     stop: CancellationToken,
 ) {
-    let store = match crate::spool::open_store(&path).await {
+    let store = match crate::spool::open_read_only(&path).await {
         Ok(store) => Arc::new(Mutex::new(store)),
         Err(error) => {
             tracing::error!(%error, "the backlog gauges cannot read the spool");
@@ -376,8 +372,9 @@ enum Step {
 }
 
 struct Shipper {
+    /// Read-only: the backlog, when idle.
     reader: Option<Store>,
-    writer: SpoolHandle,
+    outbox: OutboxHandle,
     shared: Arc<Shared>,
     /// Failed requests in a row, for the shipper-wide backoff; 0 after any success.
     failures: u32,
@@ -388,17 +385,16 @@ struct Shipper {
     draining: CancellationToken,
     /// `--dry-run`: events are printed, no subscription is looked up.
     dry_run: bool,
-    /// "Delivered" commands sent to the writer whose commit is not confirmed yet, oldest first.
-    marks: std::collections::VecDeque<Mark>,
-    /// The rows of `marks`: pending on disk until their commit, never to be read for sending.
-    marking: HashSet<i64>,
+    /// The next lease, asked for before the last one's settlement so that it is read while the
+    /// writer commits that settlement (a backlog drains at the rate limit, not at one request
+    /// plus one fsync per batch). Only asked when every row of the last lease left `pending`,
+    /// so it is exactly what a lease after the settlement would return.
+    prefetched: Option<PendingLease>,
 }
 
-/// Outbox rows Lago accepted, being marked delivered by the writer.
-struct Mark {
-    ids: Vec<i64>,
-    done: oneshot::Receiver<Result<(), String>>,
-}
+/// A lease asked for and not yet answered.
+type PendingLease =
+    std::pin::Pin<Box<dyn Future<Output = Result<Lease, OutboxError>> + Send + 'static>>;
 
 fn now_ms() -> i64 {
     std::time::SystemTime::now()
@@ -408,57 +404,53 @@ fn now_ms() -> i64 {
 
 impl Shipper {
     async fn step(&mut self, destination: &Destination) -> Step {
-        // Room for the mark this step may add.
-        self.settle_marks(MAX_OPEN_MARKS - 1).await;
         if !crate::lock(&self.shared.metric).allows_sending() {
-            // The lookup task proves the metric (and the key, and the URL) first.
+            // The lookup task proves the metric (and the key, and the URL) first. A lease asked
+            // for meanwhile is released.
+            self.prefetched = None;
             return Step::Wait(Duration::from_millis(200));
         }
-        let mut ready = match self.ready(self.batch_size).await {
-            Ok(rows) => rows,
+        let mut lease = match self.lease(self.batch_size).await {
+            Ok(Some(lease)) => lease,
+            Ok(None) => return self.idle().await,
             Err(error) => {
-                tracing::error!(%error, "reading pending events from the spool failed");
+                tracing::error!(%error, "leasing pending events from the spool failed");
                 return Step::Wait(REPROBE_EVERY);
             }
         };
-        // A short read is the tail of a backlog (or nothing): let the marks land, so the rows of
-        // a mark that failed are read again before the shipper goes idle.
-        if ready.len() < self.batch_size
-            && self.settle_marks(0).await
-            && let Ok(again) = self.ready(self.batch_size).await
-        {
-            ready = again;
-        }
         let client = match destination {
-            Destination::Stdout => {
-                let rows: Vec<OutboxRow> = ready.into_iter().map(|r| r.row).collect();
-                if rows.is_empty() {
-                    return self.idle().await;
-                }
-                return self.print(rows).await;
-            }
+            Destination::Stdout => return self.print(lease),
             Destination::Lago(client) => client,
         };
-        if ready.is_empty() {
-            return self.idle().await;
-        }
         // A part-full batch waits once for company (a full one, e.g. a backlog, goes at once).
-        if ready.len() < self.batch_size
-            && !ready[0].retry.needs_check
+        if lease.rows().len() < self.batch_size
+            && !lease.rows()[0].retry.needs_check
             && !self.settings.batch_linger.is_zero()
         {
             tokio::select! {
                 _ = tokio::time::sleep(self.settings.batch_linger) => {}
                 _ = self.draining.cancelled() => {}
             }
-            if let Ok(rows) = self.ready(self.batch_size).await {
-                ready = rows;
-            }
+            // Released first (the writer serves requests in order), then leased again with
+            // whatever arrived meanwhile.
+            drop(lease);
+            lease = match self.lease(self.batch_size).await {
+                Ok(Some(lease)) => lease,
+                Ok(None) => return self.idle().await,
+                Err(error) => {
+                    tracing::error!(%error, "leasing pending events from the spool failed");
+                    return Step::Wait(REPROBE_EVERY);
+                }
+            };
         }
-        match compose(ready, self.batch_size) {
-            Job::Nothing => self.idle().await,
-            Job::Check(row) => self.check(client, *row).await,
-            Job::Send(rows) => self.send(client, rows).await,
+        // Rows of the lease the job leaves out are released untouched when it is settled.
+        match compose(lease.rows().to_vec(), self.batch_size) {
+            Job::Nothing => {
+                drop(lease);
+                self.idle().await
+            }
+            Job::Check(row) => self.check(client, lease, *row).await,
+            Job::Send(rows) => self.send(client, lease, rows).await,
         }
     }
 
@@ -467,7 +459,7 @@ impl Shipper {
     async fn idle(&mut self) -> Step {
         if let Ok((pending, oldest)) = self.with_reader(|store| store.backlog()).await {
             publish_backlog(pending, oldest);
-            if pending > self.marking.len() as i64 {
+            if pending > 0 {
                 // Rows wait (backing off, held for a lookup): look again soon.
                 return Step::Wait(Duration::from_millis(250));
             }
@@ -475,53 +467,66 @@ impl Shipper {
         Step::Idle
     }
 
-    /// The oldest rows ready to go now, of confirmed subscriptions: rows of unknown ones are
-    /// dead-lettered, rows of unconfirmed ones stay pending while their lookup runs.
-    async fn ready(&mut self, limit: usize) -> Result<Vec<ReadyRow>, StoreError> {
-        for _ in 0..2 {
-            let filter = ReadyFilter {
-                limit,
-                now_ms: now_ms(),
-                skip_ids: self.marking.clone(),
-                held_subscriptions: self.shared.held_subscriptions(),
-                scan_limit: SCAN_LIMIT,
+    /// What to lease now: up to `limit` rows due, none of a held subscription.
+    fn filter(&self, limit: usize) -> ReadyFilter {
+        ReadyFilter {
+            limit,
+            now_ms: now_ms(),
+            held_subscriptions: self.shared.held_subscriptions(),
+            scan_limit: SCAN_LIMIT,
+        }
+    }
+
+    /// Leases the oldest rows ready to go now, of confirmed subscriptions: rows of unknown ones
+    /// are dead-lettered, rows of unconfirmed ones stay pending while their lookup runs.
+    /// `None`: nothing can go now.
+    async fn lease(&mut self, limit: usize) -> Result<Option<Lease>, OutboxError> {
+        for _ in 0..3 {
+            let lease = match self.prefetched.take() {
+                Some(asked) => asked.await?,
+                None => self.outbox.lease_batch(self.filter(limit)).await?,
             };
-            let rows = self.with_reader(move |store| store.ready(&filter)).await?;
+            if lease.rows().is_empty() {
+                return Ok(None);
+            }
             if self.dry_run {
-                return Ok(rows);
+                return Ok(Some(lease));
             }
             let triage = self.shared.triage_subscriptions(
-                rows.iter()
+                lease
+                    .rows()
+                    .iter()
                     .map(|r| r.row.event.external_subscription_id.as_str()),
             );
-            let mut kept = Vec::with_capacity(rows.len());
-            let mut dropped = false;
-            for row in rows {
+            let mut dead = Vec::new();
+            let mut held = false;
+            for row in lease.rows() {
                 match triage[&row.row.event.external_subscription_id] {
-                    Triage::Send => kept.push(row),
-                    Triage::Hold => dropped = true,
+                    Triage::Send => {}
+                    Triage::Hold => held = true,
                     Triage::Unknown => {
-                        dropped = true;
                         let detail = format!(
                             "Lago has no subscription {:?}: create it or fix the mapping, then `spool requeue --reason unknown_subscription`",
                             row.row.event.external_subscription_id
                         );
-                        dead_letter(&self.writer, &row.row, "unknown_subscription", &detail).await;
+                        dead.push(dead_letter(&row.row, "unknown_subscription", &detail));
                     }
                 }
             }
-            // All held: read once more, now skipping them, so the others fill the batch.
-            if !(kept.is_empty() && dropped) {
-                return Ok(kept);
+            if dead.is_empty() && !held {
+                return Ok(Some(lease));
             }
+            // Dead-letter the unknown, release the rest, and lease again: the held
+            // subscriptions are in the filter now, so the others fill the batch.
+            self.settle(lease, dead);
         }
-        Ok(Vec::new())
+        Ok(None)
     }
 }
 
 impl Shipper {
-    /// POSTs one batch and applies Lago's answer.
-    async fn send(&mut self, client: &LagoClient, rows: Vec<ReadyRow>) -> Step {
+    /// POSTs one batch and settles its lease with Lago's answer.
+    async fn send(&mut self, client: &LagoClient, lease: Lease, rows: Vec<ReadyRow>) -> Step {
         self.shared.limiter.until_ready().await;
         let events: Vec<_> = rows.iter().map(|r| r.row.event.clone()).collect();
         let result = client.post_batch(&events).await;
@@ -544,36 +549,43 @@ impl Shipper {
                 }
                 self.failures = 0;
                 self.batch_size = grow(self.batch_size, self.settings.batch_max_events);
-                let mut delivered = Vec::new();
-                let mut to_check = Vec::new();
+                let mut outcomes = Vec::new();
                 for fate in fates {
                     let Some(row) = rows.iter().find(|r| r.row.outbox_id == fate.outbox_id) else {
                         continue;
                     };
                     match fate.fate {
-                        Fate::Delivered => delivered.push(row.row.outbox_id),
+                        Fate::Delivered => outcomes.push((row.row.outbox_id, Outcome::Delivered)),
                         Fate::DeadLetter { reason, detail } => {
-                            dead_letter(&self.writer, &row.row, reason.as_str(), &detail).await
+                            outcomes.push(dead_letter(&row.row, reason.as_str(), &detail))
                         }
                         // Lago may hold it: checked alone before anything else happens to it.
-                        Fate::Verify => to_check.push((
+                        Fate::Verify => outcomes.push((
                             row.row.outbox_id,
-                            RetryState {
-                                needs_check: true,
-                                ..row.retry
+                            Outcome::Retry {
+                                state: RetryState {
+                                    needs_check: true,
+                                    ..row.retry
+                                },
+                                error: "value_already_exist: to be checked".into(),
                             },
                         )),
-                        // Rolled back with the batch: still pending, re-read in order next step.
+                        // Rolled back with the batch: still pending, leased again in order.
                         Fate::Resend => {}
                     }
                 }
-                if !to_check.is_empty() {
-                    self.record_retry(to_check, "value_already_exist: to be checked".into())
-                        .await;
+                let all_leave_pending = lease.rows().iter().all(|r| {
+                    outcomes.iter().any(|(id, outcome)| {
+                        *id == r.row.outbox_id
+                            && matches!(outcome, Outcome::Delivered | Outcome::DeadLetter { .. })
+                    })
+                });
+                if all_leave_pending {
+                    self.prefetched = Some(Box::pin(
+                        self.outbox.lease_batch(self.filter(self.batch_size)),
+                    ));
                 }
-                if !delivered.is_empty() {
-                    self.mark_delivered(delivered).await;
-                }
+                self.settle(lease, outcomes);
                 Step::Sent
             }
             Decision::Retry { cause, alarm } => {
@@ -585,12 +597,13 @@ impl Shipper {
                 let updates = retry_rows(&rows, now_ms(), self.settings.retry_max_delay, delay);
                 let next_batch = updates.first().and_then(|(_, s)| s.max_batch).unwrap_or(1);
                 tracing::warn!(%cause, events = rows.len(), retry_in = ?delay, next_batch, "Lago did not take the batch; its events go again in smaller batches");
-                self.record_retry(updates, cause).await;
+                self.settle(lease, retried(updates, &cause));
                 Step::Wait(delay)
             }
             Decision::ShrinkBatches { alarm } => {
                 raise(&alarm);
                 self.batch_size = shrink(self.batch_size, rows.len());
+                drop(lease);
                 Step::Sent
             }
             Decision::Pause { pause } => {
@@ -611,7 +624,7 @@ impl Shipper {
     /// Checks alone a row Lago may already hold: `GET /events/{id}`, and when that names
     /// another subscription, our subscription's events at its timestamp. A check that fails
     /// backs off this row only.
-    async fn check(&mut self, client: &LagoClient, row: ReadyRow) -> Step {
+    async fn check(&mut self, client: &LagoClient, lease: Lease, row: ReadyRow) -> Step {
         let ours = &row.row.event;
         self.shared.limiter.until_ready().await;
         let by_id = client.get_event(&ours.transaction_id).await;
@@ -635,12 +648,13 @@ impl Shipper {
         match fate {
             Ok(Fate::Delivered) => {
                 self.failures = 0;
-                self.mark_delivered(vec![row.row.outbox_id]).await;
+                self.settle(lease, vec![(row.row.outbox_id, Outcome::Delivered)]);
                 Step::Sent
             }
             Ok(Fate::DeadLetter { reason, detail }) => {
                 self.failures = 0;
-                dead_letter(&self.writer, &row.row, reason.as_str(), &detail).await;
+                let outcome = dead_letter(&row.row, reason.as_str(), &detail);
+                self.settle(lease, vec![outcome]);
                 Step::Sent
             }
             Ok(Fate::Resend | Fate::Verify) => {
@@ -656,11 +670,13 @@ impl Shipper {
                     needs_check: false,
                     ..backed_off(row.retry, now_ms(), self.settings.retry_max_delay)
                 };
-                self.record_retry(
-                    vec![(row.row.outbox_id, state)],
-                    "checked: not in Lago, to be sent again".into(),
-                )
-                .await;
+                self.settle(
+                    lease,
+                    retried(
+                        vec![(row.row.outbox_id, state)],
+                        "checked: not in Lago, to be sent again",
+                    ),
+                );
                 Step::Sent
             }
             Err(LagoError::Unauthorized { status }) => {
@@ -683,8 +699,10 @@ impl Shipper {
                     retry_in_ms = state.backoff_ms,
                     "could not check an event Lago may already hold; it waits alone, the others go"
                 );
-                self.record_retry(vec![(row.row.outbox_id, state)], error.to_string())
-                    .await;
+                self.settle(
+                    lease,
+                    retried(vec![(row.row.outbox_id, state)], &error.to_string()),
+                );
                 Step::Sent
             }
         }
@@ -696,119 +714,42 @@ impl Shipper {
         lookups::backoff(self.settings.retry_max_delay, self.failures)
     }
 
-    async fn record_retry(&mut self, retry: Vec<(i64, RetryState)>, error: String) {
-        write(&self.writer, |done| Command::Attempted {
-            retry,
-            error,
-            done,
-        })
-        .await;
+    /// Settles `lease` with `outcomes` without waiting for the commit (the next lease comes
+    /// after it anyway); the delivered counter and a failure are taken care of when it lands.
+    fn settle(&self, lease: Lease, outcomes: Vec<(i64, Outcome)>) {
+        let committed = self.outbox.settle(lease, outcomes);
+        tokio::spawn(async move {
+            match committed.await {
+                Ok(Ok(settled)) => metrics::counter!("ocpp_lago_bridge_events_delivered_total")
+                    .increment(settled.delivered as u64),
+                // The rows stay pending: at worst the events are sent again, which Lago dedupes.
+                Ok(Err(error)) => {
+                    tracing::error!(%error, "recording a delivery result in the spool failed")
+                }
+                // The writer has stopped (shutdown): the rows stay pending, sent after restart.
+                Err(_) => {}
+            }
+        });
     }
 
-    /// `--dry-run`: print instead of sending, then mark as handled so each is printed once.
-    async fn print(&mut self, rows: Vec<OutboxRow>) -> Step {
+    /// `--dry-run`: print instead of sending, then settle as delivered so each is printed once.
+    fn print(&mut self, lease: Lease) -> Step {
         use std::io::Write;
         {
             let mut out = std::io::stdout().lock();
-            for row in &rows {
-                let line = serde_json::to_string(&row.event).expect("events serialise");
+            for row in lease.rows() {
+                let line = serde_json::to_string(&row.row.event).expect("events serialise");
                 let _ = writeln!(out, "{line}");
             }
             let _ = out.flush();
         }
-        let ids = rows.iter().map(|r| r.outbox_id).collect();
-        write(&self.writer, |done| Command::Delivered { ids, done }).await;
+        let outcomes = lease
+            .rows()
+            .iter()
+            .map(|r| (r.row.outbox_id, Outcome::Delivered))
+            .collect();
+        self.settle(lease, outcomes);
         Step::Sent
-    }
-}
-
-async fn dead_letter(writer: &SpoolHandle, row: &OutboxRow, reason: &str, detail: &str) {
-    metrics::counter!("ocpp_lago_bridge_dead_letters_total", "reason" => reason.to_string())
-        .increment(1);
-    tracing::error!(
-        charge_box_id = %row.event.properties.charge_box_id,
-        ocpp_transaction_id = row.event.properties.ocpp_transaction_id,
-        lago_transaction_id = %row.event.transaction_id,
-        external_subscription_id = %row.event.external_subscription_id,
-        reason,
-        %detail,
-        "event moved to the dead letters: it is not billed until requeued (`spool dead-letters`)"
-    );
-    let (id, reason, detail) = (row.outbox_id, reason.to_string(), detail.to_string());
-    write(writer, |done| Command::DeadLetter {
-        id,
-        reason,
-        detail,
-        done,
-    })
-    .await;
-}
-
-/// Sends a change to the writer and waits for it to be on disk.
-async fn write(
-    writer: &SpoolHandle,
-    command: impl FnOnce(oneshot::Sender<Result<(), String>>) -> Command,
-) {
-    let (done, result) = oneshot::channel();
-    if writer.send(command(done)).await.is_err() {
-        return;
-    }
-    if let Ok(Err(error)) = result.await {
-        // The row stays pending: at worst the event is sent again, which Lago dedupes.
-        tracing::error!(%error, "recording a delivery result in the spool failed");
-    }
-}
-
-impl Shipper {
-    /// Sends "delivered" for rows Lago accepted to the writer, without waiting for the commit.
-    async fn mark_delivered(&mut self, ids: Vec<i64>) {
-        let (done, result) = oneshot::channel();
-        let command = Command::Delivered {
-            ids: ids.clone(),
-            done,
-        };
-        if self.writer.send(command).await.is_err() {
-            // The writer is gone (shutdown): the rows stay pending and go again after restart.
-            return;
-        }
-        self.marking.extend(ids.iter().copied());
-        self.marks.push_back(Mark { ids, done: result });
-    }
-
-    /// Takes in the marks that committed, then waits (oldest first) until at most `open` remain.
-    /// True if a mark failed: its rows are pending again.
-    async fn settle_marks(&mut self, open: usize) -> bool {
-        let mut failed = false;
-        loop {
-            let over = self.marks.len() > open;
-            let Some(mark) = self.marks.front_mut() else {
-                break;
-            };
-            let result = match mark.done.try_recv() {
-                Err(oneshot::error::TryRecvError::Empty) if over => (&mut mark.done).await.ok(),
-                Err(oneshot::error::TryRecvError::Empty) => return failed,
-                Ok(result) => Some(result),
-                Err(oneshot::error::TryRecvError::Closed) => None,
-            };
-            let mark = self
-                .marks
-                .pop_front()
-                .expect("the front mark was just seen");
-            for id in &mark.ids {
-                self.marking.remove(id);
-            }
-            match result {
-                Some(Ok(())) => metrics::counter!("ocpp_lago_bridge_events_delivered_total")
-                    .increment(mark.ids.len() as u64),
-                // The rows stay pending: at worst the events are sent again, which Lago dedupes.
-                Some(Err(error)) => {
-                    failed = true;
-                    tracing::error!(%error, "recording a delivery result in the spool failed");
-                }
-                None => failed = true,
-            }
-        }
-        failed
     }
 
     async fn with_reader<T: Send + 'static>(
@@ -828,6 +769,45 @@ impl Shipper {
         self.reader = Some(store);
         out
     }
+}
+
+/// Failed attempts: each row's new retry state, with the error that caused it.
+fn retried(updates: Vec<(i64, RetryState)>, error: &str) -> Vec<(i64, Outcome)> {
+    updates
+        .into_iter()
+        .map(|(id, state)| {
+            (
+                id,
+                Outcome::Retry {
+                    state,
+                    error: error.to_string(),
+                },
+            )
+        })
+        .collect()
+}
+
+/// A row that can never be delivered as it is: logged at ERROR and counted here, moved to the
+/// dead letters by the settlement that carries the returned outcome.
+fn dead_letter(row: &OutboxRow, reason: &str, detail: &str) -> (i64, Outcome) {
+    metrics::counter!("ocpp_lago_bridge_dead_letters_total", "reason" => reason.to_string())
+        .increment(1);
+    tracing::error!(
+        charge_box_id = %row.event.properties.charge_box_id,
+        ocpp_transaction_id = row.event.properties.ocpp_transaction_id,
+        lago_transaction_id = %row.event.transaction_id,
+        external_subscription_id = %row.event.external_subscription_id,
+        reason,
+        %detail,
+        "event moved to the dead letters: it is not billed until requeued (`spool dead-letters`)"
+    );
+    (
+        row.outbox_id,
+        Outcome::DeadLetter {
+            reason: reason.to_string(),
+            detail: detail.to_string(),
+        },
+    )
 }
 
 fn raise(alarm: &Alarm) {

@@ -10,7 +10,10 @@
 //!
 //! Two crashes: a clean one (drop the `Store`, open the file again) and a kill (copy the
 //! database and its write-ahead log while the `Store` is still open, as a SIGKILL or power cut
-//! would leave them, and open the copy).
+//! would leave them, and open the copy). Either ends every open lease: leases and settlements
+//! (`spool::lease`) are steps too, so a lease never returns a row another open lease holds, a
+//! settlement changes only its own still-pending rows, and after a crash every leased row is
+//! pending and leased again.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -18,9 +21,11 @@ use std::path::{Path, PathBuf};
 use proptest::prelude::*;
 use rusqlite::{Connection, OpenFlags};
 
+use super::lease::{LeaseId, Leases};
 use super::store::{
-    COLLISION_REASON, Changes, DeadLetter, NewDeadLetter, RecordRow, Replay, Requeue,
-    RequeueOutcome, SessionRow, Store, collision_detail, same_billing_content,
+    COLLISION_REASON, Changes, DeadLetter, NewDeadLetter, Outcome, ReadyFilter, RecordRow, Replay,
+    Requeue, RequeueOutcome, RetryState, SessionChanges, SessionRow, Settled, Store,
+    collision_detail, same_billing_content,
 };
 use crate::event::{LagoEvent, sample_event};
 
@@ -114,6 +119,11 @@ enum Op {
     Crash {
         kill: bool,
     },
+    /// `lease_batch` of at most this many rows.
+    Lease(usize),
+    /// `settle` of an open lease (index among them): per row of the lease (index among its
+    /// rows, or past them: a row of no lease) an outcome, 0 delivered, 1 retry, 2 dead letter.
+    Settle(usize, Vec<(usize, u8)>),
 }
 
 fn event_spec() -> impl Strategy<Value = EventSpec> {
@@ -189,6 +199,9 @@ fn op() -> impl Strategy<Value = Op> {
         1 => event_spec().prop_map(Op::Upsert),
         2 => (pick(), 0..3u8).prop_map(|(p, v)| Op::Rederive(p, v)),
         2 => any::<bool>().prop_map(|kill| Op::Crash { kill }),
+        3 => (1..5usize).prop_map(Op::Lease),
+        3 => (0..3usize, prop::collection::vec((0..6usize, 0..3u8), 0..4))
+            .prop_map(|(lease, outcomes)| Op::Settle(lease, outcomes)),
     ]
 }
 
@@ -332,13 +345,13 @@ impl Model {
                     r.ocpp_transaction_id,
                 ));
             }
-            for s in &c.sessions {
+            for s in &c.sessions.upserts {
                 self.sessions.insert(
                     (s.charge_box_id.clone(), s.ocpp_transaction_id),
                     s.state_json.clone(),
                 );
             }
-            for key in &c.removed_sessions {
+            for key in &c.sessions.removed {
                 self.sessions.remove(key);
             }
             for e in &c.events {
@@ -782,20 +795,22 @@ fn changes(spec: &GroupSpec, now: i64) -> Changes {
                 json: format!(r#"{{"kind":"{}"}}"#, KINDS[kind]),
             })
             .collect(),
-        sessions: spec
-            .sessions
-            .iter()
-            .map(|&(cb, tx, v)| SessionRow {
-                charge_box_id: CHARGE_BOXES[cb].into(),
-                ocpp_transaction_id: tx,
-                state_json: format!(r#"{{"v":{v}}}"#),
-            })
-            .collect(),
-        removed_sessions: spec
-            .removed
-            .iter()
-            .map(|&(cb, tx)| (CHARGE_BOXES[cb].to_string(), tx))
-            .collect(),
+        sessions: SessionChanges {
+            upserts: spec
+                .sessions
+                .iter()
+                .map(|&(cb, tx, v)| SessionRow {
+                    charge_box_id: CHARGE_BOXES[cb].into(),
+                    ocpp_transaction_id: tx,
+                    state_json: format!(r#"{{"v":{v}}}"#),
+                })
+                .collect(),
+            removed: spec
+                .removed
+                .iter()
+                .map(|&(cb, tx)| (CHARGE_BOXES[cb].to_string(), tx))
+                .collect(),
+        },
         events: spec.events.iter().map(EventSpec::event).collect(),
         dead_letters: spec
             .dead
@@ -850,6 +865,9 @@ fn run(ops: &[Op]) -> Result<(), TestCaseError> {
     let mut path: PathBuf = dir.path().join("spool-0.db");
     let mut store = Store::open(&path).unwrap();
     let mut model = Model::default();
+    // The writer's open leases and, in the model, each with its rows; both die with a crash.
+    let mut leases = Leases::default();
+    let mut open_leases: Vec<(LeaseId, Vec<i64>)> = Vec::new();
     let mut now = 100;
     check(&store, &path, &model)?;
     for (step, op) in ops.iter().enumerate() {
@@ -866,7 +884,7 @@ fn run(ops: &[Op]) -> Result<(), TestCaseError> {
         match op {
             Op::Commit(specs) => {
                 let groups: Vec<Changes> = specs.iter().map(|s| changes(s, now)).collect();
-                store.commit(&groups, now).unwrap();
+                store.append_records(&groups, now).unwrap();
                 model.commit(&groups, now);
                 // A re-derived event never makes a second row: the rows added are exactly the
                 // distinct keys that were not in the outbox.
@@ -900,7 +918,7 @@ fn run(ops: &[Op]) -> Result<(), TestCaseError> {
                 let id = picked(&model, *p);
                 let reason = REASONS[*reason];
                 store
-                    .dead_letter_outbox(id, reason, "rejected by Lago", now)
+                    .dead_letter(id, reason, "rejected by Lago", now)
                     .unwrap();
                 model.dead_letter_outbox(id, reason, "rejected by Lago", now);
             }
@@ -989,6 +1007,91 @@ fn run(ops: &[Op]) -> Result<(), TestCaseError> {
                     drop(store);
                 }
                 store = Store::open(&path).unwrap();
+                leases = Leases::default();
+                open_leases.clear();
+            }
+            Op::Lease(limit) => {
+                let filter = ReadyFilter {
+                    limit: *limit,
+                    now_ms: i64::MAX,
+                    scan_limit: 1_000,
+                    ..ReadyFilter::default()
+                };
+                let (id, rows) = leases.lease_batch(&store, &filter).unwrap();
+                let got: Vec<i64> = rows.iter().map(|r| r.row.outbox_id).collect();
+                let leased: BTreeSet<i64> = open_leases
+                    .iter()
+                    .flat_map(|(_, ids)| ids)
+                    .copied()
+                    .collect();
+                let expected: Vec<i64> = model
+                    .pending()
+                    .iter()
+                    .map(|r| r.id)
+                    .filter(|id| !leased.contains(id))
+                    .take(*limit)
+                    .collect();
+                prop_assert_eq!(
+                    &got,
+                    &expected,
+                    "lease_batch(): the oldest unleased pending"
+                );
+                open_leases.push((id, got));
+            }
+            Op::Settle(which, specs) => {
+                if !open_leases.is_empty() {
+                    let (id, own) = open_leases.remove(*which % open_leases.len());
+                    let outcomes: Vec<(i64, Outcome)> = specs
+                        .iter()
+                        .map(|&(row, kind)| {
+                            let outbox_id = own.get(row).copied().unwrap_or_else(|| {
+                                picked(
+                                    &model,
+                                    Pick {
+                                        from_pending: true,
+                                        index: row,
+                                    },
+                                )
+                            });
+                            let outcome = match kind {
+                                0 => Outcome::Delivered,
+                                1 => Outcome::Retry {
+                                    state: RetryState::default(),
+                                    error: "503 from Lago".into(),
+                                },
+                                _ => Outcome::DeadLetter {
+                                    reason: REASONS[row % REASONS.len()].into(),
+                                    detail: "rejected by Lago".into(),
+                                },
+                            };
+                            (outbox_id, outcome)
+                        })
+                        .collect();
+                    let got = leases.settle(&mut store, id, &outcomes, now).unwrap();
+                    // Only the lease's own rows change, each while it is still pending.
+                    let mut expected = Settled::default();
+                    for (outbox_id, outcome) in outcomes.iter().filter(|(i, _)| own.contains(i)) {
+                        let pending = model
+                            .rows
+                            .iter()
+                            .any(|r| r.id == *outbox_id && r.state == State::Pending);
+                        if !pending {
+                            continue;
+                        }
+                        match outcome {
+                            Outcome::Delivered => {
+                                expected.delivered += 1;
+                                model.mark_delivered(&[*outbox_id], now);
+                            }
+                            Outcome::Retry { .. } => expected.retried += 1,
+                            Outcome::DeadLetter { reason, detail } => {
+                                expected.dead_lettered += 1;
+                                model.dead_letter_outbox(*outbox_id, reason, detail, now);
+                            }
+                        }
+                    }
+                    prop_assert_eq!(got, expected, "settle() counts");
+                }
             }
         }
 

@@ -118,6 +118,16 @@ pub enum StoreError {
     },
     #[error("stored JSON does not parse: {0}")]
     Json(#[from] serde_json::Error),
+    #[error("the spool file {0} does not exist (is spool.path right?)")]
+    Missing(String),
+    #[error(
+        "the spool file {0} can only be read (a read-only filesystem?): billing needs to write it"
+    )]
+    ReadOnly(String),
+    #[error(
+        "spool schema version {found} is older than this binary's ({known}) and a read-only command does not migrate it: start the daemon (or a writing command) once"
+    )]
+    OlderSchema { found: i64, known: i64 },
 }
 
 /// A raw tap record row.
@@ -149,19 +159,29 @@ pub struct NewDeadLetter {
     pub event: Option<LagoEvent>,
 }
 
-/// What one tap record changed, committed atomically.
+/// What one tap record changed, appended atomically by [`Store::append_records`]: the record,
+/// what billing derived from it (events, dead letters, parking), and the session state apart,
+/// so that its write can become a periodic checkpoint without touching the rest.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Changes {
     pub records: Vec<RecordRow>,
-    pub sessions: Vec<SessionRow>,
-    /// Sessions the ledger dropped from memory: (charge_box_id, ocpp_transaction_id).
-    pub removed_sessions: Vec<(String, i64)>,
+    /// The ledger's session state rows this record changed.
+    pub sessions: SessionChanges,
     pub events: Vec<LagoEvent>,
     pub dead_letters: Vec<NewDeadLetter>,
     /// Stops parked until SteVe tells their session's start (kept across restarts).
     pub parked: Vec<ParkedStopRow>,
     /// Sessions whose parked Stops this change set applies: (charge_box_id, ocpp_transaction_id).
     pub unparked: Vec<(String, i64)>,
+}
+
+/// Session state writes of one change set.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SessionChanges {
+    /// Session states written (inserted or replaced).
+    pub upserts: Vec<SessionRow>,
+    /// Sessions the ledger dropped from memory: (charge_box_id, ocpp_transaction_id).
+    pub removed: Vec<(String, i64)>,
 }
 
 /// A Stop waiting for its session's start.
@@ -193,6 +213,25 @@ pub struct RetryState {
     pub retry_at_ms: i64,
 }
 
+/// What became of one leased outbox row (see [`Store::settle`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Lago stored it.
+    Delivered,
+    /// A failed attempt: it stays pending with this retry state.
+    Retry { state: RetryState, error: String },
+    /// It can never be delivered as it is: a dead letter with this reason.
+    DeadLetter { reason: String, detail: String },
+}
+
+/// How many rows a settlement changed (rows no longer pending are left alone).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Settled {
+    pub delivered: usize,
+    pub retried: usize,
+    pub dead_lettered: usize,
+}
+
 /// A pending row ready to go, with its retry state.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReadyRow {
@@ -207,8 +246,6 @@ pub struct ReadyFilter {
     pub limit: usize,
     /// Unix ms now: rows waiting for a later `retry_at_ms` are skipped.
     pub now_ms: i64,
-    /// Rows being marked delivered right now (still pending on disk).
-    pub skip_ids: HashSet<i64>,
     /// Subscriptions whose events are held back (not yet confirmed in Lago).
     pub held_subscriptions: HashSet<String>,
     /// Most pending rows looked at, so a long run of held rows costs a bounded read.
@@ -334,6 +371,12 @@ impl Store {
             }
         }
         let conn = Connection::open(path)?;
+        // SQLite falls back to reading a file it cannot write (a filesystem remounted read-only
+        // after a disk error) where a spool must refuse: a writer on it could never commit. A
+        // read-only command's `-shm` left beside it lets SQLite open such a file at all.
+        if conn.is_readonly(rusqlite::MAIN_DB)? {
+            return Err(StoreError::ReadOnly(path.display().to_string()));
+        }
         conn.busy_timeout(Duration::from_secs(5))?;
         // WAL + FULL: a commit is on disk when it returns, which is what lets us ack a charger.
         conn.pragma_update(None, "journal_mode", "WAL")?;
@@ -347,6 +390,34 @@ impl Store {
         let mut store = Store { conn };
         store.migrate()?;
         Ok(store)
+    }
+
+    /// Opens the spool at `path` for reading only (`SQLITE_OPEN_READ_ONLY`): never creates,
+    /// migrates or writes it, so it is safe beside a running daemon and on a missing path. A
+    /// schema other than this binary's is an error (an older one would need a migration).
+    pub fn open_read_only(path: &Path) -> Result<Store, StoreError> {
+        if !path.is_file() {
+            return Err(StoreError::Missing(path.display().to_string()));
+        }
+        let conn = Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        conn.busy_timeout(Duration::from_secs(5))?;
+        let found: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+        if found > SCHEMA_VERSION {
+            return Err(StoreError::NewerSchema {
+                found,
+                known: SCHEMA_VERSION,
+            });
+        }
+        if found < SCHEMA_VERSION {
+            return Err(StoreError::OlderSchema {
+                found,
+                known: SCHEMA_VERSION,
+            });
+        }
+        Ok(Store { conn })
     }
 
     fn migrate(&mut self) -> Result<(), StoreError> {
@@ -368,10 +439,10 @@ impl Store {
         Ok(())
     }
 
-    /// Commits every change set in one transaction (one fsync for the whole group). An event
+    /// Appends every change set in one transaction (one fsync for the whole group). An event
     /// whose outbox key is taken by different content is not stored: it becomes a
     /// `transaction_id_collision` dead letter, returned so the caller logs and counts it.
-    pub fn commit<'a>(
+    pub fn append_records<'a>(
         &mut self,
         groups: impl IntoIterator<Item = &'a Changes>,
         now: i64,
@@ -420,7 +491,7 @@ impl Store {
                         r.json
                     ])?;
                 }
-                for s in &changes.sessions {
+                for s in &changes.sessions.upserts {
                     session.execute(params![
                         s.charge_box_id,
                         s.ocpp_transaction_id,
@@ -428,7 +499,7 @@ impl Store {
                         now
                     ])?;
                 }
-                for (charge_box_id, ocpp_transaction_id) in &changes.removed_sessions {
+                for (charge_box_id, ocpp_transaction_id) in &changes.sessions.removed {
                     removed.execute(params![charge_box_id, ocpp_transaction_id])?;
                 }
                 for e in &changes.events {
@@ -487,41 +558,32 @@ impl Store {
 
     /// The oldest pending events, in creation order (so a session's events go out in order).
     pub fn pending(&self, limit: usize) -> Result<Vec<OutboxRow>, StoreError> {
-        self.pending_except(limit, &HashSet::new())
-    }
-
-    /// Like [`Self::pending`], skipping the rows in `except` (the shipper's rows whose delivery
-    /// is being committed right now: still pending on disk, but not to be sent again).
-    pub fn pending_except(
-        &self,
-        limit: usize,
-        except: &HashSet<i64>,
-    ) -> Result<Vec<OutboxRow>, StoreError> {
         let mut stmt = self.conn.prepare_cached(
             "SELECT id, event FROM outbox WHERE state = 'pending' ORDER BY id LIMIT ?1",
         )?;
-        let mut rows = stmt.query([(limit + except.len()) as i64])?;
+        let rows = stmt.query_map([limit as i64], |r| {
+            Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))
+        })?;
         let mut out = Vec::new();
-        while let Some(row) = rows.next()? {
-            if out.len() == limit {
-                break;
-            }
-            let outbox_id: i64 = row.get(0)?;
-            if except.contains(&outbox_id) {
-                continue;
-            }
+        for row in rows {
+            let (outbox_id, json) = row?;
             out.push(OutboxRow {
                 outbox_id,
-                event: serde_json::from_str(&row.get::<_, String>(1)?)?,
+                event: serde_json::from_str(&json)?,
             });
         }
         Ok(out)
     }
 
     /// The oldest pending rows the shipper may use now, in creation order, with their retry
-    /// state: rows backing off, rows being marked and rows of held subscriptions are skipped.
-    /// Reads the subscription column before the event, so a skipped row costs no JSON parse.
-    pub fn ready(&self, filter: &ReadyFilter) -> Result<Vec<ReadyRow>, StoreError> {
+    /// state: rows backing off, rows `leased` to a job already and rows of held subscriptions
+    /// are skipped. Reads the subscription column before the event, so a skipped row costs no
+    /// JSON parse. The shipper gets these through [`super::Spool::lease_batch`].
+    pub fn ready(
+        &self,
+        filter: &ReadyFilter,
+        leased: &HashSet<i64>,
+    ) -> Result<Vec<ReadyRow>, StoreError> {
         let mut stmt = self.conn.prepare_cached(
             "SELECT id, external_subscription_id, retry_at_ms, event, needs_check, max_batch,
                     backoff_ms
@@ -537,7 +599,7 @@ impl Store {
             scanned += 1;
             let outbox_id: i64 = row.get(0)?;
             let retry_at_ms: i64 = row.get(2)?;
-            if retry_at_ms > filter.now_ms || filter.skip_ids.contains(&outbox_id) {
+            if retry_at_ms > filter.now_ms || leased.contains(&outbox_id) {
                 continue;
             }
             if !filter.held_subscriptions.is_empty()
@@ -572,28 +634,79 @@ impl Store {
         updates: &[(i64, RetryState)],
         error: &str,
     ) -> Result<(), StoreError> {
+        let outcomes: Vec<(i64, Outcome)> = updates
+            .iter()
+            .map(|&(id, state)| {
+                (
+                    id,
+                    Outcome::Retry {
+                        state,
+                        error: error.to_string(),
+                    },
+                )
+            })
+            .collect();
+        self.settle(&outcomes, 0).map(|_| ())
+    }
+
+    /// Applies the outcome of every row in one transaction: delivered, a new retry state (the
+    /// row stays pending), or moved to the dead letters. Only pending rows change; the counts
+    /// say how many did.
+    pub fn settle(&mut self, outcomes: &[(i64, Outcome)], now: i64) -> Result<Settled, StoreError> {
+        let mut settled = Settled::default();
         let tx = self.conn.transaction()?;
         {
-            let mut stmt = tx.prepare_cached(
+            let mut delivered = tx.prepare_cached(
+                "UPDATE outbox SET state = 'delivered', delivered_at = ?2, attempts = attempts + 1,
+                     retry_at_ms = 0, backoff_ms = 0, needs_check = 0, max_batch = NULL
+                 WHERE id = ?1 AND state = 'pending'",
+            )?;
+            let mut retry = tx.prepare_cached(
                 "UPDATE outbox SET attempts = attempts + 1, last_error = ?2, retry_at_ms = ?3,
                      backoff_ms = ?4, needs_check = ?5, max_batch = ?6
                  WHERE id = ?1 AND state = 'pending'",
             )?;
-            for (id, retry) in updates {
-                stmt.execute(params![
-                    id,
-                    error,
-                    retry.retry_at_ms,
-                    i64::try_from(retry.backoff_ms).unwrap_or(i64::MAX),
-                    retry.needs_check,
-                    retry
-                        .max_batch
-                        .map(|m| i64::try_from(m).unwrap_or(i64::MAX)),
-                ])?;
+            let mut dead = tx.prepare_cached(
+                "UPDATE outbox SET state = 'dead', attempts = attempts + 1, last_error = ?2,
+                     retry_at_ms = 0, backoff_ms = 0, needs_check = 0, max_batch = NULL
+                 WHERE id = ?1 AND state = 'pending'",
+            )?;
+            let mut letter = tx.prepare_cached(
+                "INSERT INTO dead_letters (reason, detail, charge_box_id, ocpp_transaction_id,
+                     lago_transaction_id, external_subscription_id, event, outbox_id,
+                     first_attempt, last_attempt)
+                 SELECT ?2, ?3, charge_box_id, ocpp_transaction_id, lago_transaction_id,
+                     external_subscription_id, event, id, created_at, ?4
+                 FROM outbox WHERE id = ?1",
+            )?;
+            for (id, outcome) in outcomes {
+                match outcome {
+                    Outcome::Delivered => {
+                        settled.delivered += delivered.execute(params![id, now])?
+                    }
+                    Outcome::Retry { state, error } => {
+                        settled.retried += retry.execute(params![
+                            id,
+                            error,
+                            state.retry_at_ms,
+                            i64::try_from(state.backoff_ms).unwrap_or(i64::MAX),
+                            state.needs_check,
+                            state
+                                .max_batch
+                                .map(|m| i64::try_from(m).unwrap_or(i64::MAX)),
+                        ])?
+                    }
+                    Outcome::DeadLetter { reason, detail } => {
+                        if dead.execute(params![id, detail])? == 1 {
+                            letter.execute(params![id, reason, detail, now])?;
+                            settled.dead_lettered += 1;
+                        }
+                    }
+                }
             }
         }
         tx.commit()?;
-        Ok(())
+        Ok(settled)
     }
 
     /// How many events are pending and when the oldest was created (unix seconds).
@@ -622,49 +735,24 @@ impl Store {
 
     /// Marks outbox rows delivered.
     pub fn mark_delivered(&mut self, ids: &[i64], now: i64) -> Result<(), StoreError> {
-        let tx = self.conn.transaction()?;
-        {
-            let mut stmt = tx.prepare_cached(
-                "UPDATE outbox SET state = 'delivered', delivered_at = ?2, attempts = attempts + 1,
-                     retry_at_ms = 0, backoff_ms = 0, needs_check = 0, max_batch = NULL
-                 WHERE id = ?1 AND state = 'pending'",
-            )?;
-            for id in ids {
-                stmt.execute(params![id, now])?;
-            }
-        }
-        tx.commit()?;
-        Ok(())
+        let outcomes: Vec<(i64, Outcome)> =
+            ids.iter().map(|&id| (id, Outcome::Delivered)).collect();
+        self.settle(&outcomes, now).map(|_| ())
     }
 
-    /// Moves an outbox row to the dead letters with Lago's (or our) reason.
-    pub fn dead_letter_outbox(
+    /// Moves a pending outbox row to the dead letters with Lago's (or our) reason.
+    pub fn dead_letter(
         &mut self,
         id: i64,
         reason: &str,
         detail: &str,
         now: i64,
     ) -> Result<(), StoreError> {
-        let tx = self.conn.transaction()?;
-        let changed = tx.execute(
-            "UPDATE outbox SET state = 'dead', attempts = attempts + 1, last_error = ?2,
-                 retry_at_ms = 0, backoff_ms = 0, needs_check = 0, max_batch = NULL
-             WHERE id = ?1 AND state = 'pending'",
-            params![id, detail],
-        )?;
-        if changed == 1 {
-            tx.execute(
-                "INSERT INTO dead_letters (reason, detail, charge_box_id, ocpp_transaction_id,
-                     lago_transaction_id, external_subscription_id, event, outbox_id,
-                     first_attempt, last_attempt)
-                 SELECT ?2, ?3, charge_box_id, ocpp_transaction_id, lago_transaction_id,
-                     external_subscription_id, event, id, created_at, ?4
-                 FROM outbox WHERE id = ?1",
-                params![id, reason, detail, now],
-            )?;
-        }
-        tx.commit()?;
-        Ok(())
+        let outcome = Outcome::DeadLetter {
+            reason: reason.to_string(),
+            detail: detail.to_string(),
+        };
+        self.settle(&[(id, outcome)], now).map(|_| ())
     }
 
     /// Dead letters, optionally of one reason, oldest first.
@@ -1324,7 +1412,7 @@ mod tests {
         let opened = Store::open(&path);
         unsafe { libc::umask(previous) };
         let mut store = opened.unwrap();
-        store.commit(std::iter::empty(), 0).unwrap();
+        store.append_records(std::iter::empty(), 0).unwrap();
         let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode(&dir.path().join("a")), 0o700);
         assert_eq!(mode(&dir.path().join("a/b")), 0o700);
@@ -1348,12 +1436,14 @@ mod tests {
                 kind: "stop",
                 json: "{}".into(),
             }],
-            sessions: vec![SessionRow {
-                charge_box_id: "CP1".into(),
-                ocpp_transaction_id: 7,
-                state_json: r#"{"v":1}"#.into(),
-            }],
-            removed_sessions: vec![],
+            sessions: SessionChanges {
+                upserts: vec![SessionRow {
+                    charge_box_id: "CP1".into(),
+                    ocpp_transaction_id: 7,
+                    state_json: r#"{"v":1}"#.into(),
+                }],
+                removed: vec![],
+            },
             events,
             dead_letters: vec![],
             ..Changes::default()
@@ -1361,45 +1451,12 @@ mod tests {
     }
 
     #[test]
-    fn pending_except_skips_rows_being_marked_and_still_fills_the_batch() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("spool.db");
-        let mut store = Store::open(&path).unwrap();
-        let events = (1..=6).map(|n| event(&n.to_string(), "sub")).collect();
-        store.commit(&[changes(events)], 100).unwrap();
-        let ids: Vec<i64> = store
-            .pending(10)
-            .unwrap()
-            .iter()
-            .map(|r| r.outbox_id)
-            .collect();
-        assert_eq!(ids.len(), 6);
-
-        // The first two are being marked delivered: the next three after them, in order.
-        let marking: HashSet<i64> = ids[..2].iter().copied().collect();
-        let next = store.pending_except(3, &marking).unwrap();
-        let got: Vec<i64> = next.iter().map(|r| r.outbox_id).collect();
-        assert_eq!(got, ids[2..5]);
-        assert_eq!(next[0].event, event("3", "sub"));
-        // A skipped row below the others (a failed batch's rest) still comes first.
-        let marking: HashSet<i64> = [ids[1], ids[3]].into_iter().collect();
-        let got: Vec<i64> = store
-            .pending_except(10, &marking)
-            .unwrap()
-            .iter()
-            .map(|r| r.outbox_id)
-            .collect();
-        assert_eq!(got, vec![ids[0], ids[2], ids[4], ids[5]]);
-        assert_eq!(store.backlog().unwrap(), (6, Some(100)));
-    }
-
-    #[test]
-    fn ready_rows_skip_backing_off_held_and_marking_rows_and_keep_their_retry_state() {
+    fn ready_rows_skip_backing_off_held_and_leased_rows_and_keep_their_retry_state() {
         let dir = tempfile::tempdir().unwrap();
         let mut store = Store::open(&dir.path().join("spool.db")).unwrap();
         let mut events: Vec<LagoEvent> = (1..=5).map(|n| event(&n.to_string(), "sub")).collect();
         events.push(event("6", "held"));
-        store.commit(&[changes(events)], 100).unwrap();
+        store.append_records(&[changes(events)], 100).unwrap();
         let ids: Vec<i64> = store
             .pending(10)
             .unwrap()
@@ -1424,16 +1481,16 @@ mod tests {
         let filter = |now_ms| ReadyFilter {
             limit: 10,
             now_ms,
-            skip_ids: [ids[2]].into_iter().collect(),
             held_subscriptions: ["held".to_owned()].into_iter().collect(),
             scan_limit: 100,
         };
-        let ready = store.ready(&filter(4_999)).unwrap();
+        let leased: HashSet<i64> = [ids[2]].into_iter().collect();
+        let ready = store.ready(&filter(4_999), &leased).unwrap();
         let got: Vec<i64> = ready.iter().map(|r| r.row.outbox_id).collect();
         assert_eq!(got, [ids[1], ids[3], ids[4]]);
         assert_eq!(ready[0].retry, to_check);
         assert_eq!(ready[1].retry, RetryState::default());
-        let ready = store.ready(&filter(5_000)).unwrap();
+        let ready = store.ready(&filter(5_000), &leased).unwrap();
         assert_eq!(ready[0].retry, backing_off, "due at its retry_at_ms");
         // The scan is bounded even when every row is skipped.
         let bounded = ReadyFilter {
@@ -1441,11 +1498,11 @@ mod tests {
             limit: 1,
             ..filter(0)
         };
-        assert!(store.ready(&bounded).unwrap().is_empty());
+        assert!(store.ready(&bounded, &leased).unwrap().is_empty());
         // Settling a row clears its retry state (a requeued or replayed row starts afresh).
         store.mark_delivered(&[ids[0]], 200).unwrap();
         store.replay(Replay::Since(0)).unwrap();
-        let again = store.ready(&filter(0)).unwrap();
+        let again = store.ready(&filter(0), &leased).unwrap();
         assert_eq!(again[0].row.outbox_id, ids[0]);
         assert_eq!(again[0].retry, RetryState::default());
     }
@@ -1473,11 +1530,14 @@ mod tests {
             .unwrap();
         assert_eq!(version, SCHEMA_VERSION);
         let ready = store
-            .ready(&ReadyFilter {
-                limit: 10,
-                scan_limit: 10,
-                ..ReadyFilter::default()
-            })
+            .ready(
+                &ReadyFilter {
+                    limit: 10,
+                    scan_limit: 10,
+                    ..ReadyFilter::default()
+                },
+                &HashSet::new(),
+            )
             .unwrap();
         assert_eq!(ready.len(), 1);
         assert_eq!(ready[0].row.event, event("7", "sub"));
@@ -1496,7 +1556,7 @@ mod tests {
         for n in 0..1500 {
             let mut group = changes(vec![event(&n.to_string(), "sub")]);
             group.records[0].json = "x".repeat(8 * 1024);
-            writer.commit(&[group], 100).unwrap();
+            writer.append_records(&[group], 100).unwrap();
             if n % 100 == 0 {
                 // A reader (the shipper) comes and goes meanwhile.
                 assert!(!reader.pending(10).unwrap().is_empty());
@@ -1517,11 +1577,11 @@ mod tests {
         let path = dir.path().join("nested/spool.db");
         let mut store = Store::open(&path).unwrap();
         store
-            .commit(&[changes(vec![event("7", "sub")])], 100)
+            .append_records(&[changes(vec![event("7", "sub")])], 100)
             .unwrap();
         // A re-derived identical event is the same row.
         store
-            .commit(&[changes(vec![event("7", "sub")])], 101)
+            .append_records(&[changes(vec![event("7", "sub")])], 101)
             .unwrap();
         drop(store);
 
@@ -1558,10 +1618,10 @@ mod tests {
             id_tag: Some("TAG".into()),
             event: Some(event("9", "")),
         });
-        store.commit(&[c], 100).unwrap();
+        store.append_records(&[c], 100).unwrap();
         let first = store.pending(1).unwrap()[0].outbox_id;
         store
-            .dead_letter_outbox(first, "lago_rejected", "code: does not exist", 150)
+            .dead_letter(first, "lago_rejected", "code: does not exist", 150)
             .unwrap();
         let letters = store.dead_letters(None).unwrap();
         assert_eq!(letters.len(), 2);
@@ -1627,11 +1687,15 @@ mod tests {
         second.properties.value = "7.25".into();
         second.timestamp += 86_400;
         assert_eq!(
-            store.commit(&[changes(vec![first.clone()])], 100).unwrap(),
+            store
+                .append_records(&[changes(vec![first.clone()])], 100)
+                .unwrap(),
             []
         );
 
-        let collisions = store.commit(&[changes(vec![second.clone()])], 200).unwrap();
+        let collisions = store
+            .append_records(&[changes(vec![second.clone()])], 200)
+            .unwrap();
         assert_eq!(collisions.len(), 1);
         assert_eq!(
             (&collisions[0].event, &collisions[0].existing),
@@ -1665,7 +1729,7 @@ mod tests {
         // The same collision again is another attempt of that letter, not a second letter.
         assert_eq!(
             store
-                .commit(&[changes(vec![second.clone()])], 300)
+                .append_records(&[changes(vec![second.clone()])], 300)
                 .unwrap()
                 .len(),
             1
@@ -1698,8 +1762,13 @@ mod tests {
         again.properties.timestamp_source = crate::event::TimestampSource::Bridge;
         again.properties.value = "7.50".into();
         assert!(same_billing_content(&first, &again));
-        store.commit(&[changes(vec![first.clone()])], 100).unwrap();
-        assert_eq!(store.commit(&[changes(vec![again])], 101).unwrap(), []);
+        store
+            .append_records(&[changes(vec![first.clone()])], 100)
+            .unwrap();
+        assert_eq!(
+            store.append_records(&[changes(vec![again])], 101).unwrap(),
+            []
+        );
         assert_eq!(
             store.pending(10).unwrap()[0].event,
             first,
@@ -1720,7 +1789,10 @@ mod tests {
             change(&mut other);
             assert!(!same_billing_content(&first, &other), "field {n}");
             assert_eq!(
-                store.commit(&[changes(vec![other])], 200).unwrap().len(),
+                store
+                    .append_records(&[changes(vec![other])], 200)
+                    .unwrap()
+                    .len(),
                 1,
                 "field {n}"
             );
@@ -1753,7 +1825,7 @@ mod tests {
             id_tag: None,
             event: None,
         });
-        store.commit(&[c], 100).unwrap();
+        store.append_records(&[c], 100).unwrap();
         // The map knows the Stop's idTag, but a missing_start is never billed by it.
         let map = |_: Option<&str>| Some("sub-of-the-stop-tag".to_string());
         let report = store.requeue(Requeue::All, 110, &map, None).unwrap();
@@ -1795,7 +1867,9 @@ mod tests {
         let path = dir.path().join("spool.db");
         let mut store = Store::open(&path).unwrap();
         let first = event("5", "sub");
-        store.commit(&[changes(vec![first.clone()])], 100).unwrap();
+        store
+            .append_records(&[changes(vec![first.clone()])], 100)
+            .unwrap();
         let mut other = first.clone();
         other.properties.charge_box_id = "CB2".into();
         let collision = store.upsert_pending(&other, 110).unwrap();
@@ -1844,7 +1918,9 @@ mod tests {
         assert_eq!(store.pending(10).unwrap()[0].outbox_id, id);
         // A live row of the same billing content is the same event: nothing new.
         let live = event("10", "sub");
-        store.commit(&[changes(vec![live.clone()])], 104).unwrap();
+        store
+            .append_records(&[changes(vec![live.clone()])], 104)
+            .unwrap();
         let mut again = live.clone();
         again.properties.origin = Some(crate::event::ORIGIN_RECONCILE.into());
         assert_eq!(
@@ -1869,7 +1945,7 @@ mod tests {
         let path = dir.path().join("spool.db");
         let mut store = Store::open(&path).unwrap();
         store
-            .commit(&[changes(vec![event("1", "a")])], 100)
+            .append_records(&[changes(vec![event("1", "a")])], 100)
             .unwrap();
         assert_eq!(
             store.prune(1_000).unwrap(),

@@ -317,7 +317,7 @@ fn seed_spool(path: &Path, old: &Value, current: &LagoEvent) {
         ..Default::default()
     };
     store
-        .commit(&[changes], 1_767_225_700)
+        .append_records(&[changes], 1_767_225_700)
         .expect("seed the spool");
     drop(store);
     let conn = rusqlite::Connection::open(path).expect("open the seeded spool");

@@ -61,7 +61,7 @@ pub(crate) fn seed_spool(path: &Path, events: Vec<LagoEvent>) {
         ..Default::default()
     };
     store
-        .commit(&[changes], 1_767_225_700)
+        .append_records(&[changes], 1_767_225_700)
         .expect("seed the spool");
 }
 

@@ -23,6 +23,7 @@ mod private_files;
 mod reconcile;
 mod relay;
 mod simulate;
+mod spool_commands;
 mod steve_recovery;
 mod supervision;
 mod support;

@@ -11,7 +11,9 @@ use rust_decimal::Decimal;
 use serde_json::Value;
 
 use ocpp_lago_bridge::event::{EventProperties, LagoEvent, TimestampSource};
-use ocpp_lago_bridge::spool::store::{Changes, NewDeadLetter, RecordRow, SessionRow, Store};
+use ocpp_lago_bridge::spool::store::{
+    Changes, NewDeadLetter, RecordRow, SessionChanges, SessionRow, Store,
+};
 use ocpp_lago_bridge::tap::{StartRecord, StopRecord, TapKind, TapRecord};
 
 use crate::support::e2e::{self, spool_counts};
@@ -131,7 +133,9 @@ fn event(transaction_id: &str, subscription: &str, charge_box_id: &str, tx: i64)
 
 /// Commits `changes` as the writer would at `at`.
 fn commit(store: &mut Store, changes: Changes, at: i64) {
-    store.commit(&[changes], at).expect("seed the spool");
+    store
+        .append_records(&[changes], at)
+        .expect("seed the spool");
 }
 
 /// Marks the pending outbox rows of these Lago transaction ids delivered.
@@ -199,11 +203,14 @@ fn seed_mixed(setup: &Setup) {
                 kind: "stop",
                 json: "{}".into(),
             }],
-            sessions: vec![SessionRow {
-                charge_box_id: "CB-A".into(),
-                ocpp_transaction_id: 1,
-                state_json: "{}".into(),
-            }],
+            sessions: SessionChanges {
+                upserts: vec![SessionRow {
+                    charge_box_id: "CB-A".into(),
+                    ocpp_transaction_id: 1,
+                    state_json: "{}".into(),
+                }],
+                removed: vec![],
+            },
             events: vec![
                 event("1", "sub-a", "CB-A", 1),
                 event("2", "sub-a", "CB-A", 2),
@@ -233,7 +240,7 @@ fn seed_mixed(setup: &Setup) {
         .unwrap()
         .outbox_id;
     store
-        .dead_letter_outbox(four, "lago_rejected", "code: metric_not_found", t - 20)
+        .dead_letter(four, "lago_rejected", "code: metric_not_found", t - 20)
         .unwrap();
 }
 
@@ -428,7 +435,7 @@ async fn spool_requeue_maps_held_events_and_requeues_each_dead_letter_once() {
         );
         let id = store.pending(1).unwrap()[0].outbox_id;
         store
-            .dead_letter_outbox(id, "lago_rejected", "code: metric_not_found", t - 50)
+            .dead_letter(id, "lago_rejected", "code: metric_not_found", t - 50)
             .unwrap();
     }
     let map = setup.dir.path().join("subscriptions.csv");

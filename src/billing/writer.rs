@@ -1,6 +1,8 @@
 //! The single writer: tap records in, ledger applied, records + session state + events + dead
-//! letters committed in one transaction per group, then every charger reply waiting on that group
+//! letters appended in one transaction per group, then every charger reply waiting on that group
 //! released. Group commit: whatever queued up while the last fsync ran goes into the next one.
+//! After each group it serves the shipper's leases and settlements (`spool::lease`) in the
+//! order they were asked, on the same connection: the spool has one writer while the daemon runs.
 //!
 //! A Stop of a session the ledger does not know is *parked* when SteVe's REST API is configured:
 //! its tap record is committed (releasing the charger's reply as usual) together with a
@@ -18,12 +20,15 @@ use std::time::Duration;
 
 use tokio::sync::{Notify, mpsc, oneshot};
 
-use super::overflow::{self, Overflow};
-use super::store::{
-    Changes, NewDeadLetter, ParkedStopRow, RecordRow, SessionRow, Store, StoreError,
-};
+use super::anomaly::{self, Anomaly};
 use crate::clock::unix_now;
-use crate::ledger::{AnomalyReason, Applied, BillingRules, Ledger, SessionKey, SessionState};
+use crate::ledger::{Applied, BillingRules, Ledger, SessionKey, SessionState};
+use crate::spool::lease::{self, OutboxHandle};
+use crate::spool::overflow::{self, Overflow};
+use crate::spool::store::{
+    Changes, ParkedStopRow, RecordRow, SessionChanges, SessionRow, Store, StoreError,
+};
+use crate::spool::{Spool, Submission};
 use crate::start_lookup::{Lookup, RecoveryHandle};
 use crate::tap::{TapKind, TapRecord};
 use crate::telemetry::Readiness;
@@ -37,37 +42,20 @@ const HEARTBEAT: Duration = Duration::from_secs(1);
 /// Readiness check name of the writer.
 pub const READY_CHECK: &str = "spool";
 
-/// A request to the writer.
+/// Most control commands queued at once (rules, recovery answers).
+const CONTROL_QUEUE: usize = 1024;
+
+/// A request to the writer other than a tap record from the relay (those come through
+/// [`crate::spool::SpoolHandle`]) or the shipper's (`spool::lease`).
 #[derive(Debug)]
 pub enum Command {
-    /// Persist a tap record (and what the ledger derives from it); `committed` fires once on disk.
-    Record {
-        record: TapRecord,
-        committed: oneshot::Sender<()>,
-    },
-    /// Outbox rows Lago stored.
-    Delivered {
-        ids: Vec<i64>,
-        done: oneshot::Sender<Result<(), String>>,
-    },
-    /// A failed delivery attempt on pending rows (they stay pending), with each row's new
-    /// retry state.
-    Attempted {
-        retry: Vec<(i64, super::store::RetryState)>,
-        error: String,
-        done: oneshot::Sender<Result<(), String>>,
-    },
-    /// Outbox rows that can never be delivered as they are.
-    DeadLetter {
-        id: i64,
-        reason: String,
-        detail: String,
-        done: oneshot::Sender<Result<(), String>>,
-    },
+    /// SteVe's record of a session start the bridge never saw (`recovery.rs`): applied as an
+    /// ordinary Start record, after which the session's parked Stops are.
+    RecoveredStart(TapRecord),
     /// New billing rules (subscription map reloaded on SIGHUP).
     Rules(Arc<BillingRules>),
     /// SteVe does not know this session's start (or could not be asked in time): its parked
-    /// Stops are applied as they are. A found start comes back as a [`Command::Record`].
+    /// Stops are applied as they are. A found start comes back as [`Command::RecoveredStart`].
     StartUnknown { key: SessionKey },
 }
 
@@ -89,6 +77,18 @@ pub struct WriterSettings {
     pub overflow: Option<Arc<Overflow>>,
 }
 
+/// The writer's three ways in. It ends once every `intake` sender is gone (the relay has
+/// drained); `control` and `outbox` never keep it alive.
+#[derive(Debug)]
+pub struct Inputs {
+    /// Tap records from the relay (wrap it in a [`crate::spool::SpoolHandle`]).
+    pub intake: mpsc::Sender<Submission>,
+    /// Rules and recovery answers.
+    pub control: mpsc::Sender<Command>,
+    /// The shipper's leases and settlements.
+    pub outbox: OutboxHandle,
+}
+
 /// Applied but not yet committed, with the reply waiting on it.
 #[derive(Debug)]
 struct Pending {
@@ -98,7 +98,7 @@ struct Pending {
     overflowed: bool,
 }
 
-/// Opens the spool, rebuilds the ledger from it and returns the writer's future.
+/// Rebuilds the ledger from the spool and returns the writer's inputs and its future.
 pub fn start(
     store: Store,
     rules: Arc<BillingRules>,
@@ -106,7 +106,7 @@ pub fn start(
     readiness: Readiness,
     events_committed: Arc<Notify>,
     heartbeat: Arc<AtomicI64>,
-) -> Result<(mpsc::Sender<Command>, impl Future<Output = ()>), StoreError> {
+) -> Result<(Inputs, impl Future<Output = ()>), StoreError> {
     let mut sessions = Vec::new();
     for row in store.sessions()? {
         sessions.push(serde_json::from_str::<SessionState>(&row.state_json)?);
@@ -130,11 +130,13 @@ pub fn start(
             "Stops parked for SteVe's start restored from the spool"
         );
     }
-    let (tx, rx) = mpsc::channel(MAX_GROUP * 4);
+    let (intake, intake_rx) = mpsc::channel(MAX_GROUP * 4);
+    let (control, control_rx) = mpsc::channel(CONTROL_QUEUE);
+    let (outbox, outbox_rx) = OutboxHandle::channel();
     // Make sure a restart ships whatever was committed but not delivered before it.
     events_committed.notify_one();
     let writer = Writer {
-        store: Some(store),
+        store: Some(Spool::new(store)),
         ledger,
         rules,
         settings,
@@ -149,12 +151,17 @@ pub fn start(
         next_housekeeping: std::time::Instant::now(),
         next_prune: std::time::Instant::now(),
     };
-    Ok((tx, writer.run(rx)))
+    let inputs = Inputs {
+        intake,
+        control,
+        outbox,
+    };
+    Ok((inputs, writer.run(intake_rx, control_rx, outbox_rx)))
 }
 
 struct Writer {
     /// Taken while a blocking commit runs, put back after.
-    store: Option<Store>,
+    store: Option<Spool>,
     ledger: Ledger,
     rules: Arc<BillingRules>,
     settings: WriterSettings,
@@ -179,8 +186,16 @@ struct Writer {
 }
 
 impl Writer {
-    async fn run(mut self, mut rx: mpsc::Receiver<Command>) {
-        let mut commands = Vec::with_capacity(MAX_GROUP);
+    async fn run(
+        mut self,
+        mut intake: mpsc::Receiver<Submission>,
+        mut control: mpsc::Receiver<Command>,
+        mut outbox: mpsc::UnboundedReceiver<lease::Request>,
+    ) {
+        let mut records = Vec::with_capacity(MAX_GROUP);
+        let mut commands = Vec::new();
+        let mut requests = Vec::new();
+        let (mut control_open, mut outbox_open) = (true, true);
         self.resume_parked();
         // Records a full disk kept out of the spool before the restart come first.
         self.ingest_overflow();
@@ -189,39 +204,60 @@ impl Writer {
         }
         loop {
             self.heartbeat.store(unix_now(), Ordering::Relaxed);
-            commands.clear();
             // With a backlog (the last commit failed) retry soon, taking in what arrives meanwhile.
             let wait = if self.backlog.is_empty() {
                 HEARTBEAT
             } else {
                 RETRY_AFTER_FAILURE
             };
+            // Cancel-safe: `recv_many` and `recv` take nothing from a channel unless they return it.
             tokio::select! {
-                n = rx.recv_many(&mut commands, MAX_GROUP) => if n == 0 { break },
+                n = intake.recv_many(&mut records, MAX_GROUP) => if n == 0 { break },
+                command = control.recv(), if control_open => match command {
+                    Some(command) => commands.push(command),
+                    None => control_open = false,
+                },
+                request = outbox.recv(), if outbox_open => match request {
+                    Some(request) => requests.push(request),
+                    None => outbox_open = false,
+                },
                 _ = tokio::time::sleep(wait) => {}
             }
+            // Whatever else is queued joins this group: control first, so an answer sent before
+            // a record is applied before it.
+            while let Ok(command) = control.try_recv() {
+                commands.push(command);
+            }
+            while records.len() < MAX_GROUP {
+                let Ok(submission) = intake.try_recv() else {
+                    break;
+                };
+                records.push(submission);
+            }
+            while let Ok(request) = outbox.try_recv() {
+                requests.push(request);
+            }
             self.housekeeping().await;
-            let mut store_ops = Vec::new();
             for command in commands.drain(..) {
-                match command {
-                    Command::Record { record, committed } => {
-                        self.record(record, Some(committed), false)
-                    }
-                    Command::StartUnknown { key } => {
-                        let changes = self.apply_parked(&key, Changes::default());
-                        self.push(changes, None, true);
-                    }
-                    Command::Rules(rules) => self.rules = rules,
-                    other => store_ops.push(other),
-                }
+                self.command(command);
+            }
+            for Submission { record, committed } in records.drain(..) {
+                self.record(record, Some(committed), false);
             }
             self.bound_backlog();
             if !self.backlog.is_empty() {
                 self.commit_backlog().await;
             }
-            if !store_ops.is_empty() {
-                self.run_store_ops(store_ops).await;
+            if !requests.is_empty() {
+                self.serve(std::mem::take(&mut requests)).await;
             }
+        }
+        // The relay is gone. Settlements the shipper asked for before it stopped still land.
+        while let Ok(request) = outbox.try_recv() {
+            requests.push(request);
+        }
+        if !requests.is_empty() {
+            self.serve(requests).await;
         }
         // The channel closed: every sender is gone (shutdown). Try once more to save the rest.
         if !self.backlog.is_empty() {
@@ -428,8 +464,8 @@ impl Writer {
         for stop in &stops {
             let applied = self.ledger.apply(stop, &self.rules);
             let more = self.applied_changes(stop, applied);
-            changes.sessions.extend(more.sessions);
-            changes.removed_sessions.extend(more.removed_sessions);
+            changes.sessions.upserts.extend(more.sessions.upserts);
+            changes.sessions.removed.extend(more.sessions.removed);
             changes.events.extend(more.events);
             changes.dead_letters.extend(more.dead_letters);
         }
@@ -459,43 +495,15 @@ impl Writer {
                 "event derived"
             );
         }
-        for fallback in &applied.clock_fallbacks {
-            let reason = fallback.problem.as_str();
-            metrics::counter!("ocpp_lago_bridge_charger_clock_fallbacks_total", "reason" => reason)
-                .increment(1);
-            tracing::warn!(
-                charge_box_id = %fallback.charge_box_id,
-                ocpp_transaction_id = fallback.ocpp_transaction_id,
-                reason,
-                charger_timestamp = ?fallback.charger_timestamp,
-                received_at = fallback.received_at,
-                "charger clock not believed: the event is dated by the bridge's receive time (timestamp_source bridge)"
-            );
-        }
+        applied
+            .clock_fallbacks
+            .iter()
+            .for_each(anomaly::clock_fallback);
         let mut dead_letters = Vec::new();
-        for anomaly in applied.anomalies {
-            let reason = anomaly.reason.as_str();
-            metrics::counter!("ocpp_lago_bridge_anomalies_total", "reason" => reason).increment(1);
-            tracing::warn!(
-                charge_box_id = %anomaly.charge_box_id,
-                ocpp_transaction_id = anomaly.ocpp_transaction_id,
-                reason,
-                detail = %anomaly.detail,
-                held_event = anomaly.held_event.is_some(),
-                "billing anomaly: see `spool dead-letters`"
-            );
-            dead_letters.push(NewDeadLetter {
-                reason: reason.to_string(),
-                detail: anomaly.detail,
-                charge_box_id: Some(anomaly.charge_box_id),
-                // An unreadable frame has no transactionId the bridge could read.
-                ocpp_transaction_id: (anomaly.reason != AnomalyReason::UnreadableFrame)
-                    .then_some(anomaly.ocpp_transaction_id),
-                id_tag: anomaly.id_tag,
-                event: anomaly.held_event,
-            });
+        for found in applied.anomalies {
+            Anomaly::Ledger(found).emit(&mut dead_letters);
         }
-        let sessions = applied
+        let upserts = applied
             .touched
             .iter()
             .filter_map(|key| self.ledger.session(key))
@@ -506,12 +514,14 @@ impl Writer {
             })
             .collect();
         Changes {
-            sessions,
-            removed_sessions: applied
-                .removed
-                .into_iter()
-                .map(|key| (key.charge_box_id, key.ocpp_transaction_id))
-                .collect(),
+            sessions: SessionChanges {
+                upserts,
+                removed: applied
+                    .removed
+                    .into_iter()
+                    .map(|key| (key.charge_box_id, key.ocpp_transaction_id))
+                    .collect(),
+            },
             events: applied.events,
             dead_letters,
             ..Changes::default()
@@ -536,7 +546,7 @@ impl Writer {
         {
             self.ingest_overflow();
         }
-        let bytes = super::store::file_bytes(&self.settings.path);
+        let bytes = crate::spool::store::file_bytes(&self.settings.path);
         metrics::gauge!("ocpp_lago_bridge_spool_bytes").set(bytes as f64);
         let cap = self.settings.disk_cap_bytes;
         if bytes >= cap / 10 * 8 {
@@ -597,7 +607,7 @@ impl Writer {
         let started = std::time::Instant::now();
         let (backlog, result) = self
             .with_store(move |store| {
-                let result = store.commit(backlog.iter().map(|p| &p.changes), unix_now());
+                let result = store.append_records(backlog.iter().map(|p| &p.changes), unix_now());
                 (backlog, result)
             })
             .await;
@@ -606,7 +616,10 @@ impl Writer {
             .record(started.elapsed().as_secs_f64());
         match result {
             Ok(collisions) => {
-                collisions.iter().for_each(report_collision);
+                for collision in collisions {
+                    // Its dead letter is in the transaction that refused the event.
+                    Anomaly::Collision(collision).emit(&mut Vec::new());
+                }
                 let mut derived = false;
                 for pending in self.backlog.drain(..) {
                     derived |= !pending.changes.events.is_empty();
@@ -662,26 +675,24 @@ impl Writer {
         }
     }
 
-    async fn run_store_ops(&mut self, ops: Vec<Command>) {
+    /// A command other than a relay record.
+    fn command(&mut self, command: Command) {
+        match command {
+            Command::RecoveredStart(record) => self.record(record, None, false),
+            Command::StartUnknown { key } => {
+                let changes = self.apply_parked(&key, Changes::default());
+                self.push(changes, None, true);
+            }
+            Command::Rules(rules) => self.rules = rules,
+        }
+    }
+
+    /// Serves the shipper's leases and settlements, in the order asked.
+    async fn serve(&mut self, requests: Vec<lease::Request>) {
         let now = unix_now();
-        self.with_store(move |store| {
-            for op in ops {
-                let (result, done) = match op {
-                    Command::Delivered { ids, done } => (store.mark_delivered(&ids, now), done),
-                    Command::Attempted { retry, error, done } => {
-                        (store.record_retry(&retry, &error), done)
-                    }
-                    Command::DeadLetter {
-                        id,
-                        reason,
-                        detail,
-                        done,
-                    } => (store.dead_letter_outbox(id, &reason, &detail, now), done),
-                    Command::Record { .. } | Command::Rules(_) | Command::StartUnknown { .. } => {
-                        continue;
-                    }
-                };
-                let _ = done.send(result.map_err(|e| e.to_string()));
+        self.with_store(move |spool| {
+            for request in requests {
+                spool.serve(request, now);
             }
         })
         .await;
@@ -690,7 +701,7 @@ impl Writer {
     /// Runs blocking SQLite work off the async threads.
     async fn with_store<T: Send + 'static>(
         &mut self,
-        work: impl FnOnce(&mut Store) -> T + Send + 'static,
+        work: impl FnOnce(&mut Spool) -> T + Send + 'static,
     ) -> T {
         let mut store = self
             .store
@@ -702,25 +713,6 @@ impl Writer {
         self.store = Some(store);
         out
     }
-}
-
-/// An event the outbox could not take because its key holds another session's: it is a dead
-/// letter now, never silently dropped.
-fn report_collision(collision: &super::store::Collision) {
-    let reason = super::store::COLLISION_REASON;
-    metrics::counter!("ocpp_lago_bridge_anomalies_total", "reason" => reason).increment(1);
-    tracing::warn!(
-        charge_box_id = %collision.event.properties.charge_box_id,
-        ocpp_transaction_id = collision.event.properties.ocpp_transaction_id,
-        lago_transaction_id = %collision.event.transaction_id,
-        external_subscription_id = %collision.event.external_subscription_id,
-        existing_charge_box_id = %collision.existing.properties.charge_box_id,
-        existing_ocpp_transaction_id = collision.existing.properties.ocpp_transaction_id,
-        reason,
-        detail = %collision.detail,
-        held_event = true,
-        "billing anomaly: see `spool dead-letters`"
-    );
 }
 
 /// The session a record belongs to.
@@ -822,7 +814,7 @@ mod tests {
     fn writer(
         dir: &std::path::Path,
     ) -> (
-        mpsc::Sender<Command>,
+        Inputs,
         mpsc::UnboundedReceiver<Lookup>,
         oneshot::Receiver<()>,
     ) {
@@ -899,9 +891,10 @@ mod tests {
         assert!(left.is_empty(), "ingested files removed: {left:?}");
     }
 
-    async fn record(tx: &mpsc::Sender<Command>, record: TapRecord) {
+    async fn record(tx: &Inputs, record: TapRecord) {
         let (committed, receipt) = oneshot::channel();
-        tx.send(Command::Record { record, committed })
+        tx.intake
+            .send(Submission { record, committed })
             .await
             .unwrap();
         tokio::time::timeout(Duration::from_secs(10), receipt)
@@ -956,7 +949,8 @@ mod tests {
         let (tx, mut lookups, ended) = writer(dir.path());
         record(&tx, stop(9, 5_000)).await;
         let asked = lookups.recv().await.unwrap();
-        tx.send(Command::StartUnknown { key: asked.key })
+        tx.control
+            .send(Command::StartUnknown { key: asked.key })
             .await
             .unwrap();
         // A later record's commit comes after the StartUnknown's.
@@ -989,5 +983,82 @@ mod tests {
         assert_eq!(counts(dir.path()), (0, 1, 0));
         drop(tx);
         ended.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn the_writer_serves_leases_in_order_and_a_dropped_lease_is_released() {
+        use crate::spool::store::{Outcome, ReadyFilter};
+        let dir = tempfile::tempdir().unwrap();
+        let (tx, _lookups, ended) = writer(dir.path());
+        // Two sessions billed: two pending events.
+        for n in [21, 22] {
+            record(&tx, start_record(n, 1_000)).await;
+            record(&tx, stop(n, 3_000)).await;
+        }
+        let filter = || ReadyFilter {
+            limit: 10,
+            scan_limit: 100,
+            ..ReadyFilter::default()
+        };
+        let lease = tx.outbox.lease_batch(filter()).await.unwrap();
+        assert_eq!(lease.rows().len(), 2);
+        assert!(
+            tx.outbox
+                .lease_batch(filter())
+                .await
+                .unwrap()
+                .rows()
+                .is_empty(),
+            "leased rows are not leased twice"
+        );
+        // Dropped unsettled (a job cut short): released, leased again.
+        drop(lease);
+        let lease = tx.outbox.lease_batch(filter()).await.unwrap();
+        let first = lease.rows()[0].row.outbox_id;
+        // Settled without waiting: the next lease already sees it.
+        let committed = tx.outbox.settle(lease, vec![(first, Outcome::Delivered)]);
+        let next = tx.outbox.lease_batch(filter()).await.unwrap();
+        assert_eq!(next.rows().len(), 1, "one delivered, one released");
+        assert_ne!(next.rows()[0].row.outbox_id, first);
+        assert_eq!(committed.await.unwrap().unwrap().delivered, 1);
+        drop(next);
+        drop(tx);
+        ended.await.unwrap();
+        assert_eq!(
+            counts(dir.path()).0,
+            1,
+            "one event pending after the restart"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_lease_asked_before_a_settlement_is_read_before_it_and_excludes_its_rows() {
+        use crate::spool::store::{Outcome, ReadyFilter};
+        let dir = tempfile::tempdir().unwrap();
+        let (tx, _lookups, ended) = writer(dir.path());
+        for n in [31, 32, 33] {
+            record(&tx, start_record(n, 1_000)).await;
+            record(&tx, stop(n, 3_000)).await;
+        }
+        let filter = |limit| ReadyFilter {
+            limit,
+            scan_limit: 100,
+            ..ReadyFilter::default()
+        };
+        let first = tx.outbox.lease_batch(filter(1)).await.unwrap();
+        let delivered = first.rows()[0].row.outbox_id;
+        // The shipper's pipelining: the next lease is asked for, then the first settled.
+        let next = tx.outbox.lease_batch(filter(10));
+        let committed = tx
+            .outbox
+            .settle(first, vec![(delivered, Outcome::Delivered)]);
+        let next = next.await.unwrap();
+        assert_eq!(next.rows().len(), 2);
+        assert!(next.rows().iter().all(|r| r.row.outbox_id != delivered));
+        assert_eq!(committed.await.unwrap().unwrap().delivered, 1);
+        drop(next);
+        drop(tx);
+        ended.await.unwrap();
+        assert_eq!(counts(dir.path()).0, 2);
     }
 }
