@@ -468,7 +468,12 @@ async fn api_url_mistakes_are_named() {
     while Instant::now() < deadline {
         let (status, json) = readyz(bridge.admin_addr).await;
         body = json;
-        if status == 503 && body["not_ready"]["lago"].is_string() {
+        // Another reason may come first (e.g. the shipper's first failed batch under load):
+        // wait for the one this test is about, not merely for any.
+        let named = body["not_ready"]["lago"]
+            .as_str()
+            .is_some_and(|r| r.contains("api_url is wrong"));
+        if status == 503 && named {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;

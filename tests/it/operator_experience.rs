@@ -17,6 +17,7 @@ use ocpp_lago_bridge::spool::store::Store;
 use ocpp_lago_bridge::tap::{StopRecord, TapKind, TapRecord};
 
 use crate::support::bridge::{BRIDGE_BIN, Bridge, BridgeOptions};
+use crate::support::e2e::spool_counts;
 use crate::support::lago::{LagoStandIn, MetricDef, StandInConfig};
 use crate::support::peers::{CentralOptions, CentralSystem, Implementation};
 use crate::support::{net, poll_until, ws};
@@ -549,6 +550,16 @@ async fn a_dry_run_keeps_its_own_spool_across_restarts_and_prints_each_event_onc
     );
     drop(charger);
 
+    // The print is recorded as delivered after the line is written; a SIGKILL in between may
+    // print the line again (README: same `transaction_id`). Kill only once it is recorded: this
+    // test asserts that a recorded print is never repeated.
+    let dry_spool = bridge.dir().join("spool.dry-run.db");
+    poll_until(Duration::from_secs(10), || {
+        (spool_counts(&dry_spool).delivered == 1).then_some(())
+    })
+    .await
+    .unwrap_or_else(|| panic!("the printed event was never recorded as delivered"));
+
     // Another restart prints nothing again: longer than the shipper's idle poll.
     bridge.restart().await;
     tokio::time::sleep(Duration::from_secs(4)).await;
@@ -561,7 +572,6 @@ async fn a_dry_run_keeps_its_own_spool_across_restarts_and_prints_each_event_onc
         bridge.stdout()
     );
 
-    let dry_spool = bridge.dir().join("spool.dry-run.db");
     assert!(
         !bridge.spool_path().exists(),
         "a dry run never creates or touches the live spool {}",
