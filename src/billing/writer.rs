@@ -150,6 +150,7 @@ pub fn start(
         parked,
         next_housekeeping: std::time::Instant::now(),
         next_prune: std::time::Instant::now(),
+        counters: RecordCounters::new(),
     };
     let inputs = Inputs {
         intake,
@@ -183,6 +184,7 @@ struct Writer {
     parked: HashMap<SessionKey, Vec<TapRecord>>,
     next_housekeeping: std::time::Instant,
     next_prune: std::time::Instant,
+    counters: RecordCounters,
 }
 
 impl Writer {
@@ -378,7 +380,7 @@ impl Writer {
         if self.parks(&record, &key) {
             let first = !self.parked.contains_key(&key);
             let changes = Changes {
-                records: vec![record_row(&record)],
+                records: vec![record_row(&record, &self.counters)],
                 parked: vec![ParkedStopRow {
                     charge_box_id: key.charge_box_id.clone(),
                     ocpp_transaction_id: key.ocpp_transaction_id,
@@ -399,7 +401,7 @@ impl Writer {
         }
         let applied = self.ledger.apply(&record, &self.rules);
         let mut changes = self.applied_changes(&record, applied);
-        changes.records.push(record_row(&record));
+        changes.records.push(record_row(&record, &self.counters));
         if matches!(record.kind, TapKind::Start(_)) && self.parked.contains_key(&key) {
             changes = self.apply_parked(&key, changes);
         }
@@ -730,15 +732,32 @@ fn session_key(record: &TapRecord) -> SessionKey {
     }
 }
 
+/// `ocpp_lago_bridge_tap_records_total{kind}`'s handles, looked up once (a lookup per record
+/// hashed its name and labels in the registry on the writer thread).
+struct RecordCounters([metrics::Counter; 4]);
+
+impl RecordCounters {
+    const KINDS: [&'static str; 4] = ["start", "meter_values", "stop", "unreadable"];
+
+    fn new() -> Self {
+        RecordCounters(
+            Self::KINDS.map(
+                |kind| metrics::counter!("ocpp_lago_bridge_tap_records_total", "kind" => kind),
+            ),
+        )
+    }
+}
+
 /// The tap record's own row, counted as it is taken in.
-fn record_row(record: &TapRecord) -> RecordRow {
-    let kind = match &record.kind {
-        TapKind::Start(_) => "start",
-        TapKind::MeterValues(_) => "meter_values",
-        TapKind::Stop(_) => "stop",
-        TapKind::Unreadable(_) => "unreadable",
+fn record_row(record: &TapRecord, counters: &RecordCounters) -> RecordRow {
+    let index = match &record.kind {
+        TapKind::Start(_) => 0,
+        TapKind::MeterValues(_) => 1,
+        TapKind::Stop(_) => 2,
+        TapKind::Unreadable(_) => 3,
     };
-    metrics::counter!("ocpp_lago_bridge_tap_records_total", "kind" => kind).increment(1);
+    let kind = RecordCounters::KINDS[index];
+    counters.0[index].increment(1);
     let ocpp_transaction_id = match record.kind {
         TapKind::Unreadable(_) => None,
         _ => Some(session_key(record).ocpp_transaction_id),
