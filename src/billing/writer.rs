@@ -861,6 +861,85 @@ mod tests {
         (tx, lookups, spawn_writer(future))
     }
 
+    /// One step of `a_record_that_derives_nothing_writes_no_session_row`.
+    #[derive(Debug, Clone)]
+    enum Step {
+        Start(i64, i64),
+        Meter(i64, i64, i64, i64, bool),
+        Stop(i64, i64),
+    }
+
+    fn step() -> impl proptest::strategy::Strategy<Value = Step> {
+        use proptest::prelude::*;
+        prop_oneof![
+            1 => (1..4i64, 0..3_000i64).prop_map(|(tx, wh)| Step::Start(tx, wh)),
+            6 => (1..4i64, -50..6_000i64, -4_000..400i64, 0..3i64, any::<bool>())
+                .prop_map(|(tx, wh, dt, res, dated)| Step::Meter(tx, wh, dt, res, dated)),
+            1 => (1..4i64, 0..6_000i64).prop_map(|(tx, wh)| Step::Stop(tx, wh)),
+        ]
+    }
+
+    fn step_record(step: &Step) -> TapRecord {
+        use crate::ocpp::payload::EnergyReading;
+        use crate::tap::MeterValuesRecord;
+        match *step {
+            Step::Start(tx, wh) => start_record(tx, wh),
+            Step::Stop(tx, wh) => stop(tx, wh),
+            Step::Meter(tx, wh, dt, res, dated) => TapRecord {
+                charge_box_id: "CP".into(),
+                received_at: 1_767_265_200,
+                kind: TapKind::MeterValues(MeterValuesRecord {
+                    connector_id: 1,
+                    ocpp_transaction_id: tx,
+                    readings: vec![EnergyReading {
+                        timestamp: dated.then_some(1_767_265_200 + dt),
+                        wh: Decimal::from(wh),
+                        context: "Sample.Periodic".into(),
+                        resolution_wh: Decimal::from(10i64.pow(res as u32)),
+                    }],
+                }),
+            },
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(512))]
+
+        /// Issue 16 item 1 ("a MeterValues costs one appended row"): the writer writes a
+        /// session row only for the sessions the ledger reports `touched`, and the ledger
+        /// touches a session on a MeterValues only when that record derives something (an
+        /// event, an anomaly) that must be committed with the new state anyway. So a reading
+        /// that derives nothing costs its `tap_records` row alone, and the session rows are
+        /// always exactly the ledger's state after the last committed record: a restart
+        /// restores every session from its row with nothing to re-apply.
+        #[test]
+        fn a_record_that_derives_nothing_writes_no_session_row(
+            steps in proptest::collection::vec(step(), 1..60),
+            incremental in proptest::prelude::any::<bool>(),
+        ) {
+            let mut config = crate::config::Config::default();
+            if incremental {
+                config.billing.mode = crate::ledger::BillingMode::Incremental;
+            }
+            let rules = config.billing_rules().unwrap();
+            let mut ledger = Ledger::new();
+            for step in &steps {
+                let record = step_record(step);
+                let applied = ledger.apply(&record, &rules);
+                let derived = !applied.events.is_empty()
+                    || !applied.anomalies.is_empty()
+                    || !applied.removed.is_empty();
+                if matches!(record.kind, TapKind::MeterValues(_)) && !derived {
+                    proptest::prop_assert!(
+                        applied.touched.is_empty(),
+                        "{step:?} derived nothing but touched {:?}",
+                        applied.touched
+                    );
+                }
+            }
+        }
+    }
+
     #[tokio::test]
     async fn records_in_the_overflow_directory_are_ingested_first_and_their_files_removed() {
         let dir = tempfile::tempdir().unwrap();
