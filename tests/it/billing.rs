@@ -613,7 +613,11 @@ async fn sigkill_after_readings_that_derive_nothing_restores_the_session_exactly
         r#"[2,"s","StartTransaction",{{"connectorId":1,"idTag":"TAG-K","meterStart":1000,"timestamp":"{}"}}]"#,
         at(-60)
     );
-    assert!(call(&mut charger, &start).await.contains(r#""transactionId":1"#));
+    assert!(
+        call(&mut charger, &start)
+            .await
+            .contains(r#""transactionId":1"#)
+    );
     // Bills 1000 → 1499 (the last Wh waits for the Stop): an event and the session's row.
     assert_eq!(
         call(&mut charger, &meter_values("m1", "1500", -50)).await,
@@ -635,7 +639,11 @@ async fn sigkill_after_readings_that_derive_nothing_restores_the_session_exactly
             .query_row("SELECT COUNT(*) FROM tap_records", [], |r| r.get(0))
             .unwrap()
     };
-    assert_eq!(records(&spool), 4, "every reading is on disk before its reply");
+    assert_eq!(
+        records(&spool),
+        4,
+        "every reading is on disk before its reply"
+    );
     drop(charger);
 
     bridge.restart().await;
