@@ -400,10 +400,10 @@ impl Store {
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
-        // Every tap record inserts into the per-session index at its charger's spot and rewrites
-        // that session's state: with a fleet, that is a random page each. SQLite's default 2 MiB
-        // cache re-reads them from the OS on every commit; 64 MiB keeps a large fleet's hot
-        // pages (it is a ceiling, used only as the spool grows).
+        // Session rows (written with what a record derives) and outbox rows land on pages spread
+        // over the file: SQLite's default 2 MiB cache re-reads them from the OS on every commit;
+        // 64 MiB keeps a large fleet's hot pages (it is a ceiling, used only as the spool grows).
+        // A MeterValues itself appends at the ends of the table and its index (schema 5).
         conn.pragma_update(None, "cache_size", -65536)?;
         let mut store = Store {
             conn,
