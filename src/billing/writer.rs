@@ -150,6 +150,7 @@ pub fn start(
         parked,
         next_housekeeping: std::time::Instant::now(),
         next_prune: std::time::Instant::now(),
+        counters: RecordCounters::new(),
     };
     let inputs = Inputs {
         intake,
@@ -183,6 +184,7 @@ struct Writer {
     parked: HashMap<SessionKey, Vec<TapRecord>>,
     next_housekeeping: std::time::Instant,
     next_prune: std::time::Instant,
+    counters: RecordCounters,
 }
 
 impl Writer {
@@ -378,7 +380,7 @@ impl Writer {
         if self.parks(&record, &key) {
             let first = !self.parked.contains_key(&key);
             let changes = Changes {
-                records: vec![record_row(&record)],
+                records: vec![record_row(&record, &self.counters)],
                 parked: vec![ParkedStopRow {
                     charge_box_id: key.charge_box_id.clone(),
                     ocpp_transaction_id: key.ocpp_transaction_id,
@@ -399,7 +401,7 @@ impl Writer {
         }
         let applied = self.ledger.apply(&record, &self.rules);
         let mut changes = self.applied_changes(&record, applied);
-        changes.records.push(record_row(&record));
+        changes.records.push(record_row(&record, &self.counters));
         if matches!(record.kind, TapKind::Start(_)) && self.parked.contains_key(&key) {
             changes = self.apply_parked(&key, changes);
         }
@@ -730,15 +732,32 @@ fn session_key(record: &TapRecord) -> SessionKey {
     }
 }
 
+/// `ocpp_lago_bridge_tap_records_total{kind}`'s handles, looked up once (a lookup per record
+/// hashed its name and labels in the registry on the writer thread).
+struct RecordCounters([metrics::Counter; 4]);
+
+impl RecordCounters {
+    const KINDS: [&'static str; 4] = ["start", "meter_values", "stop", "unreadable"];
+
+    fn new() -> Self {
+        RecordCounters(
+            Self::KINDS.map(
+                |kind| metrics::counter!("ocpp_lago_bridge_tap_records_total", "kind" => kind),
+            ),
+        )
+    }
+}
+
 /// The tap record's own row, counted as it is taken in.
-fn record_row(record: &TapRecord) -> RecordRow {
-    let kind = match &record.kind {
-        TapKind::Start(_) => "start",
-        TapKind::MeterValues(_) => "meter_values",
-        TapKind::Stop(_) => "stop",
-        TapKind::Unreadable(_) => "unreadable",
+fn record_row(record: &TapRecord, counters: &RecordCounters) -> RecordRow {
+    let index = match &record.kind {
+        TapKind::Start(_) => 0,
+        TapKind::MeterValues(_) => 1,
+        TapKind::Stop(_) => 2,
+        TapKind::Unreadable(_) => 3,
     };
-    metrics::counter!("ocpp_lago_bridge_tap_records_total", "kind" => kind).increment(1);
+    let kind = RecordCounters::KINDS[index];
+    counters.0[index].increment(1);
     let ocpp_transaction_id = match record.kind {
         TapKind::Unreadable(_) => None,
         _ => Some(session_key(record).ocpp_transaction_id),
@@ -840,6 +859,85 @@ mod tests {
         )
         .unwrap();
         (tx, lookups, spawn_writer(future))
+    }
+
+    /// One step of `a_record_that_derives_nothing_writes_no_session_row`.
+    #[derive(Debug, Clone)]
+    enum Step {
+        Start(i64, i64),
+        Meter(i64, i64, i64, i64, bool),
+        Stop(i64, i64),
+    }
+
+    fn step() -> impl proptest::strategy::Strategy<Value = Step> {
+        use proptest::prelude::*;
+        prop_oneof![
+            1 => (1..4i64, 0..3_000i64).prop_map(|(tx, wh)| Step::Start(tx, wh)),
+            6 => (1..4i64, -50..6_000i64, -4_000..400i64, 0..3i64, any::<bool>())
+                .prop_map(|(tx, wh, dt, res, dated)| Step::Meter(tx, wh, dt, res, dated)),
+            1 => (1..4i64, 0..6_000i64).prop_map(|(tx, wh)| Step::Stop(tx, wh)),
+        ]
+    }
+
+    fn step_record(step: &Step) -> TapRecord {
+        use crate::ocpp::payload::EnergyReading;
+        use crate::tap::MeterValuesRecord;
+        match *step {
+            Step::Start(tx, wh) => start_record(tx, wh),
+            Step::Stop(tx, wh) => stop(tx, wh),
+            Step::Meter(tx, wh, dt, res, dated) => TapRecord {
+                charge_box_id: "CP".into(),
+                received_at: 1_767_265_200,
+                kind: TapKind::MeterValues(MeterValuesRecord {
+                    connector_id: 1,
+                    ocpp_transaction_id: tx,
+                    readings: vec![EnergyReading {
+                        timestamp: dated.then_some(1_767_265_200 + dt),
+                        wh: Decimal::from(wh),
+                        context: "Sample.Periodic".into(),
+                        resolution_wh: Decimal::from(10i64.pow(res as u32)),
+                    }],
+                }),
+            },
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(512))]
+
+        /// Issue 16 item 1 ("a MeterValues costs one appended row"): the writer writes a
+        /// session row only for the sessions the ledger reports `touched`, and the ledger
+        /// touches a session on a MeterValues only when that record derives something (an
+        /// event, an anomaly) that must be committed with the new state anyway. So a reading
+        /// that derives nothing costs its `tap_records` row alone, and the session rows are
+        /// always exactly the ledger's state after the last committed record: a restart
+        /// restores every session from its row with nothing to re-apply.
+        #[test]
+        fn a_record_that_derives_nothing_writes_no_session_row(
+            steps in proptest::collection::vec(step(), 1..60),
+            incremental in proptest::prelude::any::<bool>(),
+        ) {
+            let mut config = crate::config::Config::default();
+            if incremental {
+                config.billing.mode = crate::ledger::BillingMode::Incremental;
+            }
+            let rules = config.billing_rules().unwrap();
+            let mut ledger = Ledger::new();
+            for step in &steps {
+                let record = step_record(step);
+                let applied = ledger.apply(&record, &rules);
+                let derived = !applied.events.is_empty()
+                    || !applied.anomalies.is_empty()
+                    || !applied.removed.is_empty();
+                if matches!(record.kind, TapKind::MeterValues(_)) && !derived {
+                    proptest::prop_assert!(
+                        applied.touched.is_empty(),
+                        "{step:?} derived nothing but touched {:?}",
+                        applied.touched
+                    );
+                }
+            }
+        }
     }
 
     #[tokio::test]

@@ -92,6 +92,14 @@ ALTER TABLE outbox ADD COLUMN max_batch INTEGER;                        -- rides
     r#"
 ALTER TABLE outbox ADD COLUMN origin TEXT NOT NULL DEFAULT 'live';
 "#,
+    // Version 5 (issue 16): a MeterValues costs one appended row. The per-session index put
+    // every tap record at its charger's spot in a B-tree, a random page written per record (a
+    // plain SQLite loop here: 2-3x fewer rows/s with it); its one user, `replay --rederive`
+    // (`Store::session_records`), finds a session's records by scanning instead. The index on
+    // `received_at` stays: pruning and `replay --since` need it, and it grows at its end.
+    r#"
+DROP INDEX IF EXISTS tap_records_session;
+"#,
 ];
 
 /// The schema version this binary writes.
@@ -343,6 +351,16 @@ fn warn_if_open_to_others(path: &Path, what: &'static str) {
 /// An open spool file.
 pub struct Store {
     conn: Connection,
+    /// `session_records`' map of the tap records per session, built by one scan on its first
+    /// call (there is no per-session index, see migration 5), with the highest id it covers.
+    sessions_index: std::cell::RefCell<Option<SessionIndex>>,
+}
+
+/// Tap record ids per session, as one scan of `tap_records` found them.
+#[derive(Default)]
+struct SessionIndex {
+    ids: std::collections::HashMap<(String, i64), Vec<i64>>,
+    through_id: i64,
 }
 
 impl Store {
@@ -382,12 +400,15 @@ impl Store {
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
-        // Every tap record inserts into the per-session index at its charger's spot and rewrites
-        // that session's state: with a fleet, that is a random page each. SQLite's default 2 MiB
-        // cache re-reads them from the OS on every commit; 64 MiB keeps a large fleet's hot
-        // pages (it is a ceiling, used only as the spool grows).
+        // Session rows (written with what a record derives) and outbox rows land on pages spread
+        // over the file: SQLite's default 2 MiB cache re-reads them from the OS on every commit;
+        // 64 MiB keeps a large fleet's hot pages (it is a ceiling, used only as the spool grows).
+        // A MeterValues itself appends at the ends of the table and its index (schema 5).
         conn.pragma_update(None, "cache_size", -65536)?;
-        let mut store = Store { conn };
+        let mut store = Store {
+            conn,
+            sessions_index: Default::default(),
+        };
         store.migrate()?;
         Ok(store)
     }
@@ -417,7 +438,10 @@ impl Store {
                 known: SCHEMA_VERSION,
             });
         }
-        Ok(Store { conn })
+        Ok(Store {
+            conn,
+            sessions_index: Default::default(),
+        })
     }
 
     fn migrate(&mut self) -> Result<(), StoreError> {
@@ -931,16 +955,63 @@ impl Store {
     }
 
     /// The stored tap records of one session, in arrival order (the source of truth for replay).
+    ///
+    /// There is no per-session index (it cost the daemon a random page per record, see
+    /// migration 5): the first call scans `tap_records` once for every session's record ids
+    /// (ids and keys only, kept in memory for this `Store`), later calls read the session's rows
+    /// by primary key plus, by primary-key range, whatever was appended since that scan. So a
+    /// command replaying many sessions scans the table once, and each call sees every record
+    /// committed before it, as a query would.
     pub fn session_records(
         &self,
         charge_box_id: &str,
         ocpp_transaction_id: i64,
     ) -> Result<Vec<String>, StoreError> {
-        let mut stmt = self.conn.prepare(
-            "SELECT record FROM tap_records WHERE charge_box_id = ?1 AND ocpp_transaction_id = ?2 ORDER BY id",
+        let mut index = self.sessions_index.borrow_mut();
+        let index = match &mut *index {
+            Some(index) => index,
+            None => {
+                let mut built = SessionIndex::default();
+                let mut stmt = self.conn.prepare(
+                    "SELECT id, charge_box_id, ocpp_transaction_id FROM tap_records
+                     WHERE ocpp_transaction_id IS NOT NULL ORDER BY id",
+                )?;
+                let mut rows = stmt.query([])?;
+                while let Some(row) = rows.next()? {
+                    let id: i64 = row.get(0)?;
+                    built
+                        .ids
+                        .entry((row.get(1)?, row.get(2)?))
+                        .or_default()
+                        .push(id);
+                    built.through_id = built.through_id.max(id);
+                }
+                index.insert(built)
+            }
+        };
+        let mut out = Vec::new();
+        let mut by_id = self
+            .conn
+            .prepare_cached("SELECT record FROM tap_records WHERE id = ?1")?;
+        let key = (charge_box_id.to_owned(), ocpp_transaction_id);
+        for id in index.ids.get(&key).map(Vec::as_slice).unwrap_or_default() {
+            // A row pruned since the scan is simply gone, as it would be from a query.
+            if let Some(record) = by_id.query_row([id], |r| r.get(0)).optional()? {
+                out.push(record);
+            }
+        }
+        let mut newer = self.conn.prepare_cached(
+            "SELECT record FROM tap_records
+             WHERE id > ?1 AND charge_box_id = ?2 AND ocpp_transaction_id = ?3 ORDER BY id",
         )?;
-        let rows = stmt.query_map(params![charge_box_id, ocpp_transaction_id], |r| r.get(0))?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        let rows = newer.query_map(
+            params![index.through_id, charge_box_id, ocpp_transaction_id],
+            |r| r.get(0),
+        )?;
+        for record in rows {
+            out.push(record?);
+        }
+        Ok(out)
     }
 
     /// Sessions with tap records received at or after `since` (unix seconds).
@@ -1960,6 +2031,84 @@ mod tests {
             "delivered after the cutoff"
         );
         assert_eq!(store.prune(1_000).unwrap(), (1, 1));
+    }
+
+    fn record_row(cb: &str, tx: i64, json: &str) -> Changes {
+        Changes {
+            records: vec![RecordRow {
+                received_at: 100,
+                charge_box_id: cb.into(),
+                ocpp_transaction_id: Some(tx),
+                kind: "meter_values",
+                json: json.into(),
+            }],
+            ..Changes::default()
+        }
+    }
+
+    #[test]
+    fn a_schema_4_spool_loses_the_per_session_index_and_replay_still_finds_every_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("spool.db");
+        {
+            let conn = Connection::open(&path).unwrap();
+            for sql in &MIGRATIONS[..4] {
+                conn.execute_batch(sql).unwrap();
+            }
+            conn.pragma_update(None, "user_version", 4).unwrap();
+            conn.execute(
+                "INSERT INTO tap_records (received_at, charge_box_id, ocpp_transaction_id, kind, record)
+                 VALUES (100, 'CP1', 7, 'start', 'old')",
+                [],
+            )
+            .unwrap();
+        }
+        let mut store = Store::open(&path).unwrap();
+        let indexes: Vec<String> = store
+            .conn
+            .prepare(
+                "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'tap_records'",
+            )
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(indexes, ["tap_records_received"]);
+        // The record path appends to the table and the received_at index only.
+        let plan: Vec<String> = store
+            .conn
+            .prepare(
+                "EXPLAIN QUERY PLAN SELECT record FROM tap_records
+                 WHERE id > 1 AND charge_box_id = 'CP1' AND ocpp_transaction_id = 7 ORDER BY id",
+            )
+            .unwrap()
+            .query_map([], |r| r.get(3))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert!(
+            plan.iter().any(|p| p.contains("INTEGER PRIMARY KEY")),
+            "{plan:?}"
+        );
+        store
+            .append_records(&[record_row("CP1", 7, "a"), record_row("CP2", 7, "x")], 100)
+            .unwrap();
+        assert_eq!(store.session_records("CP1", 7).unwrap(), ["old", "a"]);
+        // Appended after the first call's scan (by another process): still found, in order.
+        let mut other = Store::open(&path).unwrap();
+        other
+            .append_records(&[record_row("CP1", 7, "b")], 100)
+            .unwrap();
+        assert_eq!(store.session_records("CP1", 7).unwrap(), ["old", "a", "b"]);
+        assert_eq!(store.session_records("CP2", 7).unwrap(), ["x"]);
+        assert!(store.session_records("CP3", 7).unwrap().is_empty());
+        // Pruned since the scan: gone, as from a query.
+        other
+            .conn
+            .execute("DELETE FROM tap_records WHERE record = 'a'", [])
+            .unwrap();
+        assert_eq!(store.session_records("CP1", 7).unwrap(), ["old", "b"]);
     }
 
     #[test]

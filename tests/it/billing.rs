@@ -569,3 +569,125 @@ async fn a_frame_that_panicked_the_writer_is_contained_and_the_next_session_is_b
         bridge.stderr()
     );
 }
+
+/// Issue 16 item 1: a MeterValues that derives nothing is one appended tap record, and the
+/// session rows are written only with what a record derives. SIGKILLed right after such
+/// readings (between two writes of the session's row), the restarted bridge restores the session
+/// exactly: the charger's re-sent reading is a duplicate, the Stop bills exactly the remainder
+/// (no second event for a reading, nothing lost), and no anomaly is logged or dead-lettered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_after_readings_that_derive_nothing_restores_the_session_exactly() {
+    let central = numbering_central().await;
+    // No Lago key: the events stay in the spool, where the test reads them.
+    let mut bridge = Bridge::start_opts(
+        &central,
+        BridgeOptions {
+            extra_toml: "[billing]\nmode = \"incremental\"\n".into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    let at = |offset: i64| {
+        humantime::format_rfc3339_seconds(
+            UNIX_EPOCH + Duration::from_secs((unix_now() + offset) as u64),
+        )
+        .to_string()
+    };
+    let meter_values = |id: &str, wh: &str, offset: i64| {
+        format!(
+            r#"[2,"{id}","MeterValues",{{"connectorId":1,"transactionId":1,"meterValue":[{{"timestamp":"{}","sampledValue":[{{"value":"{wh}","unit":"Wh","context":"Sample.Periodic","measurand":"Energy.Active.Import.Register"}}]}}]}}]"#,
+            at(offset)
+        )
+    };
+    let connect = |bridge: &Bridge| {
+        let url = bridge.charger_url("CP-CKPT");
+        async move {
+            crate::support::ws::connect(&url, &["ocpp1.6"], None)
+                .await
+                .expect("the charger connects")
+                .0
+        }
+    };
+    let mut charger = connect(&bridge).await;
+    let start = format!(
+        r#"[2,"s","StartTransaction",{{"connectorId":1,"idTag":"TAG-K","meterStart":1000,"timestamp":"{}"}}]"#,
+        at(-60)
+    );
+    assert!(
+        call(&mut charger, &start)
+            .await
+            .contains(r#""transactionId":1"#)
+    );
+    // Bills 1000 → 1499 (the last Wh waits for the Stop): an event and the session's row.
+    assert_eq!(
+        call(&mut charger, &meter_values("m1", "1500", -50)).await,
+        r#"[3,"m1",{}]"#
+    );
+    // Derive nothing: the same register again (within its resolution), then a late reading.
+    assert_eq!(
+        call(&mut charger, &meter_values("m2", "1500", -40)).await,
+        r#"[3,"m2",{}]"#
+    );
+    assert_eq!(
+        call(&mut charger, &meter_values("m3", "1500", -55)).await,
+        r#"[3,"m3",{}]"#
+    );
+    let spool = bridge.spool_path().to_path_buf();
+    let records = |spool: &std::path::Path| -> i64 {
+        rusqlite::Connection::open(spool)
+            .unwrap()
+            .query_row("SELECT COUNT(*) FROM tap_records", [], |r| r.get(0))
+            .unwrap()
+    };
+    assert_eq!(
+        records(&spool),
+        4,
+        "every reading is on disk before its reply"
+    );
+    drop(charger);
+
+    bridge.restart().await;
+    let mut charger = connect(&bridge).await;
+    // The charger re-sends the reading it is not sure of, then stops.
+    assert_eq!(
+        call(&mut charger, &meter_values("m2", "1500", -40)).await,
+        r#"[3,"m2",{}]"#
+    );
+    let stop = format!(
+        r#"[2,"t","StopTransaction",{{"transactionId":1,"meterStop":2000,"timestamp":"{}","reason":"Local"}}]"#,
+        at(-1)
+    );
+    assert_eq!(call(&mut charger, &stop).await, r#"[3,"t",{}]"#);
+
+    let settled = poll_until(Duration::from_secs(10), || {
+        (spool_counts(&spool).pending == 2).then_some(())
+    })
+    .await;
+    assert!(
+        settled.is_some(),
+        "spool: {:?}; stderr:\n{}",
+        spool_counts(&spool),
+        bridge.stderr()
+    );
+    let counts = spool_counts(&spool);
+    assert!(counts.dead_letters.is_empty(), "{counts:?}");
+    let conn = rusqlite::Connection::open(&spool).unwrap();
+    let mut values: Vec<String> = conn
+        .prepare("SELECT event FROM outbox ORDER BY id")
+        .unwrap()
+        .query_map([], |r| r.get::<_, String>(0))
+        .unwrap()
+        .map(|e| {
+            let event: Value = serde_json::from_str(&e.unwrap()).unwrap();
+            event["properties"]["value"].as_str().unwrap().to_owned()
+        })
+        .collect();
+    values.sort();
+    assert_eq!(values, ["0.499", "0.501"], "(2000 - 1000) Wh, billed once");
+    assert!(
+        !bridge.stderr().contains("billing anomaly"),
+        "no anomaly: {}",
+        bridge.stderr()
+    );
+    assert_eq!(records(&spool), 6);
+}
