@@ -437,6 +437,33 @@ mod tests {
         assert!(Config::load(Some(&config)).is_err());
     }
 
+    /// A key that takes one of a few words names the key, the word given and every word it
+    /// takes; a word of the right kind selects its variant.
+    #[test]
+    fn a_word_outside_its_choices_is_named_with_every_choice() {
+        let parsed = Config::parse;
+        let problems = parsed(
+            "[billing]\nmode = \"monthly\"\nid_tag_case = \"UPPER\"\n[log]\nformat = \"xml\"\n",
+        )
+        .unwrap_err();
+        assert_eq!(
+            problems,
+            [
+                "`billing.mode` = \"monthly\" must be \"session\" or \"incremental\"",
+                "`billing.id_tag_case` = \"UPPER\" must be \"as_sent\", \"upper\" or \"lower\"",
+                "`log.format` = \"xml\" must be \"json\" or \"text\"",
+            ]
+        );
+        let config = parsed(
+            "[billing]\nmode = \"incremental\"\nid_tag_case = \"lower\"\n[log]\nformat = \"text\"\n",
+        )
+        .unwrap();
+        assert_eq!(config.billing.mode, BillingMode::Incremental);
+        assert_eq!(config.billing.id_tag_case, IdTagCase::Lower);
+        assert_eq!(config.log.format, LogFormat::Text);
+        assert!(parsed("[billing]\nmode = 1\n").unwrap_err()[0].contains("`billing.mode` must be"));
+    }
+
     /// Operators' files spell "off" `0`, `"0s"` or `""`: still accepted, meaning the same, and
     /// held as `None`; any other value is `Some`.
     #[test]

@@ -182,7 +182,15 @@ impl Reader {
             max_pending_age: self.duration("lago", "max_pending_age", d.lago.max_pending_age),
         };
         let billing = BillingConfig {
-            mode: self.mode(d.billing.mode),
+            mode: self.choice(
+                "billing",
+                "mode",
+                &[
+                    ("session", BillingMode::Session),
+                    ("incremental", BillingMode::Incremental),
+                ],
+                d.billing.mode,
+            ),
             transaction_id: self.template("transaction_id", d.billing.transaction_id.clone()),
             external_subscription_id: self.template(
                 "external_subscription_id",
@@ -195,7 +203,16 @@ impl Reader {
                 d.billing.future_timestamp_tolerance,
             ),
             max_clock_lag: self.duration("billing", "max_clock_lag", d.billing.max_clock_lag),
-            id_tag_case: self.id_tag_case(d.billing.id_tag_case),
+            id_tag_case: self.choice(
+                "billing",
+                "id_tag_case",
+                &[
+                    ("as_sent", IdTagCase::AsSent),
+                    ("upper", IdTagCase::Upper),
+                    ("lower", IdTagCase::Lower),
+                ],
+                d.billing.id_tag_case,
+            ),
             meter_start_tolerance_wh: self
                 .meter_start_tolerance(d.billing.meter_start_tolerance_wh),
         };
@@ -234,7 +251,12 @@ impl Reader {
         };
         let log = LogConfig {
             level: self.log_level(d.log.level),
-            format: self.log_format(d.log.format),
+            format: self.choice(
+                "log",
+                "format",
+                &[("json", LogFormat::Json), ("text", LogFormat::Text)],
+                d.log.format,
+            ),
         };
         let steve = SteveConfig {
             api_url: self.optional_url("steve", "api_url", HTTP_SCHEMES),
@@ -311,6 +333,30 @@ impl Reader {
                     value.type_str()
                 ));
                 None
+            }
+        }
+    }
+
+    /// A key whose value is one of a few words: the word's variant, or a problem naming them all.
+    fn choice<T: Copy>(&mut self, section: &str, key: &str, words: &[(&str, T)], default: T) -> T {
+        let expected = words
+            .iter()
+            .map(|(word, _)| format!("{word:?}"))
+            .collect::<Vec<_>>();
+        let expected = match expected.split_last() {
+            Some((last, [])) => last.clone(),
+            Some((last, rest)) => format!("{} or {last}", rest.join(", ")),
+            None => String::new(),
+        };
+        let Some(word) = self.take::<String>(section, key, &expected) else {
+            return default;
+        };
+        match words.iter().find(|(w, _)| *w == word) {
+            Some((_, value)) => *value,
+            None => {
+                self.problems
+                    .push(format!("`{section}.{key}` = {word:?} must be {expected}"));
+                default
             }
         }
     }
@@ -548,42 +594,6 @@ impl Reader {
         (!text.is_empty()).then(|| PathBuf::from(text))
     }
 
-    fn mode(&mut self, default: BillingMode) -> BillingMode {
-        match self
-            .take::<String>("billing", "mode", "\"session\" or \"incremental\"")
-            .as_deref()
-        {
-            None => default,
-            Some("session") => BillingMode::Session,
-            Some("incremental") => BillingMode::Incremental,
-            Some(other) => {
-                self.problems.push(format!(
-                    "`billing.mode` = {other:?} must be \"session\" or \"incremental\""
-                ));
-                default
-            }
-        }
-    }
-
-    fn id_tag_case(&mut self, default: IdTagCase) -> IdTagCase {
-        let expected = "\"as_sent\", \"upper\" or \"lower\"";
-        match self
-            .take::<String>("billing", "id_tag_case", expected)
-            .as_deref()
-        {
-            None => default,
-            Some("as_sent") => IdTagCase::AsSent,
-            Some("upper") => IdTagCase::Upper,
-            Some("lower") => IdTagCase::Lower,
-            Some(other) => {
-                self.problems.push(format!(
-                    "`billing.id_tag_case` = {other:?} must be {expected}"
-                ));
-                default
-            }
-        }
-    }
-
     fn meter_start_tolerance(&mut self, default: u64) -> u64 {
         let Some(n) = self.take::<i64>("billing", "meter_start_tolerance", "an integer (Wh)")
         else {
@@ -633,23 +643,6 @@ impl Reader {
             Err(e) => {
                 self.problems
                     .push(format!("`log.level` = {text:?} is not a valid filter: {e}"));
-                default
-            }
-        }
-    }
-
-    fn log_format(&mut self, default: LogFormat) -> LogFormat {
-        match self
-            .take::<String>("log", "format", "\"json\" or \"text\"")
-            .as_deref()
-        {
-            None => default,
-            Some("json") => LogFormat::Json,
-            Some("text") => LogFormat::Text,
-            Some(other) => {
-                self.problems.push(format!(
-                    "`log.format` = {other:?} must be \"json\" or \"text\""
-                ));
                 default
             }
         }
