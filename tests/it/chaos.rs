@@ -155,9 +155,9 @@ fn lago_chaos(
             }
             match rng.next() % 4 {
                 0 => {
-                    lago.go_down().await;
+                    lago.go_down();
                     tokio::time::sleep(rng.millis(200, 1500)).await;
-                    lago.come_up().await;
+                    lago.come_up();
                     faults.down += 1;
                 }
                 1 => {
@@ -185,7 +185,7 @@ fn lago_chaos(
                 }
             }
         }
-        lago.come_up().await;
+        lago.come_up();
         lago.clear_faults();
         faults
     })

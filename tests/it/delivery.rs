@@ -345,9 +345,9 @@ async fn lago_faults_while_sessions_run_delay_but_never_lose_or_duplicate_events
     );
 
     // Down: connections refused.
-    lago.go_down().await;
+    lago.go_down();
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    lago.come_up().await;
+    lago.come_up();
     // 500s: each answered, each retried (the shipper backs off and sends again).
     let retries_before = metric(&bridge, "ocpp_lago_bridge_lago_retries_total", &[]).await;
     // On the batch route: a general fault goes to whatever comes first, the startup checks.
@@ -569,9 +569,9 @@ async fn sigkill_at_random_points_loses_and_duplicates_nothing() {
                 tokio::time::sleep(rng.millis(300, 1200)).await;
                 match rng.next() % 3 {
                     0 => {
-                        lago.go_down().await;
+                        lago.go_down();
                         tokio::time::sleep(rng.millis(200, 800)).await;
-                        lago.come_up().await;
+                        lago.come_up();
                     }
                     1 => lago.push_faults(Fault::InternalError, 1 + (rng.next() % 3) as usize),
                     // Stored late: a kill meanwhile leaves a batch Lago holds but the spool
@@ -579,7 +579,7 @@ async fn sigkill_at_random_points_loses_and_duplicates_nothing() {
                     _ => lago.push_fault(Fault::Slow(rng.millis(100, 400))),
                 }
             }
-            lago.come_up().await;
+            lago.come_up();
             lago.clear_faults();
         })
     };

@@ -54,8 +54,13 @@ fn rows(events: &[LagoEvent]) -> Vec<OutboxRow> {
 }
 
 fn client_with_key(lago: &LagoStandIn, key: &str) -> LagoClient {
+    client_for(&lago.url(), key)
+}
+
+/// The client every test here uses, for any server root.
+fn client_for(api_url: &str, key: &str) -> LagoClient {
     LagoClient::new(LagoClientConfig {
-        api_url: lago.url().parse().expect("the stand-in's URL"),
+        api_url: api_url.parse().expect("a server URL"),
         api_key: ApiKey::new(key),
         connect_timeout: Duration::from_millis(500),
         request_timeout: REQUEST_TIMEOUT,
@@ -280,7 +285,7 @@ async fn a_500_is_retryable_and_the_same_batch_then_succeeds() {
 #[tokio::test]
 async fn lago_down_is_a_retryable_connection_error_until_it_comes_back() {
     let (lago, client) = start(StandInConfig::default()).await;
-    lago.go_down().await;
+    lago.go_down();
     let outcome = client.post_batch(&events(0..1)).await.unwrap();
     assert!(
         matches!(
@@ -289,7 +294,7 @@ async fn lago_down_is_a_retryable_connection_error_until_it_comes_back() {
         ),
         "a reset before any answer is retryable: {outcome:?}"
     );
-    lago.come_up().await;
+    lago.come_up();
     assert!(matches!(
         client.post_batch(&events(0..1)).await.unwrap(),
         BatchOutcome::Accepted(_)
@@ -302,15 +307,7 @@ async fn a_refused_connection_is_a_retryable_connect_error() {
     // other test can take it while the socket lives.
     let held = tokio::net::TcpSocket::new_v4().unwrap();
     held.bind("127.0.0.1:0".parse().unwrap()).unwrap();
-    let client = LagoClient::new(LagoClientConfig {
-        api_url: format!("http://{}", held.local_addr().unwrap())
-            .parse()
-            .unwrap(),
-        api_key: ApiKey::new("key"),
-        connect_timeout: Duration::from_millis(500),
-        request_timeout: REQUEST_TIMEOUT,
-    })
-    .expect("client");
+    let client = client_for(&format!("http://{}", held.local_addr().unwrap()), "key");
     let outcome = client.post_batch(&events(0..1)).await.unwrap();
     assert!(
         matches!(outcome, BatchOutcome::Retryable(RetryCause::Connect(_))),

@@ -309,7 +309,7 @@ async fn a_hanging_subscription_lookup_holds_back_only_its_events() {
 async fn readyz_names_lago_during_an_outage_and_recovers() {
     let central = CentralSystem::start(Implementation::Python, CentralOptions::default()).await;
     let lago = e2e::stand_in(StoreMode::Postgres, &["sub-r"]).await;
-    lago.go_down().await;
+    lago.go_down();
     let dir = tempfile::tempdir().unwrap();
     let bridge = bridge_with(
         &central,
@@ -355,7 +355,7 @@ async fn readyz_names_lago_during_an_outage_and_recovers() {
         "the gauge is current"
     );
 
-    lago.come_up().await;
+    lago.come_up();
     settle(&bridge, Duration::from_secs(30), |c| c.pending == 0).await;
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut last = (0, serde_json::Value::Null);
@@ -396,7 +396,7 @@ async fn readyz_keeps_naming_lago_while_batches_fail() {
     let (status, body) = readyz(bridge.admin_addr).await;
     assert!(body["not_ready"]["lago"].is_null(), "{status} {body}");
 
-    lago.go_down().await;
+    lago.go_down();
     // New events while Lago is down (committed from outside, as `spool requeue` does).
     seed_spool(bridge.spool_path(), events("g-", "sub-f", 2));
     let mut polls = Vec::new();
@@ -424,7 +424,7 @@ async fn readyz_keeps_naming_lago_while_batches_fail() {
         "/readyz stopped naming lago during the outage: {:?}",
         cleared.first()
     );
-    lago.come_up().await;
+    lago.come_up();
     settle(&bridge, Duration::from_secs(30), |c| c.pending == 0).await;
 }
 

@@ -464,7 +464,7 @@ async fn records_lost_to_a_full_disk_and_a_restart_are_recovered_by_backfill() {
         },
     )
     .await;
-    lago.go_down().await;
+    lago.go_down();
     let base = bridge.charger_base_url();
     let mut sessions = Vec::new();
     for i in 0..20 {
@@ -486,7 +486,7 @@ async fn records_lost_to_a_full_disk_and_a_restart_are_recovered_by_backfill() {
             }
         }
     }
-    lago.come_up().await;
+    lago.come_up();
     bridge.restart().await;
     let four = poll_until(Duration::from_secs(30), || {
         (lago.stored_events().len() >= 4).then_some(())

@@ -216,18 +216,7 @@ async fn a_flood_in_both_directions_at_once_arrives_in_order_and_unchanged() {
     }
 
     let mut charger = tx.reunite(rx).expect("halves of one socket");
-    let leaving = CloseFrame {
-        code: CloseCode::from(4003),
-        reason: "flood over".into(),
-    };
-    within(STEP, "close", charger.close(Some(leaving)))
-        .await
-        .expect("send close");
-    let log = recorder
-        .wait_for_end(0, STEP)
-        .await
-        .expect("upstream connection ended");
-    assert_eq!(log.close_received, Some((4003, "flood over".to_owned())));
+    assert_close_reaches_upstream(&mut charger, &recorder, 4003, "flood over").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -411,9 +400,20 @@ async fn charger_close_code_and_reason_reach_upstream() {
     )
     .await
     .expect("bridge accepts the charger");
+    assert_close_reaches_upstream(&mut charger, &recorder, 4002, "charger rebooting").await;
+}
+
+/// The charger closes with `code` and `reason`; the recorded upstream connection ends having
+/// received exactly that close.
+async fn assert_close_reaches_upstream(
+    charger: &mut ClientWs,
+    recorder: &Recorder,
+    code: u16,
+    reason: &str,
+) {
     let leaving = CloseFrame {
-        code: CloseCode::from(4002),
-        reason: "charger rebooting".into(),
+        code: CloseCode::from(code),
+        reason: reason.into(),
     };
     within(STEP, "close", charger.close(Some(leaving)))
         .await
@@ -422,10 +422,7 @@ async fn charger_close_code_and_reason_reach_upstream() {
         .wait_for_end(0, STEP)
         .await
         .expect("upstream connection ended");
-    assert_eq!(
-        log.close_received,
-        Some((4002, "charger rebooting".to_owned()))
-    );
+    assert_eq!(log.close_received, Some((code, reason.to_owned())));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

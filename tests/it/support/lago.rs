@@ -437,12 +437,12 @@ impl LagoStandIn {
 
     /// Lago unreachable: every new connection is reset before a byte of answer (the port stays
     /// bound, see `down`).
-    pub async fn go_down(&self) {
+    pub fn go_down(&self) {
         self.down.store(true, Ordering::SeqCst);
     }
 
     /// Answers again.
-    pub async fn come_up(&self) {
+    pub fn come_up(&self) {
         self.down.store(false, Ordering::SeqCst);
     }
 
