@@ -494,3 +494,67 @@ async fn api_url_mistakes_are_named() {
         "nothing dropped"
     );
 }
+
+/// `/readyz` names `lago` when Lago answers, but slower than `lago.request_timeout` (a slow
+/// Lago is as bad as a down one for the backlog), and is ready again once it is quick.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_names_lago_while_it_answers_slower_than_the_request_timeout() {
+    let central = CentralSystem::start(Implementation::Python, CentralOptions::default()).await;
+    let lago = e2e::stand_in(StoreMode::Postgres, &["sub-slow-r"]).await;
+    let slow = Fault::Slow(Duration::from_secs(3));
+    for route in [
+        RouteKind::Batch,
+        RouteKind::GetEvent,
+        RouteKind::ListEvents,
+        RouteKind::GetBillableMetric,
+        RouteKind::GetSubscription,
+    ] {
+        lago.set_sticky_fault(route, Some(slow.clone()));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let spool = dir.path().join("spool.db");
+    seed_spool(&spool, events("slow-", "sub-slow-r", 2));
+    // request_timeout 1 s against a Lago that takes 3 s; the backlog reason kept out of the way.
+    let toml = e2e::lago_toml(&lago, None, "session")
+        .replace("request_timeout = \"3s\"", "request_timeout = \"1s\"")
+        .replace("[billing]", "max_pending_age = \"3650days\"\n[billing]");
+    let bridge = Bridge::start_opts(
+        &central.url_base(),
+        BridgeOptions {
+            extra_toml: toml,
+            env: vec![("LAGO_API_KEY".into(), lago.api_key())],
+            spool_path: Some(spool),
+            ..Default::default()
+        },
+    )
+    .await;
+    let mut last = (0, serde_json::Value::Null);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while Instant::now() < deadline {
+        last = readyz(bridge.admin_addr).await;
+        if last.0 == 503 && last.1["not_ready"]["lago"].is_string() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let reason = last.1["not_ready"]["lago"].as_str().unwrap_or_default();
+    assert!(
+        last.0 == 503 && reason.contains("lago.request_timeout"),
+        "/readyz did not name lago as slower than request_timeout: {} {}; stderr:\n{}",
+        last.0,
+        last.1,
+        bridge.stderr()
+    );
+
+    lago.clear_faults();
+    settle(&bridge, Duration::from_secs(30), |c| c.pending == 0).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        last = readyz(bridge.admin_addr).await;
+        if last.0 == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(last.0, 200, "ready again once Lago is quick: {}", last.1);
+}

@@ -576,3 +576,139 @@ async fn recovery_and_the_periodic_reconcile_share_one_steve_rate_limit() {
         "SteVe saw {busiest} requests within a second; steve.max_requests_per_second = {RATE}"
     );
 }
+
+/// `[steve] api_user` with the password from the environment (`STEVE_API_PASSWORD`, no
+/// `api_password_file`): HTTP Basic with it, the Stop billed from SteVe's record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_steve_api_password_may_come_from_the_environment() {
+    let steve = SteveRest::start(basic(), None).await;
+    steve.register(transaction_42());
+    let recorder = echo_recorder().await;
+    let bridge = Bridge::start_opts(
+        &recorder.url_base(),
+        BridgeOptions {
+            extra_toml: format!(
+                "[steve]\napi_url = \"{}\"\napi_user = \"{USER}\"\n",
+                steve.url()
+            ),
+            env: vec![("STEVE_API_PASSWORD".into(), PASSWORD.into())],
+            ..BridgeOptions::default()
+        },
+    )
+    .await;
+    let (mut charger, _) = ws::connect(&bridge.charger_url("CP-REC"), &["ocpp1.6"], None)
+        .await
+        .expect("charger connects");
+    stop(&mut charger, "s1", 42, 4200).await;
+    let spool = bridge.spool_path().to_path_buf();
+    let settled = poll_until(Duration::from_secs(10), || {
+        (spool_counts(&spool).pending == 1).then_some(())
+    })
+    .await;
+    assert!(
+        settled.is_some(),
+        "spool: {:?}; SteVe saw {:?}; stderr:\n{}",
+        spool_counts(&spool),
+        steve.requests(),
+        bridge.stderr()
+    );
+    assert_billed_from_steve(&outbox_events(&spool)[0]);
+    let requests = steve.requests();
+    assert!(
+        !requests.is_empty() && requests.iter().all(|r| r.authorized),
+        "{requests:?}"
+    );
+    assert!(!bridge.stderr().contains(PASSWORD), "never logged");
+}
+
+/// `check-config --online` probes SteVe's REST API with the configured credentials: accepted
+/// with the right password (here from `STEVE_API_PASSWORD`), named as refused with a wrong one
+/// (from `api_password_file`), and the password is never printed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_config_online_probes_steve_rest_credentials() {
+    use crate::support::bridge::BRIDGE_BIN;
+    use crate::support::lago::{LagoStandIn, MetricDef, StandInConfig};
+
+    let steve = SteveRest::start(basic(), None).await;
+    let lago = LagoStandIn::start(StandInConfig {
+        metrics: vec![MetricDef::sum_of_value("kwh")],
+        ..StandInConfig::default()
+    })
+    .await;
+    let recorder = echo_recorder().await;
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("lago-api-key");
+    std::fs::write(&key, lago.api_key()).unwrap();
+    let wrong_file = dir.path().join("steve-password");
+    std::fs::write(&wrong_file, "wrong:pass-9x").unwrap();
+    let config_text = |password_file: Option<&Path>| {
+        format!(
+            "[proxy]\nupstream_url = \"{}\"\n[lago]\napi_url = \"{}\"\napi_key_file = \"{}\"\n\
+             metric_code = \"kwh\"\n[spool]\npath = \"{}/spool.db\"\n\
+             [steve]\napi_url = \"{}\"\napi_user = \"{USER}\"\n{}",
+            recorder.url_base(),
+            lago.url(),
+            key.display(),
+            dir.path().display(),
+            steve.url(),
+            password_file.map_or(String::new(), |f| format!(
+                "api_password_file = \"{}\"\n",
+                f.display()
+            )),
+        )
+    };
+    let probe = |name: &str, text: String, env: Option<&str>| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        let mut command = tokio::process::Command::new(BRIDGE_BIN);
+        command
+            .args(["check-config", "--online", "--config"])
+            .arg(path)
+            .env_remove("STEVE_API_PASSWORD")
+            .env_remove("STEVE_API_KEY")
+            .kill_on_drop(true);
+        if let Some(password) = env {
+            command.env("STEVE_API_PASSWORD", password);
+        }
+        async move {
+            let out = within(
+                Duration::from_secs(30),
+                "check-config --online",
+                command.output(),
+            )
+            .await
+            .expect("run check-config");
+            (
+                out.status.code(),
+                format!(
+                    "{}{}",
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                ),
+            )
+        }
+    };
+
+    let (code, said) = probe("good.toml", config_text(None), Some(PASSWORD)).await;
+    println!("check-config --online, right password:\n{said}");
+    assert!(
+        said.contains("ok: SteVe REST") && said.contains("accepted the credentials"),
+        "{said}"
+    );
+    assert_eq!(code, Some(0), "{said}");
+    assert!(!said.contains(PASSWORD), "{said}");
+
+    let (code, said) = probe("wrong.toml", config_text(Some(&wrong_file)), None).await;
+    println!("check-config --online, wrong password:\n{said}");
+    assert!(
+        said.contains("SteVe REST") && said.contains("refused the credentials (HTTP 401)"),
+        "{said}"
+    );
+    assert_ne!(code, Some(0), "{said}");
+    assert!(!said.contains("wrong:pass"), "{said}");
+    let statuses: Vec<u16> = steve.requests().iter().map(|r| r.status).collect();
+    assert!(
+        statuses.contains(&401) && statuses.iter().any(|s| *s != 401),
+        "SteVe saw the right and the wrong credentials: {statuses:?}"
+    );
+}
