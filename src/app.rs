@@ -437,6 +437,9 @@ async fn start_pipeline(
         }
     };
     // The recovery task answers through a weak sender, so it never keeps the writer alive.
+    // One rate limit for every SteVe REST request of the daemon: start recovery's and the
+    // periodic reconcile's (issue 14 item 3: two limiters let SteVe see twice the rate).
+    let steve_limiter = crate::steve::rate_limiter(config.steve.max_requests_per_second);
     let recovery = steve.map(|client| {
         tokio::spawn(supervisor.watch(
             "steve_recovery",
@@ -444,9 +447,9 @@ async fn start_pipeline(
                 client,
                 crate::recovery::RecoverySettings {
                     max_concurrent_requests: config.steve.max_concurrent_requests,
-                    max_requests_per_second: config.steve.max_requests_per_second,
                     recovery_timeout: config.steve.recovery_timeout,
                 },
+                steve_limiter.clone(),
                 recovery_requests,
                 inputs.control.downgrade(),
             ),
@@ -482,6 +485,7 @@ async fn start_pipeline(
                 config.clone(),
                 interval,
                 lago_limiter.clone(),
+                steve_limiter.clone(),
                 stop_shipping.clone(),
             ),
         ));

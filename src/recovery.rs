@@ -1,7 +1,8 @@
 //! I/O: start recovery beside the writer. The billing writer parks a Stop whose session it does not
 //! know (committing its tap record, so the charger's reply goes out at once) and hands the
-//! session here; this task asks SteVe's REST API (`steve.rs`) with bounded concurrency, its own
-//! rate limit, retries with backoff and a cache of answers, and sends the answer back to the
+//! session here; this task asks SteVe's REST API (`steve.rs`) with bounded concurrency, the rate
+//! limit of `steve.max_requests_per_second` (one limiter the daemon shares with the periodic
+//! reconcile, so SteVe sees that rate from the bridge as a whole), retries with backoff and a cache of answers, and sends the answer back to the
 //! writer as a command: the recovered start as an ordinary Start tap record, or "SteVe does not
 //! know it" (also after `steve.recovery_timeout` of failures), on which the writer bills the Stop
 //! as it is (`missing_start`).
@@ -11,12 +12,11 @@
 //! are gone; parked Stops are on disk and asked again after the restart).
 
 use std::collections::{HashMap, HashSet};
-use std::num::NonZeroU32;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use backon::{BackoffBuilder, ExponentialBuilder};
-use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use governor::DefaultDirectRateLimiter;
 use tokio::sync::{Semaphore, mpsc};
 
 use crate::billing::writer::Command;
@@ -39,8 +39,6 @@ const RETRY_MAX_DELAY: Duration = Duration::from_secs(30);
 pub struct RecoverySettings {
     /// Lookups in flight at once.
     pub max_concurrent_requests: usize,
-    /// Requests started per second (retries included).
-    pub max_requests_per_second: u32,
     /// How long one session is retried before SteVe is taken not to know it.
     pub recovery_timeout: Duration,
 }
@@ -50,25 +48,28 @@ type Answer = Option<TapRecord>;
 
 struct Shared {
     client: SteveClient,
-    limiter: DefaultDirectRateLimiter,
+    limiter: Arc<DefaultDirectRateLimiter>,
     settings: RecoverySettings,
     cache: Mutex<HashMap<SessionKey, (Instant, Answer)>>,
     in_flight: Mutex<HashSet<SessionKey>>,
 }
 
 /// Runs until the writer drops its [`RecoveryHandle`] (it has ended), answering every lookup
-/// through `writer` (a weak sender: this task never keeps the writer alive).
+/// through `writer` (a weak sender: this task never keeps the writer alive). Every request
+/// (retries included) takes a permit of `limiter` first: the daemon passes the one limiter of
+/// `steve.max_requests_per_second` it shares with the periodic reconcile
+/// ([`crate::steve::rate_limiter`]).
 pub async fn run(
     client: SteveClient,
     settings: RecoverySettings,
+    limiter: Arc<DefaultDirectRateLimiter>,
     mut requests: mpsc::UnboundedReceiver<Lookup>,
     writer: mpsc::WeakSender<Command>,
 ) {
-    let per_second = NonZeroU32::new(settings.max_requests_per_second).unwrap_or(NonZeroU32::MIN);
     let permits = Arc::new(Semaphore::new(settings.max_concurrent_requests.max(1)));
     let shared = Arc::new(Shared {
         client,
-        limiter: RateLimiter::direct(Quota::per_second(per_second)),
+        limiter,
         settings,
         cache: Mutex::new(HashMap::new()),
         in_flight: Mutex::new(HashSet::new()),

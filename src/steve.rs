@@ -17,8 +17,11 @@
 //!   user that has API access and its API password; 401 with a JSON error body otherwise.
 //!   Older SteVe took a `STEVE-API-KEY` header instead.
 
+use std::num::NonZeroU32;
+use std::sync::Arc;
 use std::time::Duration;
 
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use rust_decimal::Decimal;
 use serde::Deserialize;
 
@@ -149,6 +152,19 @@ pub fn steve_timestamp(unix_secs: i64) -> Option<String> {
     let format =
         time::macros::format_description!("[year]-[month]-[day]T[hour]:[minute]:[second].000Z");
     at.format(&format).ok()
+}
+
+/// The rate limit of `steve.max_requests_per_second` (0 reads as 1). The daemon builds one and
+/// hands it to every user of SteVe's REST API (start recovery and the periodic reconcile), so
+/// together they stay under the limit rather than each under its own copy of it. Requests are
+/// spaced evenly (a burst of one): governor's default burst of a whole second's quota would let
+/// up to twice the rate arrive within one second, and the key promises SteVe at most that many
+/// in any second.
+pub fn rate_limiter(max_requests_per_second: u32) -> Arc<DefaultDirectRateLimiter> {
+    let per_second = NonZeroU32::new(max_requests_per_second).unwrap_or(NonZeroU32::MIN);
+    Arc::new(RateLimiter::direct(
+        Quota::per_second(per_second).allow_burst(NonZeroU32::MIN),
+    ))
 }
 
 impl SteveClient {

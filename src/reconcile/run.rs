@@ -60,7 +60,8 @@ pub struct Sources {
     pub lago: LagoClient,
     /// Every Lago request takes a permit first (the daemon passes the shipper's).
     pub lago_limiter: Arc<DefaultDirectRateLimiter>,
-    /// Every SteVe request takes a permit first (`steve.max_requests_per_second`).
+    /// Every SteVe request takes a permit first (`steve.max_requests_per_second`; the daemon
+    /// passes the one it shares with start recovery).
     pub steve_limiter: Arc<DefaultDirectRateLimiter>,
     pub rules: BillingRules,
     pub spool_path: PathBuf,
@@ -93,10 +94,13 @@ pub struct Backfill {
 }
 
 impl Sources {
-    /// The sources a config names; SteVe's REST API and the Lago key are required.
+    /// The sources a config names; SteVe's REST API and the Lago key are required. A limiter
+    /// not given is made from the config (the `reconcile` command runs alone); the daemon gives
+    /// both, shared with the shipper (Lago) and start recovery (SteVe).
     pub fn from_config(
         config: &Config,
         lago_limiter: Option<Arc<DefaultDirectRateLimiter>>,
+        steve_limiter: Option<Arc<DefaultDirectRateLimiter>>,
     ) -> Result<Sources, ReconcileError> {
         let api_url = config
             .steve
@@ -126,7 +130,9 @@ impl Sources {
             lago,
             lago_limiter: lago_limiter
                 .unwrap_or_else(|| per_second(config.lago.max_requests_per_second)),
-            steve_limiter: per_second(config.steve.max_requests_per_second),
+            steve_limiter: steve_limiter.unwrap_or_else(|| {
+                crate::steve::rate_limiter(config.steve.max_requests_per_second)
+            }),
             rules,
             spool_path: config.spool.path.clone(),
             max_session_length: config.reconcile.max_session_length,
@@ -460,15 +466,21 @@ pub fn log_summary(audit: &Audit, from: i64, to: i64) {
 /// thread of its own with its own current-thread runtime (parsing SteVe's whole list and
 /// deriving every session costs CPU: ~2 s for 100 000 sessions, BENCHMARKS.md), so it never
 /// takes a worker the relay or the shipper needs. Its Lago requests take permits of the
-/// shipper's limiter, so the bridge as a whole stays under `lago.max_requests_per_second`.
+/// shipper's limiter and its SteVe requests those of start recovery's, so the bridge as a whole
+/// stays under `lago.max_requests_per_second` and `steve.max_requests_per_second`.
 pub async fn periodic(
     config: Config,
     interval: Duration,
     lago_limiter: Arc<DefaultDirectRateLimiter>,
+    steve_limiter: Arc<DefaultDirectRateLimiter>,
     shutdown: CancellationToken,
 ) {
     // Checked once up front, so a config that cannot audit is said at start, not every run.
-    if let Err(error) = Sources::from_config(&config, Some(lago_limiter.clone())) {
+    if let Err(error) = Sources::from_config(
+        &config,
+        Some(lago_limiter.clone()),
+        Some(steve_limiter.clone()),
+    ) {
         tracing::error!(%error, "reconcile.interval is set but the audit cannot run");
         shutdown.cancelled().await;
         return;
@@ -479,6 +491,7 @@ pub async fn periodic(
         let to = unix_now();
         let from = to.saturating_sub(lookback);
         let (config, limiter, stop) = (config.clone(), lago_limiter.clone(), shutdown.clone());
+        let steve_limiter = steve_limiter.clone();
         let run = tokio::task::spawn_blocking(move || {
             let runtime = match tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -492,7 +505,7 @@ pub async fn periodic(
             };
             runtime.block_on(async {
                 // Clients are built inside this runtime: their connections live and die with it.
-                let sources = match Sources::from_config(&config, Some(limiter)) {
+                let sources = match Sources::from_config(&config, Some(limiter), Some(steve_limiter)) {
                     Ok(sources) => sources,
                     Err(error) => {
                         tracing::warn!(%error, "reconcile: the audit cannot run; the next run tries again");
@@ -560,7 +573,7 @@ pub async fn command(
     with_backfill: bool,
     wait: Option<Duration>,
 ) -> u8 {
-    let sources = match Sources::from_config(config, None) {
+    let sources = match Sources::from_config(config, None, None) {
         Ok(sources) => sources,
         Err(error) => {
             eprintln!("error: {error}");

@@ -494,3 +494,107 @@ async fn api_url_mistakes_are_named() {
         "nothing dropped"
     );
 }
+
+/// `/readyz` names `lago` when Lago answers, but slower than `lago.request_timeout` (a slow
+/// Lago is as bad as a down one for the backlog), and is ready again once it is quick.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_names_lago_while_it_answers_slower_than_the_request_timeout() {
+    let central = CentralSystem::start(Implementation::Python, CentralOptions::default()).await;
+    let lago = e2e::stand_in(StoreMode::Postgres, &["sub-slow-r"]).await;
+    let slow = Fault::Slow(Duration::from_secs(3));
+    for route in [
+        RouteKind::Batch,
+        RouteKind::GetEvent,
+        RouteKind::ListEvents,
+        RouteKind::GetBillableMetric,
+        RouteKind::GetSubscription,
+    ] {
+        lago.set_sticky_fault(route, Some(slow.clone()));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let spool = dir.path().join("spool.db");
+    seed_spool(&spool, events("slow-", "sub-slow-r", 2));
+    // request_timeout 1 s against a Lago that takes 3 s; the backlog reason kept out of the way.
+    let toml = e2e::lago_toml(&lago, None, "session")
+        .replace("request_timeout = \"3s\"", "request_timeout = \"1s\"")
+        .replace("[billing]", "max_pending_age = \"3650days\"\n[billing]");
+    let bridge = Bridge::start_opts(
+        &central.url_base(),
+        BridgeOptions {
+            extra_toml: toml,
+            env: vec![("LAGO_API_KEY".into(), lago.api_key())],
+            spool_path: Some(spool),
+            ..Default::default()
+        },
+    )
+    .await;
+    let mut last = (0, serde_json::Value::Null);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while Instant::now() < deadline {
+        last = readyz(bridge.admin_addr).await;
+        if last.0 == 503 && last.1["not_ready"]["lago"].is_string() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let reason = last.1["not_ready"]["lago"].as_str().unwrap_or_default();
+    assert!(
+        last.0 == 503 && reason.contains("lago.request_timeout"),
+        "/readyz did not name lago as slower than request_timeout: {} {}; stderr:\n{}",
+        last.0,
+        last.1,
+        bridge.stderr()
+    );
+
+    lago.clear_faults();
+    settle(&bridge, Duration::from_secs(30), |c| c.pending == 0).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        last = readyz(bridge.admin_addr).await;
+        if last.0 == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(last.0, 200, "ready again once Lago is quick: {}", last.1);
+}
+
+/// The shipper's check lists our subscription's events at our second page by page: with 110
+/// other events of ours at the same second ahead of it, our copy is on page 2 (100 a page), and
+/// only reading that page proves it delivered (page 1 alone would say "send again", and Lago
+/// would answer `value_already_exist` forever).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_check_reads_the_second_page_of_our_subscriptions_events() {
+    let central = CentralSystem::start(Implementation::Python, CentralOptions::default()).await;
+    let lago = e2e::stand_in(StoreMode::Postgres, &["sub-crowd", "sub-else"]).await;
+    lago.seed(serde_json::json!({
+        "transaction_id": "888",
+        "external_subscription_id": "sub-else",
+        "code": e2e::METRIC,
+        "timestamp": 1_700_000_000,
+        "properties": {"value": "9.9", "charge_box_id": "ELSEWHERE", "ocpp_transaction_id": 888},
+    }));
+    let ours = seeded_event("888", "sub-crowd", "2.5", 7);
+    for i in 0..110 {
+        let mut crowd = seeded_event(&format!("crowd-{i:03}"), "sub-crowd", "1", 7);
+        crowd.properties.ocpp_transaction_id = 20_000 + i;
+        lago.seed(serde_json::to_value(&crowd).unwrap());
+    }
+    lago.seed(serde_json::to_value(&ours).unwrap());
+    let dir = tempfile::tempdir().unwrap();
+    let bridge = bridge_with(&central, &lago, dir.path(), vec![ours], "").await;
+
+    let counts = settle(&bridge, Duration::from_secs(20), |c| c.pending == 0).await;
+    assert_eq!(counts.delivered, 1, "{counts:?}");
+    assert!(counts.dead_letters.is_empty(), "{counts:?}");
+    assert_eq!(lago.stored_events().len(), 112, "Lago gained nothing");
+    let lists: Vec<String> = lago
+        .request_paths()
+        .into_iter()
+        .filter(|p| p.starts_with("/api/v1/events?") && p.contains("sub-crowd"))
+        .collect();
+    assert!(
+        lists.iter().any(|p| p.contains("page=2")),
+        "the check read page 2: {lists:?}"
+    );
+}

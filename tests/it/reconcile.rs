@@ -14,7 +14,7 @@ use crate::support::e2e::{self, key_file, lago_toml};
 use crate::support::http;
 use crate::support::lago::StoreMode;
 use crate::support::peers::{CentralOptions, CentralSystem, Implementation};
-use crate::support::steve::{SteveAuth, SteveRest};
+use crate::support::steve::{SteveAuth, SteveRest, SteveTransaction};
 use crate::support::ws::RawCharger;
 use crate::support::{poll_until, within};
 
@@ -590,4 +590,305 @@ async fn exit_codes_tell_bad_config_unreachable_and_usage_apart() {
     assert_eq!(ran.code, 2, "{}", ran.stderr);
     let ran = reconcile(&unreachable, &["--from", "1h", "--wait", "5s"]).await;
     assert_eq!(ran.code, 2, "--wait needs --backfill: {}", ran.stderr);
+}
+
+/// A `[reconcile]` config for `reconcile` run as a command (no daemon): Lago and SteVe
+/// stand-ins, a spool in `dir`.
+fn command_config(
+    lago: &crate::support::lago::LagoStandIn,
+    steve: &SteveRest,
+    dir: &Path,
+) -> std::path::PathBuf {
+    let key = key_file(lago, dir);
+    let config = dir.join("reconcile.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "{}\n{}\n[spool]\npath = \"{}/spool.db\"\n",
+            lago_toml(lago, Some(&key), "session"),
+            steve_toml(steve, dir),
+            dir.display()
+        ),
+    )
+    .unwrap();
+    config
+}
+
+fn steve_session(
+    id: i64,
+    charge_box_id: &str,
+    tag: &str,
+    wh: (i64, i64),
+    at: (i64, i64),
+) -> SteveTransaction {
+    let ts = |unix: i64| ocpp_lago_bridge::steve::steve_timestamp(unix).unwrap();
+    SteveTransaction {
+        id,
+        charge_box_id: charge_box_id.into(),
+        connector_id: 1,
+        id_tag: tag.into(),
+        start_value_wh: wh.0,
+        start_timestamp: ts(at.0),
+        stop_value_wh: Some(wh.1),
+        stop_timestamp: Some(ts(at.1)),
+    }
+}
+
+/// The command's paths no other test takes: more than one page (100) of Lago events of one
+/// subscription and metric; a session that started long before `--from` (RFC 3339 here) but
+/// stopped inside the window, found through `reconcile.max_session_length`; the table's totals
+/// line per class with its kWh; and `--backfill --wait` with no daemon to ship, which exits 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconcile_reads_every_page_reaches_back_for_long_sessions_and_waits_honestly() {
+    const PAGED: i64 = 105;
+    let steve = SteveRest::start(
+        SteveAuth::Basic {
+            user: USER.into(),
+            password: PASSWORD.into(),
+        },
+        None,
+    )
+    .await;
+    let lago = e2e::stand_in(StoreMode::Postgres, &["TAG-PAGE"]).await;
+    let t = now();
+    // 105 sessions billed in Lago under one subscription: all ok only if page 2 is read.
+    for i in 0..PAGED {
+        steve.register(steve_session(
+            1 + i,
+            "CP-PAGE",
+            "TAG-PAGE",
+            (0, 1_000),
+            (t - 7200 + i, t - 3600 + i),
+        ));
+        lago.seed(json!({
+            "transaction_id": (1 + i).to_string(),
+            "external_subscription_id": "TAG-PAGE",
+            "code": e2e::METRIC,
+            "timestamp": t - 3600 + i,
+            "properties": {"value": "1", "charge_box_id": "CP-PAGE", "ocpp_transaction_id": (1 + i).to_string()},
+        }));
+    }
+    // Started 30 h before the window, stopped inside it: SteVe's list filters on the start,
+    // so only the max_session_length lookback (7 days by default) finds it. Not in Lago.
+    steve.register(steve_session(
+        500,
+        "CP-LONG",
+        "TAG-PAGE",
+        (10_000, 12_500),
+        (t - 30 * 3600, t - 3600),
+    ));
+    // Started and stopped before the window: not the window's business.
+    steve.register(steve_session(
+        501,
+        "CP-EARLY",
+        "TAG-PAGE",
+        (0, 4_000),
+        (t - 30 * 3600, t - 3 * 3600),
+    ));
+    let dir = tempfile::tempdir().unwrap();
+    let config = command_config(&lago, &steve, dir.path());
+    let from = iso(t - 2 * 3600);
+
+    let ran = reconcile(&config, &["--from", &from, "--format", "json"]).await;
+    assert_eq!(ran.code, 1, "stdout {}\nstderr {}", ran.stdout, ran.stderr);
+    let by = ran.by_session();
+    assert_eq!(by.len(), PAGED as usize + 1, "{by:#?}");
+    let paged_ok = (1..=PAGED)
+        .filter(|tx| status_of(&by, &format!("CP-PAGE:{tx}"))["status"] == "ok")
+        .count();
+    assert_eq!(paged_ok, PAGED as usize, "every page read: {by:#?}");
+    let long = status_of(&by, "CP-LONG:500");
+    assert_eq!(long["status"], "missing", "{long}");
+    assert_eq!(long["steve_kwh"], "2.5", "{long}");
+    assert!(!by.contains_key("CP-EARLY:501"), "{by:#?}");
+    let pages: Vec<String> = lago
+        .request_paths()
+        .into_iter()
+        .filter(|p| p.contains("external_subscription_id=TAG"))
+        .collect();
+    assert!(
+        pages.iter().any(|p| p.contains("page=2")),
+        "Lago's second page was asked for: {pages:?}"
+    );
+    assert!(
+        pages.iter().all(|p| !p.contains("page=3")),
+        "no page past the last: {pages:?}"
+    );
+
+    // The table: totals per class with the kWh involved.
+    let table = reconcile(&config, &["--from", &from]).await;
+    println!("reconcile (table):\n{}", table.stdout);
+    assert_eq!(table.code, 1);
+    let total = |class: &str| {
+        table
+            .stdout
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(class) && l.contains("session(s)"))
+            .map(|l| l.split_whitespace().collect::<Vec<_>>())
+            .unwrap_or_else(|| panic!("no totals line for {class}: {}", table.stdout))
+    };
+    assert_eq!(total("ok"), ["ok", "105", "session(s)", "105", "kWh"]);
+    assert_eq!(
+        total("missing"),
+        ["missing", "1", "session(s)", "2.5", "kWh"]
+    );
+    assert_eq!(
+        total("mismatch"),
+        ["mismatch", "0", "session(s)", "0", "kWh"]
+    );
+    let missing_line = table
+        .stdout
+        .lines()
+        .find(|l| l.contains("CP-LONG"))
+        .unwrap_or_else(|| panic!("{}", table.stdout));
+    assert!(missing_line.starts_with("missing"), "{missing_line}");
+
+    // --backfill --wait with no daemon running: queued, never delivered, exit 1.
+    let waited = reconcile(
+        &config,
+        &[
+            "--from",
+            &from,
+            "--format",
+            "json",
+            "--backfill",
+            "--wait",
+            "1s",
+        ],
+    )
+    .await;
+    assert_eq!(
+        waited.code, 1,
+        "stdout {}\nstderr {}",
+        waited.stdout, waited.stderr
+    );
+    assert!(
+        waited.stderr.contains("backfill: queued 1 event(s)")
+            && waited
+                .stderr
+                .contains("NOT every queued event was delivered within 1s"),
+        "{}",
+        waited.stderr
+    );
+    assert_eq!(
+        status_of(&waited.by_session(), "CP-LONG:500")["status"],
+        "pending",
+        "queued, not delivered"
+    );
+    assert!(
+        lago.stored_events()
+            .iter()
+            .all(|r| r.external_subscription_id == "TAG-PAGE" && r.transaction_id != "500"),
+        "nothing ships without a daemon"
+    );
+}
+
+/// The daemon's periodic run with `[reconcile] backfill = true`: a session started and stopped
+/// directly at SteVe is logged at WARN with its id, queued, and delivered to Lago exactly once;
+/// later runs find it `ok` and the gauge says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_periodic_run_with_backfill_bills_a_session_only_steve_saw_exactly_once() {
+    let central = CentralSystem::start(Implementation::Python, CentralOptions::default()).await;
+    let steve = SteveRest::start(
+        SteveAuth::Basic {
+            user: USER.into(),
+            password: PASSWORD.into(),
+        },
+        Some(central.log_path()),
+    )
+    .await;
+    let lago = e2e::stand_in(StoreMode::Postgres, &["TAG-OK", "TAG-DIRECT"]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let key = key_file(&lago, dir.path());
+    let bridge = Bridge::start_opts(
+        &central.url_base(),
+        BridgeOptions {
+            extra_toml: format!(
+                "{}\n{}\n[reconcile]\ninterval = \"1s\"\nlookback = \"3h\"\nbackfill = true\n",
+                lago_toml(&lago, Some(&key), "session"),
+                steve_toml(&steve, dir.path())
+            ),
+            ..BridgeOptions::default()
+        },
+    )
+    .await;
+    let through = session(&bridge.charger_base_url(), "CP-OK-P", "TAG-OK", 0, 2_000).await;
+    let direct = session(
+        &central.url_base(),
+        "CP-DIRECT-P",
+        "TAG-DIRECT",
+        1_000,
+        3_250,
+    )
+    .await;
+    let direct_id = direct.to_string();
+    let billed = poll_until(Duration::from_secs(30), || {
+        lago.stored_events()
+            .iter()
+            .any(|r| r.transaction_id == direct_id)
+            .then_some(())
+    })
+    .await;
+    assert!(
+        billed.is_some(),
+        "the periodic backfill delivers it: {:?}\n{}",
+        lago.stored_events(),
+        bridge.stderr()
+    );
+    let stderr = bridge.stderr();
+    let warned = stderr
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|l| {
+            l["level"] == "WARN"
+                && l["message"]
+                    .as_str()
+                    .is_some_and(|m| m.contains("not billed exactly"))
+        })
+        .unwrap_or_else(|| panic!("no WARN of the missing session:\n{stderr}"));
+    assert!(
+        warned["sessions_to_check"]
+            .as_str()
+            .is_some_and(|s| s.contains(&format!("missing:CP-DIRECT-P:{direct}"))),
+        "{warned}"
+    );
+    // Later runs: ok, and the gauge says so (both sessions ok, none missing or pending).
+    let settled = poll_until(Duration::from_secs(20), || {
+        let metrics = futures_executor_get(&bridge);
+        let gauge = |status: &str| {
+            http::metric_value(
+                &metrics,
+                &format!("ocpp_lago_bridge_reconcile_sessions{{status=\"{status}\"}}"),
+            )
+        };
+        (gauge("ok") == Some(2.0) && gauge("missing") == Some(0.0) && gauge("pending") == Some(0.0))
+            .then_some(())
+    })
+    .await;
+    assert!(
+        settled.is_some(),
+        "{}",
+        futures_executor_get(&bridge)
+            .lines()
+            .filter(|l| l.contains("reconcile"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    // Two more runs: nothing doubles.
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    let rows: Vec<_> = lago
+        .stored_events()
+        .into_iter()
+        .filter(|r| r.transaction_id == direct_id)
+        .collect();
+    assert_eq!(rows.len(), 1, "exactly once: {rows:?}");
+    assert_eq!(rows[0].properties["origin"], "reconcile");
+    assert_eq!(rows[0].properties["value"], "2.25");
+    assert_eq!(
+        lago.stored_events()
+            .iter()
+            .filter(|r| r.transaction_id == through.to_string())
+            .count(),
+        1
+    );
 }

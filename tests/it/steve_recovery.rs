@@ -377,3 +377,338 @@ async fn check_config_refuses_basic_auth_and_the_legacy_key_together() {
         "{said}"
     );
 }
+
+/// The recovery task as the daemon runs it (`recovery::run`, driven through the writer's own
+/// channel types) against the SteVe stand-in: a session asked twice is asked of SteVe once (the
+/// answer cache), and however many sessions are queued at once, SteVe never sees more than
+/// `steve.max_requests_per_second` requests within a second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recovery_asks_steve_once_per_session_and_never_above_its_rate() {
+    use ocpp_lago_bridge::billing::writer::Command;
+    use ocpp_lago_bridge::ledger::SessionKey;
+    use ocpp_lago_bridge::start_lookup::{self, Lookup};
+
+    const RATE: u32 = 4;
+    const SESSIONS: i64 = 14;
+    let steve = SteveRest::start(basic(), None).await;
+    steve.register(transaction_42());
+    let client = ocpp_lago_bridge::steve::SteveClient::new(
+        &steve.url().parse().unwrap(),
+        ocpp_lago_bridge::steve::SteveAuth::Basic {
+            user: USER.into(),
+            password: ocpp_lago_bridge::lago::ApiKey::new(PASSWORD),
+        },
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    let (handle, lookups) = start_lookup::channel();
+    let (writer, mut commands) = tokio::sync::mpsc::channel::<Command>(64);
+    let task = tokio::spawn(ocpp_lago_bridge::recovery::run(
+        client,
+        ocpp_lago_bridge::recovery::RecoverySettings {
+            max_concurrent_requests: 8,
+            recovery_timeout: Duration::from_secs(20),
+        },
+        ocpp_lago_bridge::steve::rate_limiter(RATE),
+        lookups,
+        writer.downgrade(),
+    ));
+    let lookup = |charge_box_id: &str, ocpp_transaction_id: i64| Lookup {
+        key: SessionKey {
+            charge_box_id: charge_box_id.into(),
+            ocpp_transaction_id,
+        },
+        received_at: 1_767_265_200,
+    };
+
+    // The same session twice, the second after the first was answered: SteVe is asked once.
+    for _ in 0..2 {
+        assert!(handle.request(lookup("CP-REC", 42)));
+        let answer = within(Duration::from_secs(5), "recovery answer", commands.recv())
+            .await
+            .expect("an answer");
+        let Command::RecoveredStart(start) = answer else {
+            panic!("SteVe knows transaction 42: {answer:?}");
+        };
+        assert_eq!(start.charge_box_id, "CP-REC");
+    }
+    assert_eq!(
+        steve.requests().len(),
+        1,
+        "the second lookup is answered from the cache: {:?}",
+        steve.requests()
+    );
+
+    // Many sessions at once (more than the concurrency allows): paced at the rate.
+    for tx in 0..SESSIONS {
+        assert!(handle.request(lookup("CP-RATE", 1_000 + tx)));
+    }
+    for _ in 0..SESSIONS {
+        let answer = within(Duration::from_secs(15), "recovery answers", commands.recv())
+            .await
+            .expect("an answer");
+        assert!(
+            matches!(answer, Command::StartUnknown { .. }),
+            "SteVe does not know them: {answer:?}"
+        );
+    }
+    let requests = steve.requests();
+    assert_eq!(requests.len(), 1 + SESSIONS as usize, "{requests:?}");
+    // 950 ms rather than 1 s: a request that arrives a few ms late must not count twice.
+    let busiest = steve.max_requests_within(Duration::from_millis(950));
+    println!("recovery: {SESSIONS} lookups at {RATE}/s, busiest second at SteVe: {busiest}");
+    assert!(
+        busiest <= RATE as usize,
+        "SteVe saw {busiest} requests within a second; the limit is {RATE}"
+    );
+    drop(handle);
+    within(Duration::from_secs(5), "recovery task ends", task)
+        .await
+        .unwrap();
+}
+
+/// The daemon has two users of SteVe's REST API, start recovery and the periodic reconcile;
+/// both running at once, SteVe still sees no more than `steve.max_requests_per_second` within
+/// any second (each had its own limiter before, so together they reached twice the rate).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recovery_and_the_periodic_reconcile_share_one_steve_rate_limit() {
+    use crate::support::e2e::{self, key_file, lago_toml};
+    use crate::support::lago::StoreMode;
+
+    const RATE: usize = 4;
+    const GHOSTS: i64 = 12;
+    const STOPS: i64 = 12;
+    let steve = SteveRest::start(basic(), None).await;
+    let lago = e2e::stand_in(StoreMode::Postgres, &["TAG-GHOST"]).await;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    // One session SteVe knows under the subscription, so the audit lists its events; and
+    // events of sessions SteVe never had: every reconcile run asks SteVe about each by id.
+    let at = |unix: i64| ocpp_lago_bridge::steve::steve_timestamp(unix).unwrap();
+    steve.register(SteveTransaction {
+        id: 77,
+        charge_box_id: "CPREAL".into(),
+        connector_id: 1,
+        id_tag: "TAG-GHOST".into(),
+        start_value_wh: 0,
+        start_timestamp: at(now - 7200),
+        stop_value_wh: Some(1_000),
+        stop_timestamp: Some(at(now - 3600)),
+    });
+    for i in 0..GHOSTS {
+        lago.seed(serde_json::json!({
+            "transaction_id": format!("ghost-{i}"),
+            "external_subscription_id": "TAG-GHOST",
+            "code": e2e::METRIC,
+            "timestamp": now - 3600,
+            "properties": {"value": "1", "charge_box_id": "CPGHOST", "ocpp_transaction_id": (900_000 + i).to_string()},
+        }));
+    }
+    let recorder = echo_recorder().await;
+    let dir = tempfile::tempdir().unwrap();
+    let key = key_file(&lago, dir.path());
+    let bridge = bridge_with_basic_auth(
+        &recorder,
+        &steve,
+        dir.path(),
+        PASSWORD,
+        &format!(
+            "max_requests_per_second = {RATE}\nmax_concurrent_requests = 8\n\n{}\n\
+             [reconcile]\ninterval = \"1s\"\nlookback = \"3h\"\n",
+            lago_toml(&lago, Some(&key), "session")
+        ),
+    )
+    .await;
+    let asked = |name: &str| {
+        steve
+            .requests()
+            .into_iter()
+            .filter(|r| r.target.contains(&format!("chargeBoxId={name}")))
+            .map(|r| r.arrived)
+            .collect::<Vec<_>>()
+    };
+    let auditing = poll_until(Duration::from_secs(20), || {
+        (asked("CPGHOST").len() >= 2).then_some(())
+    })
+    .await;
+    assert!(
+        auditing.is_some(),
+        "the periodic reconcile asks SteVe about the ghosts: {:?}\n{}",
+        steve.requests(),
+        bridge.stderr()
+    );
+
+    // Stops of sessions the bridge never saw start: each is a recovery lookup.
+    let (mut charger, _) = ws::connect(&bridge.charger_url("CPCUT"), &["ocpp1.6"], None)
+        .await
+        .expect("charger connects");
+    for tx in 0..STOPS {
+        stop(&mut charger, &format!("s{tx}"), 5_000 + tx, 1_000).await;
+    }
+    let recovered = poll_until(Duration::from_secs(30), || {
+        (asked("CPCUT").len() >= STOPS as usize).then_some(())
+    })
+    .await;
+    assert!(recovered.is_some(), "{:?}", steve.requests());
+    let recovery = asked("CPCUT");
+    let (first, last) = (
+        *recovery.iter().min().unwrap(),
+        *recovery.iter().max().unwrap(),
+    );
+    let audit_meanwhile = asked("CPGHOST")
+        .into_iter()
+        .filter(|at| *at >= first && *at <= last)
+        .count();
+    assert!(
+        audit_meanwhile >= 2,
+        "both users must be asking at once for this test to mean anything: {audit_meanwhile}"
+    );
+    let busiest = steve.max_requests_within(Duration::from_millis(950));
+    println!(
+        "SteVe: {} recovery and {audit_meanwhile} reconcile requests interleaved over {:?}; busiest second: {busiest} (limit {RATE})",
+        recovery.len(),
+        last - first
+    );
+    assert!(
+        busiest <= RATE,
+        "SteVe saw {busiest} requests within a second; steve.max_requests_per_second = {RATE}"
+    );
+}
+
+/// `[steve] api_user` with the password from the environment (`STEVE_API_PASSWORD`, no
+/// `api_password_file`): HTTP Basic with it, the Stop billed from SteVe's record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_steve_api_password_may_come_from_the_environment() {
+    let steve = SteveRest::start(basic(), None).await;
+    steve.register(transaction_42());
+    let recorder = echo_recorder().await;
+    let bridge = Bridge::start_opts(
+        &recorder.url_base(),
+        BridgeOptions {
+            extra_toml: format!(
+                "[steve]\napi_url = \"{}\"\napi_user = \"{USER}\"\n",
+                steve.url()
+            ),
+            env: vec![("STEVE_API_PASSWORD".into(), PASSWORD.into())],
+            ..BridgeOptions::default()
+        },
+    )
+    .await;
+    let (mut charger, _) = ws::connect(&bridge.charger_url("CP-REC"), &["ocpp1.6"], None)
+        .await
+        .expect("charger connects");
+    stop(&mut charger, "s1", 42, 4200).await;
+    let spool = bridge.spool_path().to_path_buf();
+    let settled = poll_until(Duration::from_secs(10), || {
+        (spool_counts(&spool).pending == 1).then_some(())
+    })
+    .await;
+    assert!(
+        settled.is_some(),
+        "spool: {:?}; SteVe saw {:?}; stderr:\n{}",
+        spool_counts(&spool),
+        steve.requests(),
+        bridge.stderr()
+    );
+    assert_billed_from_steve(&outbox_events(&spool)[0]);
+    let requests = steve.requests();
+    assert!(
+        !requests.is_empty() && requests.iter().all(|r| r.authorized),
+        "{requests:?}"
+    );
+    assert!(!bridge.stderr().contains(PASSWORD), "never logged");
+}
+
+/// `check-config --online` probes SteVe's REST API with the configured credentials: accepted
+/// with the right password (here from `STEVE_API_PASSWORD`), named as refused with a wrong one
+/// (from `api_password_file`), and the password is never printed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_config_online_probes_steve_rest_credentials() {
+    use crate::support::bridge::BRIDGE_BIN;
+    use crate::support::lago::{LagoStandIn, MetricDef, StandInConfig};
+
+    let steve = SteveRest::start(basic(), None).await;
+    let lago = LagoStandIn::start(StandInConfig {
+        metrics: vec![MetricDef::sum_of_value("kwh")],
+        ..StandInConfig::default()
+    })
+    .await;
+    let recorder = echo_recorder().await;
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("lago-api-key");
+    std::fs::write(&key, lago.api_key()).unwrap();
+    let wrong_file = dir.path().join("steve-password");
+    std::fs::write(&wrong_file, "wrong:pass-9x").unwrap();
+    let config_text = |password_file: Option<&Path>| {
+        format!(
+            "[proxy]\nupstream_url = \"{}\"\n[lago]\napi_url = \"{}\"\napi_key_file = \"{}\"\n\
+             metric_code = \"kwh\"\n[spool]\npath = \"{}/spool.db\"\n\
+             [steve]\napi_url = \"{}\"\napi_user = \"{USER}\"\n{}",
+            recorder.url_base(),
+            lago.url(),
+            key.display(),
+            dir.path().display(),
+            steve.url(),
+            password_file.map_or(String::new(), |f| format!(
+                "api_password_file = \"{}\"\n",
+                f.display()
+            )),
+        )
+    };
+    let probe = |name: &str, text: String, env: Option<&str>| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        let mut command = tokio::process::Command::new(BRIDGE_BIN);
+        command
+            .args(["check-config", "--online", "--config"])
+            .arg(path)
+            .env_remove("STEVE_API_PASSWORD")
+            .env_remove("STEVE_API_KEY")
+            .kill_on_drop(true);
+        if let Some(password) = env {
+            command.env("STEVE_API_PASSWORD", password);
+        }
+        async move {
+            let out = within(
+                Duration::from_secs(30),
+                "check-config --online",
+                command.output(),
+            )
+            .await
+            .expect("run check-config");
+            (
+                out.status.code(),
+                format!(
+                    "{}{}",
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                ),
+            )
+        }
+    };
+
+    let (code, said) = probe("good.toml", config_text(None), Some(PASSWORD)).await;
+    println!("check-config --online, right password:\n{said}");
+    assert!(
+        said.contains("ok: SteVe REST") && said.contains("accepted the credentials"),
+        "{said}"
+    );
+    assert_eq!(code, Some(0), "{said}");
+    assert!(!said.contains(PASSWORD), "{said}");
+
+    let (code, said) = probe("wrong.toml", config_text(Some(&wrong_file)), None).await;
+    println!("check-config --online, wrong password:\n{said}");
+    assert!(
+        said.contains("SteVe REST") && said.contains("refused the credentials (HTTP 401)"),
+        "{said}"
+    );
+    assert_ne!(code, Some(0), "{said}");
+    assert!(!said.contains("wrong:pass"), "{said}");
+    let statuses: Vec<u16> = steve.requests().iter().map(|r| r.status).collect();
+    assert!(
+        statuses.contains(&401) && statuses.iter().any(|s| *s != 401),
+        "SteVe saw the right and the wrong credentials: {statuses:?}"
+    );
+}

@@ -52,6 +52,8 @@ pub struct SeenRequest {
     pub authorized: bool,
     /// The status answered.
     pub status: u16,
+    /// When it arrived (before any delay): what a rate limit is measured on.
+    pub arrived: std::time::Instant,
 }
 
 struct State {
@@ -144,10 +146,37 @@ impl SteveRest {
         lock(&self.state).max_in_flight
     }
 
+    /// The most requests that arrived in any `window` (a sliding window over arrival times).
+    pub fn max_requests_within(&self, window: Duration) -> usize {
+        max_within(
+            &lock(&self.state)
+                .seen
+                .iter()
+                .map(|r| r.arrived)
+                .collect::<Vec<_>>(),
+            window,
+        )
+    }
+
     /// The requests seen so far.
     pub fn requests(&self) -> Vec<SeenRequest> {
         lock(&self.state).seen.clone()
     }
+}
+
+/// The most of `arrivals` that lie within any half-open `window` `[t, t + window)`.
+pub fn max_within(arrivals: &[std::time::Instant], window: Duration) -> usize {
+    let mut sorted = arrivals.to_vec();
+    sorted.sort();
+    let mut best = 0;
+    let mut first = 0;
+    for last in 0..sorted.len() {
+        while sorted[last].duration_since(sorted[first]) >= window {
+            first += 1;
+        }
+        best = best.max(last + 1 - first);
+    }
+    best
 }
 
 /// SteVe's transactions: the registered ones and those in the central peer's log.
@@ -290,14 +319,19 @@ fn decode(component: &str) -> String {
 }
 
 async fn serve(mut stream: TcpStream, state: Arc<Mutex<State>>) {
+    let mut arrived = None;
     let mut head = Vec::new();
     let mut buf = [0u8; 4096];
     while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 65_536 {
         match tokio::time::timeout(Duration::from_secs(10), stream.read(&mut buf)).await {
             Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return,
-            Ok(Ok(n)) => head.extend_from_slice(&buf[..n]),
+            Ok(Ok(n)) => {
+                arrived.get_or_insert_with(std::time::Instant::now);
+                head.extend_from_slice(&buf[..n]);
+            }
         }
     }
+    let arrived = arrived.unwrap_or_else(std::time::Instant::now);
     let text = String::from_utf8_lossy(&head).into_owned();
     let mut lines = text.split("\r\n");
     let request_line = lines.next().unwrap_or("");
@@ -359,6 +393,7 @@ async fn serve(mut stream: TcpStream, state: Arc<Mutex<State>>) {
         target: target.clone(),
         authorized: ok_auth,
         status,
+        arrived,
     });
     let reason = match status {
         200 => "OK",
