@@ -83,10 +83,19 @@ async fn read_only_commands_work_beside_the_daemon_and_its_requeued_row_reaches_
         .await
         .unwrap_or_else(|| panic!("rq-1 never delivered:\n{}", bridge.stderr()));
 
-    // Read-only commands on the running daemon's spool.
-    let stats = cli(bridge.config_path(), &["spool", "stats", "--json"]).await;
-    assert!(stats.status.success(), "stats: {}", text(&stats.stderr));
-    let stats: serde_json::Value = serde_json::from_str(text(&stats.stdout).trim()).unwrap();
+    // Read-only commands on the running daemon's spool. Lago holds the event a moment before
+    // the shipper's settlement commits, so `stats` is read until it shows the delivery.
+    let read_stats = || async {
+        let stats = cli(bridge.config_path(), &["spool", "stats", "--json"]).await;
+        assert!(stats.status.success(), "stats: {}", text(&stats.stderr));
+        serde_json::from_str::<serde_json::Value>(text(&stats.stdout).trim()).unwrap()
+    };
+    let mut stats = read_stats().await;
+    let settled_by = Instant::now() + Duration::from_secs(10);
+    while stats["delivered_events"] != 1 && Instant::now() < settled_by {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        stats = read_stats().await;
+    }
     assert_eq!(stats["delivered_events"], 1, "{stats}");
     assert_eq!(stats["dead_letters"], 1, "{stats}");
     let letters = cli(bridge.config_path(), &["spool", "dead-letters"]).await;
