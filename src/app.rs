@@ -500,6 +500,7 @@ async fn start_pipeline(
             retry_max_delay: config.lago.retry_max_delay,
             max_pending_age: config.lago.max_pending_age,
             shared_limiter: Some(lago_limiter.clone()),
+            supervisor: supervisor.clone(),
         };
         tokio::spawn(supervisor.watch(
             "shipper",

@@ -67,7 +67,15 @@ pub struct ShipperSettings {
     /// The limiter to share with other Lago callers of the daemon (the periodic reconcile),
     /// so the bridge as a whole stays under `max_requests_per_second`; `None`: its own.
     pub shared_limiter: Option<Arc<DefaultDirectRateLimiter>>,
+    /// Watches the shipper's helper tasks ([`TASK_LOOKUPS`], [`TASK_BACKLOG`]).
+    pub supervisor: crate::supervise::Supervisor,
 }
+
+/// The supervised task name of the subscription and metric lookups (`/healthz`, logs,
+/// `task_failures_total{task}`, `OCPP_LAGO_BRIDGE_TEST_PANIC`).
+pub const TASK_LOOKUPS: &str = "shipper_lookups";
+/// The supervised task name of the backlog gauges and `max_pending_age` check.
+pub const TASK_BACKLOG: &str = "shipper_backlog";
 
 /// Where events go.
 pub enum Destination {
@@ -265,20 +273,29 @@ pub async fn run(
     });
     let stop_helpers = shutdown.child_token();
     let _stop_helpers_on_return = stop_helpers.clone().drop_guard();
+    // Supervised like the shipper itself: without the lookups no unchecked subscription ever
+    // clears (billing stops silently), without the backlog watch the pending-age readiness
+    // freezes. Either ending or panicking fails the daemon, naming it (issue 12 item 1).
     if let Destination::Lago(client) = &destination {
-        tokio::spawn(lookups::run(
-            client.clone(),
-            shared.clone(),
-            settings.metric_code.clone(),
-            settings.retry_max_delay,
-            stop_helpers.clone(),
+        tokio::spawn(settings.supervisor.watch(
+            TASK_LOOKUPS,
+            lookups::run(
+                client.clone(),
+                shared.clone(),
+                settings.metric_code.clone(),
+                settings.retry_max_delay,
+                stop_helpers.clone(),
+            ),
         ));
     }
-    tokio::spawn(watch_backlog(
-        spool.path.clone(),
-        shared.clone(),
-        settings.max_pending_age,
-        stop_helpers.clone(),
+    tokio::spawn(settings.supervisor.watch(
+        TASK_BACKLOG,
+        watch_backlog(
+            spool.path.clone(),
+            shared.clone(),
+            settings.max_pending_age,
+            stop_helpers.clone(),
+        ),
     ));
     let mut shipper = Shipper {
         reader: Some(reader),
