@@ -613,7 +613,7 @@ impl Shipper {
                 let delay = self.failed();
                 let updates = retry_rows(&rows, now_ms(), self.settings.retry_max_delay, delay);
                 let next_batch = updates.first().and_then(|(_, s)| s.max_batch).unwrap_or(1);
-                tracing::warn!(%cause, events = rows.len(), retry_in = ?delay, next_batch, "Lago did not take the batch; its events go again in smaller batches");
+                tracing::warn!(%cause, events = rows.len(), retry_in = %humantime::format_duration(delay), next_batch, "Lago did not take the batch; its events go again in smaller batches");
                 self.settle(lease, retried(updates, &cause));
                 Step::Wait(delay)
             }
@@ -625,7 +625,7 @@ impl Shipper {
             }
             Decision::Pause { pause } => {
                 metrics::counter!("ocpp_lago_bridge_lago_retries_total").increment(1);
-                tracing::warn!(pause = ?pause, "Lago rate limit: the shipper pauses");
+                tracing::warn!(pause = %humantime::format_duration(pause), "Lago rate limit: the shipper pauses");
                 Step::Wait(pause)
             }
             Decision::PauseUntilOperator { cause } => {
@@ -828,11 +828,15 @@ fn dead_letter(row: &OutboxRow, reason: &str, detail: &str) -> (i64, Outcome) {
 }
 
 fn raise(alarm: &Alarm) {
-    let kind = match alarm {
-        Alarm::AcceptedUnparseable { .. } => "accepted_unparseable",
-        Alarm::TooManyEvents { .. } => "too_many_events",
-        Alarm::UnattributedRejection { .. } => "unattributed_rejection",
+    // What happened in words for the log line (no Rust debug text in messages for people).
+    let (kind, detail) = match alarm {
+        Alarm::AcceptedUnparseable { detail } => ("accepted_unparseable", detail.clone()),
+        Alarm::TooManyEvents { refused_len } => (
+            "too_many_events",
+            format!("Lago refused a batch of {refused_len} events as too many"),
+        ),
+        Alarm::UnattributedRejection { detail } => ("unattributed_rejection", detail.clone()),
     };
     metrics::counter!("ocpp_lago_bridge_lago_alarms_total", "kind" => kind).increment(1);
-    tracing::error!(kind, alarm = ?alarm, "Lago answered outside its contract: check the Lago version, a proxy in front of it and lago.batch_max_events");
+    tracing::error!(kind, %detail, "Lago answered outside its contract: check the Lago version, a proxy in front of it and lago.batch_max_events");
 }
