@@ -974,6 +974,87 @@ fn tenths_of_wh_then_a_truncated_meter_stop() {
     }
 }
 
+/// One incremental session through the real tap: meterStart 1000 Wh, the `(value, unit)`
+/// readings ten minutes apart, then the Stop with `meter_stop`. Events and anomalies.
+fn incremental_session(
+    readings: &[(&str, &str)],
+    meter_stop: &str,
+) -> (Vec<LagoEvent>, Vec<Anomaly>) {
+    let r = rules(BillingMode::Incremental);
+    let [s1, s2] = start_frames("a", 1, "TAG", "1000", &iso(T0), 9);
+    let mut frames = vec![(true, s1, T0), (false, s2, T0)];
+    for (i, (value, unit)) in readings.iter().enumerate() {
+        let id = format!("m{i}");
+        let at = T0 + 600 * (i as i64 + 1);
+        frames.push((true, mv_frame(&id, 9, value, unit, &iso(at)), at));
+        frames.push((false, format!(r#"[3,"{id}",{{}}]"#), at));
+    }
+    let at = T0 + 600 * (readings.len() as i64 + 1);
+    frames.push((true, stop_frame("b", 9, meter_stop, &iso(at), ""), at));
+    frames.push((false, accepted("b"), at));
+    let borrowed: Vec<Frame<'_>> = frames
+        .iter()
+        .map(|(c, t, at)| (*c, t.as_str(), *at))
+        .collect();
+    apply_all(&through_tap("CB", &borrowed), &r)
+}
+
+/// Issue 12 item 6: in incremental mode a meterStop below what the intermediate readings
+/// already billed is a `meter_went_backwards` dead letter; nothing negative is billed to
+/// "correct" it, and the sum billed never exceeds what the meter read.
+#[test]
+fn incremental_meter_stop_below_what_readings_billed_is_a_dead_letter_never_a_negative_delta() {
+    // 3.5 kWh bills up to 3400 Wh, 5.7 kWh up to 5600 Wh (each less its 100 Wh resolution);
+    // the Stop then says 4000 Wh.
+    let (events, anomalies) = incremental_session(&[("3.5", "kWh"), ("5.7", "kWh")], "4000");
+    assert_eq!(anomaly_reasons(&anomalies), vec!["meter_went_backwards"]);
+    let detail = &anomalies[0].detail;
+    assert!(
+        detail.contains("meterStop 4000 Wh") && detail.contains("5600"),
+        "{detail}"
+    );
+    assert_eq!(anomalies[0].ocpp_transaction_id, 9);
+    let values: Vec<_> = events.iter().map(|e| e.properties.value.as_str()).collect();
+    assert_eq!(values, vec!["2.4", "2.2"], "nothing billed at the Stop");
+    for e in &events {
+        assert!(!e.properties.value.starts_with('-'), "{e:?}");
+    }
+    // The highest register read is 5.7 kWh, at most 4.7 kWh after meterStart.
+    let billed = total_kwh(&events);
+    assert_eq!(billed, d("4.6"));
+    assert!(billed <= d("4.7"));
+
+    // One Wh below what was billed is below it too: the dead letter, not a -0.001 delta.
+    let (events, anomalies) = incremental_session(&[("5601", "Wh")], "5599");
+    assert_eq!(anomaly_reasons(&anomalies), vec!["meter_went_backwards"]);
+    assert_eq!(total_kwh(&events), d("4.6"));
+    assert!(events.iter().all(|e| !e.properties.value.starts_with('-')));
+}
+
+/// Issue 12 item 6: a reading within its resolution of the previous one, or a meterStop within
+/// it of the last reading, is no anomaly; the Stop bills the exact rest.
+#[test]
+fn incremental_readings_within_their_resolution_raise_no_anomaly() {
+    // 5.7 kWh (billed to 5600), then 5.6 kWh later: within 100 Wh of it, a rounding, not a
+    // meter going backwards. Then 5599.5 Wh (resolution taken as 1 Wh): within 1 Wh of the
+    // 5600 billed. meterStop 5650 is within 100 Wh of the 5.7 kWh reading.
+    let (events, anomalies) =
+        incremental_session(&[("5.7", "kWh"), ("5.6", "kWh"), ("5599.5", "Wh")], "5650");
+    assert_eq!(anomalies, vec![]);
+    let values: Vec<_> = events.iter().map(|e| e.properties.value.as_str()).collect();
+    assert_eq!(values, vec!["4.6", "0.05"]);
+    assert_eq!(
+        total_kwh(&events),
+        d("4.65"),
+        "exactly (5650 - 1000) / 1000"
+    );
+
+    // A meterStop equal to what was billed: nothing more, no anomaly.
+    let (events, anomalies) = incremental_session(&[("5601", "Wh")], "5600");
+    assert_eq!(anomalies, vec![]);
+    assert_eq!(total_kwh(&events), d("4.6"));
+}
+
 /// Issue 12: `04a1b2c3d4` did not match `04A1B2C3D4` in the subscription map.
 #[test]
 fn id_tags_are_case_insensitive() {
