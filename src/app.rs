@@ -238,7 +238,7 @@ async fn exit_on_failure(
     let (_, wound_down) = tokio::join!(linger, tokio::time::timeout(FAILURE_EXIT_LIMIT, wind_down));
     if wound_down.is_err() {
         tracing::error!(
-            limit = ?FAILURE_EXIT_LIMIT,
+            limit = %humantime::format_duration(FAILURE_EXIT_LIMIT),
             "exiting without a full wind-down after a task failed; chargers resend what was not acknowledged"
         );
     }
@@ -504,6 +504,7 @@ async fn start_pipeline(
             retry_max_delay: config.lago.retry_max_delay,
             max_pending_age: config.lago.max_pending_age,
             shared_limiter: Some(lago_limiter.clone()),
+            supervisor: supervisor.clone(),
         };
         tokio::spawn(supervisor.watch(
             "shipper",

@@ -7,6 +7,9 @@
 //! (`Restart=on-failure`) starts a fresh process. The daemon never goes on relaying with a dead
 //! billing stage behind it: every later billing record would be lost while the probes said 200.
 //!
+//! The names in use: `spool_writer`, `shipper`, `shipper_lookups`, `shipper_backlog`,
+//! `proxy_accept`, `admin_listener`, `steve_recovery`, `reconcile`.
+//!
 //! Registering a task is one line: wrap its future in [`Supervisor::watch`] where it is spawned,
 //! `tokio::spawn(supervisor.watch("steve_recovery", recovery.run()))`.
 //!

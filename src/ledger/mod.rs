@@ -864,8 +864,14 @@ impl Ledger {
                 AnomalyReason::OpenSessionEvicted,
                 format!(
                     "more than {MAX_OPEN_PER_CHARGE_BOX} open sessions; dropped the oldest \
-                     (meterStart {} Wh, billed up to {} Wh, mode {:?}); its Stop will read as missing_start",
-                    s.meter_start_wh, s.last_billed_wh, rules.mode
+                     (meterStart {} Wh, billed up to {} Wh, mode {}); its Stop will read as missing_start",
+                    s.meter_start_wh,
+                    s.last_billed_wh,
+                    // The config word, not Rust's `Incremental`.
+                    match rules.mode {
+                        BillingMode::Session => "session",
+                        BillingMode::Incremental => "incremental",
+                    }
                 ),
             ));
             out.touched.retain(|k| *k != key);

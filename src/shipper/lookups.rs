@@ -255,7 +255,7 @@ impl Shared {
                 let wait = backoff(retry_max_delay, failures);
                 metrics::counter!("ocpp_lago_bridge_lago_lookup_failures_total", "kind" => "subscription")
                     .increment(1);
-                tracing::warn!(external_subscription_id = %subscription, %error, retry_in = ?wait, "could not check a subscription; its events wait, the others go");
+                tracing::warn!(external_subscription_id = %subscription, %error, retry_in = %humantime::format_duration(wait), "could not check a subscription; its events wait, the others go");
                 if let LagoError::WrongUrl { .. } = error {
                     self.misconfigured(error.to_string());
                 }

@@ -67,7 +67,15 @@ pub struct ShipperSettings {
     /// The limiter to share with other Lago callers of the daemon (the periodic reconcile),
     /// so the bridge as a whole stays under `max_requests_per_second`; `None`: its own.
     pub shared_limiter: Option<Arc<DefaultDirectRateLimiter>>,
+    /// Watches the shipper's helper tasks ([`TASK_LOOKUPS`], [`TASK_BACKLOG`]).
+    pub supervisor: crate::supervise::Supervisor,
 }
+
+/// The supervised task name of the subscription and metric lookups (`/healthz`, logs,
+/// `task_failures_total{task}`, `OCPP_LAGO_BRIDGE_TEST_PANIC`).
+pub const TASK_LOOKUPS: &str = "shipper_lookups";
+/// The supervised task name of the backlog gauges and `max_pending_age` check.
+pub const TASK_BACKLOG: &str = "shipper_backlog";
 
 /// Where events go.
 pub enum Destination {
@@ -265,20 +273,29 @@ pub async fn run(
     });
     let stop_helpers = shutdown.child_token();
     let _stop_helpers_on_return = stop_helpers.clone().drop_guard();
+    // Supervised like the shipper itself: without the lookups no unchecked subscription ever
+    // clears (billing stops silently), without the backlog watch the pending-age readiness
+    // freezes. Either ending or panicking fails the daemon, naming it (issue 12 item 1).
     if let Destination::Lago(client) = &destination {
-        tokio::spawn(lookups::run(
-            client.clone(),
-            shared.clone(),
-            settings.metric_code.clone(),
-            settings.retry_max_delay,
-            stop_helpers.clone(),
+        tokio::spawn(settings.supervisor.watch(
+            TASK_LOOKUPS,
+            lookups::run(
+                client.clone(),
+                shared.clone(),
+                settings.metric_code.clone(),
+                settings.retry_max_delay,
+                stop_helpers.clone(),
+            ),
         ));
     }
-    tokio::spawn(watch_backlog(
-        spool.path.clone(),
-        shared.clone(),
-        settings.max_pending_age,
-        stop_helpers.clone(),
+    tokio::spawn(settings.supervisor.watch(
+        TASK_BACKLOG,
+        watch_backlog(
+            spool.path.clone(),
+            shared.clone(),
+            settings.max_pending_age,
+            stop_helpers.clone(),
+        ),
     ));
     let mut shipper = Shipper {
         reader: Some(reader),
@@ -596,7 +613,7 @@ impl Shipper {
                 let delay = self.failed();
                 let updates = retry_rows(&rows, now_ms(), self.settings.retry_max_delay, delay);
                 let next_batch = updates.first().and_then(|(_, s)| s.max_batch).unwrap_or(1);
-                tracing::warn!(%cause, events = rows.len(), retry_in = ?delay, next_batch, "Lago did not take the batch; its events go again in smaller batches");
+                tracing::warn!(%cause, events = rows.len(), retry_in = %humantime::format_duration(delay), next_batch, "Lago did not take the batch; its events go again in smaller batches");
                 self.settle(lease, retried(updates, &cause));
                 Step::Wait(delay)
             }
@@ -608,7 +625,7 @@ impl Shipper {
             }
             Decision::Pause { pause } => {
                 metrics::counter!("ocpp_lago_bridge_lago_retries_total").increment(1);
-                tracing::warn!(pause = ?pause, "Lago rate limit: the shipper pauses");
+                tracing::warn!(pause = %humantime::format_duration(pause), "Lago rate limit: the shipper pauses");
                 Step::Wait(pause)
             }
             Decision::PauseUntilOperator { cause } => {
@@ -811,11 +828,15 @@ fn dead_letter(row: &OutboxRow, reason: &str, detail: &str) -> (i64, Outcome) {
 }
 
 fn raise(alarm: &Alarm) {
-    let kind = match alarm {
-        Alarm::AcceptedUnparseable { .. } => "accepted_unparseable",
-        Alarm::TooManyEvents { .. } => "too_many_events",
-        Alarm::UnattributedRejection { .. } => "unattributed_rejection",
+    // What happened in words for the log line (no Rust debug text in messages for people).
+    let (kind, detail) = match alarm {
+        Alarm::AcceptedUnparseable { detail } => ("accepted_unparseable", detail.clone()),
+        Alarm::TooManyEvents { refused_len } => (
+            "too_many_events",
+            format!("Lago refused a batch of {refused_len} events as too many"),
+        ),
+        Alarm::UnattributedRejection { detail } => ("unattributed_rejection", detail.clone()),
     };
     metrics::counter!("ocpp_lago_bridge_lago_alarms_total", "kind" => kind).increment(1);
-    tracing::error!(kind, alarm = ?alarm, "Lago answered outside its contract: check the Lago version, a proxy in front of it and lago.batch_max_events");
+    tracing::error!(kind, %detail, "Lago answered outside its contract: check the Lago version, a proxy in front of it and lago.batch_max_events");
 }

@@ -49,7 +49,11 @@ pub enum ChargerError {
     Refused(u16),
     #[error("connecting failed: {0}")]
     Connect(tungstenite::Error),
-    #[error("negotiated subprotocol {got:?}, offered {offered:?}")]
+    // `got` in words: the quoted name, or "none" (never Rust's `Some(..)`/`None`).
+    #[error(
+        "negotiated subprotocol {}, offered {offered:?}",
+        .got.as_deref().map_or_else(|| "none".to_owned(), |got| format!("{got:?}"))
+    )]
     Subprotocol {
         got: Option<String>,
         offered: String,
@@ -439,6 +443,27 @@ fn call_error_fields(text: &str, payload_text: &str) -> Result<(String, String),
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Issue 17 item 2: the error read `negotiated subprotocol Some("ocpp2.0.1")`, or `None`.
+    #[test]
+    fn a_subprotocol_error_names_what_was_negotiated_in_words() {
+        let other = ChargerError::Subprotocol {
+            got: Some("ocpp2.0.1".into()),
+            offered: "ocpp1.6".into(),
+        };
+        assert_eq!(
+            other.to_string(),
+            r#"negotiated subprotocol "ocpp2.0.1", offered "ocpp1.6""#
+        );
+        let none = ChargerError::Subprotocol {
+            got: None,
+            offered: "ocpp1.6".into(),
+        };
+        assert_eq!(
+            none.to_string(),
+            r#"negotiated subprotocol none, offered "ocpp1.6""#
+        );
+    }
 
     #[test]
     fn message_ids_match_only_their_own_decimal_form() {

@@ -30,6 +30,11 @@ async fn healthz(bridge: &Bridge) -> Option<(u16, Value)> {
 /// Starts a bridge whose `task` panics [`PANIC_AFTER_MS`] after it starts, checks it is healthy
 /// before, then that `/healthz` and `/readyz` name the task and the process exits non-zero.
 async fn injected_panic_fails_the_bridge(task: &str, dry_run: bool) {
+    injected_panic_fails_the_bridge_with(task, dry_run, String::new()).await;
+}
+
+/// [`injected_panic_fails_the_bridge`] with `extra_toml` appended to the bridge's config.
+async fn injected_panic_fails_the_bridge_with(task: &str, dry_run: bool, extra_toml: String) {
     // A run-time check, so a release test build fails here rather than failing to compile.
     if !cfg!(debug_assertions) {
         panic!("the fault is injected only into debug builds: run the tests without --release");
@@ -41,6 +46,7 @@ async fn injected_panic_fails_the_bridge(task: &str, dry_run: bool) {
     );
     let options = BridgeOptions {
         dry_run,
+        extra_toml,
         env: vec![(
             "OCPP_LAGO_BRIDGE_TEST_PANIC".into(),
             format!("{task}@{PANIC_AFTER_MS}"),
@@ -132,6 +138,102 @@ async fn a_panicking_shipper_fails_healthz_and_the_process_exits_non_zero() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_panicking_accept_loop_fails_healthz_and_the_process_exits_non_zero() {
     injected_panic_fails_the_bridge("proxy_accept", false).await;
+}
+
+/// The subscription and metric lookups run only with a Lago to ship to: a stand-in knowing the
+/// metric, the key in a file. Before issue 12's audit this helper was a bare `tokio::spawn`:
+/// its panic went unnoticed and no unchecked subscription ever cleared.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_subscription_lookup_task_fails_healthz_and_the_process_exits_non_zero() {
+    let lago = crate::support::e2e::stand_in(
+        crate::support::lago::StoreMode::Postgres,
+        &["sub_supervised"],
+    )
+    .await;
+    let keys = tempfile::tempdir().expect("a directory for the key file");
+    let key_file = crate::support::e2e::key_file(&lago, keys.path());
+    let lago_toml = crate::support::e2e::lago_toml(&lago, Some(&key_file), "session");
+    injected_panic_fails_the_bridge_with("shipper_lookups", false, lago_toml).await;
+}
+
+/// The backlog gauges and the `max_pending_age` readiness check: a bare `tokio::spawn` before,
+/// so its end froze `/readyz` on its last verdict. It runs in a dry run too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_backlog_watch_fails_healthz_and_the_process_exits_non_zero() {
+    injected_panic_fails_the_bridge("shipper_backlog", true).await;
+}
+
+/// The admin listener is what answers `/healthz`: once it panicked nothing answers there (the
+/// port refuses, which a probe reads as failed), and the process exits non-zero, the ERROR line
+/// naming it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_admin_listener_stops_answering_and_the_process_exits_non_zero() {
+    if !cfg!(debug_assertions) {
+        panic!("the fault is injected only into debug builds: run the tests without --release");
+    }
+    let task = "admin_listener";
+    let upstream = format!(
+        "ws://{}/steve/websocket/CentralSystemService",
+        net::dead_addr()
+    );
+    let options = BridgeOptions {
+        env: vec![(
+            "OCPP_LAGO_BRIDGE_TEST_PANIC".into(),
+            format!("{task}@{PANIC_AFTER_MS}"),
+        )],
+        ..BridgeOptions::default()
+    };
+    let started = Instant::now();
+    let mut bridge = Bridge::start_opts(&upstream, options).await;
+    let (status, body) = healthz(&bridge).await.expect("the admin listener answers");
+    assert!(
+        started.elapsed() < Duration::from_millis(PANIC_AFTER_MS),
+        "the bridge took too long to start to see it healthy first"
+    );
+    assert_eq!(status, 200, "{body}");
+
+    // The process exits non-zero, promptly; from the panic on, /healthz gets no 200.
+    let panic_at = Duration::from_millis(PANIC_AFTER_MS);
+    let status = loop {
+        if let Some(status) = bridge.exited() {
+            break status;
+        }
+        if started.elapsed() > panic_at + Duration::from_millis(500)
+            && let Some((status, body)) = healthz(&bridge).await
+        {
+            assert_ne!(
+                status, 200,
+                "/healthz still 200 after the admin listener panicked: {body}"
+            );
+        }
+        assert!(
+            started.elapsed() < panic_at + EXIT_LIMIT,
+            "the bridge did not exit after {task} failed; stderr:\n{}",
+            bridge.stderr()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let exited = started.elapsed();
+    assert!(
+        exited >= panic_at,
+        "exited before the injected panic: {status}"
+    );
+    assert_eq!(status.code(), Some(1), "stderr:\n{}", bridge.stderr());
+    let stderr = bridge.stderr();
+    let error_line = stderr
+        .lines()
+        .find(|l| l.contains("a task billing depends on stopped"))
+        .unwrap_or_else(|| panic!("no ERROR line for the failed task:\n{stderr}"));
+    assert!(
+        error_line.contains("\"ERROR\"") && error_line.contains(task),
+        "{error_line}"
+    );
+    assert!(error_line.contains("fault injected"), "{error_line}");
+    eprintln!(
+        "{task}: panic at ~{PANIC_AFTER_MS} ms, exit {:?} at {} ms",
+        status.code(),
+        exited.as_millis()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
