@@ -144,7 +144,7 @@ impl Shared {
             if reason == "unauthorized" {
                 tracing::error!(charge_box_id = %key.charge_box_id, ocpp_transaction_id = key.ocpp_transaction_id, %error, "SteVe refuses the bridge's REST credentials: check steve.api_user and its API password (SteVe >= 3.8) or steve.api_key_file (older SteVe); retrying");
             } else {
-                tracing::warn!(charge_box_id = %key.charge_box_id, ocpp_transaction_id = key.ocpp_transaction_id, %error, retry_in = ?delay, "asking SteVe for a session start failed; retrying");
+                tracing::warn!(charge_box_id = %key.charge_box_id, ocpp_transaction_id = key.ocpp_transaction_id, %error, retry_in = %humantime::format_duration(delay), "asking SteVe for a session start failed; retrying");
             }
             tokio::time::sleep(delay).await;
         }
