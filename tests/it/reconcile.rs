@@ -12,7 +12,7 @@ use serde_json::{Value, json};
 use crate::support::bridge::{BRIDGE_BIN, Bridge, BridgeOptions};
 use crate::support::e2e::{self, key_file, lago_toml};
 use crate::support::http;
-use crate::support::lago::StoreMode;
+use crate::support::lago::{LagoStandIn, StoreMode};
 use crate::support::peers::{CentralOptions, CentralSystem, Implementation};
 use crate::support::steve::{SteveAuth, SteveRest, SteveTransaction};
 use crate::support::ws::RawCharger;
@@ -93,6 +93,53 @@ fn steve_toml(steve: &SteveRest, dir: &Path) -> String {
     )
 }
 
+fn basic_steve_auth() -> SteveAuth {
+    SteveAuth::Basic {
+        user: USER.into(),
+        password: PASSWORD.into(),
+    }
+}
+
+/// What a daemon test runs against: the Python central system, SteVe's REST stand-in reading
+/// its sessions from that central system's log, the Lago stand-in knowing `subscriptions`, and
+/// the bridge in session mode with both configured plus `more_toml`.
+/// Bound in the tests in this order (central first): locals drop in reverse, so the bridge
+/// goes first and its spool directory after it, as when each was a `let` of its own.
+struct Stack {
+    central: CentralSystem,
+    steve: SteveRest,
+    lago: LagoStandIn,
+    dir: tempfile::TempDir,
+    bridge: Bridge,
+}
+
+async fn stack(subscriptions: &[&str], more_toml: &str) -> Stack {
+    let central = CentralSystem::start(Implementation::Python, CentralOptions::default()).await;
+    let steve = SteveRest::start(basic_steve_auth(), Some(central.log_path())).await;
+    let lago = e2e::stand_in(StoreMode::Postgres, subscriptions).await;
+    let dir = tempfile::tempdir().unwrap();
+    let key = key_file(&lago, dir.path());
+    let bridge = Bridge::start_opts(
+        &central.url_base(),
+        BridgeOptions {
+            extra_toml: format!(
+                "{}\n{}\n{more_toml}",
+                lago_toml(&lago, Some(&key), "session"),
+                steve_toml(&steve, dir.path())
+            ),
+            ..BridgeOptions::default()
+        },
+    )
+    .await;
+    Stack {
+        central,
+        steve,
+        lago,
+        dir,
+        bridge,
+    }
+}
+
 struct Ran {
     code: i32,
     stdout: String,
@@ -146,32 +193,15 @@ fn status_of<'a>(by: &'a std::collections::BTreeMap<String, Value>, key: &str) -
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reconcile_classifies_every_session_and_backfill_bills_the_missing_exactly_once() {
-    let central = CentralSystem::start(Implementation::Python, CentralOptions::default()).await;
-    let steve = SteveRest::start(
-        SteveAuth::Basic {
-            user: USER.into(),
-            password: PASSWORD.into(),
-        },
-        Some(central.log_path()),
-    )
-    .await;
-    let lago = e2e::stand_in(
-        StoreMode::Postgres,
+    let Stack {
+        central,
+        steve,
+        lago,
+        dir: _dir,
+        bridge,
+    } = stack(
         &["TAG-OK", "TAG-DIRECT", "TAG-PEND", "TAG-GHOST"],
-    )
-    .await;
-    let dir = tempfile::tempdir().unwrap();
-    let key = key_file(&lago, dir.path());
-    let bridge = Bridge::start_opts(
-        &central.url_base(),
-        BridgeOptions {
-            extra_toml: format!(
-                "{}\n{}\n[reconcile]\ninterval = \"1s\"\nlookback = \"3h\"\n",
-                lago_toml(&lago, Some(&key), "session"),
-                steve_toml(&steve, dir.path())
-            ),
-            ..BridgeOptions::default()
-        },
+        "[reconcile]\ninterval = \"1s\"\nlookback = \"3h\"\n",
     )
     .await;
     let base = bridge.charger_base_url();
@@ -440,30 +470,13 @@ fn futures_executor_get(bridge: &Bridge) -> String {
 /// `reconcile --backfill` bills them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn records_lost_to_a_full_disk_and_a_restart_are_recovered_by_backfill() {
-    let central = CentralSystem::start(Implementation::Python, CentralOptions::default()).await;
-    let steve = SteveRest::start(
-        SteveAuth::Basic {
-            user: USER.into(),
-            password: PASSWORD.into(),
-        },
-        Some(central.log_path()),
-    )
-    .await;
-    let lago = e2e::stand_in(StoreMode::Postgres, &["TAG-LOSS"]).await;
-    let dir = tempfile::tempdir().unwrap();
-    let key = key_file(&lago, dir.path());
-    let mut bridge = Bridge::start_opts(
-        &central.url_base(),
-        BridgeOptions {
-            extra_toml: format!(
-                "{}\n{}",
-                lago_toml(&lago, Some(&key), "session"),
-                steve_toml(&steve, dir.path())
-            ),
-            ..BridgeOptions::default()
-        },
-    )
-    .await;
+    let Stack {
+        central: _central,
+        steve: _steve,
+        lago,
+        dir: _dir,
+        mut bridge,
+    } = stack(&["TAG-LOSS"], "").await;
     lago.go_down();
     let base = bridge.charger_base_url();
     let mut sessions = Vec::new();
@@ -641,14 +654,7 @@ fn steve_session(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reconcile_reads_every_page_reaches_back_for_long_sessions_and_waits_honestly() {
     const PAGED: i64 = 105;
-    let steve = SteveRest::start(
-        SteveAuth::Basic {
-            user: USER.into(),
-            password: PASSWORD.into(),
-        },
-        None,
-    )
-    .await;
+    let steve = SteveRest::start(basic_steve_auth(), None).await;
     let lago = e2e::stand_in(StoreMode::Postgres, &["TAG-PAGE"]).await;
     let t = now();
     // 105 sessions billed in Lago under one subscription: all ok only if page 2 is read.
@@ -788,28 +794,15 @@ async fn reconcile_reads_every_page_reaches_back_for_long_sessions_and_waits_hon
 /// later runs find it `ok` and the gauge says so.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_periodic_run_with_backfill_bills_a_session_only_steve_saw_exactly_once() {
-    let central = CentralSystem::start(Implementation::Python, CentralOptions::default()).await;
-    let steve = SteveRest::start(
-        SteveAuth::Basic {
-            user: USER.into(),
-            password: PASSWORD.into(),
-        },
-        Some(central.log_path()),
-    )
-    .await;
-    let lago = e2e::stand_in(StoreMode::Postgres, &["TAG-OK", "TAG-DIRECT"]).await;
-    let dir = tempfile::tempdir().unwrap();
-    let key = key_file(&lago, dir.path());
-    let bridge = Bridge::start_opts(
-        &central.url_base(),
-        BridgeOptions {
-            extra_toml: format!(
-                "{}\n{}\n[reconcile]\ninterval = \"1s\"\nlookback = \"3h\"\nbackfill = true\n",
-                lago_toml(&lago, Some(&key), "session"),
-                steve_toml(&steve, dir.path())
-            ),
-            ..BridgeOptions::default()
-        },
+    let Stack {
+        central,
+        steve: _steve,
+        lago,
+        dir: _dir,
+        bridge,
+    } = stack(
+        &["TAG-OK", "TAG-DIRECT"],
+        "[reconcile]\ninterval = \"1s\"\nlookback = \"3h\"\nbackfill = true\n",
     )
     .await;
     let through = session(&bridge.charger_base_url(), "CP-OK-P", "TAG-OK", 0, 2_000).await;
