@@ -96,19 +96,29 @@ async fn dotted_subscription_and_event_ids_reach_lago_whole() {
     );
 }
 
+/// Another session's event under `subscription` with the transaction id ours will have: what
+/// `GET /events/{id}` finds first when it is older than ours.
+fn seed_another_sessions_event(lago: &LagoStandIn, ocpp_transaction_id: i64, subscription: &str) {
+    lago.seed(serde_json::json!({
+        "transaction_id": ocpp_transaction_id.to_string(),
+        "external_subscription_id": subscription,
+        "code": e2e::METRIC,
+        "timestamp": 1_700_000_000,
+        "properties": {
+            "value": "9.9",
+            "charge_box_id": "ELSEWHERE",
+            "ocpp_transaction_id": ocpp_transaction_id,
+        },
+    }));
+}
+
 /// `GET /events/{id}` answers the first event with that id in the organization: one of another
 /// subscription proves nothing. Our subscription's list at our timestamp finds our copy.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_first_event_with_our_id_under_another_subscription_is_no_collision() {
     let central = CentralSystem::start(Implementation::Python, CentralOptions::default()).await;
     let lago = e2e::stand_in(StoreMode::Postgres, &["sub-ours", "sub-other"]).await;
-    lago.seed(serde_json::json!({
-        "transaction_id": "777",
-        "external_subscription_id": "sub-other",
-        "code": e2e::METRIC,
-        "timestamp": 1_700_000_000,
-        "properties": {"value": "9.9", "charge_box_id": "ELSEWHERE", "ocpp_transaction_id": 777},
-    }));
+    seed_another_sessions_event(&lago, 777, "sub-other");
     let ours = seeded_event("777", "sub-ours", "2.5", 7);
     lago.seed(serde_json::to_value(&ours).unwrap());
     let dir = tempfile::tempdir().unwrap();
@@ -567,13 +577,7 @@ async fn readyz_names_lago_while_it_answers_slower_than_the_request_timeout() {
 async fn the_check_reads_the_second_page_of_our_subscriptions_events() {
     let central = CentralSystem::start(Implementation::Python, CentralOptions::default()).await;
     let lago = e2e::stand_in(StoreMode::Postgres, &["sub-crowd", "sub-else"]).await;
-    lago.seed(serde_json::json!({
-        "transaction_id": "888",
-        "external_subscription_id": "sub-else",
-        "code": e2e::METRIC,
-        "timestamp": 1_700_000_000,
-        "properties": {"value": "9.9", "charge_box_id": "ELSEWHERE", "ocpp_transaction_id": 888},
-    }));
+    seed_another_sessions_event(&lago, 888, "sub-else");
     let ours = seeded_event("888", "sub-crowd", "2.5", 7);
     for i in 0..110 {
         let mut crowd = seeded_event(&format!("crowd-{i:03}"), "sub-crowd", "1", 7);
