@@ -112,6 +112,28 @@ fn parked_rows(spool: &Path) -> i64 {
         .unwrap()
 }
 
+/// CP-REC stops transaction 42, which the bridge never saw start: the Stop is billed from
+/// SteVe's record of its start (`transaction_42`).
+async fn stop_of_transaction_42_is_billed_from_steve(bridge: &Bridge, steve: &SteveRest) {
+    let (mut charger, _) = ws::connect(&bridge.charger_url("CP-REC"), &["ocpp1.6"], None)
+        .await
+        .expect("charger connects");
+    stop(&mut charger, "s1", 42, 4200).await;
+    let spool = bridge.spool_path().to_path_buf();
+    let settled = poll_until(Duration::from_secs(10), || {
+        (spool_counts(&spool).pending == 1).then_some(())
+    })
+    .await;
+    assert!(
+        settled.is_some(),
+        "spool: {:?}; SteVe saw {:?}; stderr:\n{}",
+        spool_counts(&spool),
+        steve.requests(),
+        bridge.stderr()
+    );
+    assert_billed_from_steve(&outbox_events(&spool)[0]);
+}
+
 fn assert_billed_from_steve(event: &serde_json::Value) {
     assert_eq!(event["transaction_id"], "42");
     assert_eq!(
@@ -222,22 +244,7 @@ async fn the_legacy_steve_api_key_header_still_works_for_steve_before_3_8() {
         },
     )
     .await;
-    let (mut charger, _) = ws::connect(&bridge.charger_url("CP-REC"), &["ocpp1.6"], None)
-        .await
-        .expect("charger connects");
-    stop(&mut charger, "s1", 42, 4200).await;
-    let spool = bridge.spool_path().to_path_buf();
-    let settled = poll_until(Duration::from_secs(10), || {
-        (spool_counts(&spool).pending == 1).then_some(())
-    })
-    .await;
-    assert!(
-        settled.is_some(),
-        "spool: {:?}; stderr:\n{}",
-        spool_counts(&spool),
-        bridge.stderr()
-    );
-    assert_billed_from_steve(&outbox_events(&spool)[0]);
+    stop_of_transaction_42_is_billed_from_steve(&bridge, &steve).await;
     let requests = steve.requests();
     assert!(requests.iter().all(|r| r.authorized), "{requests:?}");
     assert!(
@@ -596,23 +603,7 @@ async fn the_steve_api_password_may_come_from_the_environment() {
         },
     )
     .await;
-    let (mut charger, _) = ws::connect(&bridge.charger_url("CP-REC"), &["ocpp1.6"], None)
-        .await
-        .expect("charger connects");
-    stop(&mut charger, "s1", 42, 4200).await;
-    let spool = bridge.spool_path().to_path_buf();
-    let settled = poll_until(Duration::from_secs(10), || {
-        (spool_counts(&spool).pending == 1).then_some(())
-    })
-    .await;
-    assert!(
-        settled.is_some(),
-        "spool: {:?}; SteVe saw {:?}; stderr:\n{}",
-        spool_counts(&spool),
-        steve.requests(),
-        bridge.stderr()
-    );
-    assert_billed_from_steve(&outbox_events(&spool)[0]);
+    stop_of_transaction_42_is_billed_from_steve(&bridge, &steve).await;
     let requests = steve.requests();
     assert!(
         !requests.is_empty() && requests.iter().all(|r| r.authorized),
