@@ -27,19 +27,18 @@ async fn healthz(bridge: &Bridge) -> Option<(u16, Value)> {
     Some((status, serde_json::from_str(&body).unwrap_or(Value::Null)))
 }
 
-/// Starts a bridge whose `task` panics [`PANIC_AFTER_MS`] after it starts, checks it is healthy
-/// before, then that `/healthz` and `/readyz` name the task and the process exits non-zero.
-async fn injected_panic_fails_the_bridge(task: &str, dry_run: bool) {
-    injected_panic_fails_the_bridge_with(task, dry_run, String::new()).await;
-}
-
-/// [`injected_panic_fails_the_bridge`] with `extra_toml` appended to the bridge's config.
-async fn injected_panic_fails_the_bridge_with(task: &str, dry_run: bool, extra_toml: String) {
+/// Starts a bridge (nothing listening upstream: no charger is needed to run the pipeline's
+/// tasks) whose `task` panics [`PANIC_AFTER_MS`] after it starts, and reads `/healthz` before
+/// that: the bridge, when it started, and that first answer.
+async fn start_with_injected_panic(
+    task: &str,
+    dry_run: bool,
+    extra_toml: String,
+) -> (Bridge, Instant, (u16, Value)) {
     // A run-time check, so a release test build fails here rather than failing to compile.
     if !cfg!(debug_assertions) {
         panic!("the fault is injected only into debug builds: run the tests without --release");
     }
-    // Nothing listens upstream: no charger is needed to run the pipeline's tasks.
     let upstream = format!(
         "ws://{}/steve/websocket/CentralSystemService",
         net::dead_addr()
@@ -54,12 +53,25 @@ async fn injected_panic_fails_the_bridge_with(task: &str, dry_run: bool, extra_t
         ..BridgeOptions::default()
     };
     let started = Instant::now();
-    let mut bridge = Bridge::start_opts(&upstream, options).await;
-    let (status, body) = healthz(&bridge).await.expect("the admin listener answers");
+    let bridge = Bridge::start_opts(&upstream, options).await;
+    let first = healthz(&bridge).await.expect("the admin listener answers");
     assert!(
         started.elapsed() < Duration::from_millis(PANIC_AFTER_MS),
         "the bridge took too long to start to see it healthy first"
     );
+    (bridge, started, first)
+}
+
+/// Starts a bridge whose `task` panics [`PANIC_AFTER_MS`] after it starts, checks it is healthy
+/// before, then that `/healthz` and `/readyz` name the task and the process exits non-zero.
+async fn injected_panic_fails_the_bridge(task: &str, dry_run: bool) {
+    injected_panic_fails_the_bridge_with(task, dry_run, String::new()).await;
+}
+
+/// [`injected_panic_fails_the_bridge`] with `extra_toml` appended to the bridge's config.
+async fn injected_panic_fails_the_bridge_with(task: &str, dry_run: bool, extra_toml: String) {
+    let (mut bridge, started, (status, body)) =
+        start_with_injected_panic(task, dry_run, extra_toml).await;
     assert_eq!(
         (status, &body["status"]),
         (200, &Value::from("ok")),
@@ -168,28 +180,9 @@ async fn a_panicking_backlog_watch_fails_healthz_and_the_process_exits_non_zero(
 /// naming it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_panicking_admin_listener_stops_answering_and_the_process_exits_non_zero() {
-    if !cfg!(debug_assertions) {
-        panic!("the fault is injected only into debug builds: run the tests without --release");
-    }
     let task = "admin_listener";
-    let upstream = format!(
-        "ws://{}/steve/websocket/CentralSystemService",
-        net::dead_addr()
-    );
-    let options = BridgeOptions {
-        env: vec![(
-            "OCPP_LAGO_BRIDGE_TEST_PANIC".into(),
-            format!("{task}@{PANIC_AFTER_MS}"),
-        )],
-        ..BridgeOptions::default()
-    };
-    let started = Instant::now();
-    let mut bridge = Bridge::start_opts(&upstream, options).await;
-    let (status, body) = healthz(&bridge).await.expect("the admin listener answers");
-    assert!(
-        started.elapsed() < Duration::from_millis(PANIC_AFTER_MS),
-        "the bridge took too long to start to see it healthy first"
-    );
+    let (mut bridge, started, (status, body)) =
+        start_with_injected_panic(task, false, String::new()).await;
     assert_eq!(status, 200, "{body}");
 
     // The process exits non-zero, promptly; from the panic on, /healthz gets no 200.
