@@ -27,6 +27,21 @@ async fn healthz(bridge: &Bridge) -> Option<(u16, Value)> {
     Some((status, serde_json::from_str(&body).unwrap_or(Value::Null)))
 }
 
+/// The ERROR line that names the failed `task`.
+fn failure_logged(bridge: &Bridge, task: &str) -> String {
+    let stderr = bridge.stderr();
+    let error_line = stderr
+        .lines()
+        .find(|l| l.contains("a task billing depends on stopped"))
+        .unwrap_or_else(|| panic!("no ERROR line for the failed task:\n{stderr}"))
+        .to_owned();
+    assert!(
+        error_line.contains("\"ERROR\"") && error_line.contains(task),
+        "{error_line}"
+    );
+    error_line
+}
+
 /// Starts a bridge (nothing listening upstream: no charger is needed to run the pipeline's
 /// tasks) whose `task` panics [`PANIC_AFTER_MS`] after it starts, and reads `/healthz` before
 /// that: the bridge, when it started, and that first answer.
@@ -119,15 +134,7 @@ async fn injected_panic_fails_the_bridge_with(task: &str, dry_run: bool, extra_t
     };
     let exited = started.elapsed();
     assert_eq!(status.code(), Some(1), "stderr:\n{}", bridge.stderr());
-    let stderr = bridge.stderr();
-    let error_line = stderr
-        .lines()
-        .find(|l| l.contains("a task billing depends on stopped"))
-        .unwrap_or_else(|| panic!("no ERROR line for the failed task:\n{stderr}"));
-    assert!(
-        error_line.contains("\"ERROR\"") && error_line.contains(task),
-        "{error_line}"
-    );
+    failure_logged(&bridge, task);
     eprintln!(
         "{task}: panic at ~{PANIC_AFTER_MS} ms, /healthz 503 seen at {} ms, exit {:?} at {} ms",
         failed_seen.as_millis(),
@@ -212,15 +219,7 @@ async fn a_panicking_admin_listener_stops_answering_and_the_process_exits_non_ze
         "exited before the injected panic: {status}"
     );
     assert_eq!(status.code(), Some(1), "stderr:\n{}", bridge.stderr());
-    let stderr = bridge.stderr();
-    let error_line = stderr
-        .lines()
-        .find(|l| l.contains("a task billing depends on stopped"))
-        .unwrap_or_else(|| panic!("no ERROR line for the failed task:\n{stderr}"));
-    assert!(
-        error_line.contains("\"ERROR\"") && error_line.contains(task),
-        "{error_line}"
-    );
+    let error_line = failure_logged(&bridge, task);
     assert!(error_line.contains("fault injected"), "{error_line}");
     eprintln!(
         "{task}: panic at ~{PANIC_AFTER_MS} ms, exit {:?} at {} ms",
