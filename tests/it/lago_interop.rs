@@ -25,10 +25,21 @@ async fn bridge_with(
     events: Vec<LagoEvent>,
     lago_keys: &str,
 ) -> Bridge {
-    let spool = dir.join("spool.db");
-    seed_spool(&spool, events);
     let toml = e2e::lago_toml(lago, None, "session")
         .replace("[billing]", &format!("{lago_keys}\n[billing]"));
+    bridge_with_toml(central, lago, dir, events, toml).await
+}
+
+/// [`bridge_with`] on a whole config of the caller's.
+async fn bridge_with_toml(
+    central: &CentralSystem,
+    lago: &LagoStandIn,
+    dir: &std::path::Path,
+    events: Vec<LagoEvent>,
+    toml: String,
+) -> Bridge {
+    let spool = dir.join("spool.db");
+    seed_spool(&spool, events);
     Bridge::start_opts(
         &central.url_base(),
         BridgeOptions {
@@ -457,22 +468,12 @@ async fn api_url_mistakes_are_named() {
     let central = CentralSystem::start(Implementation::Python, CentralOptions::default()).await;
     let lago = e2e::stand_in(StoreMode::Postgres, &["sub-u"]).await;
     let dir = tempfile::tempdir().unwrap();
-    let spool = dir.path().join("spool.db");
-    seed_spool(&spool, events("u-", "sub-u", 1));
     let toml = e2e::lago_toml(&lago, None, "session").replace(
         &format!("api_url = \"{}\"", lago.url()),
         &format!("api_url = \"{}/lago\"", lago.url()),
     );
-    let bridge = Bridge::start_opts(
-        &central.url_base(),
-        BridgeOptions {
-            extra_toml: toml,
-            env: vec![("LAGO_API_KEY".into(), lago.api_key())],
-            spool_path: Some(spool),
-            ..Default::default()
-        },
-    )
-    .await;
+    let bridge =
+        bridge_with_toml(&central, &lago, dir.path(), events("u-", "sub-u", 1), toml).await;
     let mut body = serde_json::Value::Null;
     let deadline = Instant::now() + Duration::from_secs(15);
     while Instant::now() < deadline {
@@ -522,22 +523,12 @@ async fn readyz_names_lago_while_it_answers_slower_than_the_request_timeout() {
         lago.set_sticky_fault(route, Some(slow.clone()));
     }
     let dir = tempfile::tempdir().unwrap();
-    let spool = dir.path().join("spool.db");
-    seed_spool(&spool, events("slow-", "sub-slow-r", 2));
     // request_timeout 1 s against a Lago that takes 3 s; the backlog reason kept out of the way.
     let toml = e2e::lago_toml(&lago, None, "session")
         .replace("request_timeout = \"3s\"", "request_timeout = \"1s\"")
         .replace("[billing]", "max_pending_age = \"3650days\"\n[billing]");
-    let bridge = Bridge::start_opts(
-        &central.url_base(),
-        BridgeOptions {
-            extra_toml: toml,
-            env: vec![("LAGO_API_KEY".into(), lago.api_key())],
-            spool_path: Some(spool),
-            ..Default::default()
-        },
-    )
-    .await;
+    let events = events("slow-", "sub-slow-r", 2);
+    let bridge = bridge_with_toml(&central, &lago, dir.path(), events, toml).await;
     let mut last = (0, serde_json::Value::Null);
     let deadline = Instant::now() + Duration::from_secs(15);
     while Instant::now() < deadline {
