@@ -68,19 +68,54 @@ impl Supervisor {
     where
         F: Future<Output = ()> + Send + 'static,
     {
+        self.watch_ending(task, future, || false)
+    }
+
+    /// [`Supervisor::watch`], where an end is no failure when `expected_end` says so at that
+    /// moment (a panic always is).
+    fn watch_ending<F, E>(
+        &self,
+        task: &'static str,
+        future: F,
+        expected_end: E,
+    ) -> impl Future<Output = ()> + Send + use<F, E>
+    where
+        F: Future<Output = ()> + Send + 'static,
+        E: Fn() -> bool + Send + 'static,
+    {
         let supervisor = self.clone();
         async move {
             let outcome = AssertUnwindSafe(with_injected_fault(task, future))
                 .catch_unwind()
                 .await;
             match outcome {
-                Ok(()) if supervisor.stopping.load(Ordering::SeqCst) => {}
+                Ok(()) if supervisor.stopping.load(Ordering::SeqCst) || expected_end() => {}
                 Ok(()) => supervisor.fail(task, "ended".to_owned()),
                 Err(panic) => {
                     supervisor.fail(task, format!("panicked: {}", panic_message(&*panic)))
                 }
             }
         }
+    }
+
+    /// [`Supervisor::watch`] for a helper whose life is bound to a parent task (the shipper's
+    /// subscription lookups and backlog watch) through `parent_gone`, which the parent cancels
+    /// when it returns, panics or shuts down: an end after that is the helper following its
+    /// parent, not a failure of its own (the parent's watch reports the parent); an end before
+    /// it, or a panic at any time, fails the daemon under the helper's name. Without this, a
+    /// helper winding down after its parent panicked could be the first failure reported,
+    /// naming the wrong task. The token is cancelled before the helper can see it, so reading
+    /// it when the helper has ended leaves no window.
+    pub fn watch_helper<F>(
+        &self,
+        task: &'static str,
+        future: F,
+        parent_gone: tokio_util::sync::CancellationToken,
+    ) -> impl Future<Output = ()> + Send + use<F>
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        self.watch_ending(task, future, move || parent_gone.is_cancelled())
     }
 
     /// An orderly shutdown has begun: tasks that end from now on are not failures (a panic
@@ -190,6 +225,24 @@ mod tests {
         supervisor.watch("shipper", async {}).await;
         assert_eq!(supervisor.failure().unwrap().task, "spool_writer");
         assert_eq!(readiness.failures()["shipper"], "ended");
+
+        // A helper ending because its parent is gone is not a failure of its own; one ending
+        // or panicking while its parent runs is.
+        let helpers = Supervisor::new(Readiness::default());
+        let parent_gone = tokio_util::sync::CancellationToken::new();
+        let token = parent_gone.clone();
+        let winding_down = tokio::spawn(helpers.watch_helper(
+            "shipper_backlog",
+            async move { token.cancelled().await },
+            parent_gone.clone(),
+        ));
+        parent_gone.cancel();
+        winding_down.await.unwrap();
+        assert_eq!(helpers.failure(), None);
+        helpers
+            .watch_helper("shipper_lookups", async {}, Default::default())
+            .await;
+        assert_eq!(helpers.failure().unwrap().task, "shipper_lookups");
 
         // After an orderly shutdown began, ending is what tasks are asked to do.
         let orderly = Supervisor::new(Readiness::default());

@@ -275,9 +275,10 @@ pub async fn run(
     let _stop_helpers_on_return = stop_helpers.clone().drop_guard();
     // Supervised like the shipper itself: without the lookups no unchecked subscription ever
     // clears (billing stops silently), without the backlog watch the pending-age readiness
-    // freezes. Either ending or panicking fails the daemon, naming it (issue 12 item 1).
+    // freezes. Either ending or panicking while the shipper runs fails the daemon, naming it
+    // (issue 12 item 1); when the shipper itself ends, they end with it, unreported.
     if let Destination::Lago(client) = &destination {
-        tokio::spawn(settings.supervisor.watch(
+        tokio::spawn(settings.supervisor.watch_helper(
             TASK_LOOKUPS,
             lookups::run(
                 client.clone(),
@@ -286,9 +287,10 @@ pub async fn run(
                 settings.retry_max_delay,
                 stop_helpers.clone(),
             ),
+            stop_helpers.clone(),
         ));
     }
-    tokio::spawn(settings.supervisor.watch(
+    tokio::spawn(settings.supervisor.watch_helper(
         TASK_BACKLOG,
         watch_backlog(
             spool.path.clone(),
@@ -296,6 +298,7 @@ pub async fn run(
             settings.max_pending_age,
             stop_helpers.clone(),
         ),
+        stop_helpers.clone(),
     ));
     let mut shipper = Shipper {
         reader: Some(reader),
