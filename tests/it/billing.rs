@@ -12,6 +12,7 @@ use tokio_tungstenite::tungstenite::Message;
 
 use ocpp_lago_bridge::event::LagoEvent;
 
+use crate::delivery::settle;
 use crate::support::bridge::{Bridge, BridgeOptions};
 use crate::support::e2e::{
     self, RanSession, assert_secret_not_exposed, delivered_total, ran_sessions, spool_counts,
@@ -659,17 +660,7 @@ async fn sigkill_after_readings_that_derive_nothing_restores_the_session_exactly
     );
     assert_eq!(call(&mut charger, &stop).await, r#"[3,"t",{}]"#);
 
-    let settled = poll_until(Duration::from_secs(10), || {
-        (spool_counts(&spool).pending == 2).then_some(())
-    })
-    .await;
-    assert!(
-        settled.is_some(),
-        "spool: {:?}; stderr:\n{}",
-        spool_counts(&spool),
-        bridge.stderr()
-    );
-    let counts = spool_counts(&spool);
+    let counts = settle(&bridge, Duration::from_secs(10), |c| c.pending == 2).await;
     assert!(counts.dead_letters.is_empty(), "{counts:?}");
     let conn = rusqlite::Connection::open(&spool).unwrap();
     let mut values: Vec<String> = conn

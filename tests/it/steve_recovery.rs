@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use futures_util::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::Message;
 
+use crate::delivery::settle;
 use crate::support::bridge::{Bridge, BridgeOptions, check_config};
 use crate::support::e2e::{dead_letter_details, spool_counts};
 use crate::support::http;
@@ -114,24 +115,13 @@ fn parked_rows(spool: &Path) -> i64 {
 
 /// CP-REC stops transaction 42, which the bridge never saw start: the Stop is billed from
 /// SteVe's record of its start (`transaction_42`).
-async fn stop_of_transaction_42_is_billed_from_steve(bridge: &Bridge, steve: &SteveRest) {
+async fn stop_of_transaction_42_is_billed_from_steve(bridge: &Bridge) {
     let (mut charger, _) = ws::connect(&bridge.charger_url("CP-REC"), &["ocpp1.6"], None)
         .await
         .expect("charger connects");
     stop(&mut charger, "s1", 42, 4200).await;
-    let spool = bridge.spool_path().to_path_buf();
-    let settled = poll_until(Duration::from_secs(10), || {
-        (spool_counts(&spool).pending == 1).then_some(())
-    })
-    .await;
-    assert!(
-        settled.is_some(),
-        "spool: {:?}; SteVe saw {:?}; stderr:\n{}",
-        spool_counts(&spool),
-        steve.requests(),
-        bridge.stderr()
-    );
-    assert_billed_from_steve(&outbox_events(&spool)[0]);
+    settle(bridge, Duration::from_secs(10), |c| c.pending == 1).await;
+    assert_billed_from_steve(&outbox_events(bridge.spool_path())[0]);
 }
 
 fn assert_billed_from_steve(event: &serde_json::Value) {
@@ -244,7 +234,7 @@ async fn the_legacy_steve_api_key_header_still_works_for_steve_before_3_8() {
         },
     )
     .await;
-    stop_of_transaction_42_is_billed_from_steve(&bridge, &steve).await;
+    stop_of_transaction_42_is_billed_from_steve(&bridge).await;
     let requests = steve.requests();
     assert!(requests.iter().all(|r| r.authorized), "{requests:?}");
     assert!(
@@ -340,16 +330,10 @@ async fn a_parked_stop_survives_a_sigkill_during_the_lookup_and_is_billed_once()
 
     steve.set_delay(Duration::ZERO);
     bridge.restart().await;
-    let settled = poll_until(Duration::from_secs(10), || {
-        (spool_counts(&spool).pending == 1 && parked_rows(&spool) == 0).then_some(())
+    settle(&bridge, Duration::from_secs(10), |c| {
+        c.pending == 1 && parked_rows(&spool) == 0
     })
     .await;
-    assert!(
-        settled.is_some(),
-        "spool: {:?}; stderr:\n{}",
-        spool_counts(&spool),
-        bridge.stderr()
-    );
     // A charger that resends the Stop now is a duplicate, never a second bill.
     let (mut charger, _) = ws::connect(&bridge.charger_url("CP-REC"), &["ocpp1.6"], None)
         .await
@@ -603,7 +587,7 @@ async fn the_steve_api_password_may_come_from_the_environment() {
         },
     )
     .await;
-    stop_of_transaction_42_is_billed_from_steve(&bridge, &steve).await;
+    stop_of_transaction_42_is_billed_from_steve(&bridge).await;
     let requests = steve.requests();
     assert!(
         !requests.is_empty() && requests.iter().all(|r| r.authorized),
