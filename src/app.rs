@@ -468,10 +468,7 @@ async fn start_pipeline(
     let draining = CancellationToken::new();
     let stop_shipping = CancellationToken::new();
     // One rate limit for every Lago request of the daemon: the shipper's and the audit's.
-    let lago_limiter = Arc::new(governor::RateLimiter::direct(governor::Quota::per_second(
-        std::num::NonZeroU32::new(config.lago.max_requests_per_second)
-            .unwrap_or(std::num::NonZeroU32::MIN),
-    )));
+    let lago_limiter = crate::lago::rate_limiter(config.lago.max_requests_per_second);
     if let (Some(interval), false) = (config.reconcile.interval, options.dry_run) {
         tracing::info!(
             interval = %humantime::format_duration(interval),

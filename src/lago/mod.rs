@@ -11,7 +11,20 @@ pub use client::{
 pub use schema::{BillableMetricObject, StoredEvent, SubscriptionObject};
 
 use std::fmt;
+use std::num::NonZeroU32;
+use std::sync::Arc;
 use std::time::Duration;
+
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+
+/// The rate limit of `lago.max_requests_per_second` (0 reads as 1; the config reader refuses
+/// 0): one second's worth may go at once, then evenly. The daemon builds one and shares it
+/// between the shipper and the periodic reconcile, so the bridge as a whole stays under it.
+pub fn rate_limiter(max_requests_per_second: u32) -> Arc<DefaultDirectRateLimiter> {
+    Arc::new(RateLimiter::direct(Quota::per_second(
+        NonZeroU32::new(max_requests_per_second).unwrap_or(NonZeroU32::MIN),
+    )))
+}
 
 /// The Lago API key; its Debug and Display never show the secret.
 #[derive(Clone, PartialEq, Eq, serde::Deserialize)]

@@ -3,12 +3,11 @@
 //! the outbox, and the daemon's periodic audit.
 
 use std::collections::BTreeSet;
-use std::num::NonZeroU32;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use governor::DefaultDirectRateLimiter;
 use tokio_util::sync::CancellationToken;
 
 use super::{Finding, LagoTally, Status, classify, orphans};
@@ -120,16 +119,11 @@ impl Sources {
         let rules = config
             .billing_rules()
             .map_err(|problems| ReconcileError::Config(problems.join("; ")))?;
-        let per_second = |n: u32| {
-            Arc::new(RateLimiter::direct(Quota::per_second(
-                NonZeroU32::new(n).unwrap_or(NonZeroU32::MIN),
-            )))
-        };
         Ok(Sources {
             steve,
             lago,
             lago_limiter: lago_limiter
-                .unwrap_or_else(|| per_second(config.lago.max_requests_per_second)),
+                .unwrap_or_else(|| crate::lago::rate_limiter(config.lago.max_requests_per_second)),
             steve_limiter: steve_limiter.unwrap_or_else(|| {
                 crate::steve::rate_limiter(config.steve.max_requests_per_second)
             }),

@@ -19,12 +19,11 @@ mod lookups;
 pub mod outcome;
 pub mod pause;
 
-use std::num::NonZeroU32;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use governor::DefaultDirectRateLimiter;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
@@ -254,11 +253,10 @@ pub async fn run(
         }
     };
     let shared = Arc::new(Shared {
-        limiter: settings.shared_limiter.clone().unwrap_or_else(|| {
-            Arc::new(RateLimiter::direct(Quota::per_second(
-                NonZeroU32::new(settings.max_requests_per_second).unwrap_or(NonZeroU32::MIN),
-            )))
-        }),
+        limiter: settings
+            .shared_limiter
+            .clone()
+            .unwrap_or_else(|| crate::lago::rate_limiter(settings.max_requests_per_second)),
         metric: Mutex::new(match destination {
             Destination::Lago(_) => Metric::Unchecked,
             Destination::Stdout => Metric::Ok {
