@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use ocpp_lago_bridge::event::LagoEvent;
 
 use crate::delivery::{seed_spool, seeded_event, settle};
-use crate::support::admin::{readyz, scrape};
+use crate::support::admin::{readyz, readyz_until, scrape};
 use crate::support::bridge::{Bridge, BridgeOptions, check_config};
 use crate::support::e2e::{self, dead_letter_details, spool_counts};
 use crate::support::lago::{Fault, LagoStandIn, RouteKind, StoreMode};
@@ -343,18 +343,15 @@ async fn readyz_names_lago_during_an_outage_and_recovers() {
 
     // Both reasons: Lago unreachable (the first failed request) and, the seeded events being
     // months old, past max_pending_age (the backlog gauge's next turn, within a second).
-    let mut last = serde_json::Value::Null;
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while Instant::now() < deadline {
-        let (status, body) = readyz(bridge.admin_addr).await;
-        let reason = body["not_ready"]["lago"].as_str().unwrap_or_default();
-        let both = reason.contains("unreachable") && reason.contains("max_pending_age");
-        last = body;
-        if status == 503 && both {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let (_, last) = readyz_until(
+        bridge.admin_addr,
+        Duration::from_secs(15),
+        |status, body| {
+            let reason = body["not_ready"]["lago"].as_str().unwrap_or_default();
+            status == 503 && reason.contains("unreachable") && reason.contains("max_pending_age")
+        },
+    )
+    .await;
     let reason = last["not_ready"]["lago"].as_str().unwrap_or_default();
     assert!(
         reason.contains("unreachable") && reason.contains("max_pending_age"),
@@ -378,15 +375,10 @@ async fn readyz_names_lago_during_an_outage_and_recovers() {
 
     lago.come_up();
     settle(&bridge, Duration::from_secs(30), |c| c.pending == 0).await;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let mut last = (0, serde_json::Value::Null);
-    while Instant::now() < deadline {
-        last = readyz(bridge.admin_addr).await;
-        if last.0 == 200 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let last = readyz_until(bridge.admin_addr, Duration::from_secs(10), |status, _| {
+        status == 200
+    })
+    .await;
     assert_eq!(last.0, 200, "ready again once delivered: {}", last.1);
     let metrics = scrape(bridge.admin_addr).await;
     assert_eq!(
@@ -474,21 +466,19 @@ async fn api_url_mistakes_are_named() {
     );
     let bridge =
         bridge_with_toml(&central, &lago, dir.path(), events("u-", "sub-u", 1), toml).await;
-    let mut body = serde_json::Value::Null;
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while Instant::now() < deadline {
-        let (status, json) = readyz(bridge.admin_addr).await;
-        body = json;
-        // Another reason may come first (e.g. the shipper's first failed batch under load):
-        // wait for the one this test is about, not merely for any.
-        let named = body["not_ready"]["lago"]
-            .as_str()
-            .is_some_and(|r| r.contains("api_url is wrong"));
-        if status == 503 && named {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    // Another reason may come first (e.g. the shipper's first failed batch under load): wait
+    // for the one this test is about, not merely for any.
+    let (_, body) = readyz_until(
+        bridge.admin_addr,
+        Duration::from_secs(15),
+        |status, body| {
+            let named = body["not_ready"]["lago"]
+                .as_str()
+                .is_some_and(|r| r.contains("api_url is wrong"));
+            status == 503 && named
+        },
+    )
+    .await;
     let reason = body["not_ready"]["lago"].as_str().unwrap_or_default();
     assert!(
         reason.contains("api_url is wrong"),
@@ -529,15 +519,12 @@ async fn readyz_names_lago_while_it_answers_slower_than_the_request_timeout() {
         .replace("[billing]", "max_pending_age = \"3650days\"\n[billing]");
     let events = events("slow-", "sub-slow-r", 2);
     let bridge = bridge_with_toml(&central, &lago, dir.path(), events, toml).await;
-    let mut last = (0, serde_json::Value::Null);
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while Instant::now() < deadline {
-        last = readyz(bridge.admin_addr).await;
-        if last.0 == 503 && last.1["not_ready"]["lago"].is_string() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let last = readyz_until(
+        bridge.admin_addr,
+        Duration::from_secs(15),
+        |status, body| status == 503 && body["not_ready"]["lago"].is_string(),
+    )
+    .await;
     let reason = last.1["not_ready"]["lago"].as_str().unwrap_or_default();
     assert!(
         last.0 == 503 && reason.contains("lago.request_timeout"),
@@ -549,14 +536,10 @@ async fn readyz_names_lago_while_it_answers_slower_than_the_request_timeout() {
 
     lago.clear_faults();
     settle(&bridge, Duration::from_secs(30), |c| c.pending == 0).await;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while Instant::now() < deadline {
-        last = readyz(bridge.admin_addr).await;
-        if last.0 == 200 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let last = readyz_until(bridge.admin_addr, Duration::from_secs(10), |status, _| {
+        status == 200
+    })
+    .await;
     assert_eq!(last.0, 200, "ready again once Lago is quick: {}", last.1);
 }
 

@@ -71,6 +71,23 @@ pub async fn readyz(addr: SocketAddr) -> (u16, serde_json::Value) {
     (status, json)
 }
 
+/// Reads `/readyz` every 100 ms until `done` holds for its answer or `limit` passes; the last
+/// answer either way (the caller asserts on it).
+pub async fn readyz_until(
+    addr: SocketAddr,
+    limit: std::time::Duration,
+    done: impl Fn(u16, &serde_json::Value) -> bool,
+) -> (u16, serde_json::Value) {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        let (status, body) = readyz(addr).await;
+        if done(status, &body) || std::time::Instant::now() >= deadline {
+            return (status, body);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
 /// Scrapes `/metrics` and parses it.
 pub async fn scrape(addr: SocketAddr) -> Metrics {
     let (status, body) = get(addr, "/metrics").await;
