@@ -12,12 +12,12 @@ use serde_json::Value;
 use ocpp_lago_bridge::event::{EventProperties, LagoEvent, TimestampSource};
 use ocpp_lago_bridge::spool::store::{Changes, Store};
 
+use crate::support::admin::readyz;
 use crate::support::bridge::{Bridge, BridgeOptions};
 use crate::support::e2e::{
     self, RanSession, SpoolCounts, assert_secret_not_exposed, dead_letter_details, delivered_total,
     ran_sessions, spool_counts, stored_kwh,
 };
-use crate::support::http;
 use crate::support::lago::{Fault, LagoStandIn, RouteKind, StoreMode};
 use crate::support::peers::{CentralOptions, CentralSystem, Implementation, run_charger};
 use crate::support::poll_until;
@@ -311,14 +311,6 @@ async fn metric(bridge: &Bridge, name: &str, labels: &[(&str, &str)]) -> f64 {
         .sum(name, labels)
 }
 
-async fn readyz(bridge: &Bridge) -> (u16, Value) {
-    let (status, body) = http::get(bridge.admin_addr, "/readyz")
-        .await
-        .expect("/readyz answers");
-    let body = serde_json::from_str(&body).unwrap_or_else(|e| panic!("/readyz body {body:?}: {e}"));
-    (status, body)
-}
-
 /// Lago down, 500s, 429 with Retry-After and 401 while sessions run: every event still reaches
 /// Lago exactly once, and while the key is refused `/readyz` says 503 naming `lago`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -451,7 +443,7 @@ async fn lago_faults_while_sessions_run_delay_but_never_lose_or_duplicate_events
     let deadline = Instant::now() + Duration::from_secs(20);
     let mut saw_503 = None;
     while Instant::now() < deadline {
-        let (status, body) = readyz(&bridge).await;
+        let (status, body) = readyz(bridge.admin_addr).await;
         if status == 503 && body["not_ready"].get("lago").is_some() {
             saw_503 = Some(body);
             break;
@@ -469,7 +461,7 @@ async fn lago_faults_while_sessions_run_delay_but_never_lose_or_duplicate_events
     let deadline = Instant::now() + Duration::from_secs(20);
     let mut ready = false;
     while Instant::now() < deadline {
-        if readyz(&bridge).await.0 == 200 {
+        if readyz(bridge.admin_addr).await.0 == 200 {
             ready = true;
             break;
         }
@@ -486,7 +478,7 @@ async fn lago_faults_while_sessions_run_delay_but_never_lose_or_duplicate_events
     assert_exactly_once(&lago, &sessions);
     assert!(spool_counts(bridge.spool_path()).dead_letters.is_empty());
     assert_eq!(delivered_total(&bridge).await, sessions.len() as f64);
-    assert_eq!(readyz(&bridge).await.0, 200);
+    assert_eq!(readyz(bridge.admin_addr).await.0, 200);
     assert_secret_not_exposed(&bridge, &lago.api_key()).await;
 }
 
