@@ -52,6 +52,16 @@ async fn bridge_with_toml(
     .await
 }
 
+/// Once Lago takes events again: everything pending is delivered and `/readyz` answers 200.
+async fn delivered_and_ready_again(bridge: &Bridge, what: &str) {
+    settle(bridge, Duration::from_secs(30), |c| c.pending == 0).await;
+    let last = readyz_until(bridge.admin_addr, Duration::from_secs(10), |status, _| {
+        status == 200
+    })
+    .await;
+    assert_eq!(last.0, 200, "{what}: {}", last.1);
+}
+
 fn events(prefix: &str, subscription: &str, n: i64) -> Vec<LagoEvent> {
     (0..n)
         .map(|i| {
@@ -374,12 +384,7 @@ async fn readyz_names_lago_during_an_outage_and_recovers() {
     );
 
     lago.come_up();
-    settle(&bridge, Duration::from_secs(30), |c| c.pending == 0).await;
-    let last = readyz_until(bridge.admin_addr, Duration::from_secs(10), |status, _| {
-        status == 200
-    })
-    .await;
-    assert_eq!(last.0, 200, "ready again once delivered: {}", last.1);
+    delivered_and_ready_again(&bridge, "ready again once delivered").await;
     let metrics = scrape(bridge.admin_addr).await;
     assert_eq!(
         metrics.get("ocpp_lago_bridge_spool_pending_events", &[]),
@@ -535,12 +540,7 @@ async fn readyz_names_lago_while_it_answers_slower_than_the_request_timeout() {
     );
 
     lago.clear_faults();
-    settle(&bridge, Duration::from_secs(30), |c| c.pending == 0).await;
-    let last = readyz_until(bridge.admin_addr, Duration::from_secs(10), |status, _| {
-        status == 200
-    })
-    .await;
-    assert_eq!(last.0, 200, "ready again once Lago is quick: {}", last.1);
+    delivered_and_ready_again(&bridge, "ready again once Lago is quick").await;
 }
 
 /// The shipper's check lists our subscription's events at our second page by page: with 110
