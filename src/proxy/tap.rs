@@ -56,9 +56,11 @@ impl FrameTap {
         label
     }
 
-    /// [`Self::observe`]'s synchronous part: the label, and the billing work to wait for, if
-    /// any. Apart so that the relay's task holds only this box across the wait, not the
-    /// observation (a whole tap record): every connection's task is sized by it, for life.
+    /// [`Self::observe`]'s synchronous part: the label, and the commit to wait for, if any.
+    /// Records are queued here, at once; only a held reply's wait is a future, boxed so that
+    /// only held replies pay for it, not every connection's task for its whole life. It holds
+    /// a receipt and a message id, not the record: a box under 1 KiB, which glibc serves from
+    /// its small bins (a larger one consolidated the allocator's fast bins on every frame).
     #[allow(clippy::type_complexity)]
     fn see(
         &self,
@@ -82,17 +84,14 @@ impl FrameTap {
         let head = crate::ocpp::frame::parse_head(text);
         let label = crate::ocpp::head_label_index(&head);
         let (billing, orphans) = self.classify(from, head);
-        let Some(billing) = billing else {
-            // Stops pushed out of the tap's bounded memory unanswered: recorded as they are.
-            self.submit_all(orphans);
-            return (label, None);
-        };
-        // Boxed: only billing frames pay for this future, not every connection's task.
-        let billing = async move {
-            self.bill(from, billing).await;
-            self.submit_all(orphans);
-        };
-        (label, Some(Box::pin(billing)))
+        let held = billing.and_then(|billing| self.bill(from, billing));
+        // Stops pushed out of the tap's bounded memory unanswered: recorded as they are.
+        self.submit_all(orphans);
+        let hold = held.map(|(receipt, message_id)| {
+            Box::pin(async move { self.hold(receipt, &message_id).await })
+                as std::pin::Pin<Box<dyn Future<Output = ()> + Send + '_>>
+        });
+        (label, hold)
     }
 
     /// Counts and logs what the tap made of a frame; returns it when it is billing work.
@@ -147,13 +146,16 @@ impl FrameTap {
         }
     }
 
-    /// Queues a record for the spool, or holds a billing reply until its record is on disk.
-    async fn bill(&self, from: Side, observation: Observation) {
+    /// Queues a record for the spool; returns the receipt a reply must wait for, with its
+    /// message id, when this frame is a billing reply to hold.
+    fn bill(
+        &self,
+        from: Side,
+        observation: Observation,
+    ) -> Option<(oneshot::Receiver<()>, String)> {
         match observation {
             Observation::Record { record, message_id } => {
-                let Some(receipt) = self.submit(record) else {
-                    return;
-                };
+                let receipt = self.submit(record)?;
                 match from {
                     // The CALL goes on at once; its reply will wait for this receipt.
                     Side::Charger => {
@@ -163,18 +165,19 @@ impl FrameTap {
                             receipts.clear();
                         }
                         receipts.insert(message_id, receipt);
+                        None
                     }
                     // A StartTransaction reply completes its record: hold this very frame.
-                    Side::Upstream => self.hold(receipt, &message_id).await,
+                    Side::Upstream => Some((receipt, message_id)),
                 }
             }
             Observation::BillingReply { message_id } => {
-                let receipt = lock(&self.receipts).remove(&message_id);
-                if let Some(receipt) = receipt {
-                    self.hold(receipt, &message_id).await;
-                }
+                let receipt = lock(&self.receipts).remove(&message_id)?;
+                Some((receipt, message_id))
             }
-            Observation::Pass | Observation::Unbilled { .. } | Observation::Malformed { .. } => {}
+            Observation::Pass | Observation::Unbilled { .. } | Observation::Malformed { .. } => {
+                None
+            }
         }
     }
 
