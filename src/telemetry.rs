@@ -370,18 +370,37 @@ fn register_zeros() {
     }
 }
 
+/// Bucket bounds (seconds) of the spool commit and reply hold histograms.
+const COMMIT_BUCKETS: [f64; 25] = [
+    0.00005, 0.0001, 0.00015, 0.0002, 0.00025, 0.0003, 0.0004, 0.0005, 0.00075, 0.001, 0.0015,
+    0.002, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
 /// Installs the global metrics recorder; the handle renders `/metrics`.
 pub fn init_metrics() -> Result<PrometheusHandle, String> {
     // Real Prometheus histograms (not client-side summaries) so latencies aggregate across
     // scrapes and instances; the buckets span a loopback commit (sub-ms) to a slow Lago (30 s).
-    let handle = metrics_exporter_prometheus::PrometheusBuilder::new()
+    let mut builder = metrics_exporter_prometheus::PrometheusBuilder::new()
         .set_buckets(&[
             0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
             2.5, 5.0, 10.0, 30.0,
         ])
-        .map_err(|e| e.to_string())?
-        .install_recorder()
         .map_err(|e| e.to_string())?;
+    // A commit and a held billing reply take 0.1-0.5 ms on a local SSD: finer buckets there, so
+    // that their quantiles (and the 300 µs / 2 ms reply targets of BENCHMARKS.md) are read
+    // within ~50 µs instead of interpolated across 100-250-500 µs.
+    for name in [
+        "ocpp_lago_bridge_spool_commit_seconds",
+        "ocpp_lago_bridge_reply_hold_seconds",
+    ] {
+        builder = builder
+            .set_buckets_for_metric(
+                metrics_exporter_prometheus::Matcher::Full(name.to_owned()),
+                &COMMIT_BUCKETS,
+            )
+            .map_err(|e| e.to_string())?;
+    }
+    let handle = builder.install_recorder().map_err(|e| e.to_string())?;
     metrics::gauge!("ocpp_lago_bridge_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
     register_zeros();
     Ok(handle)
