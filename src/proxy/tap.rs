@@ -49,27 +49,25 @@ impl FrameTap {
     /// Sees a frame read from `from` before it is relayed; returns once it may be relayed,
     /// with the frame's label (see [`frame_label_name`]) for the relayed-frames counter.
     pub async fn observe(&self, from: Side, message: &Message) -> usize {
-        let (label, billing) = self.see(from, message);
-        if let Some(billing) = billing {
-            billing.await;
+        let (label, held) = self.see(from, message);
+        if let Some((receipt, message_id)) = held {
+            // Boxed: only a held reply pays for the wait's future, not every connection's task
+            // for its whole life. The box holds a receipt and a message id, not the record:
+            // under 1 KiB, which glibc serves from its small bins (a larger request consolidates
+            // the allocator's fast bins first, which it did on every billing frame).
+            Box::pin(self.hold(receipt, message_id)).await;
         }
         label
     }
 
-    /// [`Self::observe`]'s synchronous part: the label, and the commit to wait for, if any.
-    /// Records are queued here, at once; only a held reply's wait is a future, boxed so that
-    /// only held replies pay for it, not every connection's task for its whole life. It holds
-    /// a receipt and a message id, not the record: a box under 1 KiB, which glibc serves from
-    /// its small bins (a larger one consolidated the allocator's fast bins on every frame).
-    #[allow(clippy::type_complexity)]
+    /// [`Self::observe`]'s synchronous part: the label, and the commit receipt to wait for
+    /// (with its message id) when the frame is a billing reply to hold. Records are queued here,
+    /// at once.
     fn see(
         &self,
         from: Side,
         message: &Message,
-    ) -> (
-        usize,
-        Option<std::pin::Pin<Box<dyn Future<Output = ()> + Send + '_>>>,
-    ) {
+    ) -> (usize, Option<(oneshot::Receiver<()>, String)>) {
         let text = match message {
             Message::Text(text) => text.as_str(),
             Message::Binary(bytes) => {
@@ -87,11 +85,7 @@ impl FrameTap {
         let held = billing.and_then(|billing| self.bill(from, billing));
         // Stops pushed out of the tap's bounded memory unanswered: recorded as they are.
         self.submit_all(orphans);
-        let hold = held.map(|(receipt, message_id)| {
-            Box::pin(async move { self.hold(receipt, &message_id).await })
-                as std::pin::Pin<Box<dyn Future<Output = ()> + Send + '_>>
-        });
-        (label, hold)
+        (label, held)
     }
 
     /// Counts and logs what the tap made of a frame; returns it when it is billing work.
@@ -226,7 +220,7 @@ impl FrameTap {
         }
     }
 
-    async fn hold(&self, receipt: oneshot::Receiver<()>, message_id: &str) {
+    async fn hold(&self, receipt: oneshot::Receiver<()>, message_id: String) {
         let Some(billing) = &self.billing else { return };
         let started = tokio::time::Instant::now();
         let deadline = started + billing.hold_timeout;
@@ -248,7 +242,7 @@ impl FrameTap {
             .record(started.elapsed().as_secs_f64());
         if outcome != "committed" {
             metrics::counter!("ocpp_lago_bridge_replies_released_uncommitted_total", "reason" => outcome).increment(1);
-            tracing::error!(charge_box_id = %self.charge_box_id, message_id, reason = outcome, "billing reply relayed before its record was on disk; the spool is not committing");
+            tracing::error!(charge_box_id = %self.charge_box_id, %message_id, reason = outcome, "billing reply relayed before its record was on disk; the spool is not committing");
         }
     }
 }
@@ -466,12 +460,14 @@ mod tests {
         assert!(tap.see(Side::Charger, &Message::text(start)).1.is_none());
         let reply = r#"[3,"s1",{"transactionId":43,"idTagInfo":{"status":"Accepted"}}]"#;
         let (_, held) = tap.see(Side::Upstream, &Message::text(reply));
-        let held = held.expect("the Start reply is held");
+        let (receipt, message_id) = held.expect("the Start reply is held");
+        let wait = tap.hold(receipt, message_id);
         assert!(
-            std::mem::size_of_val(&*held) < 1024,
+            std::mem::size_of_val(&wait) < 1024,
             "{} bytes",
-            std::mem::size_of_val(&*held)
+            std::mem::size_of_val(&wait)
         );
+        drop(wait);
         let queued = writer
             .try_recv()
             .expect("queued before the hold is awaited");
@@ -487,11 +483,12 @@ mod tests {
             crate::tap::TapKind::MeterValues(_)
         ));
         let (_, held) = tap.see(Side::Upstream, &Message::text(r#"[3,"mv1",{}]"#));
-        let held = held.expect("the MeterValues reply is held");
-        assert!(std::mem::size_of_val(&*held) < 1024);
+        let (receipt, message_id) = held.expect("the MeterValues reply is held");
+        let wait = tap.hold(receipt, message_id);
+        assert!(std::mem::size_of_val(&wait) < 1024);
         // Committed: the reply goes on.
         queued.committed.send(()).unwrap();
-        tokio::time::timeout(SLACK, held)
+        tokio::time::timeout(SLACK, wait)
             .await
             .expect("released at its commit");
     }
