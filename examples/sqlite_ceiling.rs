@@ -4,7 +4,9 @@
 //! `synchronous = FULL`, 64 MiB cache), and prints rows/s as one JSON line. Nothing but SQLite
 //! runs: no index besides the rowid, no parsing, no queue, so the bridge's durable path can be
 //! stated as a fraction of what the disk allows at the same batch size; `commit_p50_us` /
-//! `commit_p99_us` are each commit's own time (at `--batch 1`: the floor of a held billing reply).
+//! `commit_p99_us` are each commit's own time (at `--batch 1`: the floor of a held billing reply);
+//! `user_us_per_row` / `sys_us_per_row` are the process's CPU (`getrusage`) over the loop per row,
+//! the least CPU any writer committing through SQLite at this batch size spends on a row here.
 //! Benchmarks only.
 //!
 //! `cargo run --release --example sqlite_ceiling -- --path /tmp/x.db --batch 100 --rows 500000`
@@ -70,6 +72,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     )?;
     // A MeterValues-like JSON payload, different per row so nothing compresses or dedups.
     let filler = "x".repeat(args.row_bytes.saturating_sub(40));
+    let cpu_before = cpu_times();
     let started = Instant::now();
     let mut written = 0usize;
     let mut commits = 0usize;
@@ -93,13 +96,21 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         commit_times.push(commit_started.elapsed());
     }
     let elapsed = started.elapsed().as_secs_f64();
+    let (user, sys) = cpu_times();
+    let per_row_us = |after: Duration, before: Duration| {
+        after.saturating_sub(before).as_secs_f64() * 1e6 / written as f64
+    };
+    let (user_us_per_row, sys_us_per_row) = (
+        per_row_us(user, cpu_before.0),
+        per_row_us(sys, cpu_before.1),
+    );
     commit_times.sort_unstable();
     let quantile_us = |q: f64| {
         let index = ((commit_times.len() as f64 * q) as usize).min(commit_times.len() - 1);
         commit_times[index].as_secs_f64() * 1e6
     };
     println!(
-        "{{\"rows\":{written},\"batch\":{},\"row_bytes\":{},\"commits\":{commits},\"elapsed_s\":{elapsed:.3},\"rows_per_s\":{:.0},\"commit_us\":{:.1},\"commit_p50_us\":{:.1},\"commit_p99_us\":{:.1}}}",
+        "{{\"rows\":{written},\"batch\":{},\"row_bytes\":{},\"commits\":{commits},\"elapsed_s\":{elapsed:.3},\"rows_per_s\":{:.0},\"commit_us\":{:.1},\"commit_p50_us\":{:.1},\"commit_p99_us\":{:.1},\"user_us_per_row\":{user_us_per_row:.2},\"sys_us_per_row\":{sys_us_per_row:.2}}}",
         args.batch,
         args.row_bytes,
         written as f64 / elapsed,
@@ -112,4 +123,20 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let _ = std::fs::remove_file(format!("{}{suffix}", args.path));
     }
     Ok(())
+}
+
+/// This process's user and system CPU time so far.
+fn cpu_times() -> (Duration, Duration) {
+    // SAFETY: getrusage only writes the struct it is given.
+    let usage = unsafe {
+        let mut usage = std::mem::zeroed::<libc::rusage>();
+        assert_eq!(
+            libc::getrusage(libc::RUSAGE_SELF, &mut usage),
+            0,
+            "getrusage"
+        );
+        usage
+    };
+    let time = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    (time(usage.ru_utime), time(usage.ru_stime))
 }
