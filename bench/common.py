@@ -25,6 +25,7 @@ BRIDGE = TARGET / "release/ocpp-lago-bridge"
 RESPONDER = TARGET / "release/examples/responder"
 LAGO_STANDIN = TARGET / "release/examples/lago_standin"
 SQLITE_CEILING = TARGET / "release/examples/sqlite_ceiling"
+BYTE_RELAY = TARGET / "release/examples/byte_relay"
 PATH_PREFIX = "/steve/websocket/CentralSystemService"
 FD_LIMIT = 20000
 
@@ -169,6 +170,14 @@ class Procs:
         )
         self.admin_port = admin
         proc = self.start("bridge", [str(binary or BRIDGE), "run", "--config", str(config)], cwd=self.tmp)
+        wait_port(port)
+        return proc, port
+
+    def byte_relay(self, upstream_port):
+        """`examples/byte_relay`: tokio copying bytes both ways, the floor of a relay on tokio."""
+        port = free_port()
+        proc = self.start("byte-relay", [str(BYTE_RELAY), "--listen", f"127.0.0.1:{port}",
+                                         "--upstream", f"127.0.0.1:{upstream_port}"])
         wait_port(port)
         return proc, port
 
